@@ -1,0 +1,3 @@
+from manidp_cli.cli import main
+
+main()

@@ -1,0 +1,25 @@
+"""Exceptions for bad input. The CLI turns each into a one-line message and exit code 2."""
+
+
+class ManidpError(Exception):
+    """Base class: something the user gave (model, weights, data, recipe, target) is not usable."""
+
+
+class ModelError(ManidpError):
+    """Unknown model name, or a model whose layout manidp cannot gate."""
+
+
+class WeightsError(ManidpError):
+    """Weights that cannot be read, or that do not fit the model."""
+
+
+class RecipeError(ManidpError):
+    """A recipe file that is missing, malformed or has unknown keys."""
+
+
+class DataError(ManidpError):
+    """A data specification that names nothing readable."""
+
+
+class TargetError(ManidpError):
+    """An out-of-range numeric target, e.g. --target-flops outside (0, 1)."""

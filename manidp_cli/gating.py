@@ -1,0 +1,224 @@
+"""ManiDP saliency gates attached to an unmodified CNN with hooks (method.md, "Gate").
+
+A gate per gated convolution reads the convolution's input, predicts a non-negative saliency per
+output channel, and multiplies the convolution's normalised output by
+``mask = saliency * [saliency >= threshold]``. The model's code, its ``forward`` and its state-dict
+keys are untouched: gates live under the ``manidp_gates.`` prefix, so a dense checkpoint loads into
+a gated model with only gate keys missing.
+
+Example::
+
+    model = timm.create_model("resnet18")
+    gates = insert_gates(model, GatePolicy(exclude=("layer4.*",)))
+    model(torch.randn(2, 3, 64, 64))   # identical to the dense model until thresholds are set
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from manidp_cli.errors import ModelError
+from manidp_cli.graph import trace_dataflow
+
+GATE_PREFIX = "manidp_gates"
+
+
+class GatePolicy(BaseModel):
+    """Which convolutions get a gate, and the gate's hyper-parameters.
+
+    Candidates are convolutions whose output feeds exactly one normalisation layer. Of those, the
+    stem and the convolutions on residual shortcut branches are skipped by default. Depthwise
+    convolutions are gated by default: their output is renormalised by a BatchNorm whose bias would
+    otherwise turn the zeroed input channels back into non-zero ones, so only a gate after it lets
+    the following convolution skip those channels. ``include``/``exclude`` are fnmatch patterns on
+    module names; with ``include`` set, only matching candidates are gated.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip_stem: bool = True
+    skip_shortcuts: bool = True
+    depthwise: Literal["gate", "skip"] = "gate"
+    reduction: int | None = Field(default=None, ge=1, description="None: 2 when C_out >= 80 else 1")
+    max_saliency: float = Field(default=1000.0, gt=0)
+
+
+class SaliencyGate(nn.Module):
+    """pi = clamp(relu(fc2(relu(fc1(GAP(x))))), max=c_max); mask = pi * [pi >= tau] (method.md)."""
+
+    def __init__(
+        self,
+        conv_name: str,
+        mask_site: str,
+        mask_site_kind: Literal["input", "output"],
+        in_channels: int,
+        out_channels: int,
+        reduction: int,
+        max_saliency: float,
+    ):
+        super().__init__()
+        self.conv_name = conv_name
+        self.mask_site = mask_site
+        self.mask_site_kind = mask_site_kind
+        self.max_saliency = max_saliency
+        hidden = max(1, out_channels // reduction)
+        self.fc1 = nn.Linear(in_channels, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, out_channels)
+        # Zero weights and unit bias make every saliency exactly 1 at insertion, so the gated model
+        # reproduces the dense one until thresholds are raised.
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.ones_(self.fc2.bias)
+        self.register_buffer("threshold", torch.tensor(float("-inf")))
+        self._pending_saliency: torch.Tensor | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.fc2.out_features
+
+    def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
+        """Saliency, B x C_out, from the convolution's input."""
+        pooled = conv_input.mean(dim=(2, 3))
+        return torch.relu(self.fc2(torch.relu(self.fc1(pooled)))).clamp(max=self.max_saliency)
+
+    def mask(self, saliency: torch.Tensor) -> torch.Tensor:
+        return saliency * (saliency >= self.threshold)
+
+    # Hooks: the conv's pre-hook computes the saliency, the mask site applies it.
+    def _on_conv_input(self, module, args):
+        self._pending_saliency = self(args[0])
+
+    def _masked(self, tensor: torch.Tensor) -> torch.Tensor:
+        saliency, self._pending_saliency = self._pending_saliency, None
+        if saliency is None:
+            raise RuntimeError(f"gate for {self.conv_name} reached its mask before its convolution ran")
+        mask = self.mask(saliency).to(tensor.dtype)
+        return tensor * mask[:, :, None, None]
+
+    def _on_site_input(self, module, args):
+        return (self._masked(args[0]),) + tuple(args[1:])
+
+    def _on_site_output(self, module, args, output):
+        return self._masked(output)
+
+
+class GateSet(nn.ModuleDict):
+    """All gates of a model, keyed by the gated convolution's name with '.' replaced by '_'."""
+
+    def by_conv(self) -> dict[str, SaliencyGate]:
+        return {gate.conv_name: gate for gate in self.values()}
+
+    def thresholds(self) -> dict[str, float]:
+        return {gate.conv_name: float(gate.threshold) for gate in self.values()}
+
+    def set_thresholds(self, thresholds: dict[str, float]) -> None:
+        gates = self.by_conv()
+        unknown = set(thresholds) - set(gates)
+        if unknown:
+            raise KeyError(f"no gate for {sorted(unknown)}")
+        for name, value in thresholds.items():
+            gates[name].threshold.fill_(value)
+
+    def reset_thresholds(self) -> None:
+        for gate in self.values():
+            gate.threshold.fill_(float("-inf"))
+
+
+def gate_key(conv_name: str) -> str:
+    return conv_name.replace(".", "_")
+
+
+def _mask_site(model: nn.Module, norm_name: str) -> tuple[str, Literal["input", "output"]]:
+    """Mask after normalisation and before a fused activation (timm's BatchNormAct2d and friends)."""
+    act = getattr(model.get_submodule(norm_name), "act", None)
+    if isinstance(act, nn.Module):
+        return f"{norm_name}.act", "input"
+    return norm_name, "output"
+
+
+def select_convs(
+    model: nn.Module, policy: GatePolicy, input_shape: tuple[int, int, int]
+) -> dict[str, str]:
+    """Map each convolution to gate onto the normalisation layer that follows it."""
+    flow = trace_dataflow(model, input_shape)
+    pairs = flow.conv_norm_pairs()
+    skipped = set()
+    if policy.skip_stem:
+        skipped |= flow.stem_convs()
+    if policy.skip_shortcuts:
+        skipped |= flow.shortcut_convs()
+    selected = {}
+    for conv_name, norm_name in pairs.items():
+        conv = model.get_submodule(conv_name)
+        depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+        if conv_name in skipped or (depthwise and policy.depthwise == "skip"):
+            continue
+        if policy.include and not any(fnmatch.fnmatchcase(conv_name, p) for p in policy.include):
+            continue
+        if any(fnmatch.fnmatchcase(conv_name, p) for p in policy.exclude):
+            continue
+        selected[conv_name] = norm_name
+    if not selected:
+        convs = flow.conv_names()
+        raise ModelError(
+            f"{type(model).__name__} has no convolution to gate: found {len(convs)} convolutions, "
+            f"{len(pairs)} followed by a normalisation layer, all excluded by the policy "
+            f"(skip_stem={policy.skip_stem}, skip_shortcuts={policy.skip_shortcuts}, "
+            f"include={list(policy.include)}, exclude={list(policy.exclude)})"
+        )
+    return selected
+
+
+def insert_gates(
+    model: nn.Module,
+    policy: GatePolicy | None = None,
+    input_shape: tuple[int, int, int] = (3, 64, 64),
+) -> GateSet:
+    """Attach a saliency gate to every convolution ``policy`` selects; return the gates.
+
+    The model is modified in place: a ``manidp_gates`` submodule holds the gates and hooks apply
+    them. ``input_shape`` (C, H, W) is the size of the probe image run once to find the
+    convolutions; any size the model accepts will do.
+    """
+    policy = policy or GatePolicy()
+    if hasattr(model, GATE_PREFIX):
+        raise ModelError(f"{type(model).__name__} already has gates")
+    selected = select_convs(model, policy, input_shape)
+    gates = GateSet()
+    for conv_name, norm_name in selected.items():
+        conv = model.get_submodule(conv_name)
+        reduction = policy.reduction or (2 if conv.out_channels >= 80 else 1)
+        site, kind = _mask_site(model, norm_name)
+        key = gate_key(conv_name)
+        if key in gates:
+            raise ModelError(f"two gated convolutions map to the same gate key {key!r}")
+        gate = SaliencyGate(
+            conv_name, site, kind, conv.in_channels, conv.out_channels, reduction, policy.max_saliency
+        )
+        gates[key] = gate
+    param = next(model.parameters(), None)
+    if param is not None:
+        gates.to(device=param.device, dtype=param.dtype)
+    model.add_module(GATE_PREFIX, gates)
+    for gate in gates.values():
+        model.get_submodule(gate.conv_name).register_forward_pre_hook(gate._on_conv_input)
+        site = model.get_submodule(gate.mask_site)
+        if gate.mask_site_kind == "input":
+            site.register_forward_pre_hook(gate._on_site_input)
+        else:
+            site.register_forward_hook(gate._on_site_output)
+    return gates
+
+
+def gates_of(model: nn.Module) -> GateSet:
+    """The gates ``insert_gates`` attached to ``model``."""
+    gates = getattr(model, GATE_PREFIX, None)
+    if not isinstance(gates, GateSet):
+        raise ModelError(f"{type(model).__name__} has no manidp gates; call insert_gates first")
+    return gates

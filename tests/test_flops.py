@@ -1,0 +1,94 @@
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_activations_positive
+from manidp_cli.flops import CostTable, LayerCost, conv_dynamic_flops, count_flops, measure_flops
+from manidp_cli.gating import insert_gates
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    make_activations_positive(model)
+    gates = insert_gates(model, input_shape=(3, 64, 64))
+    return model, gates, count_flops(model, (3, 64, 64))
+
+
+def test_dense_costs_match_a_hand_count(resnet18):
+    model, gates, table = resnet18
+    layers = {layer.name: layer for layer in table.layers}
+    # 64px input -> stride-2 stem -> max-pool -> 16x16; 3x3 conv 64 -> 64
+    assert layers["layer1.0.conv1"].dense_flops == 3 * 3 * 16 * 16 * 64 * 64
+    assert layers["conv1"].dense_flops == 7 * 7 * 32 * 32 * 3 * 64
+    assert layers["fc"].dense_flops == 512 * 10
+    # a gate: pooling of its input + fc1 (64 -> 64) + fc2 (64 -> 64)
+    assert layers["manidp_gates.layer1_0_conv1"].dense_flops == 64 * 16 * 16 + 64 * 64 + 64 * 64
+    plain = count_flops(timm.create_model("resnet18", pretrained=False, num_classes=10), (3, 64, 64))
+    assert table.dense_flops == plain.total_flops
+    assert table.gate_flops > 0 and table.total_flops == table.dense_flops + table.gate_flops
+
+
+def test_unpruned_dynamic_flops_equal_dense_plus_gates(resnet18):
+    model, gates, table = resnet18
+    gates.reset_thresholds()
+    stats = measure_flops(model, table, [torch.randn(3, 3, 64, 64)])
+    assert stats.per_image == [float(table.total_flops)] * 3
+    assert stats.mean_ratio == pytest.approx(1 + table.gate_flops / table.dense_flops)
+
+
+def test_halving_one_layer_halves_it_and_the_next_layers_inputs(resnet18):
+    model, gates, table = resnet18
+    gate = gates.by_conv()["layer1.0.conv1"]
+    original_bias = gate.fc2.bias.detach().clone()
+    with torch.no_grad():
+        gate.fc2.bias.copy_(torch.tensor([1.0, 0.5] * 32))  # saliency = bias (zero weights)
+    gates.set_thresholds({"layer1.0.conv1": 0.75})
+    try:
+        stats = measure_flops(model, table, [torch.randn(2, 3, 64, 64)])
+    finally:
+        gates.reset_thresholds()
+        with torch.no_grad():
+            gate.fc2.bias.copy_(original_bias)
+    layers = {layer.name: layer for layer in stats.layers}
+    dense = 3 * 3 * 16 * 16 * 64 * 64
+    assert layers["layer1.0.conv1"].dynamic_flops == dense / 2
+    assert layers["layer1.0.conv1"].keep_ratio_out == 0.5
+    assert layers["layer1.0.conv2"].keep_ratio_in == 0.5
+    assert layers["layer1.0.conv2"].dynamic_flops == dense / 2
+    assert layers["layer1.1.conv1"].dynamic_flops == dense  # the residual add refills the channels
+    assert stats.mean_flops == table.total_flops - dense
+    assert stats.channel_keep_frequency["layer1.0.conv1"][:4] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_cost_table_round_trips_through_a_dict(resnet18):
+    table = resnet18[2]
+    assert CostTable.from_dict(table.to_dict()) == table
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2, 4, 8]),
+    data=st.data(),
+)
+def test_grouped_conv_cost_counts_active_pairs_per_group(groups, data):
+    c_in, c_out, batch = 8, 16, 2
+    layer = LayerCost("c", "conv", "Conv2d", 1000 * c_in * c_out // groups, c_in, c_out, groups)
+    bits = st.lists(st.booleans(), min_size=c_in, max_size=c_in)
+    active_in = torch.tensor([data.draw(bits) for _ in range(batch)])
+    out_bits = st.lists(st.booleans(), min_size=c_out, max_size=c_out)
+    active_out = torch.tensor([data.draw(out_bits) for _ in range(batch)])
+    got = conv_dynamic_flops(layer, active_in, active_out, batch)
+    for i in range(batch):
+        # brute force: each (input, output) channel pair in the same group costs 1000 FLOPs
+        pairs = sum(
+            1
+            for a in range(c_in)
+            for b in range(c_out)
+            if active_in[i, a] and active_out[i, b] and a // (c_in // groups) == b // (c_out // groups)
+        )
+        assert float(got[i]) == pytest.approx(1000 * pairs)
+    full = conv_dynamic_flops(layer, None, None, batch)
+    assert full.tolist() == [float(layer.dense_flops)] * batch

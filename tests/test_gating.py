@@ -1,0 +1,128 @@
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import randomize_norms
+from manidp_cli.errors import ModelError
+from manidp_cli.gating import GATE_PREFIX, GatePolicy, gates_of, insert_gates
+from manidp_cli.recorder import GateRecorder
+
+FAMILIES = [
+    "resnet18", "resnet34", "resnet50", "resnext26ts", "regnetx_002", "mobilenetv2_050",
+    "mobilenetv3_small_100", "efficientnet_b0", "tf_efficientnet_lite0", "densenet121",
+    "vgg11_bn", "ghostnet_100",
+]
+INPUT = (3, 64, 64)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_contract(name):
+    """Per family: exact equality at insertion, clean state-dict keys, thresholds prune per image."""
+    dense = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    randomize_norms(dense)
+    images = torch.randn(3, *INPUT)
+    with torch.no_grad():
+        expected = dense(images)
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+
+    gates = insert_gates(dense)
+    assert len(gates) > 0
+    with torch.no_grad():
+        got = dense(images)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+    fresh = timm.create_model(name, pretrained=False, num_classes=10)
+    insert_gates(fresh)
+    missing, unexpected = fresh.load_state_dict(dense_state, strict=False)
+    assert unexpected == []
+    assert missing and all(key.startswith(GATE_PREFIX + ".") for key in missing)
+    assert set(missing) == {k for k in fresh.state_dict() if k.startswith(GATE_PREFIX + ".")}
+
+    # Random gate parameters give each image its own saliencies, all near 1 as in a trained
+    # network; a threshold at the median prunes about half of the channels.
+    for gate in gates.values():
+        nn.init.normal_(gate.fc2.weight, std=0.01)
+        nn.init.uniform_(gate.fc2.bias, 0.5, 1.5)
+    with torch.no_grad(), GateRecorder(dense, detach=True) as rec:
+        dense(images)
+        medians = {n: float(s.median()) for n, s in rec.saliency.items()}
+        gates.set_thresholds(medians)
+        pruned = dense(images)
+        kept = rec.active_outputs()
+    assert set(kept) == set(gates.by_conv())
+    fractions = torch.stack([k.float().mean() for k in kept.values()])
+    assert 0.2 < float(fractions.mean()) < 0.8
+    assert (pruned - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_default_policy_on_resnet18():
+    model = timm.create_model("resnet18", pretrained=False)
+    gates = insert_gates(model, input_shape=(3, 32, 32))
+    names = set(gates.by_conv())
+    assert "conv1" not in names
+    assert not any("downsample" in n for n in names)
+    assert len(names) == 16
+    gate = gates.by_conv()["layer1.0.conv1"]
+    assert gate.fc1.out_features == 64  # r = 1 below 80 output channels
+    assert gates.by_conv()["layer2.0.conv1"].fc1.out_features == 64  # 128 / r=2
+    assert float(gate.threshold) == float("-inf")
+    assert gates_of(model) is gates
+
+
+def test_policy_include_exclude_and_depthwise():
+    model = timm.create_model("resnet18", pretrained=False)
+    policy = GatePolicy(include=("layer1.*", "layer2.*"), exclude=("*.conv2",))
+    names = set(insert_gates(model, policy, input_shape=(3, 32, 32)).by_conv())
+    assert names == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.1.conv1"}
+
+    kept = set(insert_gates(timm.create_model("mobilenetv2_050"), input_shape=(3, 32, 32)).by_conv())
+    skipped = set(
+        insert_gates(
+            timm.create_model("mobilenetv2_050"), GatePolicy(depthwise="skip"), input_shape=(3, 32, 32)
+        ).by_conv()
+    )
+    assert "blocks.1.0.conv_dw" in kept and "blocks.1.0.conv_dw" not in skipped
+    assert skipped < kept
+
+
+def test_policy_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="exclud"):
+        GatePolicy(excludes=("x",))
+
+
+def test_mask_goes_before_a_fused_activation():
+    model = timm.create_model("efficientnet_b0", pretrained=False)
+    gate = insert_gates(model, input_shape=(3, 32, 32)).by_conv()["blocks.1.0.conv_pw"]
+    assert gate.mask_site == "blocks.1.0.bn1.act" and gate.mask_site_kind == "input"
+
+
+def test_no_gateable_convolution_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(ModelError, match="found 1 convolutions, 0 followed by a normalisation"):
+        insert_gates(model, input_shape=(3, 8, 8))
+
+
+def test_unrunnable_probe_is_a_clear_error():
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(ModelError, match="could not run ResNet on a 1x5x32x32 input"):
+        insert_gates(model, input_shape=(5, 32, 32))
+
+
+def test_gates_twice_is_an_error():
+    model = timm.create_model("resnet18", pretrained=False)
+    insert_gates(model, input_shape=(3, 32, 32))
+    with pytest.raises(ModelError, match="already has gates"):
+        insert_gates(model, input_shape=(3, 32, 32))
+
+
+def test_saliency_formula_and_mask():
+    model = timm.create_model("resnet18", pretrained=False)
+    gate = insert_gates(model, input_shape=(3, 32, 32)).by_conv()["layer1.0.conv1"]
+    nn.init.normal_(gate.fc2.weight)
+    x = torch.randn(2, 64, 8, 8)
+    hand = torch.relu(gate.fc2(torch.relu(gate.fc1(x.mean((2, 3)))))).clamp(max=1000.0)
+    assert torch.allclose(gate(x), hand)
+    gate.threshold.fill_(0.5)
+    s = torch.tensor([[0.2, 0.5, 3.0]])
+    assert gate.mask(s).tolist() == [[0.0, 0.5, 3.0]]
