@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Train a dense resnet18 on the embedded Fashion-MNIST subset, then prune it to 45% of its FLOPs.
+DEMO := runs/demo
 demo: $(STAMP)
-	$(BIN)/manidp --help
+	rm -rf $(DEMO)
+	$(BIN)/manidp train resnet18 --recipe recipes/dense-default.yaml --out $(DEMO)/dense
+	$(BIN)/manidp prune resnet18 --target-flops 0.45 --weights $(DEMO)/dense/model.safetensors --out $(DEMO)/pruned
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

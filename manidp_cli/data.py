@@ -1,0 +1,334 @@
+"""Image data from local sources only: nothing is ever downloaded.
+
+``load_data(spec)`` understands:
+
+- ``embedded`` (default): a stratified Fashion-MNIST subset shipped inside the package
+  (5,000 train / 1,000 test, 28 x 28 padded to 32 x 32, 1 channel);
+- ``fashion-mnist`` or ``fashion-mnist:DIR``: the full Fashion-MNIST from Debian's
+  ``dataset-fashion-mnist`` package (or IDX files in DIR);
+- ``cifar10:DIR`` / ``cifar100:DIR``: CIFAR in its binary (non-pickle) distribution format;
+- ``imagefolder:DIR`` or just ``DIR``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` read with
+  timm's transforms for the model's pretrained configuration.
+
+Batches come from ``ImageSet.batches(...)``; the order and augmentation of a training epoch are a
+pure function of (seed, epoch), which is what makes an interrupted run resumable exactly.
+
+Example::
+
+    data = load_data("embedded")
+    for images, labels in data.train.batches(64, shuffle=True, augment=True, seed=0, epoch=0):
+        ...
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from manidp_cli.errors import DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+EMBEDDED_FILE = "fashion_mnist_subset.npz"
+SPEC_FORMS = "embedded, fashion-mnist[:DIR], cifar10:DIR, cifar100:DIR, imagefolder:DIR or DIR"
+
+# Per-channel statistics of the training sets, used to normalise inputs.
+_FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+_CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+class ImageSet(Protocol):
+    """One split: knows its size and yields normalised (images, labels) batches."""
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        skip: int = 0,
+        limit: int | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class TensorImages:
+    """An in-memory split: uint8 images N x C x H x W and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int = 4  # random-crop padding for augmentation
+    flip: bool = True
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        padded = torch.nn.functional.pad(images, (self.pad,) * 4)
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator)
+        flips = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        out = torch.empty_like(images)
+        for i in range(n):
+            dy, dx = int(offsets[i, 0]), int(offsets[i, 1])
+            crop = padded[i, :, dy : dy + h, dx : dx + w]
+            out[i] = crop.flip(-1) if flips[i] else crop
+        return out
+
+    def batches(self, batch_size, *, shuffle=False, augment=False, seed=0, epoch=0, skip=0, limit=None):
+        generator = _epoch_generator(seed, epoch)
+        count = len(self) if limit is None else min(limit, len(self))
+        order = torch.randperm(len(self), generator=generator)[:count] if shuffle else torch.arange(count)
+        starts = range(0, count, batch_size)
+        for index, start in enumerate(starts):
+            chosen = order[start : start + batch_size]
+            images = self.images[chosen]
+            if augment:
+                # drawn even for skipped batches so that later batches see the same randomness
+                images = self._augment(images, generator)
+            if index < skip:
+                continue
+            yield self._normalise(images), self.labels[chosen]
+
+    def num_batches(self, batch_size: int, limit: int | None = None) -> int:
+        count = len(self) if limit is None else min(limit, len(self))
+        return math.ceil(count / batch_size)
+
+
+class FolderImages:
+    """An ImageFolder split read with timm's transforms (training or evaluation ones)."""
+
+    def __init__(self, root: Path, train_transform, eval_transform, workers: int = 2):
+        from torchvision.datasets import ImageFolder
+
+        self.root = root
+        self.train_set = ImageFolder(str(root), transform=train_transform)
+        self.eval_set = ImageFolder(str(root), transform=eval_transform)
+        self.workers = workers
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train_set.classes
+
+    def __len__(self) -> int:
+        return len(self.train_set)
+
+    def num_batches(self, batch_size: int, limit: int | None = None) -> int:
+        count = len(self) if limit is None else min(limit, len(self))
+        return math.ceil(count / batch_size)
+
+    def batches(self, batch_size, *, shuffle=False, augment=False, seed=0, epoch=0, skip=0, limit=None):
+        count = len(self) if limit is None else min(limit, len(self))
+        generator = _epoch_generator(seed, epoch)
+        order = torch.randperm(len(self), generator=generator)[:count] if shuffle else torch.arange(count)
+        # timm's random transforms draw from Python's RNG in the workers: exact resume is not
+        # guaranteed for folders, only the order of images.
+        order = order[skip * batch_size :].tolist()
+        loader = torch.utils.data.DataLoader(
+            self.train_set if augment else self.eval_set,
+            batch_size=batch_size,
+            sampler=order,
+            num_workers=self.workers,
+        )
+        yield from loader
+
+
+@dataclass
+class ImageData:
+    """A train/eval pair plus what a model must be built for."""
+
+    spec: str
+    description: str
+    train: ImageSet
+    eval: ImageSet
+    classes: list[str]
+    in_chans: int
+    image_size: tuple[int, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_chans, *self.image_size)
+
+
+def _pad_to_32(images: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(np.array(images, copy=True)).unsqueeze(1)
+    return torch.nn.functional.pad(tensor, (2, 2, 2, 2))
+
+
+def _fashion_mnist(train_x, train_y, test_x, test_y, spec, description) -> ImageData:
+    mean, std = _FASHION_MNIST_STATS
+    train = TensorImages(_pad_to_32(train_x), torch.from_numpy(train_y.astype(np.int64)), mean, std, pad=2)
+    test = TensorImages(_pad_to_32(test_x), torch.from_numpy(test_y.astype(np.int64)), mean, std, pad=2)
+    return ImageData(spec, description, train, test, list(FASHION_MNIST_CLASSES), 1, (32, 32))
+
+
+def load_embedded() -> ImageData:
+    """The stratified Fashion-MNIST subset shipped with manidp."""
+    with (resources.files("manidp_cli") / "assets" / EMBEDDED_FILE).open("rb") as handle:
+        arrays = dict(np.load(handle))
+    return _fashion_mnist(
+        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], "embedded",
+        f"embedded Fashion-MNIST subset ({len(arrays['x_train'])} train / {len(arrays['x_test'])} test, 32 px, 1 channel)",
+    )
+
+
+def read_fashion_mnist(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N x 28 x 28 uint8) and labels from IDX files, ``split`` being 'train' or 't10k'."""
+
+    def read(name: str, offset: int) -> np.ndarray:
+        path = directory / name
+        if not path.exists():
+            path = directory / name.removesuffix(".gz")
+        if not path.exists():
+            raise DataError(
+                f"Fashion-MNIST file {directory / name} not found "
+                "(install Debian's dataset-fashion-mnist, or pass fashion-mnist:DIR)"
+            )
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            return np.frombuffer(handle.read(), dtype=np.uint8, offset=offset)
+
+    images = read(f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    labels = read(f"{split}-labels-idx1-ubyte.gz", 8)
+    if len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST {split} in {directory}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> ImageData:
+    train_x, train_y = read_fashion_mnist(directory, "train")
+    test_x, test_y = read_fashion_mnist(directory, "t10k")
+    spec = "fashion-mnist" if directory == FASHION_MNIST_DIR else f"fashion-mnist:{directory}"
+    return _fashion_mnist(
+        train_x, train_y, test_x, test_y, spec,
+        f"Fashion-MNIST from {directory} ({len(train_x)} train / {len(test_x)} test, 32 px, 1 channel)",
+    )
+
+
+def _read_cifar_records(paths: list[Path], label_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    record = label_bytes + 3072
+    chunks = []
+    for path in paths:
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size % record:
+            raise DataError(f"{path} is not a CIFAR binary file ({raw.size} bytes, records are {record})")
+        chunks.append(raw.reshape(-1, record))
+    rows = np.concatenate(chunks)
+    labels = torch.from_numpy(rows[:, label_bytes - 1].astype(np.int64))  # CIFAR-100: fine label
+    images = torch.from_numpy(np.ascontiguousarray(rows[:, label_bytes:])).view(-1, 3, 32, 32)
+    return images, labels
+
+
+def load_cifar(directory: Path, classes_count: int) -> ImageData:
+    """CIFAR-10 (``data_batch_*.bin``) or CIFAR-100 (``train.bin``) binary distribution."""
+    if classes_count == 10:
+        folders = [directory, directory / "cifar-10-batches-bin"]
+        train_names, test_names, meta, label_bytes = [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], "batches.meta.txt", 1
+    else:
+        folders = [directory, directory / "cifar-100-binary"]
+        train_names, test_names, meta, label_bytes = ["train.bin"], ["test.bin"], "fine_label_names.txt", 2
+    folder = next((f for f in folders if all((f / n).exists() for n in train_names + test_names)), None)
+    if folder is None:
+        raise DataError(
+            f"no CIFAR-{classes_count} binary files ({', '.join(train_names + test_names)}) in "
+            f"{' or '.join(map(str, folders))}"
+        )
+    train_images, train_labels = _read_cifar_records([folder / n for n in train_names], label_bytes)
+    test_images, test_labels = _read_cifar_records([folder / n for n in test_names], label_bytes)
+    meta_path = folder / meta
+    names = [line.strip() for line in meta_path.read_text().splitlines() if line.strip()] if meta_path.exists() else []
+    classes = names if len(names) == classes_count else [str(i) for i in range(classes_count)]
+    mean, std = _CIFAR_STATS
+    return ImageData(
+        f"cifar{classes_count}:{directory}",
+        f"CIFAR-{classes_count} from {folder} ({len(train_labels)} train / {len(test_labels)} test, 32 px)",
+        TensorImages(train_images, train_labels, mean, std),
+        TensorImages(test_images, test_labels, mean, std),
+        classes, 3, (32, 32),
+    )
+
+
+def load_image_folder(directory: Path, model_name: str | None, workers: int = 2) -> ImageData:
+    """``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` with timm's transforms for ``model_name``."""
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    splits = {}
+    for split in ("train", "val"):
+        path = directory / split
+        if not path.is_dir():
+            raise DataError(f"image folder {directory} has no {split}/ subfolder (expected {directory}/{split}/<class>/*.jpg)")
+        splits[split] = path
+    cfg = get_pretrained_cfg(model_name) if model_name else None
+    if cfg is not None:
+        config = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    else:  # no model to ask: ImageNet's usual 224 px evaluation
+        config = resolve_data_config({"input_size": (3, 224, 224)})
+    train_tf = create_transform(**config, is_training=True)
+    eval_tf = create_transform(**config, is_training=False)
+    try:
+        train = FolderImages(splits["train"], train_tf, eval_tf, workers)
+        val = FolderImages(splits["val"], train_tf, eval_tf, workers)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"cannot read image folder {directory}: {exc}") from exc
+    if train.classes != val.classes:
+        raise DataError(f"{directory}: train/ and val/ have different class folders")
+    _, h, w = config["input_size"]
+    return ImageData(
+        f"imagefolder:{directory}",
+        f"image folder {directory} ({len(train)} train / {len(val)} val, {h} px)",
+        train, val, train.classes, 3, (h, w),
+    )
+
+
+def load_data(spec: str = "embedded", model_name: str | None = None) -> ImageData:
+    """Parse a data specification (see the module docstring) and load it."""
+    kind, _, arg = spec.partition(":")
+    if spec == "embedded":
+        return load_embedded()
+    if kind == "fashion-mnist":
+        return load_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR)
+    if kind in ("cifar10", "cifar100"):
+        if not arg:
+            raise DataError(f"{kind} needs a folder: --data {kind}:DIR")
+        directory = Path(arg).expanduser()
+        if not directory.is_dir():
+            raise DataError(f"data folder {directory} does not exist")
+        return load_cifar(directory, 10 if kind == "cifar10" else 100)
+    if kind == "imagefolder" or (not arg and Path(spec).expanduser().is_dir()):
+        directory = Path(arg if kind == "imagefolder" else spec).expanduser()
+        if not directory.is_dir():
+            raise DataError(f"data folder {directory} does not exist")
+        return load_image_folder(directory, model_name)
+    if "/" in spec or spec.startswith("."):
+        raise DataError(f"data folder {spec} does not exist")
+    raise DataError(f"unknown data specification {spec!r}; valid forms: {SPEC_FORMS}")

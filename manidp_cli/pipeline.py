@@ -1,0 +1,249 @@
+"""``train`` and ``prune`` as library calls: prepare (validate everything, write nothing), then run.
+
+Example::
+
+    job = prepare("prune", "resnet18", weights=Path("runs/train-resnet18/model.safetensors"),
+                  overrides={"target_flops": 0.45, "epochs": 4})
+    result = run(job)
+    result.after.flops.mean_ratio
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from torch import nn
+
+from manidp_cli.data import ImageData, load_data
+from manidp_cli.errors import ManidpError, TargetError
+from manidp_cli.evaluation import Evaluation, evaluate
+from manidp_cli.export import MODEL_FILE, atomic_write_text, save_model
+from manidp_cli.flops import FLOP_CONVENTION, CostTable, count_flops
+from manidp_cli.gating import GateSet, insert_gates
+from manidp_cli.losses import ManiDPLoss
+from manidp_cli.models import check_model_name, create_model
+from manidp_cli.objectives import CrossEntropyObjective, ManiDPObjective
+from manidp_cli.recipe import Recipe, load_recipe
+from manidp_cli.train import StepInfo, fit, load_checkpoint
+
+CHECKPOINT_FILE = "checkpoint.pt"
+Kind = Literal["train", "prune"]
+
+
+@dataclass
+class Job:
+    """A validated run, ready to start: nothing has been written yet."""
+
+    kind: Kind
+    model_name: str
+    model: nn.Module
+    data: ImageData
+    recipe: Recipe
+    out_dir: Path
+    weights_source: str
+    table: CostTable
+    gates: GateSet | None
+    resume: bool
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / CHECKPOINT_FILE
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    interrupted: bool
+    history: list[dict[str, float]]
+    before: dict[str, Any] | None = None  # summary of the starting model (prune only)
+    after: Evaluation | None = None
+    seconds: float = 0.0
+    files: list[Path] = field(default_factory=list)
+
+
+def default_out_dir(kind: Kind, model_name: str) -> Path:
+    return Path("runs") / f"{kind}-{model_name}"
+
+
+def prepare(
+    kind: Kind,
+    model_name: str | None,
+    *,
+    recipe_path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    weights: Path | None = None,
+    out_dir: Path | None = None,
+    resume: bool = False,
+) -> Job:
+    """Validate the model, weights, data, recipe and target; build the model (gated for prune)."""
+    overrides = dict(overrides or {})
+    target = overrides.get("target_flops")
+    if target is not None and not 0 < target < 1:
+        raise TargetError(f"--target-flops must be between 0 and 1 (exclusive), got {target}")
+    if resume:
+        if out_dir is None:
+            if model_name is None:
+                raise ManidpError("--resume needs --out DIR or the MODEL of the run")
+            out_dir = default_out_dir(kind, model_name)
+        checkpoint = out_dir / CHECKPOINT_FILE
+        if not checkpoint.is_file():
+            raise ManidpError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
+        extra = load_checkpoint(checkpoint)["extra"]
+        if extra.get("kind") != kind:
+            raise ManidpError(f"{checkpoint} belongs to a `manidp {extra.get('kind')}` run, not `{kind}`")
+        recipe = Recipe.model_validate(yaml.safe_load(extra["recipe"]))
+        model_name, weights_source, weights = extra["model"], extra["weights"], None
+    else:
+        if model_name is None:
+            raise ManidpError("a MODEL name is required")
+        check_model_name(model_name)
+        recipe = load_recipe(recipe_path, overrides)
+        out_dir = out_dir or default_out_dir(kind, model_name)
+        if (out_dir / CHECKPOINT_FILE).exists() or (out_dir / MODEL_FILE).exists():
+            raise ManidpError(
+                f"{out_dir} already holds a run: pass --resume to continue it, or another --out"
+            )
+        weights_source = str(weights) if weights else ("timm hub" if kind == "prune" else "random init")
+    data = load_data(recipe.data, model_name)
+    model = create_model(
+        model_name,
+        num_classes=data.num_classes,
+        in_chans=data.in_chans,
+        weights=weights,
+        pretrained=(kind == "prune" and weights is None and not resume),
+    )
+    gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if kind == "prune" else None
+    table = count_flops(model, data.input_shape)
+    return Job(kind, model_name, model, data, recipe, out_dir, weights_source, table, gates, resume)
+
+
+def _calibration_batches(job: Job) -> list:
+    recipe = job.recipe
+    return [x for x, _ in job.data.train.batches(recipe.eval_batch_size, limit=recipe.schedule.calibration_images)]
+
+
+def _objective(job: Job):
+    if job.kind == "train":
+        return CrossEntropyObjective()
+    recipe = job.recipe
+    loss = ManiDPLoss(**recipe.loss.model_dump())
+    return ManiDPObjective(
+        job.gates,
+        job.table,
+        loss,
+        target=recipe.target_flops,
+        epochs=recipe.epochs,
+        hold_epochs=recipe.schedule.hold_epochs,
+        training_batches=lambda: job.data.train.batches(recipe.eval_batch_size),
+        calibration_batches=_calibration_batches(job),
+        search_steps=recipe.schedule.search_steps,
+    )
+
+
+def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "kind": "pruned" if job.kind == "prune" else "dense",
+        "model": job.model_name,
+        "model_kwargs": {"num_classes": job.data.num_classes, "in_chans": job.data.in_chans},
+        "input_shape": list(job.data.input_shape),
+        "data": {"spec": job.data.spec, "description": job.data.description, "classes": job.data.classes},
+        "recipe": job.recipe.model_dump(mode="json"),
+        "weights_source": job.weights_source,
+        "accuracy": after.summary(),
+        "flops_convention": FLOP_CONVENTION,
+        "dense_flops": job.table.dense_flops,
+    }
+    if before is not None:
+        meta["baseline"] = before
+    if job.kind == "prune":
+        meta["gate_policy"] = job.recipe.gates.model_dump(mode="json")
+        meta["gated_layers"] = sorted(job.gates.by_conv())
+        stats = after.flops
+        meta["flops"] = {
+            "target": job.recipe.target_flops,
+            "dense": stats.dense_flops,
+            "gates": stats.gate_flops,
+            "mean": stats.mean_flops,
+            "mean_ratio": stats.mean_ratio,
+            "images": len(stats.per_image),
+        }
+    return meta
+
+
+def _report(job: Job, after: Evaluation) -> dict[str, Any]:
+    report = {"convention": FLOP_CONVENTION, "model": job.model_name, "cost_table": job.table.to_dict()}
+    if after.flops is not None:
+        report["measured"] = after.flops.to_dict()
+        report["per_image_loss"] = after.per_image_loss
+    return report
+
+
+def run(
+    job: Job,
+    on_step: Callable[[StepInfo], bool | None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> RunResult:
+    """Train or prune; write checkpoints during and the export at the end into ``job.out_dir``."""
+    started = time.perf_counter()
+    recipe = job.recipe
+    table = job.table if job.kind == "prune" else None
+    before = None
+    if job.resume:
+        before = load_checkpoint(job.checkpoint)["extra"].get("baseline")
+    elif job.kind == "prune":
+        before = evaluate(job.model, job.data.eval, recipe.eval_batch_size, table=table).summary()
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(job.out_dir / "recipe.yaml", recipe.to_yaml())
+
+    def epoch_done(metrics: dict[str, float]) -> None:
+        lines = [json.dumps(m) for m in history_so_far + [metrics]]
+        history_so_far.append(metrics)
+        atomic_write_text(job.out_dir / "metrics.jsonl", "\n".join(lines) + "\n")
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    def evaluate_epoch(model: nn.Module) -> dict[str, float]:
+        result = evaluate(model, job.data.eval, recipe.eval_batch_size, table=table)
+        return {f"eval_{k}": v for k, v in result.summary().items() if k != "images"}
+
+    history_so_far: list[dict[str, float]] = []
+    if job.resume:
+        history_so_far = list(load_checkpoint(job.checkpoint)["history"])
+    result = fit(
+        job.model,
+        job.data,
+        _objective(job),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        optimizer_config=recipe.optimizer,
+        seed=recipe.seed,
+        checkpoint_path=job.checkpoint,
+        resume=job.resume,
+        extra_state={
+            "kind": job.kind,
+            "recipe": recipe.to_yaml(),
+            "model": job.model_name,
+            "weights": job.weights_source,
+            "baseline": before,
+        },
+        on_step=on_step,
+        on_epoch=epoch_done,
+        evaluate_epoch=evaluate_epoch,
+    )
+    if result.interrupted:
+        return RunResult(job.out_dir, True, result.history, before, None, time.perf_counter() - started, [job.checkpoint])
+    after = evaluate(job.model, job.data.eval, recipe.eval_batch_size, table=table)
+    files = [
+        save_model(job.out_dir / MODEL_FILE, job.model, {**_metadata(job, after, before), "history": result.history}),
+        job.out_dir / "recipe.yaml",
+        job.out_dir / "metrics.jsonl",
+    ]
+    report_path = job.out_dir / "report.json"
+    atomic_write_text(report_path, json.dumps(_report(job, after), indent=1))
+    files.append(report_path)
+    return RunResult(job.out_dir, False, result.history, before, after, time.perf_counter() - started, files)

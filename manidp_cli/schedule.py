@@ -1,0 +1,84 @@
+"""The threshold schedule that drives measured mean FLOPs to a target (pure functions).
+
+The reference implementation lowers a channel remain rate with a cosine; manidp's users give a FLOPs
+target instead, so the cosine runs over the FLOPs target, and after every epoch a common remain rate
+is searched (bisection) whose per-layer thresholds make the *measured* FLOPs meet the scheduled
+target. Thresholds come from each layer's mean saliencies over the epoch (method.md).
+
+Example::
+
+    flops_target(epoch=2, epochs=5, final=0.45, hold_epochs=1)   # target used during epoch 2
+    thresholds_for_remain_rate({"conv": mean_saliency}, 0.5)      # keeps the top half on average
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+MAX_REMAIN_RATE = 2.0
+
+
+def flops_target(epoch: int, epochs: int, final: float, hold_epochs: int = 1) -> float:
+    """FLOPs target in force during ``epoch``: 1.0 in epoch 0, then down a cosine to ``final``, which
+    holds for the last ``hold_epochs`` epochs (the cosine of method.md, over FLOPs instead of a
+    channel rate). Thresholds for an epoch are set at the end of the previous one."""
+    ramp = max(1, epochs - hold_epochs)
+    progress = min(1.0, epoch / ramp)
+    return final + (1.0 - final) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def thresholds_for_remain_rate(mean_saliency: dict[str, torch.Tensor], remain_rate: float) -> dict[str, float]:
+    """Per-layer thresholds for a common remain rate r in [0, MAX_REMAIN_RATE].
+
+    For r <= 1: tau_l = the k-th largest mean saliency of layer l, k = ceil(r * C_out), at least 1
+    (method.md). Saliencies vary per image, so even r = 1 drops the channels an image rates below the
+    layer's smallest mean; for 1 < r <= 2 the threshold therefore continues linearly from that
+    smallest mean down to 0 (keep every channel with a positive saliency), which keeps the family
+    monotone and lets the search reach any FLOPs target.
+    """
+    thresholds = {}
+    for name, mean in mean_saliency.items():
+        values = mean.float()
+        channels = values.numel()
+        if remain_rate > 1:
+            fraction = min(remain_rate, MAX_REMAIN_RATE) - 1.0
+            thresholds[name] = float(values.min()) * (1.0 - fraction)
+            continue
+        k = min(channels, max(1, math.ceil(remain_rate * channels - 1e-9)))
+        thresholds[name] = float(torch.topk(values, k).values[-1])
+    return thresholds
+
+
+@dataclass(frozen=True)
+class RateSearch:
+    remain_rate: float
+    flops_ratio: float
+    evaluations: int
+
+
+def search_remain_rate(
+    measure: Callable[[float], float], target: float, steps: int = 24, tolerance: float = 0.002
+) -> RateSearch:
+    """Bisection on the common remain rate r in [0, MAX_REMAIN_RATE] so that ``measure(r)`` (a FLOPs ratio, assumed
+    non-decreasing in r) is as close to ``target`` as possible without exceeding it by more than
+    ``tolerance`` (relative). Returns the best rate found."""
+    low, high = 0.0, MAX_REMAIN_RATE
+    best = None
+    evaluations = 0
+    for _ in range(steps):
+        rate = (low + high) / 2
+        ratio = measure(rate)
+        evaluations += 1
+        if best is None or abs(ratio - target) < abs(best.flops_ratio - target):
+            best = RateSearch(rate, ratio, evaluations)
+        if abs(ratio - target) <= tolerance * target:
+            break
+        if ratio > target:
+            high = rate
+        else:
+            low = rate
+    return RateSearch(best.remain_rate, best.flops_ratio, evaluations)

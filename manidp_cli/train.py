@@ -1,0 +1,230 @@
+"""The training engine: epochs, optimiser, cosine learning rate, checkpoints and resume.
+
+It knows no pruning formula. An *objective* computes the loss of a batch and does whatever it needs
+around epochs (ManiDP: L_bar, saliency statistics, thresholds); the engine calls it.
+
+Interruption: SIGINT (Ctrl-C) or an ``on_step`` callback returning True stops after the current
+step; the engine then writes a checkpoint and returns ``interrupted=True``. Checkpoints are written
+atomically at every epoch end; ``resume=True`` continues from one to the same final weights as an
+uninterrupted run (data order and augmentation are a function of (seed, epoch), the model's RNG
+state is saved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Protocol
+
+import torch
+from torch import nn
+
+from manidp_cli.data import ImageData
+from manidp_cli.errors import ManidpError
+from manidp_cli.gating import GATE_PREFIX
+from manidp_cli.recipe import OptimizerConfig
+
+CHECKPOINT_FORMAT = 1
+
+
+class Objective(Protocol):
+    """What the engine asks of a training method."""
+
+    def setup(self, model: nn.Module) -> dict[str, float]:
+        """Once before epoch 0 (not on resume); returns metrics to record."""
+
+    def epoch_context(self, model: nn.Module) -> ContextManager: ...
+
+    def step(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward one batch; return logits and named terms including a differentiable ``loss``."""
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class StepInfo:
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    lr: float
+    terms: dict[str, float]
+    running_accuracy: float
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    interrupted: bool
+    checkpoint: Path | None
+    setup_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def cosine_lr(step: int, total: int, lr: float, min_lr: float = 0.0) -> float:
+    """Per-iteration cosine decay from ``lr`` at step 0 towards ``min_lr`` at ``total``."""
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; weight decay on the network, ``gate_weight_decay`` on gates."""
+    network, gates = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (gates if name.startswith(GATE_PREFIX + ".") else network).append(param)
+    groups = [{"params": network, "weight_decay": config.weight_decay}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": config.gate_weight_decay})
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ManidpError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ManidpError(f"{path} is not a manidp checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(flag: dict):
+    """First Ctrl-C asks for a clean stop after the current step; a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def fit(
+    model: nn.Module,
+    data: ImageData,
+    objective: Objective,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer_config: OptimizerConfig,
+    seed: int = 0,
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    extra_state: dict[str, Any] | None = None,
+    on_step: Callable[[StepInfo], bool | None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    evaluate_epoch: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> FitResult:
+    """Train ``model`` with ``objective`` for ``epochs``; see the module docstring for interruption."""
+    optimizer = make_optimizer(model, optimizer_config)
+    steps_per_epoch = data.train.num_batches(batch_size)
+    total_steps = epochs * steps_per_epoch
+    history: list[dict[str, float]] = []
+    start_epoch, start_step, global_step = 0, 0, 0
+    running = {"seen": 0, "correct": 0, "sums": {}}
+    setup_metrics: dict[str, float] = {}
+    if resume:
+        if checkpoint_path is None or not checkpoint_path.is_file():
+            raise ManidpError(f"nothing to resume: no checkpoint at {checkpoint_path}")
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        objective.load_state_dict(state["objective"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
+        history = list(state["history"])
+        running = state["running"]
+        setup_metrics = dict(state.get("setup", {}))
+    else:
+        torch.manual_seed(seed)
+        setup_metrics = objective.setup(model)
+
+    def save(epoch: int, step: int) -> None:
+        if checkpoint_path is None:
+            return
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "step": step,
+                "global_step": global_step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "objective": objective.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "running": running,
+                "setup": setup_metrics,
+                "extra": extra_state or {},
+            },
+            checkpoint_path,
+        )
+
+    flag = {"stop": False}
+    with _stop_on_sigint(flag):
+        for epoch in range(start_epoch, epochs):
+            model.train()
+            skip = start_step if epoch == start_epoch else 0
+            batches = data.train.batches(batch_size, shuffle=True, augment=True, seed=seed, epoch=epoch, skip=skip)
+            with objective.epoch_context(model):
+                for step, (images, targets) in enumerate(batches, start=skip):
+                    lr = cosine_lr(global_step, total_steps, optimizer_config.lr, optimizer_config.min_lr)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    logits, terms = objective.step(model, images, targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    terms["loss"].backward()
+                    optimizer.step()
+                    global_step += 1
+                    running["seen"] += images.shape[0]
+                    running["correct"] += int((logits.detach().argmax(1) == targets).sum())
+                    scalars = {k: float(v.detach()) for k, v in terms.items() if v.dim() == 0}
+                    for key, value in scalars.items():
+                        running["sums"][key] = running["sums"].get(key, 0.0) + value * images.shape[0]
+                    info = StepInfo(epoch, epochs, step + 1, steps_per_epoch, lr, scalars, running["correct"] / running["seen"])
+                    if on_step is not None and on_step(info):
+                        flag["stop"] = True
+                    if flag["stop"]:
+                        done = step + 1
+                        if done == steps_per_epoch:
+                            break  # finish the epoch normally, then stop
+                        save(epoch, done)
+                        return FitResult(history, True, checkpoint_path, setup_metrics)
+            seen = max(running["seen"], 1)
+            metrics = {"epoch": epoch, "lr": lr}
+            metrics.update({f"train_{k}": v / seen for k, v in running["sums"].items()})
+            metrics["train_top1"] = running["correct"] / seen
+            metrics.update(objective.end_epoch(model, epoch))
+            if evaluate_epoch is not None:
+                metrics.update(evaluate_epoch(model))
+            history.append(metrics)
+            running = {"seen": 0, "correct": 0, "sums": {}}
+            save(epoch + 1, 0)
+            if on_epoch is not None:
+                on_epoch(metrics)
+            if flag["stop"] and epoch + 1 < epochs:
+                return FitResult(history, True, checkpoint_path, setup_metrics)
+    return FitResult(history, False, checkpoint_path, setup_metrics)

@@ -1,0 +1,76 @@
+"""The CLI: commands through Typer's CliRunner, the error path of ``main()`` in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from manidp_cli.cli import app
+from manidp_cli.errors import DataError, ManidpError, ModelError, RecipeError, TargetError, WeightsError
+
+runner = CliRunner()
+
+
+def test_version_and_help():
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0 and "manidp 0.1.0" in result.output
+    result = runner.invoke(app, ["prune", "--help"])
+    assert result.exit_code == 0 and "--target-flops" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (["prune", "resnet343", "--target-flops", "0.5"], ModelError, "did you mean"),
+        (["prune", "resnet18", "--target-flops", "1.5"], TargetError, "between 0 and 1"),
+        (["prune", "resnet18", "--target-flops", "0.5", "--data", "cifar10:/no/dir"], DataError, "does not exist"),
+        (["prune", "resnet18", "--target-flops", "0.5"], WeightsError, "pass a local file with --weights"),
+        (["train", "resnet18", "--weights", "/no/file.safetensors"], WeightsError, "not found"),
+        (["prune", "resnet18", "--resume", "--out", "/no/run"], ManidpError, "nothing to resume"),
+    ],
+)
+def test_bad_input_raises_the_library_error(args, error, message, tmp_path):
+    result = runner.invoke(app, args + ([] if "--out" in args else ["--out", str(tmp_path / "out")]))
+    assert isinstance(result.exception, error), result.output
+    assert message in str(result.exception)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_malformed_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optimiser:\n  lr: 0.1\n")
+    result = runner.invoke(app, ["train", "resnet18", "--recipe", str(recipe), "--out", str(tmp_path / "out")])
+    assert isinstance(result.exception, RecipeError)
+    assert "unknown key 'optimiser'" in str(result.exception)
+
+
+def test_main_turns_errors_into_one_line_and_exit_code_2(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "manidp_cli", "prune", "resnet343", "--target-flops", "0.5"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown model 'resnet343'; did you mean resnet34")
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
+    dense = tmp_path / "dense"
+    result = runner.invoke(app, ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", str(dense)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and (dense / "model.safetensors").is_file()
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("schedule:\n  calibration_images: 64\n  search_steps: 10\n")
+    pruned = tmp_path / "pruned"
+    result = runner.invoke(app, [
+        "prune", "test_resnet", "--target-flops", "0.6", "--data", tiny_fashion, "--epochs", "1",
+        "--batch-size", "32", "--weights", str(dense / "model.safetensors"), "--recipe", str(recipe), "--out", str(pruned),
+    ])
+    assert result.exit_code == 0, result.output
+    for text in ("dense cost", "gated convolutions", "target", "before", "after"):
+        assert text in result.output
+    assert (pruned / "report.json").is_file()

@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from manidp_cli.data import FASHION_MNIST_DIR, load_data
+from manidp_cli.errors import DataError
+
+
+def test_embedded_subset_is_stratified_and_padded():
+    data = load_data("embedded")
+    assert (len(data.train), len(data.eval), data.num_classes, data.input_shape) == (5000, 1000, 10, (1, 32, 32))
+    assert torch.bincount(data.train.labels).tolist() == [500] * 10
+    assert torch.bincount(data.eval.labels).tolist() == [100] * 10
+    assert data.train.images[:, :, :2].max() == 0  # zero padding 28 -> 32
+
+
+def test_epoch_batches_are_a_function_of_seed_and_epoch():
+    data = load_data("embedded")
+    first = [y for _, y in data.train.batches(64, shuffle=True, augment=True, seed=1, epoch=3, limit=256)]
+    again = list(data.train.batches(64, shuffle=True, augment=True, seed=1, epoch=3, limit=256))
+    other = [y for _, y in data.train.batches(64, shuffle=True, augment=True, seed=1, epoch=4, limit=256)]
+    assert all(torch.equal(a, b) for a, (_, b) in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    skipped = list(data.train.batches(64, shuffle=True, augment=True, seed=1, epoch=3, skip=2, limit=256))
+    assert len(skipped) == 2
+    assert torch.equal(skipped[0][0], again[2][0]) and torch.equal(skipped[1][1], again[3][1])
+    x, _ = again[0]
+    assert x.dtype == torch.float32 and x.shape == (64, 1, 32, 32)
+
+
+def test_full_fashion_mnist_from_the_debian_package():
+    # .ci/run installs Debian's dataset-fashion-mnist; the README's install notes say so too.
+    assert FASHION_MNIST_DIR.is_dir(), "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)"
+    data = load_data("fashion-mnist")
+    assert (len(data.train), len(data.eval), data.input_shape) == (60000, 10000, (1, 32, 32))
+
+
+def test_fashion_mnist_from_a_folder(tiny_fashion):
+    data = load_data(tiny_fashion)
+    assert (len(data.train), len(data.eval)) == (160, 64)
+    reference = load_data("embedded")
+    assert torch.equal(data.train.images, reference.train.images[:160])
+
+
+def _write_cifar(directory: Path, names, label_bytes: int, count: int, classes: int):
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        labels = rng.integers(0, classes, size=(count, label_bytes), dtype=np.uint8)
+        pixels = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+        np.concatenate([labels, pixels], axis=1).tofile(directory / name)
+
+
+def test_cifar10_and_cifar100_binary(tmp_path):
+    _write_cifar(tmp_path / "c10" / "cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 1, 4, 10)
+    (tmp_path / "c10" / "cifar-10-batches-bin" / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
+    data = load_data(f"cifar10:{tmp_path / 'c10'}")
+    assert (len(data.train), len(data.eval), data.input_shape, data.classes[3]) == (20, 4, (3, 32, 32), "class3")
+    raw = np.fromfile(tmp_path / "c10" / "cifar-10-batches-bin" / "data_batch_1.bin", dtype=np.uint8)
+    assert int(data.train.labels[0]) == raw[0]
+    assert torch.equal(data.train.images[0].flatten(), torch.from_numpy(raw[1:3073].copy()))
+
+    _write_cifar(tmp_path / "c100", ["train.bin", "test.bin"], 2, 6, 100)
+    data = load_data(f"cifar100:{tmp_path / 'c100'}")
+    assert (len(data.train), data.num_classes) == (6, 100)
+    raw = np.fromfile(tmp_path / "c100" / "train.bin", dtype=np.uint8)
+    assert int(data.train.labels[0]) == raw[1]  # the fine label
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    data = load_data(f"imagefolder:{tmp_path}", model_name="resnet18")
+    assert data.classes == ["cat", "dog"] and data.input_shape == (3, 224, 224)
+    data.train.workers = 0
+    x, y = next(iter(data.train.batches(4, shuffle=True, augment=True)))
+    assert x.shape == (4, 3, 224, 224) and y.shape == (4,)
+    assert load_data(str(tmp_path)).num_classes == 2
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("mnist", "unknown data specification 'mnist'; valid forms: embedded"),
+        ("cifar10", "cifar10 needs a folder"),
+        ("cifar10:/no/such/dir", "data folder /no/such/dir does not exist"),
+        ("imagefolder:/no/such/dir", "data folder /no/such/dir does not exist"),
+        ("/no/such/dir", "data folder /no/such/dir does not exist"),
+        ("fashion-mnist:/no/such/dir", "Fashion-MNIST file /no/such/dir/train-images-idx3-ubyte.gz not found"),
+    ],
+)
+def test_bad_specs_are_clear_errors(spec, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_data(spec)
+
+
+def test_image_folder_without_val(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="has no val/ subfolder"):
+        load_data(f"imagefolder:{tmp_path}")

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from manidp_cli.errors import RecipeError
+from manidp_cli.recipe import Recipe, load_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    assert isinstance(load_recipe(path), Recipe)
+
+
+def test_default_recipe_file_matches_built_in_defaults():
+    assert load_recipe(RECIPES / "default.yaml") == load_recipe(None) == Recipe()
+
+
+def test_paper_settings():
+    cifar = load_recipe(RECIPES / "resnet56-cifar10.yaml")
+    assert (cifar.loss.lambda_sparse, cifar.loss.lambda_sim) == (5e-3, 1.0)
+    assert (cifar.optimizer.lr, cifar.batch_size, cifar.optimizer.nesterov) == (0.05, 128, True)
+    assert cifar.optimizer.weight_decay == 5e-4 and cifar.optimizer.gate_weight_decay == 0.0
+    assert (cifar.loss.kappa, cifar.loss.gamma) == (0.5, 1.0)
+
+
+def test_extends_merges_nested_sections_and_overrides_win(tmp_path):
+    (tmp_path / "base.yaml").write_text("epochs: 7\noptimizer:\n  lr: 0.2\n  momentum: 0.8\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\noptimizer:\n  lr: 0.3\n")
+    recipe = load_recipe(tmp_path / "child.yaml", overrides={"epochs": 2, "seed": None})
+    assert (recipe.epochs, recipe.optimizer.lr, recipe.optimizer.momentum, recipe.seed) == (2, 0.3, 0.8, 0)
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("loss:\n  lamda_sim: 1.0\n")
+    with pytest.raises(RecipeError, match=r"typo.yaml: unknown key 'loss.lamda_sim'"):
+        load_recipe(path)
+
+
+def test_bad_values_and_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target_flops: 1.5\n")
+    with pytest.raises(RecipeError, match="'target_flops': Input should be less than 1"):
+        load_recipe(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: [1\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(listing)
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe(loop)
+
+
+def test_yaml_round_trip():
+    recipe = load_recipe(RECIPES / "resnet34-imagenet.yaml")
+    import yaml
+
+    assert Recipe.model_validate(yaml.safe_load(recipe.to_yaml())) == recipe

@@ -1,0 +1,97 @@
+"""The engine, through the pipeline: a tiny prune run, its export, and exact resume."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from manidp_cli.export import load_pruned, read_metadata
+from manidp_cli.pipeline import prepare, run
+from manidp_cli.train import cosine_lr
+
+TINY = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "target_flops": 0.5,
+        "schedule": {"calibration_images": 64, "search_steps": 12}}
+
+
+def _prune(out: Path, data: str, resume: bool = False, **extra):
+    job = prepare("prune", "test_resnet", overrides={**TINY, "data": data}, out_dir=out, weights=extra.pop("weights", None), resume=resume)
+    return run(job, **extra)
+
+
+@pytest.fixture(scope="module")
+def dense_weights(tiny_fashion, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense")
+    job = prepare("train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion}, out_dir=out)
+    result = run(job)
+    assert not result.interrupted
+    return out / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_fashion, dense_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned")
+    return _prune(out, tiny_fashion, weights=dense_weights)
+
+
+def test_cosine_lr():
+    assert cosine_lr(0, 100, 0.1) == 0.1
+    assert cosine_lr(50, 100, 0.1) == pytest.approx(0.05)
+    assert cosine_lr(100, 100, 0.1, min_lr=0.01) == pytest.approx(0.01)
+
+
+def test_prune_writes_the_export_and_meets_the_target(pruned):
+    out = pruned.out_dir
+    for name in ("model.safetensors", "report.json", "recipe.yaml", "metrics.jsonl", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    meta = read_metadata(out)
+    assert meta["kind"] == "pruned" and meta["model"] == "test_resnet"
+    assert meta["recipe"]["target_flops"] == 0.5 and meta["model_kwargs"] == {"num_classes": 10, "in_chans": 1}
+    measured = pruned.after.flops.mean_ratio
+    assert meta["flops"]["mean_ratio"] == measured
+    # calibrated on 64 training images, measured on the 64 evaluation images
+    assert abs(measured - 0.5) / 0.5 < 0.05
+    assert pruned.before["flops_ratio"] > 0.9
+    thresholds = [v for k, v in load_file(str(out / "model.safetensors")).items() if k.endswith(".threshold")]
+    assert thresholds and all(float(t) > float("-inf") for t in thresholds)
+
+
+def test_export_round_trip_rebuilds_the_same_model(pruned, tiny_fashion):
+    from manidp_cli.data import load_data
+
+    model, info = load_pruned(pruned.out_dir)
+    assert info.gated and info.input_shape == (1, 32, 32)
+    images, _ = next(load_data(tiny_fashion).eval.batches(16))
+    again, _ = load_pruned(pruned.out_dir / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(images), again(images))
+    state = load_file(str(pruned.out_dir / "model.safetensors"))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_interrupted_run_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path):
+    straight = _prune(tmp_path / "straight", tiny_fashion, weights=dense_weights)
+    stops = {"n": 0}
+
+    def stop_mid_second_epoch(info):
+        stops["n"] += 1
+        return info.epoch == 1 and info.step == 2
+
+    interrupted = _prune(tmp_path / "resumed", tiny_fashion, weights=dense_weights, on_step=stop_mid_second_epoch)
+    assert interrupted.interrupted and not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = _prune(tmp_path / "resumed", tiny_fashion, resume=True)
+    assert not resumed.interrupted
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.history == resumed.history
+    assert resumed.before == straight.before
+
+
+def test_existing_run_is_not_overwritten(pruned, tiny_fashion):
+    from manidp_cli.errors import ManidpError
+
+    with pytest.raises(ManidpError, match="already holds a run: pass --resume"):
+        prepare("prune", "test_resnet", overrides={"data": tiny_fashion}, out_dir=pruned.out_dir)
