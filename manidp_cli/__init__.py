@@ -19,6 +19,13 @@ _EXPORTS = {
     "count_flops": "manidp_cli.flops",
     "measure_flops": "manidp_cli.flops",
     "ManidpError": "manidp_cli.errors",
+    "load_pruned": "manidp_cli.export",
+    "evaluate": "manidp_cli.evaluation",
+    "evaluate_export": "manidp_cli.evaluation",
+    "flops_report": "manidp_cli.report",
+    "model_report": "manidp_cli.report",
+    "prepare": "manidp_cli.pipeline",
+    "run": "manidp_cli.pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

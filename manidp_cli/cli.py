@@ -161,6 +161,122 @@ def prune(
     _print_result(_run_with_progress(job))
 
 
+def _print_eval(result: dict) -> None:
+    flops = result["flops"]
+    console.print(f"[bold]{result['model']}[/] from {result['source']}")
+    console.print(f"data: {result['data']['description']} (evaluation split, from {result['data']['from']})")
+    table = Table(show_header=False, box=None)
+    table.add_row("images", str(result["images"]))
+    table.add_row("top-1 / top-5", f"{result['top1']:.4f} / {result['top5']:.4f}")
+    table.add_row("mean loss", f"{result['loss']:.4f}")
+    table.add_row("dense", f"{flops['dense_gflops']:.4f} GFLOPs per image")
+    table.add_row("dynamic mean", f"{flops['mean_gflops']:.4f} GFLOPs per image = {flops['mean_ratio']:.4f} of dense")
+    for key in ("median", "p10", "p90", "min", "max"):
+        table.add_row(f"dynamic {key}", f"{flops[key] / 1e9:.4f} GFLOPs = {flops[key + '_ratio']:.4f} of dense")
+    signature = result.get("signature") or {}
+    if signature:
+        table.add_row("Spearman(loss, FLOPs)", f"{signature['spearman_loss_flops']:+.3f} (complexity: > 0 means hard images get more)")
+        table.add_row("Gram correlation", f"{signature['gram_correlation']:+.3f} (similarity: features vs sub-networks, {signature['gram_batches']} batches)")
+    console.print(table)
+    console.print(result["flops_convention"])
+
+
+@app.command("eval")
+def eval_command(
+    export: Annotated[Optional[Path], typer.Argument(help="Export folder or its model.safetensors.")] = None,
+    data: DataOpt = None,
+    dense: Annotated[Optional[str], typer.Option("--dense", help="Evaluate this timm model unpruned instead (baseline row).")] = None,
+    weights: WeightsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Measure accuracy and real dynamic FLOPs of an export (or of a dense baseline)."""
+    import json
+
+    from manidp_cli.errors import ManidpError
+    from manidp_cli.evaluation import evaluate_dense, evaluate_export
+
+    if dense is not None:
+        if data is None:
+            raise ManidpError("--dense needs --data")
+        result = evaluate_dense(dense, weights, data, batch_size, limit)
+    elif export is not None:
+        result = evaluate_export(export, data, batch_size, limit)
+    else:
+        raise ManidpError("give an EXPORT folder, or --dense MODEL --weights FILE --data SPEC")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _print_eval(result)
+
+
+def _rich_report(report) -> Table:
+    table = Table(title=f"{report.model} at {'x'.join(map(str, report.input_shape))}: keep ratios {report.measured_on}")
+    for column, justify in [("layer", "left"), ("type", "left"), ("kernel", "left"), ("C_in -> C_out", "right"),
+                            ("gated", "center"), ("dense MFLOPs", "right"), ("keep out", "right"), ("keep in", "right"),
+                            ("dynamic MFLOPs", "right"), ("share", "right")]:
+        table.add_column(column, justify=justify)
+    for r in report.rows:
+        table.add_row(r.name, r.type, r.kernel, f"{r.in_channels} -> {r.out_channels}", "yes" if r.gated else "-",
+                      f"{r.dense_mflops:.3f}", f"{r.keep_ratio_out:.3f}", f"{r.keep_ratio_in:.3f}",
+                      f"{r.dynamic_mflops:.3f}", f"{r.share:.1%}")
+    table.add_row("gates", "", "", "", "", "0.000", "", "", f"{report.gate_mflops:.3f}", f"{report.gate_mflops / report.dynamic_mflops:.1%}")
+    table.add_row("other layers", "", "", "", "", f"{report.other_mflops:.3f}", "", "", f"{report.other_mflops:.3f}", f"{report.other_mflops / report.dynamic_mflops:.1%}")
+    table.add_row("[bold]total", "", "", "", "", f"[bold]{report.dense_mflops:.3f}", "", "", f"[bold]{report.dynamic_mflops:.3f}", f"[bold]{report.ratio:.1%} of dense")
+    return table
+
+
+@app.command()
+def report(
+    target: Annotated[str, typer.Argument(help="Export folder / model.safetensors, or a timm model name.")],
+    data: DataOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | json | csv | markdown")] = "table",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the json/csv/markdown rendering to FILE.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write PNG figures into DIR.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="With --data: first N images only.")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="For a timm model: C,H,W [default: its pretrained config].")] = None,
+) -> None:
+    """Per-layer FLOPs and keep ratios of an export, or the dense table and gate coverage of a model."""
+    from manidp_cli.errors import ManidpError
+    from manidp_cli.report import flops_report, model_report
+
+    if fmt not in ("table", "json", "csv", "markdown"):
+        raise ManidpError(f"unknown --format {fmt!r}; valid: table, json, csv, markdown")
+    if Path(target).expanduser().exists():
+        result = flops_report(target, data=data, limit=limit)
+    else:
+        shape = None
+        if input_size:
+            try:
+                shape = tuple(int(v) for v in input_size.split(","))
+                assert len(shape) == 3
+            except (ValueError, AssertionError):
+                raise ManidpError(f"--input-size must be C,H,W (e.g. 3,224,224), got {input_size!r}") from None
+        result = model_report(target, shape)
+    if fmt == "table":
+        console.print(_rich_report(result))
+        console.print("FLOPs: 1 FLOP = 1 fused multiply-add (fvcore's convention)")
+        if result.would_gate:
+            console.print(f"{len(result.would_gate)} convolutions would be gated under the default policy: " + ", ".join(result.would_gate))
+    else:
+        text = result.render(fmt)
+        if out is None:
+            typer.echo(text, nl=False)
+    if out is not None:
+        from manidp_cli.export import atomic_write_text
+
+        atomic_write_text(out, result.render("json" if fmt == "table" else fmt))
+        console.print(f"wrote {out}")
+    if plots is not None:
+        if not result.per_image_ratio:
+            raise ManidpError("plots need a pruned export (a timm model name has no measured statistics)")
+        from manidp_cli.plots import write_plots
+
+        for path in write_plots(result, plots):
+            console.print(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point: library errors about user input become one line on stderr and exit code 2."""
     from manidp_cli.errors import ManidpError

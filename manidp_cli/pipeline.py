@@ -164,6 +164,7 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
         meta["gate_policy"] = job.recipe.gates.model_dump(mode="json")
         meta["gated_layers"] = sorted(job.gates.by_conv())
         stats = after.flops
+        meta["signature"] = after.signature
         meta["flops"] = {
             "target": job.recipe.target_flops,
             "dense": stats.dense_flops,
@@ -237,7 +238,7 @@ def run(
     )
     if result.interrupted:
         return RunResult(job.out_dir, True, result.history, before, None, time.perf_counter() - started, [job.checkpoint])
-    after = evaluate(job.model, job.data.eval, recipe.eval_batch_size, table=table)
+    after = evaluate(job.model, job.data.eval, recipe.eval_batch_size, table=table, signature_batches=4 if table else 0)
     files = [
         save_model(job.out_dir / MODEL_FILE, job.model, {**_metadata(job, after, before), "history": result.history}),
         job.out_dir / "recipe.yaml",

@@ -57,3 +57,47 @@ def tiny_fashion(tmp_path_factory):
     write_fashion_mnist_idx(directory, crop(train.images[:160]), train.labels[:160].numpy(), "train")
     write_fashion_mnist_idx(directory, crop(test.images[:64]), test.labels[:64].numpy(), "t10k")
     return f"fashion-mnist:{directory}"
+
+
+def write_cifar(directory, names, label_bytes: int, count: int, classes: int):
+    """Random CIFAR binary files: each record is label byte(s) then 3072 pixel bytes."""
+    import numpy as np
+
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        labels = rng.integers(0, classes, size=(count, label_bytes), dtype=np.uint8)
+        pixels = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+        np.concatenate([labels, pixels], axis=1).tofile(directory / name)
+
+
+TINY_PRUNE = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "target_flops": 0.5,
+              "schedule": {"calibration_images": 64, "search_steps": 12}}
+
+
+def prune_tiny(out, data: str, resume: bool = False, **extra):
+    """A 2-epoch prune of timm's 'test_resnet' on the tiny Fashion-MNIST folder."""
+    from manidp_cli.pipeline import prepare, run
+
+    job = prepare("prune", "test_resnet", overrides={**TINY_PRUNE, "data": data}, out_dir=out,
+                  weights=extra.pop("weights", None), resume=resume)
+    return run(job, **extra)
+
+
+@pytest.fixture(scope="session")
+def dense_weights(tiny_fashion, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense")
+    from manidp_cli.pipeline import prepare, run
+
+    job = prepare("train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion}, out_dir=out)
+    result = run(job)
+    assert not result.interrupted
+    return out / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def pruned(tiny_fashion, dense_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned")
+    return prune_tiny(out, tiny_fashion, weights=dense_weights)
+
+

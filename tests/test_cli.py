@@ -1,5 +1,6 @@
 """The CLI: commands through Typer's CliRunner, the error path of ``main()`` in a subprocess."""
 
+import json
 import os
 import subprocess
 import sys
@@ -74,3 +75,23 @@ def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
     for text in ("dense cost", "gated convolutions", "target", "before", "after"):
         assert text in result.output
     assert (pruned / "report.json").is_file()
+
+
+def test_eval_and_report_commands(pruned, tmp_path):
+    result = runner.invoke(app, ["eval", str(pruned.out_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["images"] == 64 and "signature" in data
+    result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "16"])
+    assert result.exit_code == 0 and "Spearman(loss, FLOPs)" in result.output and "dynamic p90" in result.output
+    result = runner.invoke(app, ["report", str(pruned.out_dir), "--plots", str(tmp_path / "p")])
+    assert result.exit_code == 0 and "total" in result.output and "fvcore" in result.output
+    assert len(list((tmp_path / "p").glob("*.png"))) == 4
+    for fmt in ("json", "csv", "markdown"):
+        out = tmp_path / f"report.{fmt}"
+        result = runner.invoke(app, ["report", str(pruned.out_dir), "--format", fmt, "--out", str(out)])
+        assert result.exit_code == 0 and out.stat().st_size > 100
+    result = runner.invoke(app, ["report", "resnet18", "--input-size", "3,64,64"])
+    assert result.exit_code == 0 and "would be gated" in result.output
+    result = runner.invoke(app, ["report", "resnet18", "--input-size", "64"])
+    assert isinstance(result.exception, ManidpError) and "C,H,W" in str(result.exception)

@@ -1,9 +1,9 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_cifar
 from manidp_cli.data import FASHION_MNIST_DIR, load_data
 from manidp_cli.errors import DataError
 
@@ -44,17 +44,8 @@ def test_fashion_mnist_from_a_folder(tiny_fashion):
     assert torch.equal(data.train.images, reference.train.images[:160])
 
 
-def _write_cifar(directory: Path, names, label_bytes: int, count: int, classes: int):
-    directory.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in names:
-        labels = rng.integers(0, classes, size=(count, label_bytes), dtype=np.uint8)
-        pixels = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
-        np.concatenate([labels, pixels], axis=1).tofile(directory / name)
-
-
 def test_cifar10_and_cifar100_binary(tmp_path):
-    _write_cifar(tmp_path / "c10" / "cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 1, 4, 10)
+    write_cifar(tmp_path / "c10" / "cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 1, 4, 10)
     (tmp_path / "c10" / "cifar-10-batches-bin" / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
     data = load_data(f"cifar10:{tmp_path / 'c10'}")
     assert (len(data.train), len(data.eval), data.input_shape, data.classes[3]) == (20, 4, (3, 32, 32), "class3")
@@ -62,7 +53,7 @@ def test_cifar10_and_cifar100_binary(tmp_path):
     assert int(data.train.labels[0]) == raw[0]
     assert torch.equal(data.train.images[0].flatten(), torch.from_numpy(raw[1:3073].copy()))
 
-    _write_cifar(tmp_path / "c100", ["train.bin", "test.bin"], 2, 6, 100)
+    write_cifar(tmp_path / "c100", ["train.bin", "test.bin"], 2, 6, 100)
     data = load_data(f"cifar100:{tmp_path / 'c100'}")
     assert (len(data.train), data.num_classes) == (6, 100)
     raw = np.fromfile(tmp_path / "c100" / "train.bin", dtype=np.uint8)

@@ -1,37 +1,13 @@
 """The engine, through the pipeline: a tiny prune run, its export, and exact resume."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import prune_tiny
 from manidp_cli.export import load_pruned, read_metadata
-from manidp_cli.pipeline import prepare, run
+from manidp_cli.pipeline import prepare
 from manidp_cli.train import cosine_lr
-
-TINY = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "target_flops": 0.5,
-        "schedule": {"calibration_images": 64, "search_steps": 12}}
-
-
-def _prune(out: Path, data: str, resume: bool = False, **extra):
-    job = prepare("prune", "test_resnet", overrides={**TINY, "data": data}, out_dir=out, weights=extra.pop("weights", None), resume=resume)
-    return run(job, **extra)
-
-
-@pytest.fixture(scope="module")
-def dense_weights(tiny_fashion, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dense")
-    job = prepare("train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion}, out_dir=out)
-    result = run(job)
-    assert not result.interrupted
-    return out / "model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def pruned(tiny_fashion, dense_weights, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pruned")
-    return _prune(out, tiny_fashion, weights=dense_weights)
 
 
 def test_cosine_lr():
@@ -71,16 +47,16 @@ def test_export_round_trip_rebuilds_the_same_model(pruned, tiny_fashion):
 
 
 def test_interrupted_run_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path):
-    straight = _prune(tmp_path / "straight", tiny_fashion, weights=dense_weights)
+    straight = prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights)
     stops = {"n": 0}
 
     def stop_mid_second_epoch(info):
         stops["n"] += 1
         return info.epoch == 1 and info.step == 2
 
-    interrupted = _prune(tmp_path / "resumed", tiny_fashion, weights=dense_weights, on_step=stop_mid_second_epoch)
+    interrupted = prune_tiny(tmp_path / "resumed", tiny_fashion, weights=dense_weights, on_step=stop_mid_second_epoch)
     assert interrupted.interrupted and not (tmp_path / "resumed" / "model.safetensors").exists()
-    resumed = _prune(tmp_path / "resumed", tiny_fashion, resume=True)
+    resumed = prune_tiny(tmp_path / "resumed", tiny_fashion, resume=True)
     assert not resumed.interrupted
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))

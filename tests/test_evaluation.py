@@ -1,0 +1,53 @@
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import write_cifar
+from manidp_cli.errors import DataError
+from manidp_cli.evaluation import evaluate_dense, evaluate_export, gram_correlation, pearson, spearman
+
+
+def test_spearman_by_hand():
+    assert spearman(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 30.0, 400.0])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks (1, 2.5, 2.5, 4), y ranks (1, 2, 3, 4)
+    x = torch.tensor([1.0, 5.0, 5.0, 9.0])
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert spearman(x, y) == pytest.approx(pearson(torch.tensor([1, 2.5, 2.5, 4]), y))
+    assert math.isnan(pearson(torch.ones(3), y[:3]))
+
+
+def test_gram_correlation():
+    features = torch.randn(6, 5)
+    assert gram_correlation(features, features * 2) == pytest.approx(1.0)
+    assert abs(gram_correlation(features, torch.randn(6, 5))) < 1.0
+
+
+def test_evaluate_export_reports_accuracy_flops_and_signature(pruned):
+    result = evaluate_export(pruned.out_dir, batch_size=16)
+    assert result["data"]["from"] == "the export's metadata" and result["data"]["spec"].startswith("fashion-mnist:")
+    assert result["images"] == 64 and result["top1"] == pytest.approx(pruned.after.top1)
+    flops = result["flops"]
+    assert flops["mean_ratio"] == pytest.approx(pruned.after.flops.mean_ratio)
+    assert flops["min"] <= flops["p10"] <= flops["median"] <= flops["p90"] <= flops["max"]
+    assert flops["mean_gflops"] == pytest.approx(flops["mean"] / 1e9)
+    signature = result["signature"]
+    assert -1 <= signature["spearman_loss_flops"] <= 1 and -1 <= signature["gram_correlation"] <= 1
+    assert signature["gram_batches"] == 4
+    json.dumps(result)  # JSON-serialisable
+    limited = evaluate_export(pruned.out_dir, limit=10)
+    assert limited["images"] == 10
+
+
+def test_evaluate_dense_baseline(dense_weights, tiny_fashion):
+    result = evaluate_dense("test_resnet", dense_weights, tiny_fashion)
+    assert result["pruned"] is False and result["flops"]["mean_ratio"] == 1.0 and result["images"] == 64
+
+
+def test_mismatched_data_is_a_clear_error(pruned, tmp_path):
+    folder = tmp_path / "cifar"
+    write_cifar(folder, [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 1, 2, 10)
+    with pytest.raises(DataError, match=r"gives \(3, 32, 32\) images, the export expects \(1, 32, 32\)"):
+        evaluate_export(pruned.out_dir, data=f"cifar10:{folder}")
