@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -32,6 +33,9 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its checkpoint.")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda (under torchrun: the local GPU).")]
+AmpOpt = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast for the forward pass (loss terms stay fp32).")]
+ChannelsLastOpt = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels-last memory layout.")]
 
 
 @app.callback()
@@ -56,6 +60,9 @@ def _print_plan(job) -> None:
         table.add_row("gates", f"{len(job.gates)} gated convolutions, {job.table.gate_flops / 1e6:.3f} MFLOPs of gate cost")
         table.add_row("target", f"{recipe.target_flops:.0%} of dense FLOPs on average")
     table.add_row("schedule", f"{recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.optimizer.lr}, seed {recipe.seed}")
+    world = os.environ.get("WORLD_SIZE", "1")
+    per_rank = f"batch {recipe.batch_size} per process x {world} processes" if world != "1" else f"batch {recipe.batch_size}"
+    table.add_row("runtime", f"device {recipe.device}, {per_rank}, amp {'on' if recipe.amp else 'off'}, channels-last {'on' if recipe.channels_last else 'off'}")
     table.add_row("output", str(job.out_dir))
     console.print(table)
 
@@ -63,7 +70,7 @@ def _print_plan(job) -> None:
 def _run_with_progress(job):
     from manidp_cli.pipeline import run
 
-    steps = job.data.train.num_batches(job.recipe.batch_size)
+    steps = job.data.train.num_batches(job.recipe.batch_size, job.recipe.train_images)
     progress = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -124,12 +131,18 @@ def train(
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
     seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    amp: AmpOpt = None,
+    channels_last: ChannelsLastOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
     """Train a dense starting point (plain cross-entropy) and export it as safetensors."""
     from manidp_cli.pipeline import prepare
 
-    overrides = {"data": data, "epochs": epochs, "batch_size": batch_size, "seed": seed, "optimizer": {"lr": lr} if lr else None}
+    overrides = {
+        "data": data, "epochs": epochs, "batch_size": batch_size, "seed": seed, "optimizer": {"lr": lr} if lr else None,
+        "device": device, "amp": amp, "channels_last": channels_last,
+    }
     job = prepare("train", model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume)
     _print_plan(job)
     _print_result(_run_with_progress(job))
@@ -147,14 +160,21 @@ def prune(
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
     seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    amp: AmpOpt = None,
+    channels_last: ChannelsLastOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
-    """Insert ManiDP gates, fine-tune to a FLOPs target and export safetensors plus reports."""
+    """Insert ManiDP gates, fine-tune to a FLOPs target and export safetensors plus reports.
+
+    Multi-process: torchrun --nproc_per_node N -m manidp_cli prune ... (see docs/distributed.md).
+    """
     from manidp_cli.pipeline import prepare
 
     overrides = {
         "target_flops": target_flops, "data": data, "epochs": epochs, "batch_size": batch_size,
         "seed": seed, "optimizer": {"lr": lr} if lr else None,
+        "device": device, "amp": amp, "channels_last": channels_last,
     }
     job = prepare("prune", model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume)
     _print_plan(job)
@@ -281,6 +301,8 @@ def main() -> None:
     """Entry point: library errors about user input become one line on stderr and exit code 2."""
     from manidp_cli.errors import ManidpError
 
+    if os.environ.get("RANK", "0") != "0":
+        console.quiet = True  # under torchrun only rank 0 prints; errors still reach stderr
     try:
         app()
     except ManidpError as exc:

@@ -51,6 +51,23 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def _epoch_order(size: int, shuffle: bool, generator: torch.Generator, limit: int | None, shard: tuple[int, int]) -> torch.Tensor:
+    """The images of one epoch for one rank: a permutation (or the first ones), cut to ``limit``,
+    trimmed to a multiple of the world size (every rank must take the same number of steps) and
+    dealt out round-robin."""
+    count = size if limit is None else min(limit, size)
+    order = torch.randperm(size, generator=generator)[:count] if shuffle else torch.arange(count)
+    rank, world = shard
+    if world > 1:
+        order = order[: count // world * world][rank::world]
+    return order
+
+
+def _count(size: int, limit: int | None, shard: tuple[int, int]) -> int:
+    count = size if limit is None else min(limit, size)
+    return count // shard[1] if shard[1] > 1 else count
+
+
 class ImageSet(Protocol):
     """One split: knows its size and yields normalised (images, labels) batches."""
 
@@ -66,7 +83,10 @@ class ImageSet(Protocol):
         epoch: int = 0,
         skip: int = 0,
         limit: int | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def num_batches(self, batch_size: int, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> int: ...
 
 
 @dataclass
@@ -100,11 +120,10 @@ class TensorImages:
             out[i] = crop.flip(-1) if flips[i] else crop
         return out
 
-    def batches(self, batch_size, *, shuffle=False, augment=False, seed=0, epoch=0, skip=0, limit=None):
+    def batches(self, batch_size, *, shuffle=False, augment=False, seed=0, epoch=0, skip=0, limit=None, shard=(0, 1)):
         generator = _epoch_generator(seed, epoch)
-        count = len(self) if limit is None else min(limit, len(self))
-        order = torch.randperm(len(self), generator=generator)[:count] if shuffle else torch.arange(count)
-        starts = range(0, count, batch_size)
+        order = _epoch_order(len(self), shuffle, generator, limit, shard)
+        starts = range(0, len(order), batch_size)
         for index, start in enumerate(starts):
             chosen = order[start : start + batch_size]
             images = self.images[chosen]
@@ -115,9 +134,8 @@ class TensorImages:
                 continue
             yield self._normalise(images), self.labels[chosen]
 
-    def num_batches(self, batch_size: int, limit: int | None = None) -> int:
-        count = len(self) if limit is None else min(limit, len(self))
-        return math.ceil(count / batch_size)
+    def num_batches(self, batch_size: int, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> int:
+        return math.ceil(_count(len(self), limit, shard) / batch_size)
 
 
 class FolderImages:
@@ -138,14 +156,11 @@ class FolderImages:
     def __len__(self) -> int:
         return len(self.train_set)
 
-    def num_batches(self, batch_size: int, limit: int | None = None) -> int:
-        count = len(self) if limit is None else min(limit, len(self))
-        return math.ceil(count / batch_size)
+    def num_batches(self, batch_size: int, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> int:
+        return math.ceil(_count(len(self), limit, shard) / batch_size)
 
-    def batches(self, batch_size, *, shuffle=False, augment=False, seed=0, epoch=0, skip=0, limit=None):
-        count = len(self) if limit is None else min(limit, len(self))
-        generator = _epoch_generator(seed, epoch)
-        order = torch.randperm(len(self), generator=generator)[:count] if shuffle else torch.arange(count)
+    def batches(self, batch_size, *, shuffle=False, augment=False, seed=0, epoch=0, skip=0, limit=None, shard=(0, 1)):
+        order = _epoch_order(len(self), shuffle, _epoch_generator(seed, epoch), limit, shard)
         # timm's random transforms draw from Python's RNG in the workers: exact resume is not
         # guaranteed for folders, only the order of images.
         order = order[skip * batch_size :].tolist()

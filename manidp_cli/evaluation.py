@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manidp_cli.data import ImageSet
+from manidp_cli.distributed import World
 from manidp_cli.flops import CostTable, FlopsMeter, FlopsStats
 from manidp_cli.recorder import GateRecorder
 
@@ -108,11 +109,13 @@ def evaluate(
     batch_size: int = 256,
     table: CostTable | None = None,
     limit: int | None = None,
-    device: torch.device | str = "cpu",
     signature_batches: int = 0,
+    world: World = World(),
 ) -> Evaluation:
     """Top-1/top-5 accuracy and mean loss; with ``table`` (a gated model) also its dynamic FLOPs
-    and, for ``signature_batches`` > 0, the ManiDP signature (module docstring)."""
+    and, for ``signature_batches`` > 0, the ManiDP signature (module docstring). With a distributed
+    ``world`` each rank evaluates its share and every rank returns the result over all images."""
+    device = world.device
     was_training = model.training
     model.eval()
     meter = FlopsMeter(table) if table is not None else None
@@ -127,7 +130,7 @@ def evaluate(
                 recorder = stack.enter_context(
                     GateRecorder(model, active_inputs=True, features=signature_batches > 0, detach=True)
                 )
-            for index, (x, y) in enumerate(images.batches(batch_size, limit=limit)):
+            for index, (x, y) in enumerate(images.batches(batch_size, limit=limit, shard=(world.rank, world.size))):
                 x, y = x.to(device), y.to(device)
                 logits = model(x)
                 losses.append(F.cross_entropy(logits.float(), y, reduction="none").cpu())
@@ -144,6 +147,12 @@ def evaluate(
     finally:
         model.train(was_training)
     per_image = torch.cat(losses) if losses else torch.zeros(0)
+    if world.distributed:
+        correct1, correct5 = (int(v) for v in world.all_reduce_sum(torch.tensor([correct1, correct5])).tolist())
+        per_image = torch.cat(world.all_gather_object(per_image))
+        gram = [c for part in world.all_gather_object(gram) for c in part]
+        if meter is not None:
+            meter.reduce(world)
     n = max(len(per_image), 1)
     stats = meter.stats() if meter is not None else None
     signature = {}

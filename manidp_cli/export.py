@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from manidp_cli import __version__
+from manidp_cli import __version__, cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 from manidp_cli.errors import WeightsError
 from manidp_cli.gating import GatePolicy, insert_gates
 

@@ -148,10 +148,12 @@ def conv_dynamic_flops(
 ) -> torch.Tensor:
     """Per-image FLOPs (float64, length ``batch``) of one convolution given channel activity."""
     g = layer.groups
+    given = active_in if active_in is not None else active_out
+    device = given.device if given is not None else None
     if active_in is None:
-        active_in = torch.ones(batch, layer.in_channels, dtype=torch.bool)
+        active_in = torch.ones(batch, layer.in_channels, dtype=torch.bool, device=device)
     if active_out is None:
-        active_out = torch.ones(batch, layer.out_channels, dtype=torch.bool)
+        active_out = torch.ones(batch, layer.out_channels, dtype=torch.bool, device=device)
     in_per_group = active_in.reshape(batch, g, -1).sum(-1).double()
     out_per_group = active_out.reshape(batch, g, -1).sum(-1).double()
     pairs = (in_per_group * out_per_group).sum(-1).cpu()
@@ -252,6 +254,26 @@ class FlopsMeter:
                 self.keep_counts[name] = self.keep_counts.get(name, 0) + counts
         return total
 
+    def reduce(self, world) -> None:
+        """Combine the meters of all ranks (sums and counts, per-image values gathered)."""
+        if not world.distributed:
+            return
+        names = [layer.name for layer in self.table.convs()]
+        sums = torch.tensor(
+            [self.images] + [self.layer_flops.get(n, 0.0) for n in names] + [self.keep_out.get(n, 0.0) for n in names]
+            + [self.keep_in.get(n, 0.0) for n in names],
+            dtype=torch.float64,
+        )
+        sums = world.all_reduce_sum(sums).tolist()
+        count = len(names)
+        self.images = int(sums[0])
+        self.layer_flops = dict(zip(names, sums[1 : 1 + count]))
+        self.keep_out = dict(zip(names, sums[1 + count : 1 + 2 * count]))
+        self.keep_in = dict(zip(names, sums[1 + 2 * count :]))
+        self.keep_counts = {n: world.all_reduce_sum(c) for n, c in sorted(self.keep_counts.items())}
+        gathered = world.all_gather_object(torch.cat(self.per_image) if self.per_image else torch.zeros(0, dtype=torch.float64))
+        self.per_image = [t for t in gathered if len(t)]
+
     def stats(self) -> FlopsStats:
         n = max(self.images, 1)
         layers = [
@@ -267,9 +289,10 @@ class FlopsMeter:
 
 
 def measure_flops(
-    model: nn.Module, table: CostTable, batches: Iterable[torch.Tensor]
+    model: nn.Module, table: CostTable, batches: Iterable[torch.Tensor], world=None
 ) -> FlopsStats:
-    """Run ``model`` (eval mode, no grad) over image batches and measure its dynamic FLOPs."""
+    """Run ``model`` (eval mode, no grad) over image batches and measure its dynamic FLOPs; with a
+    distributed ``world`` each rank passes its own batches and the result covers all of them."""
     meter = FlopsMeter(table)
     was_training = model.training
     model.eval()
@@ -280,4 +303,6 @@ def measure_flops(
                 meter.update(recorder, images.shape[0])
     finally:
         model.train(was_training)
+    if world is not None:
+        meter.reduce(world)
     return meter.stats()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from manidp_cli import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 from manidp_cli.errors import ModelError, WeightsError
 from manidp_cli.gating import GATE_PREFIX
 

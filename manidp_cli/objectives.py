@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from manidp_cli.distributed import World
 from manidp_cli.flops import CostTable, dynamic_flops, measure_flops
 from manidp_cli.gating import GateSet
 from manidp_cli.losses import ManiDPLoss
@@ -31,7 +32,7 @@ class CrossEntropyObjective:
 
     def step(self, model, images, targets):
         logits = model(images)
-        ce = F.cross_entropy(logits, targets)
+        ce = F.cross_entropy(logits.float(), targets)
         return logits, {"loss": ce, "ce": ce.detach()}
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
@@ -60,6 +61,7 @@ class ManiDPObjective:
         training_batches,
         calibration_batches: list[torch.Tensor],
         search_steps: int = 24,
+        world: World = World(),
     ):
         self.gates = gates
         self.table = table
@@ -70,6 +72,7 @@ class ManiDPObjective:
         self.training_batches = training_batches  # callable -> iterable of (images, labels), no augmentation
         self.calibration_batches = calibration_batches
         self.search_steps = search_steps
+        self.world = world
         self.mean_loss = 0.0  # L_bar
         self._recorder: GateRecorder | None = None
         self._reset_epoch()
@@ -85,11 +88,14 @@ class ManiDPObjective:
         was_training = model.training
         model.eval()
         total, count = 0.0, 0
+        device = self.world.device
         with torch.no_grad():
             for images, targets in self.training_batches():
-                total += float(F.cross_entropy(model(images), targets, reduction="sum"))
+                logits = model(images.to(device))
+                total += float(F.cross_entropy(logits.float(), targets.to(device), reduction="sum"))
                 count += images.shape[0]
         model.train(was_training)
+        total, count = self.world.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
         self.mean_loss = total / max(count, 1)
         return {"initial_mean_loss": self.mean_loss}
 
@@ -105,6 +111,7 @@ class ManiDPObjective:
     def step(self, model, images, targets):
         rec = self._recorder
         logits = model(images)
+        # autocast may run the forward in bf16; the loss terms are kept in fp32 (ManiDPLoss casts)
         terms = self.loss(logits, targets, rec.saliency, rec.features, self.mean_loss)
         per_image_ce = terms.pop("per_image_ce")
         batch = images.shape[0]
@@ -124,13 +131,21 @@ class ManiDPObjective:
 
         def measure(rate: float) -> float:
             self.gates.set_thresholds(thresholds_for_remain_rate(mean_saliency, rate))
-            return measure_flops(model, self.table, self.calibration_batches).mean_ratio
+            return measure_flops(model, self.table, self.calibration_batches, self.world).mean_ratio
 
         search = search_remain_rate(measure, target, steps=self.search_steps)
         self.gates.set_thresholds(thresholds_for_remain_rate(mean_saliency, search.remain_rate))
         return search
 
+    def _reduce_epoch(self) -> None:
+        """Sums and counts of all ranks, so that every rank derives the same L_bar and thresholds."""
+        names = sorted(self.saliency_sums)
+        scalars = self.world.all_reduce_sum(torch.tensor([self.saliency_count, self.ce_sum, self.flops_sum], dtype=torch.float64))
+        self.saliency_count, self.ce_sum, self.flops_sum = int(scalars[0]), float(scalars[1]), float(scalars[2])
+        self.saliency_sums = {n: self.world.all_reduce_sum(self.saliency_sums[n]) for n in names}
+
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        self._reduce_epoch()
         count = max(self.saliency_count, 1)
         metrics = {"train_flops_ratio": self.flops_sum / count, "mean_loss": self.ce_sum / count}
         self.mean_loss = self.ce_sum / count  # L_bar for the next epoch

@@ -10,16 +10,19 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import torch
 import yaml
 from torch import nn
 
 from manidp_cli.data import ImageData, load_data
+from manidp_cli.distributed import World, joined
 from manidp_cli.errors import ManidpError, TargetError
 from manidp_cli.evaluation import Evaluation, evaluate
 from manidp_cli.export import MODEL_FILE, atomic_write_text, save_model
@@ -110,6 +113,7 @@ def prepare(
             )
         weights_source = str(weights) if weights else ("timm hub" if kind == "prune" else "random init")
     data = load_data(recipe.data, model_name)
+    torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
     model = create_model(
         model_name,
         num_classes=data.num_classes,
@@ -122,27 +126,35 @@ def prepare(
     return Job(kind, model_name, model, data, recipe, out_dir, weights_source, table, gates, resume)
 
 
-def _calibration_batches(job: Job) -> list:
-    recipe = job.recipe
-    return [x for x, _ in job.data.train.batches(recipe.eval_batch_size, limit=recipe.schedule.calibration_images)]
-
-
-def _objective(job: Job):
+def _objective(job: Job, world: World):
     if job.kind == "train":
         return CrossEntropyObjective()
     recipe = job.recipe
-    loss = ManiDPLoss(**recipe.loss.model_dump())
+    shard = (world.rank, world.size)
+    calibration = [
+        x.to(world.device)
+        for x, _ in job.data.train.batches(recipe.eval_batch_size, limit=recipe.schedule.calibration_images, shard=shard)
+    ]
     return ManiDPObjective(
         job.gates,
         job.table,
-        loss,
+        ManiDPLoss(**recipe.loss.model_dump()),
         target=recipe.target_flops,
         epochs=recipe.epochs,
         hold_epochs=recipe.schedule.hold_epochs,
-        training_batches=lambda: job.data.train.batches(recipe.eval_batch_size),
-        calibration_batches=_calibration_batches(job),
+        training_batches=lambda: job.data.train.batches(recipe.eval_batch_size, limit=recipe.train_images, shard=shard),
+        calibration_batches=calibration,
         search_steps=recipe.schedule.search_steps,
+        world=world,
     )
+
+
+def _state_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dict[str, Any]:
@@ -189,40 +201,53 @@ def run(
     on_step: Callable[[StepInfo], bool | None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> RunResult:
-    """Train or prune; write checkpoints during and the export at the end into ``job.out_dir``."""
+    """Train or prune; write checkpoints during and the export at the end into ``job.out_dir``.
+
+    Under torchrun every process calls this; rank 0 alone writes, all ranks return the same result.
+    """
+    world = World.from_env(job.recipe.device)
+    with joined(world):
+        return _run(job, world, on_step, on_epoch)
+
+
+def _run(job: Job, world: World, on_step, on_epoch) -> RunResult:
     started = time.perf_counter()
     recipe = job.recipe
     table = job.table if job.kind == "prune" else None
+    job.model.to(world.device)
     before = None
     if job.resume:
         before = load_checkpoint(job.checkpoint)["extra"].get("baseline")
     elif job.kind == "prune":
-        before = evaluate(job.model, job.data.eval, recipe.eval_batch_size, table=table).summary()
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(job.out_dir / "recipe.yaml", recipe.to_yaml())
-
-    def epoch_done(metrics: dict[str, float]) -> None:
-        lines = [json.dumps(m) for m in history_so_far + [metrics]]
-        history_so_far.append(metrics)
-        atomic_write_text(job.out_dir / "metrics.jsonl", "\n".join(lines) + "\n")
-        if on_epoch is not None:
-            on_epoch(metrics)
-
-    def evaluate_epoch(model: nn.Module) -> dict[str, float]:
-        result = evaluate(model, job.data.eval, recipe.eval_batch_size, table=table)
-        return {f"eval_{k}": v for k, v in result.summary().items() if k != "images"}
-
+        before = evaluate(job.model, job.data.eval, recipe.eval_batch_size, table=table, world=world).summary()
+    if world.is_main:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job.out_dir / "recipe.yaml", recipe.to_yaml())
     history_so_far: list[dict[str, float]] = []
     if job.resume:
         history_so_far = list(load_checkpoint(job.checkpoint)["history"])
+
+    def epoch_done(metrics: dict[str, float]) -> None:
+        history_so_far.append(metrics)
+        if world.is_main:
+            lines = [json.dumps(m) for m in history_so_far]
+            atomic_write_text(job.out_dir / "metrics.jsonl", "\n".join(lines) + "\n")
+            if on_epoch is not None:
+                on_epoch(metrics)
+
+    def evaluate_epoch(model: nn.Module) -> dict[str, float]:
+        result = evaluate(model, job.data.eval, recipe.eval_batch_size, table=table, world=world)
+        return {f"eval_{k}": v for k, v in result.summary().items() if k != "images"}
+
     result = fit(
         job.model,
         job.data,
-        _objective(job),
+        _objective(job, world),
         epochs=recipe.epochs,
         batch_size=recipe.batch_size,
         optimizer_config=recipe.optimizer,
         seed=recipe.seed,
+        train_limit=recipe.train_images,
         checkpoint_path=job.checkpoint,
         resume=job.resume,
         extra_state={
@@ -232,19 +257,28 @@ def run(
             "weights": job.weights_source,
             "baseline": before,
         },
-        on_step=on_step,
+        on_step=on_step if world.is_main else None,
         on_epoch=epoch_done,
         evaluate_epoch=evaluate_epoch,
+        world=world,
+        amp=recipe.amp,
+        channels_last=recipe.channels_last,
     )
     if result.interrupted:
         return RunResult(job.out_dir, True, result.history, before, None, time.perf_counter() - started, [job.checkpoint])
-    after = evaluate(job.model, job.data.eval, recipe.eval_batch_size, table=table, signature_batches=4 if table else 0)
-    files = [
-        save_model(job.out_dir / MODEL_FILE, job.model, {**_metadata(job, after, before), "history": result.history}),
-        job.out_dir / "recipe.yaml",
-        job.out_dir / "metrics.jsonl",
-    ]
-    report_path = job.out_dir / "report.json"
-    atomic_write_text(report_path, json.dumps(_report(job, after), indent=1))
-    files.append(report_path)
+    digests = world.all_gather_object(_state_digest(job.model))
+    if len(set(digests)) != 1:
+        raise ManidpError(f"the {world.size} processes ended with different weights or thresholds: {digests}")
+    after = evaluate(
+        job.model, job.data.eval, recipe.eval_batch_size, table=table, signature_batches=4 if table else 0, world=world
+    )
+    files = [job.out_dir / name for name in (MODEL_FILE, "recipe.yaml", "metrics.jsonl", "report.json")]
+    if world.is_main:
+        metadata = {
+            **_metadata(job, after, before), "history": result.history, "setup": result.setup_metrics,
+            "world_size": world.size, "state_sha256": digests[0],
+        }
+        save_model(job.out_dir / MODEL_FILE, job.model, metadata)
+        atomic_write_text(job.out_dir / "report.json", json.dumps(_report(job, after), indent=1))
+    world.barrier()
     return RunResult(job.out_dir, False, result.history, before, after, time.perf_counter() - started, files)

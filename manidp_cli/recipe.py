@@ -13,7 +13,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,9 +61,13 @@ class Recipe(_Section):
     data: str = "embedded"
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1)
+    train_images: int | None = Field(None, ge=1, description="images per epoch (a fresh random subset each epoch); None: all")
     eval_batch_size: int = Field(256, ge=1)
     target_flops: float = Field(0.45, gt=0, lt=1)
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False  # bf16 autocast for the forward pass; loss terms stay fp32
+    channels_last: bool = False
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()

@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from manidp_cli.data import ImageData
+from manidp_cli.distributed import World
 from manidp_cli.errors import ManidpError
 from manidp_cli.gating import GATE_PREFIX
 from manidp_cli.recipe import OptimizerConfig
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class Objective(Protocol):
@@ -121,6 +122,10 @@ def _stop_on_sigint(flag: dict):
         signal.signal(signal.SIGINT, previous)
 
 
+def _per_rank(world: World, local: dict[str, Any]) -> list[dict[str, Any]]:
+    return world.all_gather_object(local)
+
+
 def fit(
     model: nn.Module,
     data: ImageData,
@@ -130,16 +135,29 @@ def fit(
     batch_size: int,
     optimizer_config: OptimizerConfig,
     seed: int = 0,
+    train_limit: int | None = None,
     checkpoint_path: Path | None = None,
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     on_step: Callable[[StepInfo], bool | None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     evaluate_epoch: Callable[[nn.Module], dict[str, float]] | None = None,
+    world: World = World(),
+    amp: bool = False,
+    channels_last: bool = False,
 ) -> FitResult:
-    """Train ``model`` with ``objective`` for ``epochs``; see the module docstring for interruption."""
+    """Train ``model`` with ``objective`` for ``epochs``; see the module docstring for interruption.
+
+    Under torchrun (``world.size`` > 1) the model is wrapped in DistributedDataParallel, each rank
+    takes its share of every epoch's images (``batch_size`` per rank), and only rank 0 writes.
+    """
+    device = world.device
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, optimizer_config)
-    steps_per_epoch = data.train.num_batches(batch_size)
+    shard = (world.rank, world.size)
+    steps_per_epoch = data.train.num_batches(batch_size, train_limit, shard)
     total_steps = epochs * steps_per_epoch
     history: list[dict[str, float]] = []
     start_epoch, start_step, global_step = 0, 0, 0
@@ -149,20 +167,31 @@ def fit(
         if checkpoint_path is None or not checkpoint_path.is_file():
             raise ManidpError(f"nothing to resume: no checkpoint at {checkpoint_path}")
         state = load_checkpoint(checkpoint_path)
+        ranks = state["per_rank"]
+        if len(ranks) != world.size:
+            raise ManidpError(f"{checkpoint_path} was written by {len(ranks)} processes; resume it with as many, not {world.size}")
+        mine = ranks[world.rank]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
-        torch.set_rng_state(state["rng"])
+        objective.load_state_dict(mine["objective"])
+        torch.set_rng_state(mine["rng"])
         start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
         history = list(state["history"])
-        running = state["running"]
+        running = mine["running"]
         setup_metrics = dict(state.get("setup", {}))
     else:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + world.rank)
         setup_metrics = objective.setup(model)
+    trained = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(epoch: int, step: int) -> None:
-        if checkpoint_path is None:
+        ranks = _per_rank(world, {"rng": torch.get_rng_state(), "objective": objective.state_dict(), "running": running})
+        if checkpoint_path is None or not world.is_main:
+            world.barrier()
             return
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(
@@ -173,28 +202,40 @@ def fit(
                 "global_step": global_step,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "objective": objective.state_dict(),
-                "rng": torch.get_rng_state(),
+                "per_rank": ranks,
                 "history": history,
-                "running": running,
                 "setup": setup_metrics,
                 "extra": extra_state or {},
             },
             checkpoint_path,
         )
+        world.barrier()
+
+    def any_rank_stops(stop: bool) -> bool:
+        if not world.distributed:
+            return stop
+        return bool(world.all_reduce_sum(torch.tensor([float(stop)]))[0] > 0)
 
     flag = {"stop": False}
+    autocast_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     with _stop_on_sigint(flag):
         for epoch in range(start_epoch, epochs):
             model.train()
             skip = start_step if epoch == start_epoch else 0
-            batches = data.train.batches(batch_size, shuffle=True, augment=True, seed=seed, epoch=epoch, skip=skip)
+            batches = data.train.batches(
+                batch_size, shuffle=True, augment=True, seed=seed, epoch=epoch, skip=skip, limit=train_limit, shard=shard
+            )
             with objective.epoch_context(model):
                 for step, (images, targets) in enumerate(batches, start=skip):
+                    images = images.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    if channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
                     lr = cosine_lr(global_step, total_steps, optimizer_config.lr, optimizer_config.min_lr)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    logits, terms = objective.step(model, images, targets)
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=amp):
+                        logits, terms = objective.step(trained, images, targets)
                     optimizer.zero_grad(set_to_none=True)
                     terms["loss"].backward()
                     optimizer.step()
@@ -207,16 +248,21 @@ def fit(
                     info = StepInfo(epoch, epochs, step + 1, steps_per_epoch, lr, scalars, running["correct"] / running["seen"])
                     if on_step is not None and on_step(info):
                         flag["stop"] = True
-                    if flag["stop"]:
+                    if any_rank_stops(flag["stop"]):
+                        flag["stop"] = True
                         done = step + 1
                         if done == steps_per_epoch:
                             break  # finish the epoch normally, then stop
                         save(epoch, done)
                         return FitResult(history, True, checkpoint_path, setup_metrics)
-            seen = max(running["seen"], 1)
+            totals = world.all_reduce_sum(
+                torch.tensor([running["seen"], running["correct"]] + [running["sums"][k] for k in sorted(running["sums"])], dtype=torch.float64)
+            ).tolist()
+            seen = max(totals[0], 1)
             metrics = {"epoch": epoch, "lr": lr}
-            metrics.update({f"train_{k}": v / seen for k, v in running["sums"].items()})
-            metrics["train_top1"] = running["correct"] / seen
+            metrics.update({f"train_{k}": v / seen for k, v in zip(sorted(running["sums"]), totals[2:])})
+            metrics["train_top1"] = totals[1] / seen
+            world.broadcast_buffers(model)
             metrics.update(objective.end_epoch(model, epoch))
             if evaluate_epoch is not None:
                 metrics.update(evaluate_epoch(model))

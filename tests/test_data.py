@@ -97,3 +97,11 @@ def test_image_folder_without_val(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="has no val/ subfolder"):
         load_data(f"imagefolder:{tmp_path}")
+
+
+def test_limit_takes_a_fresh_random_subset_each_epoch():
+    data = load_data("embedded")
+    first = torch.cat([y for _, y in data.train.batches(100, shuffle=True, seed=0, epoch=0, limit=300)])
+    second = torch.cat([y for _, y in data.train.batches(100, shuffle=True, seed=0, epoch=1, limit=300)])
+    assert len(first) == len(second) == 300 and not torch.equal(first, second)
+    assert data.train.num_batches(100, limit=300) == 3

@@ -62,3 +62,24 @@ def test_unreadable_and_pickled_files_are_refused(tmp_path):
         read_state_dict(tmp_path / "pickled.pt")
     with pytest.raises(WeightsError, match="not found"):
         read_state_dict(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("depth, millions", [(20, 0.27), (32, 0.46), (56, 0.85), (110, 1.73)])
+def test_cifar_resnets_are_registered_with_the_published_sizes(depth, millions):
+    model = create_model(f"cifar_resnet{depth}", num_classes=10, in_chans=3)
+    params = sum(p.numel() for p in model.parameters())
+    assert round(params / 1e6, 2) == millions
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cifar_resnet_gates_both_convolutions_of_every_block():
+    from manidp_cli.gating import insert_gates
+
+    model = create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+    gates = insert_gates(model, input_shape=(1, 32, 32))
+    assert len(gates) == 18 and "conv1" not in gates.by_conv()  # 9 blocks x 2, stem skipped
+    with torch.no_grad():
+        assert torch.allclose(model(images), expected, atol=1e-5)
