@@ -15,10 +15,48 @@ from torch import nn
 
 from manidp_cli.distributed import World
 from manidp_cli.flops import CostTable, dynamic_flops, measure_flops
-from manidp_cli.gating import GateSet
+from manidp_cli.gating import GateSet, gates_of
 from manidp_cli.losses import ManiDPLoss
 from manidp_cli.recorder import GateRecorder
 from manidp_cli.schedule import flops_target, search_remain_rate, thresholds_for_remain_rate
+
+
+def mean_saliency(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Per gated layer, the mean saliency of every channel over ``batches`` (eval mode)."""
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), GateRecorder(model, detach=True) as recorder:
+        for images in batches:
+            model(images)
+            for name, saliency in recorder.saliency.items():
+                sums[name] = sums.get(name, 0) + saliency.double().sum(0).cpu()
+            count += images.shape[0]
+    model.train(was_training)
+    return {name: total / max(count, 1) for name, total in sums.items()}
+
+
+def calibrate_thresholds(
+    model: nn.Module,
+    table: CostTable,
+    saliency_means: dict[str, torch.Tensor],
+    batches: list[torch.Tensor],
+    target: float,
+    steps: int = 24,
+    world: World | None = None,
+):
+    """Set the gates' thresholds so that the measured mean FLOPs on ``batches`` meet ``target``
+    (bisection on a common remain rate, schedule.search_remain_rate); return the search result."""
+    gates = gates_of(model)
+
+    def measure(rate: float) -> float:
+        gates.set_thresholds(thresholds_for_remain_rate(saliency_means, rate))
+        return measure_flops(model, table, batches, world).mean_ratio
+
+    search = search_remain_rate(measure, target, steps=steps)
+    gates.set_thresholds(thresholds_for_remain_rate(saliency_means, search.remain_rate))
+    return search
 
 
 class CrossEntropyObjective:
@@ -127,15 +165,9 @@ class ManiDPObjective:
         return logits, terms
 
     def calibrate(self, model: nn.Module, target: float, mean_saliency: dict[str, torch.Tensor]):
-        """Set thresholds so that the measured FLOPs on the calibration images meet ``target``."""
-
-        def measure(rate: float) -> float:
-            self.gates.set_thresholds(thresholds_for_remain_rate(mean_saliency, rate))
-            return measure_flops(model, self.table, self.calibration_batches, self.world).mean_ratio
-
-        search = search_remain_rate(measure, target, steps=self.search_steps)
-        self.gates.set_thresholds(thresholds_for_remain_rate(mean_saliency, search.remain_rate))
-        return search
+        return calibrate_thresholds(
+            model, self.table, mean_saliency, self.calibration_batches, target, self.search_steps, self.world
+        )
 
     def _reduce_epoch(self) -> None:
         """Sums and counts of all ranks, so that every rank derives the same L_bar and thresholds."""

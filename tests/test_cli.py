@@ -95,3 +95,23 @@ def test_eval_and_report_commands(pruned, tmp_path):
     assert result.exit_code == 0 and "would be gated" in result.output
     result = runner.invoke(app, ["report", "resnet18", "--input-size", "64"])
     assert isinstance(result.exception, ManidpError) and "C,H,W" in str(result.exception)
+
+
+def test_export_static_and_bench_commands(pruned, tmp_path):
+    out = tmp_path / "static"
+    result = runner.invoke(app, ["export-static", str(pruned.out_dir), "--out", str(out), "--calibration-images", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert (out / "model.pt2").is_file() and (out / "config.json").is_file()
+    assert 0 < data["flops_ratio_to_original"] <= 1 and 0 <= data["accuracy"]["top1"] <= 1
+    import torch
+
+    program = torch.export.load(str(out / "model.pt2")).module()
+    assert program(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    result = runner.invoke(app, ["bench", str(pruned.out_dir), "--runs", "3", "--warmup", "1", "--batch-size", "4",
+                                 "--static", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.output)
+    assert {"dense", "masked", "dynamic", "static"} <= set(bench["variants"])
+    result = runner.invoke(app, ["export-static", str(pruned.out_dir), "--out", str(tmp_path / "x"), "--min-keep-rate", "1.5"])
+    assert isinstance(result.exception, ManidpError) and "[0, 1)" in str(result.exception)

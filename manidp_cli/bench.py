@@ -1,0 +1,214 @@
+"""Wall-clock measurements, in one run, of dense vs masked vs dynamic (vs static-slimmed) execution.
+
+All variants have BatchNorm folded. The dense reference is the faster of NCHW and channels-last.
+Latency is batch 1 (median and p90 over ``runs`` after ``warmup``); throughput is images per second
+at ``batch_size``; peak memory is the process's largest resident set sampled while the variant runs
+(Linux), so it includes the Python process and the models built before it.
+
+Example::
+
+    result = bench_export("runs/demo/pruned", runs=50)
+    result["variants"]["dynamic"]["latency_ratio"]
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from manidp_cli.execute import dynamic_model, folded_model
+
+
+class _RssSampler:
+    """Samples the resident set size (Linux /proc/self/statm) every millisecond in a thread; the
+    kernel's own peak (VmHWM) cannot be reset in every sandbox."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * self._page
+
+    def __enter__(self):
+        try:
+            self.peak = self._rss()
+        except OSError:
+            self.peak = None
+            return self
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        if self.peak is not None:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def peak_mb(self) -> float | None:
+        return None if self.peak is None else self.peak / 2**20
+
+
+def _times(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def measure_variant(model: nn.Module, input_shape, *, channels_last: bool, runs: int, warmup: int, batch_size: int) -> dict:
+    """Batch-1 latency, throughput at ``batch_size`` and peak memory of one model."""
+    single = torch.randn(1, *input_shape)
+    batch = torch.randn(batch_size, *input_shape)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        single = single.contiguous(memory_format=torch.channels_last)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), _RssSampler() as rss:
+        latency = _times(lambda: model(single), runs, warmup)
+        batch_runs = max(3, runs // 10)
+        batch_times = _times(lambda: model(batch), batch_runs, 1)
+    return {
+        "layout": "channels_last" if channels_last else "nchw",
+        "latency_ms_median": 1e3 * statistics.median(latency),
+        "latency_ms_p90": 1e3 * _p90(latency),
+        "throughput_images_per_s": batch_size / statistics.median(batch_times),
+        "peak_rss_mb": rss.peak_mb,
+    }
+
+
+def bench_models(
+    gated: nn.Module,
+    dense: nn.Module,
+    input_shape: tuple[int, int, int],
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    batch_size: int = 32,
+    threads: int | None = None,
+    static: nn.Module | None = None,
+) -> dict:
+    """Measure every variant in one run and give ratios to the dense reference."""
+    if threads:
+        torch.set_num_threads(threads)
+    dense_folded = folded_model(dense, input_shape)
+    candidates = {
+        "dense": (dense_folded, False),
+        "dense_channels_last": (copy.deepcopy(dense_folded), True),
+        "masked": (folded_model(gated, input_shape), False),
+        "dynamic": (dynamic_model(gated, input_shape), False),
+    }
+    if static is not None:
+        candidates["static"] = (static, False)
+        candidates["static_channels_last"] = (copy.deepcopy(static), True)
+    measured = {
+        name: measure_variant(model, input_shape, channels_last=cl, runs=runs, warmup=warmup, batch_size=batch_size)
+        for name, (model, cl) in candidates.items()
+    }
+    reference_name = min(("dense", "dense_channels_last"), key=lambda n: measured[n]["latency_ms_median"])
+    reference = measured[reference_name]
+    for values in measured.values():
+        values["latency_ratio"] = values["latency_ms_median"] / reference["latency_ms_median"]
+        values["throughput_ratio"] = values["throughput_images_per_s"] / reference["throughput_images_per_s"]
+    best_dynamic = "dynamic"
+    ratio = measured[best_dynamic]["latency_ratio"]
+    if ratio < 1:
+        verdict = f"dynamic execution pays here: {ratio:.2f}x the dense latency at batch 1 ({best_dynamic})"
+    else:
+        verdict = (
+            f"dynamic execution does not pay here: {ratio:.2f}x the dense latency at batch 1 "
+            f"(per-image overhead exceeds the skipped work at {input_shape[-1]} px); use the masked or "
+            f"dense model, or static slimming"
+        )
+    return {
+        "input_shape": list(input_shape),
+        "threads": torch.get_num_threads(),
+        "runs": runs,
+        "warmup": warmup,
+        "batch_size": batch_size,
+        "reference": reference_name,
+        "best_dynamic": best_dynamic,
+        "verdict": verdict,
+        "variants": measured,
+    }
+
+
+def dense_twin(gated: nn.Module, model_name: str, model_kwargs: dict) -> nn.Module:
+    """The gated model's network without gates (same weights)."""
+    import timm
+
+    from manidp_cli.gating import GATE_PREFIX
+
+    dense = timm.create_model(model_name, pretrained=False, **model_kwargs).eval()
+    state = {k: v for k, v in gated.state_dict().items() if not k.startswith(GATE_PREFIX + ".")}
+    dense.load_state_dict(state)
+    return dense
+
+
+def bench_export(
+    path: str | Path,
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    batch_size: int = 32,
+    threads: int | None = None,
+    static_dir: str | Path | None = None,
+) -> dict:
+    """``manidp bench`` of an export at the input size recorded in it."""
+    from manidp_cli.export import load_pruned
+
+    gated, info = load_pruned(path)
+    dense = dense_twin(gated, info.metadata["model"], info.metadata["model_kwargs"])
+    static = torch.export.load(str(Path(static_dir) / "model.pt2")).module() if static_dir else None
+    result = bench_models(
+        gated, dense, info.input_shape, runs=runs, warmup=warmup, batch_size=batch_size, threads=threads, static=static
+    )
+    result["model"] = info.metadata["model"]
+    result["export"] = str(info.path)
+    result["flops_ratio"] = info.metadata.get("flops", {}).get("mean_ratio")
+    return result
+
+
+def timing_model(model_name: str, input_shape: tuple[int, int, int], target: float, seed: int = 0, images: int = 16):
+    """A gated model with random gates whose thresholds keep ``target`` of the dense FLOPs on random
+    images: enough to time execution without training (accuracy is meaningless)."""
+    import timm
+
+    from manidp_cli.flops import count_flops
+    from manidp_cli.gating import insert_gates
+    from manidp_cli.objectives import calibrate_thresholds, mean_saliency
+
+    torch.manual_seed(seed)
+    dense = timm.create_model(model_name, pretrained=False).eval()
+    gated = copy.deepcopy(dense)
+    gates = insert_gates(gated, input_shape=input_shape)
+    for gate in gates.values():
+        nn.init.normal_(gate.fc2.weight, std=0.05)
+        nn.init.uniform_(gate.fc2.bias, 0.5, 1.5)
+    batches = [torch.randn(4, *input_shape) for _ in range(max(1, images // 4))]
+    table = count_flops(gated, input_shape)
+    search = calibrate_thresholds(gated, table, mean_saliency(gated, batches), batches, target, steps=14)
+    return gated, dense, search.flops_ratio

@@ -1,0 +1,183 @@
+"""Dynamic execution: turn the masks' FLOPs savings into skipped work.
+
+``dynamic_model(gated)`` returns an inference copy in which BatchNorm is folded into every
+convolution it follows, and every gated convolution computes, for a single image, only the output
+channels its gate keeps, reading only the input channels that are not entirely zero; the narrow result
+is scattered back to full width so that the rest of the (unmodified) timm model runs as usual.
+Batches of more than one image take the masked full-width path of the same folded model (measured
+faster on the CPU than grouping images by mask; docs/speed.md).
+
+Its outputs equal the masked model's (same keep-sets) up to float rounding.
+
+Example::
+
+    fast = dynamic_model(load_pruned("runs/demo/pruned")[0])
+    fast(image)   # image: 1 x C x H x W
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manidp_cli.gating import GATE_PREFIX, SaliencyGate, gates_of
+from manidp_cli.graph import is_conv, trace_dataflow
+
+
+def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``norm(conv(x))`` as one convolution (eval-mode statistics)."""
+    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps) if norm.affine else 1 / torch.sqrt(norm.running_var + norm.eps)
+    shift = (norm.bias.detach() if norm.affine else 0) - norm.running_mean * scale
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    weight = conv.weight.detach() * scale.view(-1, 1, 1, 1)
+    return weight, bias * scale + shift
+
+
+def _after_norm(norm: nn.Module) -> nn.Module:
+    """What remains of a normalisation layer once folded: its fused activation, if any."""
+    act = getattr(norm, "act", None)
+    return act if isinstance(act, nn.Module) else nn.Identity()
+
+
+class FoldedConv(nn.Module):
+    """A convolution with its BatchNorm folded in (timm's padded variants keep their padding)."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module):
+        super().__init__()
+        weight, bias = fold_batchnorm(conv, norm)
+        self.conv = copy.deepcopy(conv)
+        self.conv.weight = nn.Parameter(weight, requires_grad=False)
+        self.conv.bias = nn.Parameter(bias, requires_grad=False)
+        self.conv._forward_pre_hooks.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class DynamicConv(nn.Module):
+    """Gated convolution + folded BatchNorm; single images compute only kept channels."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module, gate: SaliencyGate):
+        super().__init__()
+        weight, bias = fold_batchnorm(conv, norm)
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", bias.contiguous())
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.same_padding = type(conv).__name__ == "Conv2dSame"
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+        self.gate = gate
+        self.conv = copy.deepcopy(conv)  # the masked path for batches and grouped convolutions
+        self.conv.weight = nn.Parameter(weight, requires_grad=False)
+        self.conv.bias = nn.Parameter(bias, requires_grad=False)
+        self.conv._forward_pre_hooks.clear()
+
+    def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * mask[:, :, None, None].to(x.dtype)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.same_padding:
+            return x
+        from timm.layers.padding import pad_same
+
+        return pad_same(x, self.conv.weight.shape[-2:], self.stride, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        saliency = self.gate(x)
+        mask = self.gate.mask(saliency)
+        if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
+            return self._masked(x, mask)
+        scale = mask[0].to(x.dtype)
+        kept = scale.nonzero().flatten()
+        height, width = self._output_size(x)
+        out = x.new_zeros(1, self.out_channels, height, width)
+        if len(kept) == 0:
+            return out
+        active = x[0].flatten(1).abs().amax(dim=1).nonzero().flatten()
+        padding = 0 if self.same_padding else self.padding
+        source = self._pad(x)
+        if self.depthwise:
+            # kept channels whose input is entirely zero output their (folded) bias alone
+            out[0, kept] = (self.bias.index_select(0, kept) * scale.index_select(0, kept))[:, None, None]
+            kept = kept[torch.isin(kept, active)]
+            if len(kept) == 0:
+                return out
+            narrow = F.conv2d(
+                source.index_select(1, kept), self.weight.index_select(0, kept), self.bias.index_select(0, kept),
+                self.stride, padding, self.dilation, len(kept),
+            )
+        elif len(active) == 0:
+            narrow = self.bias.index_select(0, kept)[None, :, None, None].expand(1, len(kept), height, width)
+        else:
+            weight = self.weight.index_select(0, kept)
+            if len(active) < self.in_channels:
+                weight = weight.index_select(1, active)
+                source = source.index_select(1, active)
+            narrow = F.conv2d(source, weight, self.bias.index_select(0, kept), self.stride, padding, self.dilation)
+        out[0, kept] = narrow[0] * scale.index_select(0, kept)[:, None, None]
+        return out
+
+    def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        kh, kw = self.weight.shape[-2:]
+        sizes = []
+        for i, (size, k) in enumerate(zip(x.shape[-2:], (kh, kw))):
+            stride, dilation = self.stride[i], self.dilation[i]
+            if self.same_padding:
+                sizes.append(-(-size // stride))
+            else:
+                padding = self.padding[i]
+                sizes.append((size + 2 * padding - dilation * (k - 1) - 1) // stride + 1)
+        return sizes[0], sizes[1]
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, child = _parent(model, name)
+    setattr(parent, child, module)
+
+
+def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: bool = False) -> nn.Module:
+    """An inference copy of ``model`` with BatchNorm folded into the convolutions before it.
+
+    ``dynamic=True`` (a gated model) also turns gated convolutions into ``DynamicConv``. Without it
+    a gated model's gates still mask (the masked path) and a dense model simply runs folded.
+    """
+    model = copy.deepcopy(model).eval()
+    flow = trace_dataflow(model, input_shape)
+    pairs = flow.conv_norm_pairs()
+    gates = gates_of(model).by_conv() if hasattr(model, GATE_PREFIX) else {}
+    for conv_name, norm_name in pairs.items():
+        norm = model.get_submodule(norm_name)
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            continue  # GroupNorm and friends depend on the image: nothing to fold
+        conv = model.get_submodule(conv_name)
+        gate = gates.get(conv_name)
+        after = _after_norm(norm)
+        after._forward_pre_hooks.clear()  # the gate's mask hook on a fused activation
+        if gate is not None and dynamic:
+            _replace(model, conv_name, DynamicConv(conv, norm, gate))
+        else:
+            _replace(model, conv_name, FoldedConv(conv, norm))
+            if gate is not None:  # keep masking: move the gate's hooks to the folded module
+                folded = model.get_submodule(conv_name)
+                folded.register_forward_pre_hook(gate._on_conv_input)
+                folded.register_forward_hook(gate._on_site_output)
+        _replace(model, norm_name, after)
+    return model
+
+
+def dynamic_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
+    """Inference copy of a gated model that skips the work of switched-off channels (batch 1)."""
+    gates_of(model)
+    return folded_model(model, input_shape, dynamic=True)
+
+
+def convolutions(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if is_conv(module)]

@@ -1,0 +1,99 @@
+"""Dynamic execution equals the masked model; static slimming and bench produce what they promise."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import randomize_norms
+from manidp_cli.execute import dynamic_model, fold_batchnorm, folded_model
+from manidp_cli.gating import insert_gates
+from manidp_cli.recorder import GateRecorder
+
+FAMILIES = ["resnet18", "resnet50", "mobilenetv2_050", "efficientnet_b0", "tf_efficientnet_lite0",
+            "regnetx_002", "ghostnet_100", "densenet121", "resnext26ts", "mobilenetv3_small_100"]
+
+
+def _pruned(name: str, shape=(3, 64, 64)):
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    randomize_norms(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    gates = insert_gates(model, input_shape=shape)
+    for gate in gates.values():
+        nn.init.normal_(gate.fc2.weight, std=0.01)
+        nn.init.uniform_(gate.fc2.bias, 0.5, 1.5)
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        model(torch.randn(4, *shape))
+    gates.set_thresholds({n: float(s.median()) for n, s in rec.saliency.items()})
+    return model, gates
+
+
+def test_fold_batchnorm():
+    conv, norm = nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    weight, bias = fold_batchnorm(conv, norm)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(nn.functional.conv2d(x, weight, bias), norm(conv(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dynamic_execution_equals_the_masked_model(name):
+    model, gates = _pruned(name)
+    dynamic = dynamic_model(model, (3, 64, 64))
+    masked = folded_model(model, (3, 64, 64))
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        for seed in range(3):
+            image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+            expected = model(image)
+            kept = [float(k.float().mean()) for k in rec.active_outputs().values()]
+            assert 0.1 < sum(kept) / len(kept) < 0.9  # the gates really prune
+            assert (dynamic(image) - expected).abs().max() <= 1e-4
+            assert (masked(image) - expected).abs().max() <= 1e-4
+        batch = torch.randn(3, 3, 64, 64)
+        assert (dynamic(batch) - model(batch)).abs().max() <= 1e-4  # batches: masked path
+
+
+def test_static_slimming_removes_never_kept_channels(tmp_path):
+    from manidp_cli.static import mask_statistics, save_static, slim
+
+    model, gates = _pruned("resnet18")
+    gate = gates.by_conv()["layer1.0.conv1"]
+    with torch.no_grad():
+        gate.fc2.bias[:16] = -1.0  # saliency 0: these channels are never kept
+    batches = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    frequency, mean_mask = mask_statistics(model, batches)
+    assert float(frequency["layer1.0.conv1"][:16].max()) == 0.0
+    result = slim(model, frequency, mean_mask, 0.0, (3, 64, 64))
+    slimmed = result.model
+    assert result.removed["layer1.0.conv1"] >= 16
+    assert slimmed.layer1[0].conv1.out_channels == slimmed.layer1[0].conv2.in_channels == 64 - result.removed["layer1.0.conv1"]
+    assert "layer1.0.conv2" not in result.removed  # feeds the residual addition: kept in place
+    assert not hasattr(slimmed, "manidp_gates")
+    files = save_static(tmp_path, result, (3, 64, 64), {"model": "resnet18"})
+    loaded = torch.export.load(str(files[0])).module()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(image), slimmed(image), atol=1e-5)
+
+
+def test_bench_measures_every_variant():
+    from manidp_cli.bench import bench_models
+
+    model, _ = _pruned("resnet18", (3, 32, 32))
+    dense = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    result = bench_models(model, dense, (3, 32, 32), runs=3, warmup=1, batch_size=4)
+    assert set(result["variants"]) == {"dense", "dense_channels_last", "masked", "dynamic"}
+    assert result["variants"][result["reference"]]["latency_ratio"] == 1.0
+    for values in result["variants"].values():
+        assert values["latency_ms_median"] > 0 and values["throughput_images_per_s"] > 0
+        assert values["latency_ms_p90"] >= values["latency_ms_median"]
+    assert "dynamic execution" in result["verdict"]
