@@ -74,6 +74,13 @@ class DynamicConv(nn.Module):
         self.conv.weight = nn.Parameter(weight, requires_grad=False)
         self.conv.bias = nn.Parameter(bias, requires_grad=False)
         self.conv._forward_pre_hooks.clear()
+        # Narrow chaining: when this layer's output reaches exactly one gated convolution through
+        # element-wise activations only, it hands over the kept channels alone and that consumer
+        # reads them with the producer's index, skipping the scatter, the zero-channel scan and the
+        # input gather.
+        self.narrow_output = False
+        self.last_kept: torch.Tensor | None = None
+        self._producer: list[DynamicConv] = []  # a list keeps it out of the module tree
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * mask[:, :, None, None].to(x.dtype)
@@ -86,38 +93,57 @@ class DynamicConv(nn.Module):
         return pad_same(x, self.conv.weight.shape[-2:], self.stride, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saliency = self.gate(x)
+        narrow_input = x.shape[1] != self.in_channels
+        if narrow_input:
+            active = self._producer[0].last_kept
+            pooled = x.new_zeros(1, self.in_channels)
+            pooled[0, active] = x.mean(dim=(2, 3))[0]
+            saliency = self.gate.saliency_from_pooled(pooled)
+        else:
+            saliency = self.gate(x)
         mask = self.gate.mask(saliency)
         if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
             return self._masked(x, mask)
         scale = mask[0].to(x.dtype)
         kept = scale.nonzero().flatten()
         height, width = self._output_size(x)
-        out = x.new_zeros(1, self.out_channels, height, width)
         if len(kept) == 0:
-            return out
-        active = x[0].flatten(1).abs().amax(dim=1).nonzero().flatten()
+            return self._emit(x.new_zeros(1, 0, height, width), kept, height, width)
+        if not narrow_input:
+            active = x[0].flatten(1).abs().amax(dim=1).nonzero().flatten()
         padding = 0 if self.same_padding else self.padding
         source = self._pad(x)
         if self.depthwise:
             # kept channels whose input is entirely zero output their (folded) bias alone
-            out[0, kept] = (self.bias.index_select(0, kept) * scale.index_select(0, kept))[:, None, None]
-            kept = kept[torch.isin(kept, active)]
-            if len(kept) == 0:
-                return out
-            narrow = F.conv2d(
-                source.index_select(1, kept), self.weight.index_select(0, kept), self.bias.index_select(0, kept),
-                self.stride, padding, self.dilation, len(kept),
-            )
-        elif len(active) == 0:
+            constant = (self.bias.index_select(0, kept) * scale.index_select(0, kept))[:, None, None]
+            out = x.new_zeros(1, self.out_channels, height, width)
+            out[0, kept] = constant
+            both = kept[torch.isin(kept, active)]
+            if len(both):
+                narrow = F.conv2d(
+                    source.index_select(1, both), self.weight.index_select(0, both), self.bias.index_select(0, both),
+                    self.stride, padding, self.dilation, len(both),
+                )
+                out[0, both] = narrow[0] * scale.index_select(0, both)[:, None, None]
+            return out
+        if len(active) == 0:
             narrow = self.bias.index_select(0, kept)[None, :, None, None].expand(1, len(kept), height, width)
         else:
             weight = self.weight.index_select(0, kept)
-            if len(active) < self.in_channels:
+            if narrow_input:
+                weight = weight.index_select(1, active)
+            elif len(active) < self.in_channels:
                 weight = weight.index_select(1, active)
                 source = source.index_select(1, active)
             narrow = F.conv2d(source, weight, self.bias.index_select(0, kept), self.stride, padding, self.dilation)
-        out[0, kept] = narrow[0] * scale.index_select(0, kept)[:, None, None]
+        return self._emit(narrow * scale.index_select(0, kept)[None, :, None, None], kept, height, width)
+
+    def _emit(self, narrow: torch.Tensor, kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.narrow_output:
+            self.last_kept = kept
+            return narrow
+        out = narrow.new_zeros(1, self.out_channels, height, width)
+        out[0, kept] = narrow[0]
         return out
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
@@ -153,6 +179,7 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
     flow = trace_dataflow(model, input_shape)
     pairs = flow.conv_norm_pairs()
     gates = gates_of(model).by_conv() if hasattr(model, GATE_PREFIX) else {}
+    chains = _narrow_chains(model, list(gates), input_shape) if dynamic and gates else {}
     for conv_name, norm_name in pairs.items():
         norm = model.get_submodule(norm_name)
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
@@ -170,7 +197,22 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
                 folded.register_forward_pre_hook(gate._on_conv_input)
                 folded.register_forward_hook(gate._on_site_output)
         _replace(model, norm_name, after)
+    for producer_name, consumer_name in chains.items():
+        producer, consumer = model.get_submodule(producer_name), model.get_submodule(consumer_name)
+        if isinstance(producer, DynamicConv) and isinstance(consumer, DynamicConv) and not consumer.depthwise:
+            producer.narrow_output = True
+            consumer._producer.append(producer)
     return model
+
+
+def _narrow_chains(model: nn.Module, gated: list[str], input_shape) -> dict[str, str]:
+    """Gated conv -> the gated conv that alone reads its output (traced without the gates' own ops)."""
+    from manidp_cli.static import removable_consumers, strip_gates
+
+    twin = copy.deepcopy(model)
+    strip_gates(twin)
+    consumers = removable_consumers(twin, gated, input_shape)
+    return {p: c for p, c in consumers.items() if c in gated}
 
 
 def dynamic_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:

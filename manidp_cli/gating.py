@@ -84,7 +84,10 @@ class SaliencyGate(nn.Module):
 
     def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
         """Saliency, B x C_out, from the convolution's input."""
-        pooled = conv_input.mean(dim=(2, 3))
+        return self.saliency_from_pooled(conv_input.mean(dim=(2, 3)))
+
+    def saliency_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Saliency from the globally average-pooled input, B x C_in."""
         return torch.relu(self.fc2(torch.relu(self.fc1(pooled)))).clamp(max=self.max_saliency)
 
     def mask(self, saliency: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,11 @@ from torch import nn
 from manidp_cli.gating import GATE_PREFIX, gates_of
 from manidp_cli.graph import trace_dataflow
 
-_ELEMENTWISE = {"relu", "relu_", "relu6", "silu", "silu_", "hardswish", "hardswish_", "gelu", "leaky_relu", "dropout", "elu", "mish"}
+# per-channel ops that map an all-zero channel to an all-zero channel
+_ELEMENTWISE = {
+    "relu", "relu_", "relu6", "silu", "silu_", "hardswish", "hardswish_", "gelu", "leaky_relu", "dropout", "elu", "mish",
+    "max_pool2d", "_max_pool2d", "avg_pool2d",
+}
 
 
 def removable_consumers(model: nn.Module, conv_names, input_shape: tuple[int, int, int]) -> dict[str, str]:
@@ -104,7 +108,7 @@ def slim(
     from manidp_cli.graph import NORM_TYPES
 
     slim_model = copy.deepcopy(model).eval()
-    _strip_gates(slim_model)
+    strip_gates(slim_model)
     consumers = removable_consumers(slim_model, list(mean_mask), input_shape)
     flow_pairs = trace_dataflow(slim_model, input_shape).conv_norm_pairs()
     with torch.no_grad():
@@ -137,7 +141,8 @@ def slim(
     return SlimResult(slim_model, removed, kept_channels)
 
 
-def _strip_gates(model: nn.Module) -> None:
+def strip_gates(model: nn.Module) -> None:
+    """Remove the gates and their hooks: the plain network with the same weights."""
     gates = gates_of(model)
     hook_owners = set()
     for gate in gates.values():

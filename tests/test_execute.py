@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 from conftest import randomize_norms
-from manidp_cli.execute import dynamic_model, fold_batchnorm, folded_model
+from manidp_cli.execute import DynamicConv, dynamic_model, fold_batchnorm, folded_model
 from manidp_cli.gating import insert_gates
 from manidp_cli.recorder import GateRecorder
 
 FAMILIES = ["resnet18", "resnet50", "mobilenetv2_050", "efficientnet_b0", "tf_efficientnet_lite0",
-            "regnetx_002", "ghostnet_100", "densenet121", "resnext26ts", "mobilenetv3_small_100"]
+            "regnetx_002", "ghostnet_100", "densenet121", "resnext26ts", "mobilenetv3_small_100", "vgg11_bn"]
+NARROW_CHAINS = {"resnet18": 8, "resnet50": 32, "mobilenetv2_050": 19, "vgg11_bn": 6}  # producer convs
 
 
 def _pruned(name: str, shape=(3, 64, 64)):
@@ -50,6 +51,9 @@ def test_dynamic_execution_equals_the_masked_model(name):
     model, gates = _pruned(name)
     dynamic = dynamic_model(model, (3, 64, 64))
     masked = folded_model(model, (3, 64, 64))
+    if name in NARROW_CHAINS:  # conv -> act (-> pool) -> conv chains hand over narrow tensors
+        producers = [m for m in dynamic.modules() if isinstance(m, DynamicConv) and m.narrow_output]
+        assert len(producers) == NARROW_CHAINS[name]
     with torch.no_grad(), GateRecorder(model, detach=True) as rec:
         for seed in range(3):
             image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
