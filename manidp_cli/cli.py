@@ -137,13 +137,16 @@ def train(
     resume: ResumeOpt = False,
 ) -> None:
     """Train a dense starting point (plain cross-entropy) and export it as safetensors."""
+    _train_or_prune(
+        "train", model, recipe, weights, out, resume, data=data, epochs=epochs, batch_size=batch_size,
+        seed=seed, optimizer={"lr": lr} if lr else None, device=device, amp=amp, channels_last=channels_last,
+    )
+
+
+def _train_or_prune(kind, model, recipe, weights, out, resume, **overrides) -> None:
     from manidp_cli.pipeline import prepare
 
-    overrides = {
-        "data": data, "epochs": epochs, "batch_size": batch_size, "seed": seed, "optimizer": {"lr": lr} if lr else None,
-        "device": device, "amp": amp, "channels_last": channels_last,
-    }
-    job = prepare("train", model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume)
+    job = prepare(kind, model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume)
     _print_plan(job)
     _print_result(_run_with_progress(job))
 
@@ -169,16 +172,11 @@ def prune(
 
     Multi-process: torchrun --nproc_per_node N -m manidp_cli prune ... (see docs/distributed.md).
     """
-    from manidp_cli.pipeline import prepare
-
-    overrides = {
-        "target_flops": target_flops, "data": data, "epochs": epochs, "batch_size": batch_size,
-        "seed": seed, "optimizer": {"lr": lr} if lr else None,
-        "device": device, "amp": amp, "channels_last": channels_last,
-    }
-    job = prepare("prune", model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume)
-    _print_plan(job)
-    _print_result(_run_with_progress(job))
+    _train_or_prune(
+        "prune", model, recipe, weights, out, resume, target_flops=target_flops, data=data, epochs=epochs,
+        batch_size=batch_size, seed=seed, optimizer={"lr": lr} if lr else None, device=device, amp=amp,
+        channels_last=channels_last,
+    )
 
 
 def _print_eval(result: dict) -> None:
