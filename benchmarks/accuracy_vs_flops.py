@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dense-epochs", type=int, default=5)
     parser.add_argument("--dense-images", type=int, default=None, help="images per dense epoch (default: all)")
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every arm")
-    parser.add_argument("--train-images", type=int, default=15000, help="images per fine-tuning epoch")
+    parser.add_argument("--train-images", type=int, default=6000, help="images per fine-tuning epoch")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true", help="one target, one seed, small epochs")
     args = parser.parse_args()
@@ -246,6 +246,7 @@ def main() -> None:
     started = time.perf_counter()
     done_file = args.work / "arms.jsonl"
     done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
+    earlier_seconds = sum(d["seconds"] for d in done)  # arms finished by an interrupted invocation
     start, dense_history = dense_start(args)
     data = load_data(args.data)
     plan = [("dense", 1.0, 0)]
@@ -273,7 +274,7 @@ def main() -> None:
         with done_file.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(f"{key:28s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
-    wall = sum(d["seconds"] for d in done) + time.perf_counter() - started
+    wall = earlier_seconds + time.perf_counter() - started
     summary = summarise(args, done, dense_history, wall)
     args.out.write_text(json.dumps(summary, indent=1))
     plot(summary, args.plot)

@@ -97,13 +97,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = args.out.with_name("speed_quick.json") if args.quick else args.out
     out.write_text(json.dumps({"benchmark": "speed", "target": args.target, "threads": args.threads, "cases": results}, indent=1))
-    print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} {'dynamic':>8s} {'static':>7s} {'thr dyn':>8s}")
+    print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} {'dynamic':>8s} {'static':>7s} {'img/s masked':>13s} {'img/s loop':>11s}")
     for r in results:
         v = r["variants"]
         print(f"{r['model'] + ' ' + str(r['input_shape'][-1]):16s} {v[r['reference']]['latency_ms_median']:9.2f} "
               f"{v['masked']['latency_ratio']:7.2f} {v['dynamic']['latency_ratio']:8.2f} "
               f"{min(v['static']['latency_ratio'], v['static_channels_last']['latency_ratio']):7.2f} "
-              f"{v['dynamic']['throughput_ratio']:8.2f}")
+              f"{v['masked']['throughput_images_per_s']:13.1f} {v['dynamic']['throughput_per_image_loop']:11.1f}")
     print(f"wrote {out}")
 
 

@@ -1,7 +1,8 @@
 """Wall-clock measurements, in one run, of dense vs masked vs dynamic (vs static-slimmed) execution.
 
 All variants have BatchNorm folded. The dense reference is the faster of NCHW and channels-last.
-Latency is batch 1 (median and p90 over ``runs`` after ``warmup``); throughput is images per second
+Latency is batch 1 (median and p90 over ``runs`` after ``warmup``, the variants taking turns call by
+call so that a shared machine's drift falls on all alike); throughput is images per second
 at ``batch_size``; peak memory is the process's largest resident set sampled while the variant runs
 (Linux), so it includes the Python process and the models built before it.
 
@@ -79,25 +80,40 @@ def _p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
-def measure_variant(model: nn.Module, input_shape, *, channels_last: bool, runs: int, warmup: int, batch_size: int) -> dict:
-    """Batch-1 latency, throughput at ``batch_size`` and peak memory of one model."""
+def _prepared(model: nn.Module, input_shape, batch_size: int, channels_last: bool):
     single = torch.randn(1, *input_shape)
     batch = torch.randn(batch_size, *input_shape)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         single = single.contiguous(memory_format=torch.channels_last)
         batch = batch.contiguous(memory_format=torch.channels_last)
+    return model, single, batch
+
+
+def interleaved_latency(models: dict[str, tuple[nn.Module, torch.Tensor]], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Batch-1 latencies, the variants taking turns call by call so that a shared machine's drift
+    falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model, single in models.values():
+                model(single)
+        for round_index in range(runs):
+            order = list(models.items())
+            if round_index % 2:
+                order.reverse()
+            for name, (model, single) in order:
+                start = time.perf_counter()
+                model(single)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def measure_variant(model: nn.Module, batch: torch.Tensor, runs: int) -> dict:
+    """Throughput at the batch's size and peak memory of one model."""
     with torch.inference_mode(), _RssSampler() as rss:
-        latency = _times(lambda: model(single), runs, warmup)
-        batch_runs = max(3, runs // 10)
-        batch_times = _times(lambda: model(batch), batch_runs, 1)
-    return {
-        "layout": "channels_last" if channels_last else "nchw",
-        "latency_ms_median": 1e3 * statistics.median(latency),
-        "latency_ms_p90": 1e3 * _p90(latency),
-        "throughput_images_per_s": batch_size / statistics.median(batch_times),
-        "peak_rss_mb": rss.peak_mb,
-    }
+        batch_times = _times(lambda: model(batch), max(3, runs // 10), 1)
+    return {"throughput_images_per_s": batch.shape[0] / statistics.median(batch_times), "peak_rss_mb": rss.peak_mb}
 
 
 def bench_models(
@@ -124,10 +140,23 @@ def bench_models(
     if static is not None:
         candidates["static"] = (static, False)
         candidates["static_channels_last"] = (copy.deepcopy(static), True)
-    measured = {
-        name: measure_variant(model, input_shape, channels_last=cl, runs=runs, warmup=warmup, batch_size=batch_size)
-        for name, (model, cl) in candidates.items()
-    }
+    prepared = {name: (*_prepared(model, input_shape, batch_size, cl), cl) for name, (model, cl) in candidates.items()}
+    latencies = interleaved_latency({name: (m, single) for name, (m, single, _, _) in prepared.items()}, runs, warmup)
+    measured = {}
+    for name, (model, _, batch, cl) in prepared.items():
+        measured[name] = {
+            "layout": "channels_last" if cl else "nchw",
+            "latency_ms_median": 1e3 * statistics.median(latencies[name]),
+            "latency_ms_p90": 1e3 * _p90(latencies[name]),
+            **measure_variant(model, batch, runs),
+        }
+    # Batches: the dynamic model runs them through the masked path; this is the alternative it was
+    # measured against (each image alone through the dynamic path).
+    dynamic = prepared["dynamic"][0]
+    images = torch.randn(batch_size, *input_shape)
+    with torch.inference_mode():
+        loop = _times(lambda: [dynamic(image[None]) for image in images], max(3, runs // 10), 1)
+    measured["dynamic"]["throughput_per_image_loop"] = batch_size / statistics.median(loop)
     reference_name = min(("dense", "dense_channels_last"), key=lambda n: measured[n]["latency_ms_median"])
     reference = measured[reference_name]
     for values in measured.values():

@@ -129,14 +129,18 @@ class DynamicConv(nn.Module):
         if len(active) == 0:
             narrow = self.bias.index_select(0, kept)[None, :, None, None].expand(1, len(kept), height, width)
         else:
-            weight = self.weight.index_select(0, kept)
-            if narrow_input:
-                weight = weight.index_select(1, active)
-            elif len(active) < self.in_channels:
-                weight = weight.index_select(1, active)
+            if not narrow_input and len(active) < self.in_channels:
                 source = source.index_select(1, active)
+            elif not narrow_input:
+                active = None
+            weight = self._gather_weight(kept, active)
             narrow = F.conv2d(source, weight, self.bias.index_select(0, kept), self.stride, padding, self.dilation)
         return self._emit(narrow * scale.index_select(0, kept)[None, :, None, None], kept, height, width)
+
+    def _gather_weight(self, rows: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+        """weight[rows][:, columns] (all columns when ``columns`` is None)."""
+        weight = self.weight.index_select(0, rows)
+        return weight if columns is None else weight.index_select(1, columns)
 
     def _emit(self, narrow: torch.Tensor, kept: torch.Tensor, height: int, width: int) -> torch.Tensor:
         if self.narrow_output:
