@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manidp_cli.gating import GATE_PREFIX, SaliencyGate, gates_of
-from manidp_cli.graph import is_conv, trace_dataflow
+from manidp_cli.graph import trace_dataflow
 
 
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,11 +179,21 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
     ``dynamic=True`` (a gated model) also turns gated convolutions into ``DynamicConv``. Without it
     a gated model's gates still mask (the masked path) and a dense model simply runs folded.
     """
+    from manidp_cli.static import removable_consumers, strip_gates
+
     model = copy.deepcopy(model).eval()
-    flow = trace_dataflow(model, input_shape)
-    pairs = flow.conv_norm_pairs()
     gates = gates_of(model).by_conv() if hasattr(model, GATE_PREFIX) else {}
-    chains = _narrow_chains(model, list(gates), input_shape) if dynamic and gates else {}
+    # Trace the network without its gates: their own ops read the same tensors and would hide
+    # single-consumer chains (the conv -> norm pairs are the same either way).
+    plain = model
+    if gates:
+        plain = copy.deepcopy(model)
+        strip_gates(plain)
+    flow = trace_dataflow(plain, input_shape)
+    pairs = flow.conv_norm_pairs()
+    chains = {}
+    if dynamic and gates:
+        chains = {p: c for p, c in removable_consumers(plain, flow, list(gates)).items() if c in gates}
     for conv_name, norm_name in pairs.items():
         norm = model.get_submodule(norm_name)
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
@@ -209,21 +219,8 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
     return model
 
 
-def _narrow_chains(model: nn.Module, gated: list[str], input_shape) -> dict[str, str]:
-    """Gated conv -> the gated conv that alone reads its output (traced without the gates' own ops)."""
-    from manidp_cli.static import removable_consumers, strip_gates
-
-    twin = copy.deepcopy(model)
-    strip_gates(twin)
-    consumers = removable_consumers(twin, gated, input_shape)
-    return {p: c for p, c in consumers.items() if c in gated}
-
 
 def dynamic_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
     """Inference copy of a gated model that skips the work of switched-off channels (batch 1)."""
     gates_of(model)
     return folded_model(model, input_shape, dynamic=True)
-
-
-def convolutions(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if is_conv(module)]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from manidp_cli import __version__, cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)

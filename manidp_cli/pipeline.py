@@ -215,17 +215,16 @@ def _run(job: Job, world: World, on_step, on_epoch) -> RunResult:
     recipe = job.recipe
     table = job.table if job.kind == "prune" else None
     job.model.to(world.device)
+    resumed = load_checkpoint(job.checkpoint) if job.resume else None
     before = None
-    if job.resume:
-        before = load_checkpoint(job.checkpoint)["extra"].get("baseline")
+    if resumed is not None:
+        before = resumed["extra"].get("baseline")
     elif job.kind == "prune":
         before = evaluate(job.model, job.data.eval, recipe.eval_batch_size, table=table, world=world).summary()
     if world.is_main:
         job.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(job.out_dir / "recipe.yaml", recipe.to_yaml())
-    history_so_far: list[dict[str, float]] = []
-    if job.resume:
-        history_so_far = list(load_checkpoint(job.checkpoint)["history"])
+    history_so_far: list[dict[str, float]] = list(resumed["history"]) if resumed is not None else []
 
     def epoch_done(metrics: dict[str, float]) -> None:
         history_so_far.append(metrics)

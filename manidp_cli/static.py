@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from manidp_cli.gating import GATE_PREFIX, gates_of
-from manidp_cli.graph import trace_dataflow
+from manidp_cli.graph import Dataflow, trace_dataflow
 
 # per-channel ops that map an all-zero channel to an all-zero channel
 _ELEMENTWISE = {
@@ -34,10 +34,9 @@ _ELEMENTWISE = {
 }
 
 
-def removable_consumers(model: nn.Module, conv_names, input_shape: tuple[int, int, int]) -> dict[str, str]:
-    """Conv name -> the dense conv that alone reads its normalised, activated output (``model``
-    without gates: a gate's own ops would read the same tensors)."""
-    flow = trace_dataflow(model, input_shape)
+def removable_consumers(model: nn.Module, flow: Dataflow, conv_names) -> dict[str, str]:
+    """Conv name -> the dense conv that alone reads its normalised, activated output. ``flow`` must
+    be traced without gates: a gate's own ops would read the same tensors."""
     pairs = flow.conv_norm_pairs()
     consumers = {}
     by_index = flow.calls
@@ -109,8 +108,9 @@ def slim(
 
     slim_model = copy.deepcopy(model).eval()
     strip_gates(slim_model)
-    consumers = removable_consumers(slim_model, list(mean_mask), input_shape)
-    flow_pairs = trace_dataflow(slim_model, input_shape).conv_norm_pairs()
+    flow = trace_dataflow(slim_model, input_shape)
+    consumers = removable_consumers(slim_model, flow, list(mean_mask))
+    flow_pairs = flow.conv_norm_pairs()
     with torch.no_grad():
         for conv_name, scale in mean_mask.items():
             norm = slim_model.get_submodule(flow_pairs[conv_name])
