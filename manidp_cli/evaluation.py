@@ -26,7 +26,7 @@ from torch import nn
 
 from manidp_cli.data import ImageSet
 from manidp_cli.distributed import World
-from manidp_cli.flops import CostTable, FlopsMeter, FlopsStats
+from manidp_cli.flops import FLOP_CONVENTION, CostTable, FlopsMeter, FlopsStats
 from manidp_cli.recorder import GateRecorder
 
 
@@ -173,16 +173,6 @@ def evaluate(
     )
 
 
-def _resolve_data(spec: str | None, recorded: str | None, model_name: str):
-    from manidp_cli.data import load_data
-    from manidp_cli.errors import DataError
-
-    if spec is None and recorded is None:
-        raise DataError("no --data given and none recorded in the model's metadata")
-    chosen = spec or recorded
-    return load_data(chosen, model_name), ("--data" if spec else "the export's metadata")
-
-
 def evaluate_export(
     path: str | Path,
     data: str | None = None,
@@ -194,20 +184,14 @@ def evaluate_export(
 
     Without ``data`` the evaluation split of the data recorded in the export is used.
     """
-    from manidp_cli.errors import DataError
     from manidp_cli.export import load_pruned
-    from manidp_cli.flops import FLOP_CONVENTION, count_flops
+    from manidp_cli.flops import count_flops
 
     model, info = load_pruned(path)
-    meta = info.metadata
-    images, data_from = _resolve_data(data, meta.get("data", {}).get("spec"), meta["model"])
-    if images.input_shape != info.input_shape:
-        raise DataError(f"data {images.spec} gives {images.input_shape} images, the export expects {info.input_shape}")
-    if images.num_classes != meta["model_kwargs"]["num_classes"]:
-        raise DataError(f"data {images.spec} has {images.num_classes} classes, the export has {meta['model_kwargs']['num_classes']}")
+    images, data_from = info.load_data(data)
     table = count_flops(model, info.input_shape) if info.gated else None
     result = evaluate(model, images.eval, batch_size, table=table, limit=limit, signature_batches=signature_batches)
-    return _eval_dict(meta["model"], str(info.path), images, data_from, result, table, FLOP_CONVENTION, info.gated)
+    return _eval_dict(info.metadata["model"], str(info.path), images, data_from, result, table, info.gated)
 
 
 def evaluate_dense(
@@ -219,7 +203,7 @@ def evaluate_dense(
 ) -> dict:
     """``manidp eval --dense MODEL --weights FILE``: the unpruned baseline row (dense execution)."""
     from manidp_cli.data import load_data
-    from manidp_cli.flops import FLOP_CONVENTION, count_flops
+    from manidp_cli.flops import count_flops
     from manidp_cli.models import create_model
 
     images = load_data(data, model_name)
@@ -229,10 +213,10 @@ def evaluate_dense(
     )
     table = count_flops(model, images.input_shape)
     result = evaluate(model, images.eval, batch_size, limit=limit)
-    return _eval_dict(model_name, str(weights or "timm hub"), images, "--data", result, table, FLOP_CONVENTION, False)
+    return _eval_dict(model_name, str(weights or "timm hub"), images, "--data", result, table, False)
 
 
-def _eval_dict(model_name, source, images, data_from, result: Evaluation, table, convention, gated) -> dict:
+def _eval_dict(model_name, source, images, data_from, result: Evaluation, table, gated) -> dict:
     out = {
         "model": model_name,
         "source": source,
@@ -242,7 +226,7 @@ def _eval_dict(model_name, source, images, data_from, result: Evaluation, table,
         "top1": result.top1,
         "top5": result.top5,
         "loss": result.loss,
-        "flops_convention": convention,
+        "flops_convention": FLOP_CONVENTION,
     }
     if result.flops is not None:
         out["flops"] = result.flops_distribution()

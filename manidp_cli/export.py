@@ -78,6 +78,23 @@ class LoadedExport:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.metadata["input_shape"])
 
+    def load_data(self, spec: str | None = None):
+        """``spec``'s data, or the data recorded in the export when None, checked to fit the model;
+        returns the data and where its specification came from."""
+        from manidp_cli.data import load_data
+        from manidp_cli.errors import DataError
+
+        chosen = spec or self.metadata.get("data", {}).get("spec")
+        if chosen is None:
+            raise DataError("no --data given and none recorded in the export's metadata")
+        images = load_data(chosen, self.metadata["model"])
+        if images.input_shape != self.input_shape:
+            raise DataError(f"data {images.spec} gives {images.input_shape} images, the export expects {self.input_shape}")
+        classes = self.metadata["model_kwargs"]["num_classes"]
+        if images.num_classes != classes:
+            raise DataError(f"data {images.spec} has {images.num_classes} classes, the export has {classes}")
+        return images, ("--data" if spec else "the export's metadata")
+
 
 def load_pruned(path: str | Path) -> tuple[nn.Module, LoadedExport]:
     """Rebuild the (gated) model of an export from the export alone, in eval mode."""

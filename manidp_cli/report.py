@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manidp_cli.errors import DataError, ManidpError
+from manidp_cli.errors import ManidpError
 from manidp_cli.flops import FLOP_CONVENTION, CostTable, FlopsStats
 
 
@@ -168,17 +168,13 @@ def flops_report(
     model, info = load_pruned(path)
     if not info.gated:
         raise ManidpError(f"{path} is a dense export: nothing is pruned (use `manidp report {info.metadata['model']}`)")
-    from manidp_cli.data import load_data
     from manidp_cli.evaluation import evaluate
     from manidp_cli.flops import count_flops
 
-    spec = data or info.metadata["data"]["spec"]
-    images = load_data(spec, info.metadata["model"])
-    if images.input_shape != info.input_shape:
-        raise DataError(f"data {spec} gives {images.input_shape} images, the export was made for {info.input_shape}")
+    images, _ = info.load_data(data)
     table = count_flops(model, info.input_shape)
     result = evaluate(model, images.eval, batch_size, table=table, limit=limit)
-    where = f"measured now on {result.images} evaluation images of {spec}"
+    where = f"measured now on {result.images} evaluation images of {images.spec}"
     return build_report(info.metadata["model"], str(path), table, result.flops, where, result.per_image_loss)
 
 

@@ -185,7 +185,6 @@ def export_static(
     batch_size: int = 256,
 ) -> dict:
     """``manidp export-static``: slim an export on calibration images, measure it, write it."""
-    from manidp_cli.data import load_data
     from manidp_cli.errors import ManidpError, TargetError
     from manidp_cli.evaluation import evaluate
     from manidp_cli.export import load_pruned
@@ -200,7 +199,7 @@ def export_static(
     if not info.gated:
         raise ManidpError(f"{path} is a dense export: nothing to slim")
     meta = info.metadata
-    images = load_data(data or meta["data"]["spec"], meta["model"])
+    images, _ = info.load_data(data)
     batches = [x for x, _ in images.train.batches(batch_size, limit=calibration_images)]
     frequency, mean_mask = mask_statistics(model, batches)
     result = slim(model, frequency, mean_mask, min_keep_rate, info.input_shape)
