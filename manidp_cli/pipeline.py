@@ -51,7 +51,11 @@ class Job:
     weights_source: str
     table: CostTable
     gates: GateSet | None
-    resume: bool
+    resumed: dict[str, Any] | None  # the checkpoint being resumed, read once
+
+    @property
+    def resume(self) -> bool:
+        return self.resumed is not None
 
     @property
     def checkpoint(self) -> Path:
@@ -96,7 +100,8 @@ def prepare(
         checkpoint = out_dir / CHECKPOINT_FILE
         if not checkpoint.is_file():
             raise ManidpError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
-        extra = load_checkpoint(checkpoint)["extra"]
+        resumed = load_checkpoint(checkpoint)
+        extra = resumed["extra"]
         if extra.get("kind") != kind:
             raise ManidpError(f"{checkpoint} belongs to a `manidp {extra.get('kind')}` run, not `{kind}`")
         recipe = Recipe.model_validate(yaml.safe_load(extra["recipe"]))
@@ -105,6 +110,7 @@ def prepare(
         if model_name is None:
             raise ManidpError("a MODEL name is required")
         check_model_name(model_name)
+        resumed = None
         recipe = load_recipe(recipe_path, overrides)
         out_dir = out_dir or default_out_dir(kind, model_name)
         if (out_dir / CHECKPOINT_FILE).exists() or (out_dir / MODEL_FILE).exists():
@@ -123,7 +129,7 @@ def prepare(
     )
     gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if kind == "prune" else None
     table = count_flops(model, data.input_shape)
-    return Job(kind, model_name, model, data, recipe, out_dir, weights_source, table, gates, resume)
+    return Job(kind, model_name, model, data, recipe, out_dir, weights_source, table, gates, resumed)
 
 
 def _objective(job: Job, world: World):
@@ -215,7 +221,7 @@ def _run(job: Job, world: World, on_step, on_epoch) -> RunResult:
     recipe = job.recipe
     table = job.table if job.kind == "prune" else None
     job.model.to(world.device)
-    resumed = load_checkpoint(job.checkpoint) if job.resume else None
+    resumed = job.resumed
     before = None
     if resumed is not None:
         before = resumed["extra"].get("baseline")
@@ -248,7 +254,7 @@ def _run(job: Job, world: World, on_step, on_epoch) -> RunResult:
         seed=recipe.seed,
         train_limit=recipe.train_images,
         checkpoint_path=job.checkpoint,
-        resume=job.resume,
+        resume_state=job.resumed,
         extra_state={
             "kind": job.kind,
             "recipe": recipe.to_yaml(),

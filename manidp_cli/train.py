@@ -5,7 +5,7 @@ around epochs (ManiDP: L_bar, saliency statistics, thresholds); the engine calls
 
 Interruption: SIGINT (Ctrl-C) or an ``on_step`` callback returning True stops after the current
 step; the engine then writes a checkpoint and returns ``interrupted=True``. Checkpoints are written
-atomically at every epoch end; ``resume=True`` continues from one to the same final weights as an
+atomically at every epoch end; ``resume_state`` (a loaded checkpoint) continues to the same final weights as an
 uninterrupted run (data order and augmentation are a function of (seed, epoch), the model's RNG
 state is saved).
 """
@@ -137,7 +137,7 @@ def fit(
     seed: int = 0,
     train_limit: int | None = None,
     checkpoint_path: Path | None = None,
-    resume: bool = False,
+    resume_state: dict[str, Any] | None = None,
     extra_state: dict[str, Any] | None = None,
     on_step: Callable[[StepInfo], bool | None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
@@ -163,10 +163,8 @@ def fit(
     start_epoch, start_step, global_step = 0, 0, 0
     running = {"seen": 0, "correct": 0, "sums": {}}
     setup_metrics: dict[str, float] = {}
-    if resume:
-        if checkpoint_path is None or not checkpoint_path.is_file():
-            raise ManidpError(f"nothing to resume: no checkpoint at {checkpoint_path}")
-        state = load_checkpoint(checkpoint_path)
+    if resume_state is not None:
+        state = resume_state
         ranks = state["per_rank"]
         if len(ranks) != world.size:
             raise ManidpError(f"{checkpoint_path} was written by {len(ranks)} processes; resume it with as many, not {world.size}")
