@@ -7,6 +7,10 @@ is scattered back to full width so that the rest of the (unmodified) timm model 
 Batches of more than one image take the masked full-width path of the same folded model (measured
 faster on the CPU than grouping images by mask; docs/speed.md).
 
+A gate with a codebook (``manidp_cli.codebook``) turns its convolution gather-free: the weights of
+every keep-set, and of every pair (producer's keep-set, own keep-set) along narrow chains, are
+sliced and laid out once, so an image only picks one and runs it.
+
 Its outputs equal the masked model's (same keep-sets) up to float rounding.
 
 Example::
@@ -80,7 +84,25 @@ class DynamicConv(nn.Module):
         # input gather.
         self.narrow_output = False
         self.last_kept: torch.Tensor | None = None
+        self.last_entry: int | None = None
         self._producer: list[DynamicConv] = []  # a list keeps it out of the module tree
+        self.entry_rows: list[torch.Tensor] = []  # per codebook entry, its kept output channels
+        self.packed_inputs = False  # weights also sliced per producer entry (narrow input)
+
+    def pack(self) -> None:
+        """Slice each codebook entry's weights once; call after narrow chains are set up.
+
+        Buffers, so that ``.to(memory_format=torch.channels_last)`` lays them out too."""
+        if not self.gate.snaps or self.groups > 1:
+            return
+        self.entry_rows = [torch.nonzero(row).flatten() for row in self.gate.codebook]
+        producer = self._producer[0] if self._producer else None
+        self.packed_inputs = producer is not None and producer.gate.snaps and producer.groups == 1
+        columns = [torch.nonzero(row).flatten() for row in producer.gate.codebook] if self.packed_inputs else [None]
+        for k, rows in enumerate(self.entry_rows):
+            self.register_buffer(f"bias_{k}", self.bias.index_select(0, rows).contiguous())
+            for p, cols in enumerate(columns):
+                self.register_buffer(f"weight_{p}_{k}", self._gather_weight(rows, cols).contiguous())
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * mask[:, :, None, None].to(x.dtype)
@@ -101,6 +123,8 @@ class DynamicConv(nn.Module):
             saliency = self.gate.saliency_from_pooled(pooled)
         else:
             saliency = self.gate(x)
+        if self.entry_rows and x.shape[0] == 1:
+            return self._run_entry(x, saliency, narrow_input)
         mask = self.gate.mask(saliency)
         if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
             return self._masked(x, mask)
@@ -137,6 +161,23 @@ class DynamicConv(nn.Module):
             narrow = F.conv2d(source, weight, self.bias.index_select(0, kept), self.stride, padding, self.dilation)
         return self._emit(narrow * scale.index_select(0, kept)[None, :, None, None], kept, height, width)
 
+    def _run_entry(self, x: torch.Tensor, saliency: torch.Tensor, narrow_input: bool) -> torch.Tensor:
+        entry = int(self.gate.entry(saliency)[0])
+        rows = self.entry_rows[entry]
+        producer = 0
+        if not narrow_input:
+            weight = self._buffers[f"weight_0_{entry}"]
+        elif self.packed_inputs:
+            producer = self._producer[0].last_entry
+            weight = self._buffers[f"weight_{producer}_{entry}"]
+        else:  # a producer without codebook hands over an arbitrary channel set
+            weight = self._buffers[f"weight_0_{entry}"].index_select(1, self._producer[0].last_kept)
+        narrow = _convolve(self._pad(x), weight, self._buffers[f"bias_{entry}"], self.stride, 0 if self.same_padding else self.padding, self.dilation)
+        narrow = narrow.mul_(saliency[0].index_select(0, rows).to(narrow.dtype)[None, :, None, None])
+        self.last_entry = entry
+        height, width = narrow.shape[-2:]
+        return self._emit(narrow, rows, height, width)
+
     def _gather_weight(self, rows: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         """weight[rows][:, columns] (all columns when ``columns`` is None)."""
         weight = self.weight.index_select(0, rows)
@@ -146,9 +187,9 @@ class DynamicConv(nn.Module):
         if self.narrow_output:
             self.last_kept = kept
             return narrow
-        out = narrow.new_zeros(1, self.out_channels, height, width)
-        out[0, kept] = narrow[0]
-        return out
+        layout = torch.channels_last if _is_channels_last(narrow) else torch.contiguous_format
+        out = torch.zeros(1, self.out_channels, height, width, dtype=narrow.dtype, device=narrow.device)
+        return out.contiguous(memory_format=layout).index_copy_(1, kept, narrow)
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         kh, kw = self.weight.shape[-2:]
@@ -161,6 +202,22 @@ class DynamicConv(nn.Module):
                 padding = self.padding[i]
                 sizes.append((size + 2 * padding - dilation * (k - 1) - 1) // stride + 1)
         return sizes[0], sizes[1]
+
+
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
+def _convolve(x, weight, bias, stride, padding, dilation) -> torch.Tensor:
+    """F.conv2d, but always through oneDNN for float32 CPU tensors: PyTorch sends small single-image
+    inputs (under 20,480 values) to its slow im2col path, which narrow layers hit often."""
+    if (
+        x.device.type == "cpu" and x.dtype == torch.float32 and not isinstance(padding, str)
+        and torch.backends.mkldnn.is_available()
+    ):
+        padding = list(padding) if not isinstance(padding, int) else [padding, padding]
+        return torch.mkldnn_convolution(x, weight, bias, padding, list(stride), list(dilation), 1)
+    return F.conv2d(x, weight, bias, stride, padding, dilation)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -216,6 +273,9 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
         if isinstance(producer, DynamicConv) and isinstance(consumer, DynamicConv) and not consumer.depthwise:
             producer.narrow_output = True
             consumer._producer.append(producer)
+    for module in model.modules():
+        if isinstance(module, DynamicConv):
+            module.pack()
     return model
 
 

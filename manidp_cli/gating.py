@@ -2,7 +2,8 @@
 
 A gate per gated convolution reads the convolution's input, predicts a non-negative saliency per
 output channel, and multiplies the convolution's normalised output by
-``mask = saliency * [saliency >= threshold]``. The model's code, its ``forward`` and its state-dict
+``mask = saliency * [saliency >= threshold]``. A gate with a codebook (``manidp_cli.codebook``)
+keeps one of a few fixed channel sets instead: ``mask = saliency * codebook[entry]``. The model's code, its ``forward`` and its state-dict
 keys are untouched: gates live under the ``manidp_gates.`` prefix, so a dense checkpoint loads into
 a gated model with only gate keys missing.
 
@@ -76,6 +77,8 @@ class SaliencyGate(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.ones_(self.fc2.bias)
         self.register_buffer("threshold", torch.tensor(float("-inf")))
+        # K x C_out rows of 0/1, the keep-sets an image may choose from; K = 0: free per-channel masks
+        self.register_buffer("codebook", torch.zeros(0, out_channels))
         self._pending_saliency: torch.Tensor | None = None
 
     @property
@@ -90,8 +93,35 @@ class SaliencyGate(nn.Module):
         """Saliency from the globally average-pooled input, B x C_in."""
         return torch.relu(self.fc2(torch.relu(self.fc1(pooled)))).clamp(max=self.max_saliency)
 
+    @property
+    def snaps(self) -> bool:
+        """True when keep-sets come from the codebook (it has entries and a threshold is set)."""
+        return self.codebook.shape[0] > 0 and bool(torch.isfinite(self.threshold))
+
+    def entry(self, saliency: torch.Tensor) -> torch.Tensor:
+        """Per image, the codebook entry with the largest summed excess saliency over the threshold,
+        sum_j c_kj * (pi_j - tau): over all channel subsets that sum is largest for the free mask
+        [pi >= tau], so this is the free mask's rule restricted to the codebook."""
+        excess = saliency.detach().float() - self.threshold.float()
+        return (excess @ self.codebook.float().t()).argmax(dim=1)
+
+    def keep(self, saliency: torch.Tensor) -> torch.Tensor:
+        """B x C_out bool: the channels the convolution must compute for each image."""
+        if self.snaps:
+            return self.codebook[self.entry(saliency)] > 0
+        return (saliency >= self.threshold) & (saliency != 0)
+
     def mask(self, saliency: torch.Tensor) -> torch.Tensor:
+        if self.snaps:
+            return saliency * self.codebook[self.entry(saliency)].to(saliency.dtype)
         return saliency * (saliency >= self.threshold)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the number of codebook entries is only known once one is built: take the stored one
+        stored = state_dict.get(prefix + "codebook")
+        if stored is not None and stored.shape != self.codebook.shape:
+            self.codebook = torch.zeros(stored.shape, dtype=self.codebook.dtype, device=self.codebook.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # Hooks: the conv's pre-hook computes the saliency, the mask site applies it.
     def _on_conv_input(self, module, args):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from manidp_cli.codebook import CodebookConfig, build_codebooks
 from manidp_cli.distributed import World
 from manidp_cli.flops import CostTable, dynamic_flops, measure_flops
 from manidp_cli.gating import GateSet, gates_of
@@ -85,7 +86,8 @@ class CrossEntropyObjective:
 
 class ManiDPObjective:
     """ManiDP fine-tuning (method.md): manifold-regularised loss, thresholds re-set after each epoch
-    so that the measured mean FLOPs follow a cosine from 1.0 down to ``target``."""
+    so that the measured mean FLOPs follow a cosine from 1.0 down to ``target``. With a codebook, the
+    last ``codebook.epochs`` epochs train with keep-sets snapped to it (manidp_cli.codebook)."""
 
     def __init__(
         self,
@@ -99,6 +101,7 @@ class ManiDPObjective:
         training_batches,
         calibration_batches: list[torch.Tensor],
         search_steps: int = 24,
+        codebook: CodebookConfig = CodebookConfig(),
         world: World = World(),
     ):
         self.gates = gates
@@ -110,6 +113,7 @@ class ManiDPObjective:
         self.training_batches = training_batches  # callable -> iterable of (images, labels), no augmentation
         self.calibration_batches = calibration_batches
         self.search_steps = search_steps
+        self.codebook = codebook
         self.world = world
         self.mean_loss = 0.0  # L_bar
         self._recorder: GateRecorder | None = None
@@ -185,6 +189,11 @@ class ManiDPObjective:
         mean_saliency = {name: s / count for name, s in self.saliency_sums.items()}
         if next_target < 1.0:
             search = self.calibrate(model, next_target, mean_saliency)
+            if self.codebook.enabled and epoch + 1 == self.epochs - self.codebook.epochs:
+                # learned under the final thresholds; snapping moves FLOPs, so calibrate again
+                sizes = build_codebooks(model, self.calibration_batches, self.codebook, self.world)
+                search = self.calibrate(model, next_target, mean_saliency)
+                metrics["codebook_entries"] = sum(sizes.values()) / len(sizes)
             metrics.update(
                 next_target=next_target,
                 remain_rate=search.remain_rate,

@@ -151,6 +151,7 @@ def _objective(job: Job, world: World):
         training_batches=lambda: job.data.train.batches(recipe.eval_batch_size, limit=recipe.train_images, shard=shard),
         calibration_batches=calibration,
         search_steps=recipe.schedule.search_steps,
+        codebook=recipe.codebook,
         world=world,
     )
 

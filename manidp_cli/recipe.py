@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from manidp_cli.codebook import CodebookConfig
 from manidp_cli.errors import RecipeError
 from manidp_cli.gating import GatePolicy
 
@@ -72,6 +73,21 @@ class Recipe(_Section):
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     gates: GatePolicy = GatePolicy()
+    codebook: CodebookConfig = CodebookConfig()
+
+    @model_validator(mode="after")
+    def _codebook_fits_schedule(self) -> Recipe:
+        if self.codebook.enabled and self.codebook.epochs > self.schedule.hold_epochs:
+            raise ValueError(
+                f"codebook.epochs ({self.codebook.epochs}) must be at most schedule.hold_epochs "
+                f"({self.schedule.hold_epochs}): the codebook is built once the FLOPs target is final"
+            )
+        if self.codebook.enabled and self.codebook.epochs >= self.epochs:
+            raise ValueError(
+                f"codebook.epochs ({self.codebook.epochs}) must be less than epochs ({self.epochs}): "
+                f"the codebook is learned from the thresholds of the epochs before"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -109,7 +125,9 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
+        if not where:  # a rule across keys: its message names them
+            parts.append(item["msg"].removeprefix("Value error, "))
+        elif item["type"] == "extra_forbidden":
             parts.append(f"unknown key '{where}'")
         else:
             parts.append(f"'{where}': {item['msg']} (got {item.get('input')!r})")

@@ -105,5 +105,6 @@ class GateRecorder:
         return {name: gates[name].mask(s) for name, s in self.saliency.items()}
 
     def active_outputs(self) -> dict[str, torch.Tensor]:
-        """Gated conv name -> B x C_out bool, True where the mask keeps the channel."""
-        return {name: mask.detach() != 0 for name, mask in self.masks().items()}
+        """Gated conv name -> B x C_out bool, True where the convolution computes the channel."""
+        gates = self.gates.by_conv()
+        return {name: gates[name].keep(s.detach()) for name, s in self.saliency.items()}

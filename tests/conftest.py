@@ -75,11 +75,11 @@ TINY_PRUNE = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "target_flop
               "schedule": {"calibration_images": 64, "search_steps": 12}}
 
 
-def prune_tiny(out, data: str, resume: bool = False, **extra):
+def prune_tiny(out, data: str, resume: bool = False, overrides=None, **extra):
     """A 2-epoch prune of timm's 'test_resnet' on the tiny Fashion-MNIST folder."""
     from manidp_cli.pipeline import prepare, run
 
-    job = prepare("prune", "test_resnet", overrides={**TINY_PRUNE, "data": data}, out_dir=out,
+    job = prepare("prune", "test_resnet", overrides={**TINY_PRUNE, "data": data, **(overrides or {})}, out_dir=out,
                   weights=extra.pop("weights", None), resume=resume)
     return run(job, **extra)
 

@@ -18,18 +18,24 @@ NARROW_CHAINS = {"resnet18": 8, "resnet50": 32, "mobilenetv2_050": 19, "vgg11_bn
 def _pruned(name: str, shape=(3, 64, 64)):
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     randomize_norms(model)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
     gates = insert_gates(model, input_shape=shape)
     for gate in gates.values():
         nn.init.normal_(gate.fc2.weight, std=0.01)
         nn.init.uniform_(gate.fc2.bias, 0.5, 1.5)
+    # running statistics of random images through the gated network keep activations in range
+    # (saliencies scale every layer's output; fixed statistics let that compound to inf in deep
+    # networks, which would leave NaN saliencies)
+    for norm in model.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            norm.reset_running_stats()
+            norm.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(8, *shape, generator=torch.Generator().manual_seed(99)))
+    model.eval()
     with torch.no_grad(), GateRecorder(model, detach=True) as rec:
         model(torch.randn(4, *shape))
     gates.set_thresholds({n: float(s.median()) for n, s in rec.saliency.items()})
+    assert all(torch.isfinite(torch.tensor(list(gates.thresholds().values()))))
     return model, gates
 
 

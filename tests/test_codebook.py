@@ -1,0 +1,139 @@
+"""Codebooks of keep-sets: the build, the gate's snapping, training with them and gather-free execution."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import prune_tiny
+from manidp_cli.codebook import CodebookConfig, build_codebook, build_codebooks
+from manidp_cli.errors import ManidpError, RecipeError
+from manidp_cli.execute import DynamicConv, dynamic_model
+from manidp_cli.gating import SaliencyGate, insert_gates
+from manidp_cli.recipe import load_recipe
+from test_execute import _pruned as pruned_with_random_gates
+
+
+def _total_score(excess: torch.Tensor, codebook: torch.Tensor) -> float:
+    return float((excess @ codebook.t()).max(1).values.sum())
+
+
+def test_build_recovers_two_clear_groups_of_images():
+    generator = torch.Generator().manual_seed(0)
+    first = torch.tensor([1.0] * 8 + [-1.0] * 8)
+    second = -first
+    excess = torch.cat([first + 0.1 * torch.randn(20, 16, generator=generator),
+                        second + 0.1 * torch.randn(30, 16, generator=generator)])
+    codebook = build_codebook(excess, entries=2, channel_multiple=1)
+    assert codebook.shape == (2, 16)
+    assert {tuple(row.tolist()) for row in codebook} == {tuple((first > 0).float().tolist()), tuple((second > 0).float().tolist())}
+
+
+def test_more_entries_never_score_less_and_widths_are_multiples():
+    generator = torch.Generator().manual_seed(1)
+    excess = torch.randn(200, 64, generator=generator) + torch.linspace(-1, 1, 64)
+    scores = []
+    for entries in (1, 2, 4, 8):
+        codebook = build_codebook(excess, entries=entries, channel_multiple=1)
+        assert codebook.shape[0] <= entries
+        scores.append(_total_score(excess, codebook))
+    assert scores == sorted(scores) and scores[-1] > scores[0]
+    rounded = build_codebook(excess, entries=4, channel_multiple=16)
+    assert all(int(width) % 16 == 0 and width > 0 for width in rounded.sum(1))
+
+
+def _gate(channels=6):
+    gate = SaliencyGate("conv", "norm", "output", 4, channels, 1, 1000.0)
+    gate.threshold.fill_(0.5)
+    return gate
+
+
+def test_gate_snaps_to_the_entry_with_the_largest_excess():
+    gate = _gate()
+    gate.codebook = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.float32)
+    saliency = torch.tensor([[0.9, 0.8, 0.6, 0.1, 0.0, 0.0],   # entry 0: 0.7 vs 0.6 - 1.9
+                             [0.0, 0.0, 0.9, 0.9, 0.9, 0.6]])  # entry 1: 1.3 vs -1.0
+    assert gate.entry(saliency).tolist() == [0, 1]
+    assert torch.equal(gate.keep(saliency), gate.codebook[[0, 1]] > 0)
+    assert torch.equal(gate.mask(saliency), saliency * gate.codebook[[0, 1]])
+    gate.threshold.fill_(float("-inf"))  # no thresholds yet: free masks
+    assert not gate.snaps and torch.equal(gate.mask(saliency), saliency)
+
+
+def test_a_codebook_survives_the_state_dict_into_a_fresh_gate():
+    gate = _gate()
+    gate.codebook = torch.tensor([[1, 0, 1, 0, 1, 0]], dtype=torch.float32)
+    fresh = _gate()
+    assert fresh.codebook.shape == (0, 6)
+    fresh.load_state_dict(gate.state_dict())
+    assert torch.equal(fresh.codebook, gate.codebook)
+
+
+def test_recipe_rejects_codebook_epochs_beyond_the_hold():
+    with pytest.raises(RecipeError, match=r"codebook.epochs \(2\) must be at most schedule.hold_epochs \(1\)"):
+        load_recipe(None, {"codebook": {"entries": 4, "epochs": 2}})
+    with pytest.raises(RecipeError, match="unknown key 'codebook.size'"):
+        load_recipe(None, {"codebook": {"size": 4}})
+
+
+def test_codebooks_need_thresholds():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    insert_gates(model, input_shape=(3, 32, 32))
+    with pytest.raises(ManidpError, match="before thresholds are set"):
+        build_codebooks(model, [torch.randn(2, 3, 32, 32)], CodebookConfig(entries=4))
+
+
+def _snapped(name, shape=(3, 64, 64), entries=4):
+    model, gates = pruned_with_random_gates(name, shape)  # thresholds at the median saliency
+    for gate in gates.values():  # saliencies that differ more between images than the shared ones
+        nn.init.normal_(gate.fc2.weight, std=0.05)
+    batches = [torch.randn(8, *shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    sizes = build_codebooks(model, batches, CodebookConfig(entries=entries))
+    assert all(1 <= k <= entries for k in sizes.values()) and max(sizes.values()) > 1
+    return model
+
+
+CODEBOOK_FAMILIES = ["resnet18", "resnet50", "mobilenetv2_050", "efficientnet_b0", "regnetx_002", "densenet121"]
+
+
+@pytest.mark.parametrize("name", CODEBOOK_FAMILIES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gather_free_execution_equals_the_snapped_model(name, channels_last):
+    model = _snapped(name)
+    fast = dynamic_model(model, (3, 64, 64))
+    convs = [m for m in fast.modules() if isinstance(m, DynamicConv)]
+    assert any(m.entry_rows for m in convs)
+    if name in ("resnet18", "resnet50"):  # narrow chains use weights packed per entry pair
+        assert any(m.packed_inputs for m in convs)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    chosen = set()
+    with torch.no_grad():
+        for seed in range(4):
+            image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(10 + seed))
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            expected = model(image)
+            assert (fast(image) - expected).abs().max() <= 1e-4
+            chosen.add(tuple(m.last_entry for m in convs if m.entry_rows))
+    assert len(chosen) > 1  # images choose different sub-networks
+
+
+def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense_weights, tmp_path):
+    from manidp_cli.export import load_pruned
+    from manidp_cli.data import load_data
+    from manidp_cli.gating import gates_of
+
+    result = prune_tiny(tmp_path / "cb", tiny_fashion, weights=dense_weights,
+                        overrides={"codebook": {"entries": 3, "channel_multiple": 4}})
+    assert result.history[0]["codebook_entries"] > 1 and "codebook_entries" not in result.history[1]
+    assert abs(result.after.flops.mean_ratio - 0.5) < 0.1
+    model, _ = load_pruned(tmp_path / "cb")
+    gates = gates_of(model).by_conv()
+    assert all(g.snaps and 1 <= g.codebook.shape[0] <= 3 for g in gates.values())
+    assert all(int(w) % 4 == 0 or int(w) == g.out_channels for g in gates.values() for w in g.codebook.sum(1))
+    fast = dynamic_model(model, (1, 32, 32))
+    images, _ = next(load_data(tiny_fashion).eval.batches(8))
+    with torch.no_grad():
+        for image in images:
+            assert (fast(image[None]) - model(image[None])).abs().max() <= 1e-4
