@@ -2,9 +2,12 @@
 
 Gates are random and their thresholds calibrated on random images to keep ``--target`` of the dense
 FLOPs (timing needs no training). For each (model, input size) it measures, in one run: dense (BN
-folded, NCHW and channels-last; the faster is the reference), masked, dynamic, and a statically
-slimmed network with the mean channel counts the gates keep. It also profiles the dynamic path
-(where the time goes) and writes ``benchmarks/results/speed.json``. Run on an otherwise idle machine:
+folded, NCHW and channels-last; the faster is the reference), masked, dynamic with free masks
+(per-image gathers), dynamic with codebooks of ``--entries`` keep-sets per layer (gather-free; the
+same random gates with codebooks learned on the random images and thresholds calibrated again),
+each in both layouts, and a statically slimmed network with the mean channel counts the gates keep.
+It also profiles the codebook path (where the time goes) and writes
+``benchmarks/results/speed.json``. Run on an otherwise idle machine:
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed.py --threads 2
 """
@@ -43,11 +46,14 @@ def static_equivalent(gated, input_shape, batches):
     return slim(gated, chosen, ones, 0.5, input_shape).model
 
 
-def profile_dynamic(gated, input_shape, runs: int = 10) -> list[dict]:
+def profile_dynamic(gated, input_shape, runs: int = 10, channels_last: bool = True) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     model = dynamic_model(gated, input_shape)
     image = torch.randn(1, *input_shape)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(3):
             model(image)
@@ -62,9 +68,18 @@ def profile_dynamic(gated, input_shape, runs: int = 10) -> list[dict]:
     return rows
 
 
+def _best(variants: dict, name: str) -> tuple[str, float]:
+    """The faster layout of a variant: (layout, ratio to dense)."""
+    pair = {layout: variants[f"{name}{suffix}"]["latency_ratio"] for layout, suffix in (("nchw", ""), ("cl", "_channels_last"))}
+    layout = min(pair, key=pair.get)
+    return layout, pair[layout]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, default=0.45)
+    parser.add_argument("--entries", type=int, default=4, help="codebook keep-sets per gated layer")
+    parser.add_argument("--channel-multiple", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -79,31 +94,36 @@ def main() -> None:
         started = time.perf_counter()
         shape = (3, size, size)
         gated, dense, calibrated = timing_model(name, shape, args.target)
+        snapped, _, snapped_calibrated = timing_model(
+            name, shape, args.target, codebook_entries=args.entries, channel_multiple=args.channel_multiple
+        )
         batches = [torch.randn(4, *shape) for _ in range(4)]
         measured = measure_flops(gated, count_flops(gated, shape), batches).mean_ratio
+        snapped_measured = measure_flops(snapped, count_flops(snapped, shape), batches).mean_ratio
         static = static_equivalent(gated, shape, batches)
         static_ratio = count_flops(static, shape).total_flops / count_flops(dense, shape).total_flops
         result = bench_models(gated, dense, shape, runs=runs, warmup=max(2, runs // 5), batch_size=args.batch_size,
-                              threads=args.threads, static=static)
+                              threads=args.threads, static=static, extra_dynamic={"codebook": snapped})
         result.update(model=name, flops_ratio_calibrated=calibrated, flops_ratio_measured=measured,
-                      static_flops_ratio=static_ratio, profile_dynamic=profile_dynamic(gated, shape),
+                      codebook={"entries": args.entries, "channel_multiple": args.channel_multiple,
+                                "flops_ratio_calibrated": snapped_calibrated, "flops_ratio_measured": snapped_measured},
+                      static_flops_ratio=static_ratio, profile_codebook=profile_dynamic(snapped, shape),
                       seconds=time.perf_counter() - started)
         results.append(result)
         v = result["variants"]
         print(f"{name} {size}px: dense {v[result['reference']]['latency_ms_median']:.2f} ms ({result['reference']}), "
-              f"masked {v['masked']['latency_ratio']:.2f}x, dynamic {v['dynamic']['latency_ratio']:.2f}x, "
-              f"static {min(v['static']['latency_ratio'], v['static_channels_last']['latency_ratio']):.2f}x "
-              f"(FLOPs: gated {measured:.3f}, static {static_ratio:.3f})", flush=True)
+              f"masked {v['masked']['latency_ratio']:.2f}x, dynamic {_best(v, 'dynamic')[1]:.2f}x, "
+              f"codebook {_best(v, 'codebook')[1]:.2f}x, static {_best(v, 'static')[1]:.2f}x "
+              f"(FLOPs: gated {measured:.3f}, codebook {snapped_measured:.3f}, static {static_ratio:.3f})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = args.out.with_name("speed_quick.json") if args.quick else args.out
     out.write_text(json.dumps({"benchmark": "speed", "target": args.target, "threads": args.threads, "cases": results}, indent=1))
-    print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} {'dynamic':>8s} {'static':>7s} {'img/s masked':>13s} {'img/s loop':>11s}")
+    print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} {'dynamic':>12s} {'codebook':>12s} {'static':>12s}")
     for r in results:
         v = r["variants"]
+        cells = [f"{ratio:.2f}x ({layout})" for layout, ratio in (_best(v, n) for n in ("dynamic", "codebook", "static"))]
         print(f"{r['model'] + ' ' + str(r['input_shape'][-1]):16s} {v[r['reference']]['latency_ms_median']:9.2f} "
-              f"{v['masked']['latency_ratio']:7.2f} {v['dynamic']['latency_ratio']:8.2f} "
-              f"{min(v['static']['latency_ratio'], v['static_channels_last']['latency_ratio']):7.2f} "
-              f"{v['masked']['throughput_images_per_s']:13.1f} {v['dynamic']['throughput_per_image_loop']:11.1f}")
+              f"{v['masked']['latency_ratio']:6.2f}x {cells[0]:>12s} {cells[1]:>12s} {cells[2]:>12s}")
     print(f"wrote {out}")
 
 

@@ -126,8 +126,12 @@ def bench_models(
     batch_size: int = 32,
     threads: int | None = None,
     static: nn.Module | None = None,
+    extra_dynamic: dict[str, nn.Module] | None = None,
 ) -> dict:
-    """Measure every variant in one run and give ratios to the dense reference."""
+    """Measure every variant in one run and give ratios to the dense reference.
+
+    ``extra_dynamic`` adds other gated versions of the same network (say, one with codebooks),
+    each executed dynamically in both layouts under its name."""
     if threads:
         torch.set_num_threads(threads)
     dense_folded = folded_model(dense, input_shape)
@@ -136,7 +140,11 @@ def bench_models(
         "dense_channels_last": (copy.deepcopy(dense_folded), True),
         "masked": (folded_model(gated, input_shape), False),
         "dynamic": (dynamic_model(gated, input_shape), False),
+        "dynamic_channels_last": (dynamic_model(gated, input_shape), True),
     }
+    for name, other in (extra_dynamic or {}).items():
+        candidates[name] = (dynamic_model(other, input_shape), False)
+        candidates[f"{name}_channels_last"] = (dynamic_model(other, input_shape), True)
     if static is not None:
         candidates["static"] = (static, False)
         candidates["static_channels_last"] = (copy.deepcopy(static), True)
@@ -150,19 +158,21 @@ def bench_models(
             "latency_ms_p90": 1e3 * _p90(latencies[name]),
             **measure_variant(model, batch, runs),
         }
+    dynamic_names = ["dynamic", "dynamic_channels_last"] + [
+        f"{name}{suffix}" for name in (extra_dynamic or {}) for suffix in ("", "_channels_last")
+    ]
+    best_dynamic = min(dynamic_names, key=lambda n: measured[n]["latency_ms_median"])
     # Batches: the dynamic model runs them through the masked path; this is the alternative it was
     # measured against (each image alone through the dynamic path).
-    dynamic = prepared["dynamic"][0]
-    images = torch.randn(batch_size, *input_shape)
+    dynamic, _, batch, _ = prepared[best_dynamic]
     with torch.inference_mode():
-        loop = _times(lambda: [dynamic(image[None]) for image in images], max(3, runs // 10), 1)
-    measured["dynamic"]["throughput_per_image_loop"] = batch_size / statistics.median(loop)
+        loop = _times(lambda: [dynamic(image[None]) for image in batch], max(3, runs // 10), 1)
+    measured[best_dynamic]["throughput_per_image_loop"] = batch_size / statistics.median(loop)
     reference_name = min(("dense", "dense_channels_last"), key=lambda n: measured[n]["latency_ms_median"])
     reference = measured[reference_name]
     for values in measured.values():
         values["latency_ratio"] = values["latency_ms_median"] / reference["latency_ms_median"]
         values["throughput_ratio"] = values["throughput_images_per_s"] / reference["throughput_images_per_s"]
-    best_dynamic = "dynamic"
     ratio = measured[best_dynamic]["latency_ratio"]
     if ratio < 1:
         verdict = f"dynamic execution pays here: {ratio:.2f}x the dense latency at batch 1 ({best_dynamic})"
@@ -221,9 +231,19 @@ def bench_export(
     return result
 
 
-def timing_model(model_name: str, input_shape: tuple[int, int, int], target: float, seed: int = 0, images: int = 16):
+def timing_model(
+    model_name: str,
+    input_shape: tuple[int, int, int],
+    target: float,
+    seed: int = 0,
+    images: int = 16,
+    codebook_entries: int = 0,
+    channel_multiple: int = 8,
+):
     """A gated model with random gates whose thresholds keep ``target`` of the dense FLOPs on random
-    images: enough to time execution without training (accuracy is meaningless)."""
+    images: enough to time execution without training (accuracy is meaningless). With
+    ``codebook_entries`` the gates also get codebooks learned on those images (then thresholds are
+    calibrated again with snapping, as ``manidp prune`` does)."""
     import timm
 
     from manidp_cli.flops import count_flops
@@ -239,5 +259,11 @@ def timing_model(model_name: str, input_shape: tuple[int, int, int], target: flo
         nn.init.uniform_(gate.fc2.bias, 0.5, 1.5)
     batches = [torch.randn(4, *input_shape) for _ in range(max(1, images // 4))]
     table = count_flops(gated, input_shape)
-    search = calibrate_thresholds(gated, table, mean_saliency(gated, batches), batches, target, steps=14)
+    means = mean_saliency(gated, batches)
+    search = calibrate_thresholds(gated, table, means, batches, target, steps=14)
+    if codebook_entries:
+        from manidp_cli.codebook import CodebookConfig, build_codebooks
+
+        build_codebooks(gated, batches, CodebookConfig(entries=codebook_entries, channel_multiple=channel_multiple))
+        search = calibrate_thresholds(gated, table, means, batches, target, steps=14)
     return gated, dense, search.flops_ratio

@@ -195,6 +195,11 @@ def _print_eval(result: dict) -> None:
     if signature:
         table.add_row("Spearman(loss, FLOPs)", f"{signature['spearman_loss_flops']:+.3f} (complexity: > 0 means hard images get more)")
         table.add_row("Gram correlation", f"{signature['gram_correlation']:+.3f} (similarity: features vs sub-networks, {signature['gram_batches']} batches)")
+    fast = result.get("dynamic_execution")
+    if fast:
+        kind = "gather-free, codebook" if fast["codebook"] else "per-image gathers"
+        table.add_row("dynamic executor", f"top-1 {fast['top1']:.4f} / top-5 {fast['top5']:.4f} ({kind}, batch 1, {fast['images']} images)")
+        table.add_row("  vs masked model", f"same prediction for {fast['prediction_agreement']:.2%}; largest logit difference {fast['max_logit_difference']:.1e}")
     console.print(table)
     console.print(result["flops_convention"])
 
@@ -207,6 +212,7 @@ def eval_command(
     weights: WeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Also run every image alone through the dynamic executor (what `manidp bench` times) and report its accuracy.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure accuracy and real dynamic FLOPs of an export (or of a dense baseline)."""
@@ -220,7 +226,7 @@ def eval_command(
             raise ManidpError("--dense needs --data")
         result = evaluate_dense(dense, weights, data, batch_size, limit)
     elif export is not None:
-        result = evaluate_export(export, data, batch_size, limit)
+        result = evaluate_export(export, data, batch_size, limit, dynamic=dynamic)
     else:
         raise ManidpError("give an EXPORT folder, or --dense MODEL --weights FILE --data SPEC")
     if as_json:

@@ -26,6 +26,7 @@ from torch import nn
 
 from manidp_cli.data import ImageSet
 from manidp_cli.distributed import World
+from manidp_cli.errors import ManidpError
 from manidp_cli.flops import FLOP_CONVENTION, CostTable, FlopsMeter, FlopsStats
 from manidp_cli.recorder import GateRecorder
 
@@ -173,16 +174,53 @@ def evaluate(
     )
 
 
+@torch.no_grad()
+def evaluate_dynamic_execution(
+    model: nn.Module, images: ImageSet, input_shape: tuple[int, int, int], limit: int | None = None
+) -> dict:
+    """Accuracy of the dynamic executor (``execute.dynamic_model``, the one ``manidp bench`` times),
+    every image run alone, and how far its logits are from the masked model's."""
+    from manidp_cli.execute import dynamic_model
+
+    model.eval()
+    fast = dynamic_model(model, input_shape)
+    correct1 = correct5 = agree = count = 0
+    loss = 0.0
+    largest_difference = 0.0
+    for x, y in images.batches(64, limit=limit):
+        reference = model(x)
+        logits = torch.cat([fast(image[None]) for image in x])
+        largest_difference = max(largest_difference, float((logits - reference).abs().max()))
+        loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(dim=1).sum())
+        agree += int((logits.argmax(1) == reference.argmax(1)).sum())
+        count += x.shape[0]
+    n = max(count, 1)
+    return {
+        "images": count,
+        "top1": correct1 / n,
+        "top5": correct5 / n,
+        "loss": loss / n,
+        "prediction_agreement": agree / n,
+        "max_logit_difference": largest_difference,
+        "codebook": any(getattr(m, "entry_rows", None) for m in fast.modules()),
+    }
+
+
 def evaluate_export(
     path: str | Path,
     data: str | None = None,
     batch_size: int = 256,
     limit: int | None = None,
     signature_batches: int = 4,
+    dynamic: bool = False,
 ) -> dict:
     """``manidp eval`` of an export: accuracy, FLOPs distribution and signature as one JSON-able dict.
 
-    Without ``data`` the evaluation split of the data recorded in the export is used.
+    Without ``data`` the evaluation split of the data recorded in the export is used. ``dynamic``
+    adds the accuracy of the dynamic executor (``dynamic_execution``).
     """
     from manidp_cli.export import load_pruned
     from manidp_cli.flops import count_flops
@@ -191,7 +229,12 @@ def evaluate_export(
     images, data_from = info.load_data(data)
     table = count_flops(model, info.input_shape) if info.gated else None
     result = evaluate(model, images.eval, batch_size, table=table, limit=limit, signature_batches=signature_batches)
-    return _eval_dict(info.metadata["model"], str(info.path), images, data_from, result, table, info.gated)
+    out = _eval_dict(info.metadata["model"], str(info.path), images, data_from, result, table, info.gated)
+    if dynamic:
+        if not info.gated:
+            raise ManidpError(f"{info.path} is a dense export: --dynamic needs a pruned one")
+        out["dynamic_execution"] = evaluate_dynamic_execution(model, images.eval, info.input_shape, limit)
+    return out
 
 
 def evaluate_dense(

@@ -92,17 +92,34 @@ class DynamicConv(nn.Module):
     def pack(self) -> None:
         """Slice each codebook entry's weights once; call after narrow chains are set up.
 
-        Buffers, so that ``.to(memory_format=torch.channels_last)`` lays them out too."""
-        if not self.gate.snaps or self.groups > 1:
+        Buffers, so that ``.to(memory_format=torch.channels_last)`` lays them out too. The gate's
+        layers are laid out for a single image as well: its first layer sliced to each producer
+        entry's channels (a narrow input needs no scatter into a full-width pooled vector), and the
+        entry choice as one matrix-vector product, scores = saliency @ C^T - tau * |c_k|."""
+        gate = self.gate
+        if not gate.snaps or self.groups > 1:
             return
-        self.entry_rows = [torch.nonzero(row).flatten() for row in self.gate.codebook]
+        self.entry_rows = [torch.nonzero(row).flatten() for row in gate.codebook]
         producer = self._producer[0] if self._producer else None
         self.packed_inputs = producer is not None and producer.gate.snaps and producer.groups == 1
         columns = [torch.nonzero(row).flatten() for row in producer.gate.codebook] if self.packed_inputs else [None]
+        hidden = gate.fc1.weight.detach()
+        for p, cols in enumerate(columns):
+            self.register_buffer(f"gate_hidden_{p}", (hidden if cols is None else hidden[:, cols]).t().contiguous())
+        self.register_buffer("gate_out", gate.fc2.weight.detach().t().contiguous())
+        self.register_buffer("gate_out_bias", gate.fc2.bias.detach().clone())
+        codebook = gate.codebook.float()
+        self.register_buffer("entry_scores", codebook.t().contiguous())
+        self.register_buffer("entry_offsets", -gate.threshold.float() * codebook.sum(1))
         for k, rows in enumerate(self.entry_rows):
             self.register_buffer(f"bias_{k}", self.bias.index_select(0, rows).contiguous())
             for p, cols in enumerate(columns):
                 self.register_buffer(f"weight_{p}_{k}", self._gather_weight(rows, cols).contiguous())
+
+    def _packed_saliency(self, x: torch.Tensor, producer_entry: int) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        hidden = torch.relu(pooled @ self._buffers[f"gate_hidden_{producer_entry}"])
+        return torch.relu(torch.addmm(self.gate_out_bias, hidden, self.gate_out)).clamp_(max=self.gate.max_saliency)
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * mask[:, :, None, None].to(x.dtype)
@@ -115,6 +132,12 @@ class DynamicConv(nn.Module):
         return pad_same(x, self.conv.weight.shape[-2:], self.stride, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.entry_rows and x.shape[0] == 1:
+            if self.packed_inputs:  # a single image always arrives as the producer's entry (maybe all channels)
+                producer_entry = self._producer[0].last_entry
+                return self._run_entry(x, self._packed_saliency(x, producer_entry), producer_entry)
+            if x.shape[1] == self.in_channels:
+                return self._run_entry(x, self._packed_saliency(x, 0), 0)
         narrow_input = x.shape[1] != self.in_channels
         if narrow_input:
             active = self._producer[0].last_kept
@@ -124,7 +147,7 @@ class DynamicConv(nn.Module):
         else:
             saliency = self.gate(x)
         if self.entry_rows and x.shape[0] == 1:
-            return self._run_entry(x, saliency, narrow_input)
+            return self._run_entry(x, saliency, None)
         mask = self.gate.mask(saliency)
         if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
             return self._masked(x, mask)
@@ -161,22 +184,23 @@ class DynamicConv(nn.Module):
             narrow = F.conv2d(source, weight, self.bias.index_select(0, kept), self.stride, padding, self.dilation)
         return self._emit(narrow * scale.index_select(0, kept)[None, :, None, None], kept, height, width)
 
-    def _run_entry(self, x: torch.Tensor, saliency: torch.Tensor, narrow_input: bool) -> torch.Tensor:
-        entry = int(self.gate.entry(saliency)[0])
+    def _run_entry(self, x: torch.Tensor, saliency: torch.Tensor, producer_entry: int | None) -> torch.Tensor:
+        """One image through its codebook entry; ``producer_entry`` None: the input is a narrow
+        tensor of a producer without codebook (its channels gathered from the full-input weights)."""
+        if len(self.entry_rows) == 1:
+            entry = 0
+        else:
+            entry = int(torch.addmv(self.entry_offsets, self.entry_scores.t(), saliency[0].float()).argmax())
         rows = self.entry_rows[entry]
-        producer = 0
-        if not narrow_input:
-            weight = self._buffers[f"weight_0_{entry}"]
-        elif self.packed_inputs:
-            producer = self._producer[0].last_entry
-            weight = self._buffers[f"weight_{producer}_{entry}"]
-        else:  # a producer without codebook hands over an arbitrary channel set
+        if producer_entry is None:
             weight = self._buffers[f"weight_0_{entry}"].index_select(1, self._producer[0].last_kept)
-        narrow = _convolve(self._pad(x), weight, self._buffers[f"bias_{entry}"], self.stride, 0 if self.same_padding else self.padding, self.dilation)
+        else:
+            weight = self._buffers[f"weight_{producer_entry}_{entry}"]
+        padding = 0 if self.same_padding else self.padding
+        narrow = F.conv2d(self._pad(x), weight, self._buffers[f"bias_{entry}"], self.stride, padding, self.dilation)
         narrow = narrow.mul_(saliency[0].index_select(0, rows).to(narrow.dtype)[None, :, None, None])
         self.last_entry = entry
-        height, width = narrow.shape[-2:]
-        return self._emit(narrow, rows, height, width)
+        return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
 
     def _gather_weight(self, rows: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         """weight[rows][:, columns] (all columns when ``columns`` is None)."""
@@ -188,8 +212,8 @@ class DynamicConv(nn.Module):
             self.last_kept = kept
             return narrow
         layout = torch.channels_last if _is_channels_last(narrow) else torch.contiguous_format
-        out = torch.zeros(1, self.out_channels, height, width, dtype=narrow.dtype, device=narrow.device)
-        return out.contiguous(memory_format=layout).index_copy_(1, kept, narrow)
+        out = torch.empty(1, self.out_channels, height, width, dtype=narrow.dtype, device=narrow.device, memory_format=layout)
+        return out.zero_().index_copy_(1, kept, narrow)
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         kh, kw = self.weight.shape[-2:]
@@ -206,18 +230,6 @@ class DynamicConv(nn.Module):
 
 def _is_channels_last(tensor: torch.Tensor) -> bool:
     return tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
-
-
-def _convolve(x, weight, bias, stride, padding, dilation) -> torch.Tensor:
-    """F.conv2d, but always through oneDNN for float32 CPU tensors: PyTorch sends small single-image
-    inputs (under 20,480 values) to its slow im2col path, which narrow layers hit often."""
-    if (
-        x.device.type == "cpu" and x.dtype == torch.float32 and not isinstance(padding, str)
-        and torch.backends.mkldnn.is_available()
-    ):
-        padding = list(padding) if not isinstance(padding, int) else [padding, padding]
-        return torch.mkldnn_convolution(x, weight, bias, padding, list(stride), list(dilation), 1)
-    return F.conv2d(x, weight, bias, stride, padding, dilation)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

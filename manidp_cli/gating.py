@@ -102,8 +102,9 @@ class SaliencyGate(nn.Module):
         """Per image, the codebook entry with the largest summed excess saliency over the threshold,
         sum_j c_kj * (pi_j - tau): over all channel subsets that sum is largest for the free mask
         [pi >= tau], so this is the free mask's rule restricted to the codebook."""
-        excess = saliency.detach().float() - self.threshold.float()
-        return (excess @ self.codebook.float().t()).argmax(dim=1)
+        codebook = self.codebook.float()
+        scores = saliency.detach().float() @ codebook.t() - self.threshold.float() * codebook.sum(1)
+        return scores.argmax(dim=1)
 
     def keep(self, saliency: torch.Tensor) -> torch.Tensor:
         """B x C_out bool: the channels the convolution must compute for each image."""

@@ -9,7 +9,7 @@ from conftest import prune_tiny
 from manidp_cli.codebook import CodebookConfig, build_codebook, build_codebooks
 from manidp_cli.errors import ManidpError, RecipeError
 from manidp_cli.execute import DynamicConv, dynamic_model
-from manidp_cli.gating import SaliencyGate, insert_gates
+from manidp_cli.gating import SaliencyGate, gates_of, insert_gates
 from manidp_cli.recipe import load_recipe
 from test_execute import _pruned as pruned_with_random_gates
 
@@ -119,10 +119,23 @@ def test_gather_free_execution_equals_the_snapped_model(name, channels_last):
     assert len(chosen) > 1  # images choose different sub-networks
 
 
+def test_a_producer_entry_of_every_channel_still_selects_the_packed_weights():
+    model = _snapped("resnet18")
+    gate = gates_of(model).by_conv()["layer1.0.conv1"]
+    half = torch.zeros(gate.out_channels)
+    half[::2] = 1
+    gate.codebook = torch.stack([torch.ones(gate.out_channels), half])
+    gate.threshold.fill_(0.0)  # every excess >= 0: the all-channel entry wins for every image
+    fast = dynamic_model(model, (3, 64, 64))
+    with torch.no_grad():
+        image = torch.randn(1, 3, 64, 64)
+        assert (fast(image) - model(image)).abs().max() <= 1e-4
+    assert fast.get_submodule("layer1.0.conv1").last_entry == 0
+
+
 def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense_weights, tmp_path):
     from manidp_cli.export import load_pruned
     from manidp_cli.data import load_data
-    from manidp_cli.gating import gates_of
 
     result = prune_tiny(tmp_path / "cb", tiny_fashion, weights=dense_weights,
                         overrides={"codebook": {"entries": 3, "channel_multiple": 4}})

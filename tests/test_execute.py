@@ -101,7 +101,7 @@ def test_bench_measures_every_variant():
     model, _ = _pruned("resnet18", (3, 32, 32))
     dense = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
     result = bench_models(model, dense, (3, 32, 32), runs=3, warmup=1, batch_size=4)
-    assert set(result["variants"]) == {"dense", "dense_channels_last", "masked", "dynamic"}
+    assert set(result["variants"]) == {"dense", "dense_channels_last", "masked", "dynamic", "dynamic_channels_last"}
     assert result["variants"][result["reference"]]["latency_ratio"] == 1.0
     for values in result["variants"].values():
         assert values["latency_ms_median"] > 0 and values["throughput_images_per_s"] > 0
