@@ -150,3 +150,18 @@ def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense
     with torch.no_grad():
         for image in images:
             assert (fast(image[None]) - model(image[None])).abs().max() <= 1e-4
+
+
+def test_a_run_interrupted_while_training_snapped_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path):
+    from safetensors.torch import load_file
+
+    codebook = {"codebook": {"entries": 3, "channel_multiple": 4}}
+    prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights, overrides=codebook)
+    interrupted = prune_tiny(tmp_path / "resumed", tiny_fashion, weights=dense_weights, overrides=codebook,
+                             on_step=lambda info: info.epoch == 1 and info.step == 1)
+    assert interrupted.interrupted
+    prune_tiny(tmp_path / "resumed", tiny_fashion, resume=True)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert any(k.endswith(".codebook") and v.shape[0] > 0 for k, v in b.items())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
