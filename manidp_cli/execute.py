@@ -109,7 +109,7 @@ class DynamicConv(nn.Module):
         self.register_buffer("gate_out", gate.fc2.weight.detach().t().contiguous())
         self.register_buffer("gate_out_bias", gate.fc2.bias.detach().clone())
         codebook = gate.codebook.float()
-        self.register_buffer("entry_scores", codebook.t().contiguous())
+        self.register_buffer("entry_scores", codebook.contiguous())
         self.register_buffer("entry_offsets", -gate.threshold.float() * codebook.sum(1))
         for k, rows in enumerate(self.entry_rows):
             self.register_buffer(f"bias_{k}", self.bias.index_select(0, rows).contiguous())
@@ -190,7 +190,7 @@ class DynamicConv(nn.Module):
         if len(self.entry_rows) == 1:
             entry = 0
         else:
-            entry = int(torch.addmv(self.entry_offsets, self.entry_scores.t(), saliency[0].float()).argmax())
+            entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0].float()).argmax())
         rows = self.entry_rows[entry]
         if producer_entry is None:
             weight = self._buffers[f"weight_0_{entry}"].index_select(1, self._producer[0].last_kept)
