@@ -182,6 +182,8 @@ def bench_models(
             f"(per-image overhead exceeds the skipped work at {input_shape[-1]} px); use the masked or "
             f"dense model, or static slimming"
         )
+    if not _has_codebooks(gated):
+        verdict += "; free per-channel masks need per-image weight gathers: prune with a codebook (recipes/codebook.yaml) for gather-free execution"
     return {
         "input_shape": list(input_shape),
         "threads": torch.get_num_threads(),
@@ -193,6 +195,12 @@ def bench_models(
         "verdict": verdict,
         "variants": measured,
     }
+
+
+def _has_codebooks(gated: nn.Module) -> bool:
+    from manidp_cli.gating import gates_of
+
+    return any(gate.snaps for gate in gates_of(gated).values())
 
 
 def dense_twin(gated: nn.Module, model_name: str, model_kwargs: dict) -> nn.Module:

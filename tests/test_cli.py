@@ -84,6 +84,11 @@ def test_eval_and_report_commands(pruned, tmp_path):
     assert data["images"] == 64 and "signature" in data
     result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "16"])
     assert result.exit_code == 0 and "Spearman(loss, FLOPs)" in result.output and "dynamic p90" in result.output
+    result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "16", "--dynamic", "--json"])
+    assert result.exit_code == 0, result.output
+    fast = json.loads(result.output)["dynamic_execution"]
+    assert fast["images"] == 16 and fast["prediction_agreement"] == 1.0 and fast["max_logit_difference"] <= 1e-4
+    assert fast["codebook"] is False  # free masks: the executor gathers per image
     result = runner.invoke(app, ["report", str(pruned.out_dir), "--plots", str(tmp_path / "p")])
     assert result.exit_code == 0 and "total" in result.output and "fvcore" in result.output
     assert len(list((tmp_path / "p").glob("*.png"))) == 4
