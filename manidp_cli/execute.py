@@ -5,11 +5,12 @@ convolution it follows, and every gated convolution computes, for a single image
 channels its gate keeps, reading only the input channels that are not entirely zero; the narrow result
 is scattered back to full width so that the rest of the (unmodified) timm model runs as usual.
 Batches of more than one image take the masked full-width path of the same folded model (measured
-faster on the CPU than grouping images by mask; docs/speed.md).
+faster on the CPU than running the images one by one; docs/speed.md).
 
 A gate with a codebook (``manidp_cli.codebook``) turns its convolution gather-free: the weights of
 every keep-set, and of every pair (producer's keep-set, own keep-set) along narrow chains, are
-sliced and laid out once, so an image only picks one and runs it.
+sliced and laid out once, so an image only picks one and runs it. Batches with codebooks are grouped
+by entry instead of masked (faster at 224 px, slower at 32 px; docs/speed.md).
 
 Its outputs equal the masked model's (same keep-sets) up to float rounding.
 
@@ -132,6 +133,8 @@ class DynamicConv(nn.Module):
         return pad_same(x, self.conv.weight.shape[-2:], self.stride, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.entry_rows and x.shape[0] > 1 and x.shape[1] == self.in_channels:
+            return self._run_grouped(x)
         if self.entry_rows and x.shape[0] == 1:
             if self.packed_inputs:  # a single image always arrives as the producer's entry (maybe all channels)
                 producer_entry = self._producer[0].last_entry
@@ -201,6 +204,29 @@ class DynamicConv(nn.Module):
         narrow = narrow.mul_(saliency[0].index_select(0, rows).to(narrow.dtype)[None, :, None, None])
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
+
+    def _run_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch, grouped by codebook entry: one narrow convolution per entry in use (the weights of
+        an entry over all input channels are gathered once per batch); full-width output."""
+        saliency = self.gate(x)
+        entries = self.gate.entry(saliency)
+        padding = 0 if self.same_padding else self.padding
+        source = self._pad(x)
+        out = None
+        for entry in entries.unique().tolist():
+            images = torch.nonzero(entries == entry).flatten()
+            rows = self.entry_rows[entry]
+            narrow = F.conv2d(
+                source.index_select(0, images), self.weight.index_select(0, rows),
+                self._buffers[f"bias_{entry}"], self.stride, padding, self.dilation,
+            )
+            narrow = narrow.mul_(saliency[images][:, rows].to(narrow.dtype)[:, :, None, None])
+            if out is None:
+                layout = torch.channels_last if _is_channels_last(narrow) else torch.contiguous_format
+                shape = (x.shape[0], self.out_channels, *narrow.shape[-2:])
+                out = torch.zeros(shape, dtype=narrow.dtype, device=narrow.device).contiguous(memory_format=layout)
+            out[images[:, None], rows] = narrow
+        return out
 
     def _gather_weight(self, rows: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         """weight[rows][:, columns] (all columns when ``columns`` is None)."""

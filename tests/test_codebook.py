@@ -116,6 +116,10 @@ def test_gather_free_execution_equals_the_snapped_model(name, channels_last):
             expected = model(image)
             assert (fast(image) - expected).abs().max() <= 1e-4
             chosen.add(tuple(m.last_entry for m in convs if m.entry_rows))
+        batch = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(20))
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        assert (fast(batch) - model(batch)).abs().max() <= 1e-4  # batches: grouped by entry
     assert len(chosen) > 1  # images choose different sub-networks
 
 
