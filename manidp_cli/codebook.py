@@ -106,8 +106,7 @@ def build_codebooks(model: nn.Module, batches, config: CodebookConfig, world: Wo
     unset = [name for name, gate in gates.items() if not torch.isfinite(gate.threshold)]
     if unset:
         raise ManidpError(f"cannot build codebooks before thresholds are set: {len(unset)} gates have none ({unset[0]}, ...)")
-    for gate in gates.values():  # free masks while recording: entries must not shape their own data
-        gate.codebook = gate.codebook.new_zeros(0, gate.out_channels)
+    clear_codebooks(model)  # free masks while recording: entries must not shape their own data
     saliencies: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
     was_training = model.training
     model.eval()
