@@ -222,9 +222,7 @@ class DynamicConv(nn.Module):
             )
             narrow = narrow.mul_(saliency[images][:, rows].to(narrow.dtype)[:, :, None, None])
             if out is None:
-                layout = torch.channels_last if _is_channels_last(narrow) else torch.contiguous_format
-                shape = (x.shape[0], self.out_channels, *narrow.shape[-2:])
-                out = torch.zeros(shape, dtype=narrow.dtype, device=narrow.device).contiguous(memory_format=layout)
+                out = _zeros_in_layout_of(narrow, (x.shape[0], self.out_channels, *narrow.shape[-2:]))
             out[images[:, None], rows] = narrow
         return out
 
@@ -237,9 +235,7 @@ class DynamicConv(nn.Module):
         if self.narrow_output:
             self.last_kept = kept
             return narrow
-        layout = torch.channels_last if _is_channels_last(narrow) else torch.contiguous_format
-        out = torch.empty(1, self.out_channels, height, width, dtype=narrow.dtype, device=narrow.device, memory_format=layout)
-        return out.zero_().index_copy_(1, kept, narrow)
+        return _zeros_in_layout_of(narrow, (1, self.out_channels, height, width)).index_copy_(1, kept, narrow)
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         kh, kw = self.weight.shape[-2:]
@@ -254,8 +250,12 @@ class DynamicConv(nn.Module):
         return sizes[0], sizes[1]
 
 
-def _is_channels_last(tensor: torch.Tensor) -> bool:
-    return tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+def _zeros_in_layout_of(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros of ``shape`` in ``tensor``'s memory layout (channels-last or contiguous), allocated in it
+    directly: a full-width tensor the narrow result is scattered into."""
+    channels_last = tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=tensor.dtype, device=tensor.device, memory_format=layout).zero_()
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
