@@ -247,21 +247,23 @@ def timing_model(
     images: int = 16,
     codebook_entries: int = 0,
     channel_multiple: int = 8,
+    gate_reduction: int | None = None,
 ):
     """A gated model with random gates whose thresholds keep ``target`` of the dense FLOPs on random
     images: enough to time execution without training (accuracy is meaningless). With
     ``codebook_entries`` the gates also get codebooks learned on those images (then thresholds are
-    calibrated again with snapping, as ``manidp prune`` does)."""
+    calibrated again with snapping, as ``manidp prune`` does). ``gate_reduction`` is the gates' r
+    (``GatePolicy.reduction``; None: the reference value)."""
     import timm
 
     from manidp_cli.flops import count_flops
-    from manidp_cli.gating import insert_gates
+    from manidp_cli.gating import GatePolicy, insert_gates
     from manidp_cli.objectives import calibrate_thresholds, mean_saliency
 
     torch.manual_seed(seed)
     dense = timm.create_model(model_name, pretrained=False).eval()
     gated = copy.deepcopy(dense)
-    gates = insert_gates(gated, input_shape=input_shape)
+    gates = insert_gates(gated, GatePolicy(reduction=gate_reduction), input_shape=input_shape)
     for gate in gates.values():
         nn.init.normal_(gate.fc2.weight, std=0.05)
         nn.init.uniform_(gate.fc2.bias, 0.5, 1.5)

@@ -116,11 +116,40 @@ class DynamicConv(nn.Module):
             self.register_buffer(f"bias_{k}", self.bias.index_select(0, rows).contiguous())
             for p, cols in enumerate(columns):
                 self.register_buffer(f"weight_{p}_{k}", self._gather_weight(rows, cols).contiguous())
+        self._bind_packed()
 
-    def _packed_saliency(self, x: torch.Tensor, producer_entry: int) -> torch.Tensor:
-        pooled = x.mean(dim=(2, 3))
-        hidden = torch.relu(pooled @ self._buffers[f"gate_hidden_{producer_entry}"])
-        return torch.relu(torch.addmm(self.gate_out_bias, hidden, self.gate_out)).clamp_(max=self.gate.max_saliency)
+    def _bind_packed(self) -> None:
+        """Plain lists of the packed buffers, indexed [producer entry][entry], so that a single
+        image's path does no name lookups; rebuilt whenever ``_apply`` (``.to(...)``) replaces them."""
+        if not self.entry_rows:
+            return
+        producers = sum(1 for name in self._buffers if name.startswith("gate_hidden_"))
+        self._gate_hidden = [self._buffers[f"gate_hidden_{p}"] for p in range(producers)]
+        self._entries = [
+            [(self._buffers[f"weight_{p}_{k}"], self._buffers[f"bias_{k}"], rows) for k, rows in enumerate(self.entry_rows)]
+            for p in range(producers)
+        ]
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self._bind_packed()
+        return module
+
+    def _run_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """One image through its codebook entry with pre-sliced weights: the gate on the packed
+        layers (relu then clamp to c_max is one clamp to [0, c_max]), the entry's convolution, the
+        saliency scaling."""
+        producer_entry = self._producer[0].last_entry if self.packed_inputs else 0
+        hidden = torch.relu(x.mean(dim=(2, 3)) @ self._gate_hidden[producer_entry])
+        saliency = torch.addmm(self.gate_out_bias, hidden, self.gate_out).clamp_(0.0, self.gate.max_saliency)
+        entries = self._entries[producer_entry]
+        entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax()) if len(entries) > 1 else 0
+        weight, bias, rows = entries[entry]
+        padding = 0 if self.same_padding else self.padding
+        narrow = F.conv2d(self._pad(x), weight, bias, self.stride, padding, self.dilation)
+        narrow.mul_(saliency.index_select(1, rows).view(1, -1, 1, 1))
+        self.last_entry = entry
+        return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * mask[:, :, None, None].to(x.dtype)
@@ -133,14 +162,11 @@ class DynamicConv(nn.Module):
         return pad_same(x, self.conv.weight.shape[-2:], self.stride, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.entry_rows and x.shape[0] == 1 and (self.packed_inputs or x.shape[1] == self.in_channels):
+            # with packed inputs a single image always arrives as the producer's entry
+            return self._run_packed(x)
         if self.entry_rows and x.shape[0] > 1 and x.shape[1] == self.in_channels:
             return self._run_grouped(x)
-        if self.entry_rows and x.shape[0] == 1:
-            if self.packed_inputs:  # a single image always arrives as the producer's entry (maybe all channels)
-                producer_entry = self._producer[0].last_entry
-                return self._run_entry(x, self._packed_saliency(x, producer_entry), producer_entry)
-            if x.shape[1] == self.in_channels:
-                return self._run_entry(x, self._packed_saliency(x, 0), 0)
         narrow_input = x.shape[1] != self.in_channels
         if narrow_input:
             active = self._producer[0].last_kept
@@ -150,7 +176,7 @@ class DynamicConv(nn.Module):
         else:
             saliency = self.gate(x)
         if self.entry_rows and x.shape[0] == 1:
-            return self._run_entry(x, saliency, None)
+            return self._run_entry_gathered(x, saliency)
         mask = self.gate.mask(saliency)
         if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
             return self._masked(x, mask)
@@ -187,21 +213,15 @@ class DynamicConv(nn.Module):
             narrow = F.conv2d(source, weight, self.bias.index_select(0, kept), self.stride, padding, self.dilation)
         return self._emit(narrow * scale.index_select(0, kept)[None, :, None, None], kept, height, width)
 
-    def _run_entry(self, x: torch.Tensor, saliency: torch.Tensor, producer_entry: int | None) -> torch.Tensor:
-        """One image through its codebook entry; ``producer_entry`` None: the input is a narrow
-        tensor of a producer without codebook (its channels gathered from the full-input weights)."""
-        if len(self.entry_rows) == 1:
-            entry = 0
-        else:
-            entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0].float()).argmax())
-        rows = self.entry_rows[entry]
-        if producer_entry is None:
-            weight = self._buffers[f"weight_0_{entry}"].index_select(1, self._producer[0].last_kept)
-        else:
-            weight = self._buffers[f"weight_{producer_entry}_{entry}"]
+    def _run_entry_gathered(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+        """One image through its codebook entry when its input is the narrow output of a producer
+        without a codebook: the entry's weights gathered to the producer's kept channels."""
+        entries = self._entries[0]
+        entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax()) if len(entries) > 1 else 0
+        weight, bias, rows = entries[entry]
         padding = 0 if self.same_padding else self.padding
-        narrow = F.conv2d(self._pad(x), weight, self._buffers[f"bias_{entry}"], self.stride, padding, self.dilation)
-        narrow = narrow.mul_(saliency[0].index_select(0, rows).to(narrow.dtype)[None, :, None, None])
+        narrow = F.conv2d(self._pad(x), weight.index_select(1, self._producer[0].last_kept), bias, self.stride, padding, self.dilation)
+        narrow.mul_(saliency.index_select(1, rows).view(1, -1, 1, 1))
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
 

@@ -137,6 +137,25 @@ def test_a_producer_entry_of_every_channel_still_selects_the_packed_weights():
     assert fast.get_submodule("layer1.0.conv1").last_entry == 0
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_codebook_layer_after_a_free_mask_producer_gathers_its_entry_to_the_narrow_input(channels_last):
+    model = _snapped("resnet18")
+    producer = gates_of(model).by_conv()["layer1.0.conv1"]
+    producer.codebook = torch.zeros(0, producer.out_channels)  # free masks again: its output is narrow per image
+    fast = dynamic_model(model, (3, 64, 64))
+    consumer = fast.get_submodule("layer1.0.conv2")
+    assert consumer.entry_rows and not consumer.packed_inputs and fast.get_submodule("layer1.0.conv1").narrow_output
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for seed in range(3):
+            image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(30 + seed))
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            assert (fast(image) - model(image)).abs().max() <= 1e-4
+            assert consumer.last_entry is not None
+
+
 def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense_weights, tmp_path):
     from manidp_cli.export import load_pruned
     from manidp_cli.data import load_data
