@@ -3,9 +3,10 @@
 Gates are random and their thresholds calibrated on random images to keep ``--target`` of the dense
 FLOPs (timing needs no training). For each (model, input size) it measures, in one run: dense (BN
 folded, NCHW and channels-last; the faster is the reference), masked, dynamic with free masks
-(per-image gathers), dynamic with codebooks of ``--entries`` keep-sets per layer (gather-free; the
-same random gates with codebooks learned on the random images and thresholds calibrated again),
-each in both layouts, and a statically slimmed network with the mean channel counts the gates keep.
+(per-image gathers), dynamic with codebooks of ``--entries`` keep-sets per layer (gather-free;
+random gates of reduction ``--gate-reduction`` with codebooks learned on the random images and
+thresholds calibrated again; entry widths tuned by measurement), each in both layouts, and a
+statically slimmed network with the mean channel counts the gates keep.
 It also profiles the codebook path (where the time goes) and writes
 ``benchmarks/results/speed.json``. Run on an otherwise idle machine:
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from manidp_cli.bench import bench_models, timing_model
-from manidp_cli.execute import dynamic_model
+from manidp_cli.execute import dynamic_model, tune_entry_widths
 from manidp_cli.flops import count_flops, measure_flops
 from manidp_cli.static import slim
 
@@ -54,6 +55,7 @@ def profile_dynamic(gated, input_shape, runs: int = 10, channels_last: bool = Tr
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         image = image.contiguous(memory_format=torch.channels_last)
+    tune_entry_widths(model, [image])
     with torch.inference_mode():
         for _ in range(3):
             model(image)
@@ -80,6 +82,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.45)
     parser.add_argument("--entries", type=int, default=4, help="codebook keep-sets per gated layer")
     parser.add_argument("--channel-multiple", type=int, default=16)
+    parser.add_argument("--gate-reduction", type=int, default=8,
+                        help="the codebook variant's gate reduction r (recipes/codebook-small-gates.yaml; 0: the reference)")
+    parser.add_argument("--cases", nargs="+", metavar="MODEL:SIZE", help="e.g. resnet34:224 (default: all five)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -87,6 +92,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="resnet18 at 32 px only, few runs")
     args = parser.parse_args()
     cases = [("resnet18", 32)] if args.quick else CASES
+    if args.cases:
+        cases = [(case.split(":")[0], int(case.split(":")[1])) for case in args.cases]
+    gate_reduction = args.gate_reduction or None
     runs = 5 if args.quick else args.runs
     torch.set_num_threads(args.threads)
     results = []
@@ -95,7 +103,8 @@ def main() -> None:
         shape = (3, size, size)
         gated, dense, calibrated = timing_model(name, shape, args.target)
         snapped, _, snapped_calibrated = timing_model(
-            name, shape, args.target, codebook_entries=args.entries, channel_multiple=args.channel_multiple
+            name, shape, args.target, codebook_entries=args.entries, channel_multiple=args.channel_multiple,
+            gate_reduction=gate_reduction,
         )
         batches = [torch.randn(4, *shape) for _ in range(4)]
         measured = measure_flops(gated, count_flops(gated, shape), batches).mean_ratio
@@ -105,7 +114,7 @@ def main() -> None:
         result = bench_models(gated, dense, shape, runs=runs, warmup=max(2, runs // 5), batch_size=args.batch_size,
                               threads=args.threads, static=static, extra_dynamic={"codebook": snapped})
         result.update(model=name, flops_ratio_calibrated=calibrated, flops_ratio_measured=measured,
-                      codebook={"entries": args.entries, "channel_multiple": args.channel_multiple,
+                      codebook={"entries": args.entries, "channel_multiple": args.channel_multiple, "gate_reduction": gate_reduction,
                                 "flops_ratio_calibrated": snapped_calibrated, "flops_ratio_measured": snapped_measured},
                       static_flops_ratio=static_ratio, profile_codebook=profile_dynamic(snapped, shape),
                       seconds=time.perf_counter() - started)
@@ -117,6 +126,8 @@ def main() -> None:
               f"(FLOPs: gated {measured:.3f}, codebook {snapped_measured:.3f}, static {static_ratio:.3f})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = args.out.with_name("speed_quick.json") if args.quick else args.out
+    if args.cases and not args.quick and args.out == parser.get_default("out"):
+        out = args.out.with_name("speed_" + "_".join(f"{m}-{s}" for m, s in cases) + ".json")
     out.write_text(json.dumps({"benchmark": "speed", "target": args.target, "threads": args.threads, "cases": results}, indent=1))
     print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} {'dynamic':>12s} {'codebook':>12s} {'static':>12s}")
     for r in results:

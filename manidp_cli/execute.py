@@ -23,6 +23,9 @@ Example::
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +92,8 @@ class DynamicConv(nn.Module):
         self._producer: list[DynamicConv] = []  # a list keeps it out of the module tree
         self.entry_rows: list[torch.Tensor] = []  # per codebook entry, its kept output channels
         self.packed_inputs = False  # weights also sliced per producer entry (narrow input)
+        self.width_tuning: WidthTuning | None = None  # set by tune_entry_widths while it runs
+        self._tuned: set[tuple[int, int]] = set()
 
     def pack(self) -> None:
         """Slice each codebook entry's weights once; call after narrow chains are set up.
@@ -125,8 +130,13 @@ class DynamicConv(nn.Module):
             return
         producers = sum(1 for name in self._buffers if name.startswith("gate_hidden_"))
         self._gate_hidden = [self._buffers[f"gate_hidden_{p}"] for p in range(producers)]
+        buffers = self._buffers
         self._entries = [
-            [(self._buffers[f"weight_{p}_{k}"], self._buffers[f"bias_{k}"], rows) for k, rows in enumerate(self.entry_rows)]
+            [
+                (buffers.get(f"padded_weight_{p}_{k}", buffers[f"weight_{p}_{k}"]),
+                 buffers.get(f"padded_bias_{p}_{k}", buffers[f"bias_{k}"]), rows)
+                for k, rows in enumerate(self.entry_rows)
+            ]
             for p in range(producers)
         ]
 
@@ -144,12 +154,52 @@ class DynamicConv(nn.Module):
         saliency = torch.addmm(self.gate_out_bias, hidden, self.gate_out).clamp_(0.0, self.gate.max_saliency)
         entries = self._entries[producer_entry]
         entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax()) if len(entries) > 1 else 0
+        if self.width_tuning is not None and (producer_entry, entry) not in self._tuned:
+            self._tune_width(x, producer_entry, entry)
+            entries = self._entries[producer_entry]
         weight, bias, rows = entries[entry]
         padding = 0 if self.same_padding else self.padding
         narrow = F.conv2d(self._pad(x), weight, bias, self.stride, padding, self.dilation)
+        if weight.shape[0] != len(rows):  # padded by tuning: the extra rows are zero, drop them
+            narrow = narrow[:, : len(rows)]
         narrow.mul_(saliency.index_select(1, rows).view(1, -1, 1, 1))
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
+
+    def _tune_width(self, x: torch.Tensor, producer_entry: int, entry: int) -> None:
+        """Time this entry's convolution on ``x`` at its own width and at wider ones (extra rows of
+        zeros, dropped after the convolution) and keep the fastest if it wins by the margin.
+
+        oneDNN's speed is not monotonic in the output width: on this project's CPU, 512 -> 304
+        channels at 7 x 7 (channels-last) measured 1.5 ms and 512 -> 320 0.9 ms (docs/speed.md)."""
+        tuning = self.width_tuning
+        self._tuned.add((producer_entry, entry))
+        weight = self._buffers[f"weight_{producer_entry}_{entry}"]
+        bias = self._buffers[f"bias_{entry}"]
+        width = weight.shape[0]
+        widest = min(self.out_channels, width + tuning.max_extra)
+        widths = [width] + list(range(-(-(width + 1) // tuning.step) * tuning.step, widest + 1, tuning.step))
+        if len(widths) == 1:
+            return
+        source, padding = self._pad(x), 0 if self.same_padding else self.padding
+        layout = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        padded = {}
+        for wide in widths:
+            padded_weight = _zeros_in_layout_of(weight, (wide, *weight.shape[1:]))
+            padded_weight[:width] = weight
+            padded[wide] = (padded_weight, torch.cat([bias, bias.new_zeros(wide - width)]))
+
+        def run(wide: int) -> torch.Tensor:
+            out = F.conv2d(source, *padded[wide], self.stride, padding, self.dilation)[:, :width]
+            # a consumer reads a narrow output contiguously: the copy a padded one needs counts too
+            return out.contiguous(memory_format=layout) if self.narrow_output and wide != width else out
+
+        seconds = _time_candidates(run, widths)
+        fastest = min(widths, key=seconds.__getitem__)
+        if fastest != width and seconds[fastest] < (1 - tuning.min_gain) * seconds[width]:
+            self.register_buffer(f"padded_weight_{producer_entry}_{entry}", padded[fastest][0])
+            self.register_buffer(f"padded_bias_{producer_entry}_{entry}", padded[fastest][1])
+            self._bind_packed()
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * mask[:, :, None, None].to(x.dtype)
@@ -336,6 +386,56 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
             module.pack()
     return model
 
+
+
+@dataclass(frozen=True)
+class WidthTuning:
+    """Candidate widths: the entry's own, then multiples of ``step`` up to ``max_extra`` more
+    channels (never more than the dense layer's); a wider one must be ``min_gain`` faster."""
+
+    step: int = 16
+    max_extra: int = 64
+    min_gain: float = 0.1
+
+
+def _time_candidates(run: Callable[[int], torch.Tensor], candidates: list[int], rounds: int = 5) -> dict[int, float]:
+    """Fastest of ``rounds`` timings of ``run(candidate)`` for each candidate, taking turns."""
+    for candidate in candidates:
+        run(candidate)
+    seconds = {candidate: float("inf") for candidate in candidates}
+    for _ in range(rounds):
+        for candidate in candidates:
+            start = time.perf_counter()
+            run(candidate)
+            seconds[candidate] = min(seconds[candidate], time.perf_counter() - start)
+    return seconds
+
+
+def tune_entry_widths(model: nn.Module, images: list[torch.Tensor], tuning: WidthTuning = WidthTuning()) -> dict[str, dict[str, int]]:
+    """Run single ``images`` (in the layout the model will run in) through a dynamic model and,
+    for every codebook entry they use, keep the fastest convolution width (see
+    ``DynamicConv._tune_width``); outputs are unchanged. Returns, per layer, the padded entries as
+    {"<producer entry>_<entry>": padded width}."""
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, DynamicConv) and m.entry_rows}
+    for conv in convs.values():  # a new call starts over (the layout may have changed since)
+        for key in [key for key in conv._buffers if key.startswith("padded_")]:
+            del conv._buffers[key]
+        conv._tuned.clear()
+        conv._bind_packed()
+        conv.width_tuning = tuning
+    try:
+        with torch.inference_mode():
+            for image in images:
+                model(image)
+    finally:
+        for conv in convs.values():
+            conv.width_tuning = None
+    padded = {}
+    for name, conv in convs.items():
+        widths = {key.removeprefix("padded_weight_"): int(buffer.shape[0]) for key, buffer in conv._buffers.items() if key.startswith("padded_weight_")}
+        if widths:
+            padded[name] = widths
+    return padded
 
 
 def dynamic_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
