@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from manidp_cli.bench import bench_models, timing_model
-from manidp_cli.execute import dynamic_model, tune_entry_widths
+from manidp_cli.execute import dynamic_model, tune_entries
 from manidp_cli.flops import count_flops, measure_flops
 from manidp_cli.static import slim
 
@@ -55,7 +55,7 @@ def profile_dynamic(gated, input_shape, runs: int = 10, channels_last: bool = Tr
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         image = image.contiguous(memory_format=torch.channels_last)
-    tune_entry_widths(model, [image])
+    tune_entries(model, [image])
     with torch.inference_mode():
         for _ in range(3):
             model(image)

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from manidp_cli.execute import dynamic_model, folded_model, tune_entry_widths
+from manidp_cli.execute import dynamic_model, folded_model, tune_entries
 
 
 class _RssSampler:
@@ -149,11 +149,11 @@ def bench_models(
         candidates["static"] = (static, False)
         candidates["static_channels_last"] = (copy.deepcopy(static), True)
     prepared = {name: (*_prepared(model, input_shape, batch_size, cl), cl) for name, (model, cl) in candidates.items()}
-    # Codebook entries get their fastest convolution width, in the layout they run in (docs/speed.md)
     dynamic_names = ["dynamic", "dynamic_channels_last"] + [
         f"{name}{suffix}" for name in (extra_dynamic or {}) for suffix in ("", "_channels_last")
     ]
-    padded_widths = {name: tune_entry_widths(prepared[name][0], [prepared[name][1]]) for name in dynamic_names}
+    # codebook entries get their fastest convolution (width, kernel) in the layout they run in
+    tuned = {name: tune_entries(prepared[name][0], [prepared[name][1]]) for name in dynamic_names}
     latencies = interleaved_latency({name: (m, single) for name, (m, single, _, _) in prepared.items()}, runs, warmup)
     measured = {}
     for name, (model, _, batch, cl) in prepared.items():
@@ -163,8 +163,12 @@ def bench_models(
             "latency_ms_p90": 1e3 * _p90(latencies[name]),
             **measure_variant(model, batch, runs),
         }
-        if padded_widths.get(name):
-            measured[name]["padded_entries"] = sum(len(entries) for entries in padded_widths[name].values())
+        if tuned.get(name):
+            entries = [entry for layer in tuned[name].values() for entry in layer.values()]
+            measured[name]["tuned_entries"] = {
+                "padded": sum(entry["width"] > entry["own_width"] for entry in entries),
+                "onednn": sum(entry["kernel"] == "onednn" for entry in entries),
+            }
     best_dynamic = min(dynamic_names, key=lambda n: measured[n]["latency_ms_median"])
     # Batches: the dynamic model runs them through the masked path; this is the alternative it was
     # measured against (each image alone through the dynamic path).

@@ -26,13 +26,17 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from manidp_cli.gating import GATE_PREFIX, SaliencyGate, gates_of
 from manidp_cli.graph import trace_dataflow
+
+T = TypeVar("T")
 
 
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +96,9 @@ class DynamicConv(nn.Module):
         self._producer: list[DynamicConv] = []  # a list keeps it out of the module tree
         self.entry_rows: list[torch.Tensor] = []  # per codebook entry, its kept output channels
         self.packed_inputs = False  # weights also sliced per producer entry (narrow input)
-        self.width_tuning: WidthTuning | None = None  # set by tune_entry_widths while it runs
+        self.tuning: EntryTuning | None = None  # set by tune_entries while it runs
         self._tuned: set[tuple[int, int]] = set()
+        self._onednn: set[tuple[int, int]] = set()  # (producer entry, entry) pairs tuned to call oneDNN
 
     def pack(self) -> None:
         """Slice each codebook entry's weights once; call after narrow chains are set up.
@@ -134,7 +139,8 @@ class DynamicConv(nn.Module):
         self._entries = [
             [
                 (buffers.get(f"padded_weight_{p}_{k}", buffers[f"weight_{p}_{k}"]),
-                 buffers.get(f"padded_bias_{p}_{k}", buffers[f"bias_{k}"]), rows)
+                 buffers.get(f"padded_bias_{p}_{k}", buffers[f"bias_{k}"]), rows,
+                 _onednn_conv2d if (p, k) in self._onednn else F.conv2d)
                 for k, rows in enumerate(self.entry_rows)
             ]
             for p in range(producers)
@@ -154,32 +160,39 @@ class DynamicConv(nn.Module):
         saliency = torch.addmm(self.gate_out_bias, hidden, self.gate_out).clamp_(0.0, self.gate.max_saliency)
         entries = self._entries[producer_entry]
         entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax()) if len(entries) > 1 else 0
-        if self.width_tuning is not None and (producer_entry, entry) not in self._tuned:
-            self._tune_width(x, producer_entry, entry)
+        if self.tuning is not None and (producer_entry, entry) not in self._tuned:
+            self._tune_entry(x, producer_entry, entry)
             entries = self._entries[producer_entry]
-        weight, bias, rows = entries[entry]
+        weight, bias, rows, convolve = entries[entry]
         padding = 0 if self.same_padding else self.padding
-        narrow = F.conv2d(self._pad(x), weight, bias, self.stride, padding, self.dilation)
+        narrow = convolve(self._pad(x), weight, bias, self.stride, padding, self.dilation)
         if weight.shape[0] != len(rows):  # padded by tuning: the extra rows are zero, drop them
             narrow = narrow[:, : len(rows)]
         narrow.mul_(saliency.index_select(1, rows).view(1, -1, 1, 1))
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
 
-    def _tune_width(self, x: torch.Tensor, producer_entry: int, entry: int) -> None:
+    def _tune_entry(self, x: torch.Tensor, producer_entry: int, entry: int) -> None:
         """Time this entry's convolution on ``x`` at its own width and at wider ones (extra rows of
-        zeros, dropped after the convolution) and keep the fastest if it wins by the margin.
+        zeros, dropped after the convolution), each through PyTorch's choice of kernel and through
+        oneDNN directly, and keep the fastest if it beats the plain call by the margin.
 
-        oneDNN's speed is not monotonic in the output width: on this project's CPU, 512 -> 304
-        channels at 7 x 7 (channels-last) measured 1.5 ms and 512 -> 320 0.9 ms (docs/speed.md)."""
-        tuning = self.width_tuning
+        Neither is a given on the CPU: oneDNN's speed is not monotonic in the output width (512 ->
+        304 channels at 7 x 7, channels-last: 1.5 ms, 512 -> 320: 0.9 ms), and PyTorch sends small
+        single-image inputs to an im2col kernel that is slower for some narrow shapes (docs/speed.md)."""
+        tuning = self.tuning
         self._tuned.add((producer_entry, entry))
         weight = self._buffers[f"weight_{producer_entry}_{entry}"]
         bias = self._buffers[f"bias_{entry}"]
         width = weight.shape[0]
         widest = min(self.out_channels, width + tuning.max_extra)
         widths = [width] + list(range(-(-(width + 1) // tuning.step) * tuning.step, widest + 1, tuning.step))
-        if len(widths) == 1:
+        backends = {"default": F.conv2d}
+        onednn_usable = torch.backends.mkldnn.is_available() and x.device.type == "cpu" and x.dtype == torch.float32
+        if "onednn" in tuning.kernels and onednn_usable:
+            backends["onednn"] = _onednn_conv2d
+        candidates = [(wide, backend) for wide in widths for backend in backends]
+        if len(candidates) == 1:
             return
         source, padding = self._pad(x), 0 if self.same_padding else self.padding
         layout = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -189,17 +202,23 @@ class DynamicConv(nn.Module):
             padded_weight[:width] = weight
             padded[wide] = (padded_weight, torch.cat([bias, bias.new_zeros(wide - width)]))
 
-        def run(wide: int) -> torch.Tensor:
-            out = F.conv2d(source, *padded[wide], self.stride, padding, self.dilation)[:, :width]
+        def run(candidate: tuple[int, str]) -> torch.Tensor:
+            wide, backend = candidate
+            out = backends[backend](source, *padded[wide], self.stride, padding, self.dilation)[:, :width]
             # a consumer reads a narrow output contiguously: the copy a padded one needs counts too
             return out.contiguous(memory_format=layout) if self.narrow_output and wide != width else out
 
-        seconds = _time_candidates(run, widths)
-        fastest = min(widths, key=seconds.__getitem__)
-        if fastest != width and seconds[fastest] < (1 - tuning.min_gain) * seconds[width]:
-            self.register_buffer(f"padded_weight_{producer_entry}_{entry}", padded[fastest][0])
-            self.register_buffer(f"padded_bias_{producer_entry}_{entry}", padded[fastest][1])
-            self._bind_packed()
+        seconds = _time_candidates(run, candidates)
+        fastest = min(candidates, key=seconds.__getitem__)
+        if seconds[fastest] >= (1 - tuning.min_gain) * seconds[(width, "default")]:
+            return
+        wide, backend = fastest
+        if wide != width:
+            self.register_buffer(f"padded_weight_{producer_entry}_{entry}", padded[wide][0])
+            self.register_buffer(f"padded_bias_{producer_entry}_{entry}", padded[wide][1])
+        if backend == "onednn":
+            self._onednn.add((producer_entry, entry))
+        self._bind_packed()
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * mask[:, :, None, None].to(x.dtype)
@@ -266,11 +285,11 @@ class DynamicConv(nn.Module):
     def _run_entry_gathered(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """One image through its codebook entry when its input is the narrow output of a producer
         without a codebook: the entry's weights gathered to the producer's kept channels."""
-        entries = self._entries[0]
-        entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax()) if len(entries) > 1 else 0
-        weight, bias, rows = entries[entry]
+        entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax()) if len(self.entry_rows) > 1 else 0
+        rows = self.entry_rows[entry]
+        weight = self._buffers[f"weight_0_{entry}"].index_select(1, self._producer[0].last_kept)
         padding = 0 if self.same_padding else self.padding
-        narrow = F.conv2d(self._pad(x), weight.index_select(1, self._producer[0].last_kept), bias, self.stride, padding, self.dilation)
+        narrow = F.conv2d(self._pad(x), weight, self._buffers[f"bias_{entry}"], self.stride, padding, self.dilation)
         narrow.mul_(saliency.index_select(1, rows).view(1, -1, 1, 1))
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
@@ -388,17 +407,25 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
 
 
 
+def _onednn_conv2d(x, weight, bias, stride, padding, dilation) -> torch.Tensor:
+    """F.conv2d's arguments, always through oneDNN (PyTorch picks im2col for some small inputs)."""
+    return torch.mkldnn_convolution(x, weight, bias, _pair(padding), _pair(stride), _pair(dilation), 1)
+
+
 @dataclass(frozen=True)
-class WidthTuning:
+class EntryTuning:
     """Candidate widths: the entry's own, then multiples of ``step`` up to ``max_extra`` more
-    channels (never more than the dense layer's); a wider one must be ``min_gain`` faster."""
+    channels (never more than the dense layer's), each through every kernel of ``kernels``
+    ("default": PyTorch's choice, "onednn"); a candidate must be ``min_gain`` faster than the
+    entry's plain convolution to replace it. ``max_extra=0`` and ``kernels=("default",)`` tune nothing."""
 
     step: int = 16
     max_extra: int = 64
     min_gain: float = 0.1
+    kernels: tuple[str, ...] = ("default", "onednn")
 
 
-def _time_candidates(run: Callable[[int], torch.Tensor], candidates: list[int], rounds: int = 5) -> dict[int, float]:
+def _time_candidates(run: Callable[[T], torch.Tensor], candidates: list[T], rounds: int = 10) -> dict[T, float]:
     """Fastest of ``rounds`` timings of ``run(candidate)`` for each candidate, taking turns."""
     for candidate in candidates:
         run(candidate)
@@ -411,31 +438,37 @@ def _time_candidates(run: Callable[[int], torch.Tensor], candidates: list[int], 
     return seconds
 
 
-def tune_entry_widths(model: nn.Module, images: list[torch.Tensor], tuning: WidthTuning = WidthTuning()) -> dict[str, dict[str, int]]:
+def tune_entries(model: nn.Module, images: list[torch.Tensor], tuning: EntryTuning = EntryTuning()) -> dict[str, dict[str, dict]]:
     """Run single ``images`` (in the layout the model will run in) through a dynamic model and,
-    for every codebook entry they use, keep the fastest convolution width (see
-    ``DynamicConv._tune_width``); outputs are unchanged. Returns, per layer, the padded entries as
-    {"<producer entry>_<entry>": padded width}."""
+    for every codebook entry they use, keep the fastest way to run its convolution (see
+    ``DynamicConv._tune_entry``); outputs are unchanged up to float rounding. Returns, per layer,
+    the entries that changed: {"<producer entry>_<entry>": {"own_width", "width", "kernel"}}."""
     convs = {name: m for name, m in model.named_modules() if isinstance(m, DynamicConv) and m.entry_rows}
     for conv in convs.values():  # a new call starts over (the layout may have changed since)
         for key in [key for key in conv._buffers if key.startswith("padded_")]:
             del conv._buffers[key]
         conv._tuned.clear()
+        conv._onednn.clear()
         conv._bind_packed()
-        conv.width_tuning = tuning
+        conv.tuning = tuning
     try:
         with torch.inference_mode():
             for image in images:
                 model(image)
     finally:
         for conv in convs.values():
-            conv.width_tuning = None
-    padded = {}
+            conv.tuning = None
+    changed = {}
     for name, conv in convs.items():
-        widths = {key.removeprefix("padded_weight_"): int(buffer.shape[0]) for key, buffer in conv._buffers.items() if key.startswith("padded_weight_")}
-        if widths:
-            padded[name] = widths
-    return padded
+        entries = {}
+        for p, row in enumerate(conv._entries):
+            for k, (weight, _, rows, _) in enumerate(row):
+                if weight.shape[0] != len(rows) or (p, k) in conv._onednn:
+                    entries[f"{p}_{k}"] = {"own_width": len(rows), "width": int(weight.shape[0]),
+                                           "kernel": "onednn" if (p, k) in conv._onednn else "default"}
+        if entries:
+            changed[name] = entries
+    return changed
 
 
 def dynamic_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:

@@ -9,7 +9,7 @@ from conftest import prune_tiny
 from manidp_cli.codebook import CodebookConfig, build_codebook, build_codebooks
 from manidp_cli.errors import ManidpError, RecipeError
 from manidp_cli import execute
-from manidp_cli.execute import DynamicConv, dynamic_model, tune_entry_widths
+from manidp_cli.execute import DynamicConv, dynamic_model, tune_entries
 from manidp_cli.gating import SaliencyGate, gates_of, insert_gates
 from manidp_cli.recipe import load_recipe
 from test_execute import _pruned as pruned_with_random_gates
@@ -192,25 +192,32 @@ def test_a_run_interrupted_while_training_snapped_resumes_to_identical_weights(t
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_width_tuning_pads_entries_with_zero_rows_and_keeps_the_outputs(monkeypatch, channels_last):
+def test_entry_tuning_pads_with_zero_rows_or_calls_onednn_and_keeps_the_outputs(monkeypatch, channels_last):
     model = _snapped("resnet18")
     fast = dynamic_model(model, (3, 64, 64))
     images = [torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(40 + i)) for i in range(3)]
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
         images = [image.contiguous(memory_format=torch.channels_last) for image in images]
-    # the widest candidate "measures" fastest, so every entry with room to grow is padded
-    monkeypatch.setattr(execute, "_time_candidates", lambda run, widths: {w: (run(w), -float(w))[1] for w in widths})
-    padded = tune_entry_widths(fast, images[:1])
-    assert padded and any(m.narrow_output for name, m in fast.named_modules() if name in padded)
-    for name, entries in padded.items():
+    # "measured": the widest candidate is fastest, and oneDNN wins among equal widths
+    def widest_then_onednn(run, candidates):
+        return {c: (run(c), -c[0] - 0.5 * (c[1] == "onednn"))[1] for c in candidates}
+    monkeypatch.setattr(execute, "_time_candidates", widest_then_onednn)
+    tuned = tune_entries(fast, images[:1])
+    assert tuned and any(m.narrow_output for name, m in fast.named_modules() if name in tuned)
+    for name, entries in tuned.items():
         conv = fast.get_submodule(name)
-        for key, width in entries.items():
-            rows = conv.entry_rows[int(key.split("_")[1])]
-            assert len(rows) < width <= min(conv.out_channels, len(rows) + 64) and width % 16 == 0
-            assert conv._buffers[f"padded_weight_{key}"][len(rows):].abs().sum() == 0
+        for key, choice in entries.items():
+            width = len(conv.entry_rows[int(key.split("_")[1])])
+            assert choice["own_width"] == width and choice["kernel"] == "onednn"
+            if choice["width"] > width:
+                assert choice["width"] <= min(conv.out_channels, width + 64) and choice["width"] % 16 == 0
+                assert conv._buffers[f"padded_weight_{key}"][width:].abs().sum() == 0
+    assert any(choice["width"] > choice["own_width"] for entries in tuned.values() for choice in entries.values())
     with torch.no_grad():
         for image in images:
             assert (fast(image) - model(image)).abs().max() <= 1e-4
-    monkeypatch.setattr(execute, "_time_candidates", lambda run, widths: {w: float(w) for w in widths})
-    assert tune_entry_widths(fast, images[:1]) == {}  # a new tuning starts over: nothing wins now
+    # a new tuning starts over: when the entry's own convolution is fastest nothing changes
+    monkeypatch.setattr(execute, "_time_candidates", lambda run, candidates: {c: c[0] + (c[1] == "onednn") for c in candidates})
+    assert tune_entries(fast, images[:1]) == {}
+    assert not any(key.startswith("padded_") for m in fast.modules() for key in m._buffers)
