@@ -109,32 +109,46 @@ def main() -> None:
         batches = [torch.randn(4, *shape) for _ in range(4)]
         measured = measure_flops(gated, count_flops(gated, shape), batches).mean_ratio
         snapped_measured = measure_flops(snapped, count_flops(snapped, shape), batches).mean_ratio
+        codebooks = {"codebook": snapped}
+        reference_gates = {}
+        if gate_reduction is not None:  # the same codebooks with the reference gates, for the gates' share
+            codebooks["codebook_reference_gates"], _, calibrated_ref = timing_model(
+                name, shape, args.target, codebook_entries=args.entries, channel_multiple=args.channel_multiple
+            )
+            reference = codebooks["codebook_reference_gates"]
+            measured_ref = measure_flops(reference, count_flops(reference, shape), batches).mean_ratio
+            reference_gates = {"flops_ratio_calibrated": calibrated_ref, "flops_ratio_measured": measured_ref}
         static = static_equivalent(gated, shape, batches)
         static_ratio = count_flops(static, shape).total_flops / count_flops(dense, shape).total_flops
         result = bench_models(gated, dense, shape, runs=runs, warmup=max(2, runs // 5), batch_size=args.batch_size,
-                              threads=args.threads, static=static, extra_dynamic={"codebook": snapped})
+                              threads=args.threads, static=static, extra_dynamic=codebooks)
         result.update(model=name, flops_ratio_calibrated=calibrated, flops_ratio_measured=measured,
                       codebook={"entries": args.entries, "channel_multiple": args.channel_multiple, "gate_reduction": gate_reduction,
-                                "flops_ratio_calibrated": snapped_calibrated, "flops_ratio_measured": snapped_measured},
+                                "flops_ratio_calibrated": snapped_calibrated, "flops_ratio_measured": snapped_measured,
+                                "reference_gates": reference_gates},
                       static_flops_ratio=static_ratio, profile_codebook=profile_dynamic(snapped, shape),
                       seconds=time.perf_counter() - started)
         results.append(result)
         v = result["variants"]
         print(f"{name} {size}px: dense {v[result['reference']]['latency_ms_median']:.2f} ms ({result['reference']}), "
               f"masked {v['masked']['latency_ratio']:.2f}x, dynamic {_best(v, 'dynamic')[1]:.2f}x, "
-              f"codebook {_best(v, 'codebook')[1]:.2f}x, static {_best(v, 'static')[1]:.2f}x "
+              f"codebook {_best(v, 'codebook')[1]:.2f}x"
+              + (f" (reference gates {_best(v, 'codebook_reference_gates')[1]:.2f}x)" if reference_gates else "")
+              + f", static {_best(v, 'static')[1]:.2f}x "
               f"(FLOPs: gated {measured:.3f}, codebook {snapped_measured:.3f}, static {static_ratio:.3f})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = args.out.with_name("speed_quick.json") if args.quick else args.out
     if args.cases and not args.quick and args.out == parser.get_default("out"):
         out = args.out.with_name("speed_" + "_".join(f"{m}-{s}" for m, s in cases) + ".json")
     out.write_text(json.dumps({"benchmark": "speed", "target": args.target, "threads": args.threads, "cases": results}, indent=1))
-    print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} {'dynamic':>12s} {'codebook':>12s} {'static':>12s}")
+    columns = ["dynamic", "codebook"] + (["codebook_reference_gates"] if gate_reduction is not None else []) + ["static"]
+    titles = {"codebook": f"codebook r={gate_reduction or 'ref'}", "codebook_reference_gates": "codebook r=ref"}
+    print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} " + " ".join(f"{titles.get(c, c):>14s}" for c in columns))
     for r in results:
         v = r["variants"]
-        cells = [f"{ratio:.2f}x ({layout})" for layout, ratio in (_best(v, n) for n in ("dynamic", "codebook", "static"))]
+        cells = [f"{ratio:.2f}x ({layout})" for layout, ratio in (_best(v, n) for n in columns)]
         print(f"{r['model'] + ' ' + str(r['input_shape'][-1]):16s} {v[r['reference']]['latency_ms_median']:9.2f} "
-              f"{v['masked']['latency_ratio']:6.2f}x {cells[0]:>12s} {cells[1]:>12s} {cells[2]:>12s}")
+              f"{v['masked']['latency_ratio']:6.2f}x " + " ".join(f"{cell:>14s}" for cell in cells))
     print(f"wrote {out}")
 
 
