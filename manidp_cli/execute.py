@@ -188,7 +188,10 @@ class DynamicConv(nn.Module):
         widest = min(self.out_channels, width + tuning.max_extra)
         widths = [width] + list(range(-(-(width + 1) // tuning.step) * tuning.step, widest + 1, tuning.step))
         backends = {"default": F.conv2d}
-        onednn_usable = torch.backends.mkldnn.is_available() and x.device.type == "cpu" and x.dtype == torch.float32
+        onednn_usable = (
+            torch.backends.mkldnn.is_available() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not isinstance(self.padding, str)  # nn.Conv2d's "same"/"valid" have no oneDNN spelling here
+        )
         if "onednn" in tuning.kernels and onednn_usable:
             backends["onednn"] = _onednn_conv2d
         candidates = [(wide, backend) for wide in widths for backend in backends]
