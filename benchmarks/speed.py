@@ -5,8 +5,9 @@ FLOPs (timing needs no training). For each (model, input size) it measures, in o
 folded, NCHW and channels-last; the faster is the reference), masked, dynamic with free masks
 (per-image gathers), dynamic with codebooks of ``--entries`` keep-sets per layer (gather-free;
 random gates of reduction ``--gate-reduction`` with codebooks learned on the random images and
-thresholds calibrated again; entry widths tuned by measurement), each in both layouts, and a
-statically slimmed network with the mean channel counts the gates keep.
+thresholds calibrated again; entries tuned by measurement; with ``--gate-reduction`` also a codebook
+network with the reference gates), each in both layouts, and a statically slimmed network with the
+mean channel counts the gates keep.
 It also profiles the codebook path (where the time goes) and writes
 ``benchmarks/results/speed.json``. Run on an otherwise idle machine:
 
@@ -111,7 +112,7 @@ def main() -> None:
         snapped_measured = measure_flops(snapped, count_flops(snapped, shape), batches).mean_ratio
         codebooks = {"codebook": snapped}
         reference_gates = {}
-        if gate_reduction is not None:  # the same codebooks with the reference gates, for the gates' share
+        if gate_reduction is not None:  # a codebook network with the reference gates: the gates' share of the time
             codebooks["codebook_reference_gates"], _, calibrated_ref = timing_model(
                 name, shape, args.target, codebook_entries=args.entries, channel_multiple=args.channel_multiple
             )
