@@ -54,16 +54,22 @@ def _after_norm(norm: nn.Module) -> nn.Module:
     return act if isinstance(act, nn.Module) else nn.Identity()
 
 
+def _copy_with_weights(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A hook-free copy of ``conv`` (its class, so timm's padded variants keep their padding) that
+    computes with ``weight`` and ``bias``."""
+    conv = copy.deepcopy(conv)
+    conv.weight = nn.Parameter(weight, requires_grad=False)
+    conv.bias = nn.Parameter(bias, requires_grad=False)
+    conv._forward_pre_hooks.clear()
+    return conv
+
+
 class FoldedConv(nn.Module):
     """A convolution with its BatchNorm folded in (timm's padded variants keep their padding)."""
 
     def __init__(self, conv: nn.Conv2d, norm: nn.Module):
         super().__init__()
-        weight, bias = fold_batchnorm(conv, norm)
-        self.conv = copy.deepcopy(conv)
-        self.conv.weight = nn.Parameter(weight, requires_grad=False)
-        self.conv.bias = nn.Parameter(bias, requires_grad=False)
-        self.conv._forward_pre_hooks.clear()
+        self.conv = _copy_with_weights(conv, *fold_batchnorm(conv, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -79,13 +85,11 @@ class DynamicConv(nn.Module):
         self.register_buffer("bias", bias.contiguous())
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.same_padding = type(conv).__name__ == "Conv2dSame"
+        self.functional_padding = 0 if self.same_padding else conv.padding  # Conv2dSame pads in _pad
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
         self.gate = gate
-        self.conv = copy.deepcopy(conv)  # the masked path for batches and grouped convolutions
-        self.conv.weight = nn.Parameter(weight, requires_grad=False)
-        self.conv.bias = nn.Parameter(bias, requires_grad=False)
-        self.conv._forward_pre_hooks.clear()
+        self.conv = _copy_with_weights(conv, weight, bias)  # the masked path for batches and grouped convolutions
         # Narrow chaining: when this layer's output reaches exactly one gated convolution through
         # element-wise activations only, it hands over the kept channels alone and that consumer
         # reads them with the producer's index, skipping the scatter, the zero-channel scan and the
@@ -158,19 +162,22 @@ class DynamicConv(nn.Module):
         producer_entry = self._producer[0].last_entry if self.packed_inputs else 0
         hidden = torch.relu(x.mean(dim=(2, 3)) @ self._gate_hidden[producer_entry])
         saliency = torch.addmm(self.gate_out_bias, hidden, self.gate_out).clamp_(0.0, self.gate.max_saliency)
-        entries = self._entries[producer_entry]
-        entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax()) if len(entries) > 1 else 0
+        entry = self._choose_entry(saliency)
         if self.tuning is not None and (producer_entry, entry) not in self._tuned:
             self._tune_entry(x, producer_entry, entry)
-            entries = self._entries[producer_entry]
-        weight, bias, rows, convolve = entries[entry]
-        padding = 0 if self.same_padding else self.padding
-        narrow = convolve(self._pad(x), weight, bias, self.stride, padding, self.dilation)
+        weight, bias, rows, convolve = self._entries[producer_entry][entry]
+        narrow = convolve(self._pad(x), weight, bias, self.stride, self.functional_padding, self.dilation)
         if weight.shape[0] != len(rows):  # padded by tuning: the extra rows are zero, drop them
             narrow = narrow[:, : len(rows)]
         narrow.mul_(saliency.index_select(1, rows).view(1, -1, 1, 1))
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
+
+    def _choose_entry(self, saliency: torch.Tensor) -> int:
+        """``SaliencyGate.entry`` for one image, over the packed scores (one matrix-vector product)."""
+        if len(self.entry_rows) == 1:
+            return 0
+        return int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax())
 
     def _tune_entry(self, x: torch.Tensor, producer_entry: int, entry: int) -> None:
         """Time this entry's convolution on ``x`` at its own width and at wider ones (extra rows of
@@ -190,15 +197,15 @@ class DynamicConv(nn.Module):
         backends = {"default": F.conv2d}
         onednn_usable = (
             torch.backends.mkldnn.is_available() and x.device.type == "cpu" and x.dtype == torch.float32
-            and not isinstance(self.padding, str)  # nn.Conv2d's "same"/"valid" have no oneDNN spelling here
+            and not isinstance(self.functional_padding, str)  # nn.Conv2d's "same"/"valid" have no oneDNN spelling here
         )
         if "onednn" in tuning.kernels and onednn_usable:
             backends["onednn"] = _onednn_conv2d
         candidates = [(wide, backend) for wide in widths for backend in backends]
         if len(candidates) == 1:
             return
-        source, padding = self._pad(x), 0 if self.same_padding else self.padding
-        layout = torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        source = self._pad(x)
+        layout = _memory_format_of(x)
         padded = {}
         for wide in widths:
             padded_weight = _zeros_in_layout_of(weight, (wide, *weight.shape[1:]))
@@ -207,7 +214,7 @@ class DynamicConv(nn.Module):
 
         def run(candidate: tuple[int, str]) -> torch.Tensor:
             wide, backend = candidate
-            out = backends[backend](source, *padded[wide], self.stride, padding, self.dilation)[:, :width]
+            out = backends[backend](source, *padded[wide], self.stride, self.functional_padding, self.dilation)[:, :width]
             # a consumer reads a narrow output contiguously: the copy a padded one needs counts too
             return out.contiguous(memory_format=layout) if self.narrow_output and wide != width else out
 
@@ -259,7 +266,6 @@ class DynamicConv(nn.Module):
             return self._emit(x.new_zeros(1, 0, height, width), kept, height, width)
         if not narrow_input:
             active = x[0].flatten(1).abs().amax(dim=1).nonzero().flatten()
-        padding = 0 if self.same_padding else self.padding
         source = self._pad(x)
         if self.depthwise:
             # kept channels whose input is entirely zero output their (folded) bias alone
@@ -270,7 +276,7 @@ class DynamicConv(nn.Module):
             if len(both):
                 narrow = F.conv2d(
                     source.index_select(1, both), self.weight.index_select(0, both), self.bias.index_select(0, both),
-                    self.stride, padding, self.dilation, len(both),
+                    self.stride, self.functional_padding, self.dilation, len(both),
                 )
                 out[0, both] = narrow[0] * scale.index_select(0, both)[:, None, None]
             return out
@@ -282,17 +288,16 @@ class DynamicConv(nn.Module):
             elif not narrow_input:
                 active = None
             weight = self._gather_weight(kept, active)
-            narrow = F.conv2d(source, weight, self.bias.index_select(0, kept), self.stride, padding, self.dilation)
+            narrow = F.conv2d(source, weight, self.bias.index_select(0, kept), self.stride, self.functional_padding, self.dilation)
         return self._emit(narrow * scale.index_select(0, kept)[None, :, None, None], kept, height, width)
 
     def _run_entry_gathered(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """One image through its codebook entry when its input is the narrow output of a producer
         without a codebook: the entry's weights gathered to the producer's kept channels."""
-        entry = int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax()) if len(self.entry_rows) > 1 else 0
+        entry = self._choose_entry(saliency)
         rows = self.entry_rows[entry]
         weight = self._buffers[f"weight_0_{entry}"].index_select(1, self._producer[0].last_kept)
-        padding = 0 if self.same_padding else self.padding
-        narrow = F.conv2d(self._pad(x), weight, self._buffers[f"bias_{entry}"], self.stride, padding, self.dilation)
+        narrow = F.conv2d(self._pad(x), weight, self._buffers[f"bias_{entry}"], self.stride, self.functional_padding, self.dilation)
         narrow.mul_(saliency.index_select(1, rows).view(1, -1, 1, 1))
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
@@ -302,7 +307,6 @@ class DynamicConv(nn.Module):
         an entry over all input channels are gathered once per batch); full-width output."""
         saliency = self.gate(x)
         entries = self.gate.entry(saliency)
-        padding = 0 if self.same_padding else self.padding
         source = self._pad(x)
         out = None
         for entry in entries.unique().tolist():
@@ -310,7 +314,7 @@ class DynamicConv(nn.Module):
             rows = self.entry_rows[entry]
             narrow = F.conv2d(
                 source.index_select(0, images), self.weight.index_select(0, rows),
-                self._buffers[f"bias_{entry}"], self.stride, padding, self.dilation,
+                self._buffers[f"bias_{entry}"], self.stride, self.functional_padding, self.dilation,
             )
             narrow = narrow.mul_(saliency[images][:, rows].to(narrow.dtype)[:, :, None, None])
             if out is None:
@@ -342,12 +346,16 @@ class DynamicConv(nn.Module):
         return sizes[0], sizes[1]
 
 
+def _memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
+    """channels-last for a 4-d tensor laid out that way (and not also contiguous), else contiguous."""
+    channels_last = tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _zeros_in_layout_of(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Zeros of ``shape`` in ``tensor``'s memory layout (channels-last or contiguous), allocated in it
     directly: a full-width tensor the narrow result is scattered into."""
-    channels_last = tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=tensor.dtype, device=tensor.device, memory_format=layout).zero_()
+    return torch.empty(shape, dtype=tensor.dtype, device=tensor.device, memory_format=_memory_format_of(tensor)).zero_()
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
