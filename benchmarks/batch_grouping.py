@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from manidp_cli.bench import timing_model
+from manidp_cli.bench import interleaved_latency, timing_model
 from manidp_cli.execute import dynamic_model, folded_model
 
 ROOT = Path(__file__).resolve().parent
@@ -34,15 +33,8 @@ def measure(name: str, size: int, batch_size: int, target: float, entries: int, 
         "grouped": dynamic_model(gated, shape).to(memory_format=layout),
     }
     batch = torch.randn(batch_size, *shape).contiguous(memory_format=layout)
-    times: dict[str, list[float]] = {key: [] for key in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model(batch)
-        for _ in range(rounds):
-            for key, model in models.items():
-                start = time.perf_counter()
-                model(batch)
-                times[key].append(time.perf_counter() - start)
+    # whole batches, the variants taking turns (the helper's warm-up round included)
+    times = interleaved_latency({key: (model, batch) for key, model in models.items()}, rounds, 1)
     throughput = {key: batch_size / statistics.median(values) for key, values in times.items()}
     return {
         "model": name, "input_size": size, "batch_size": batch_size, "flops_ratio": flops, "entries": entries,

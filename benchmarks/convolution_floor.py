@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from manidp_cli.bench import timing_model
+from manidp_cli.bench import interleaved_latency, timing_model
 from manidp_cli.execute import dynamic_model, folded_model, tune_entries
 
 ROOT = Path(__file__).resolve().parent
@@ -70,31 +69,23 @@ def main() -> None:
     codebook = dynamic_model(snapped, shape).to(memory_format=torch.channels_last)
     tune_entries(codebook, [image])
     replays = {name: recorded_convolutions(model, image) for name, model in (("dense", dense_model), ("codebook", codebook))}
+    # each workload takes the image argument interleaved_latency passes (the replays ignore it)
     workloads = {
-        "dense": lambda: dense_model(image),
-        "dense_convolutions": lambda: [F.conv2d(*call) for call in replays["dense"]],
-        "codebook": lambda: codebook(image),
-        "codebook_convolutions": lambda: [F.conv2d(*call) for call in replays["codebook"]],
+        "dense": (dense_model, image),
+        "dense_convolutions": (lambda _: [F.conv2d(*call) for call in replays["dense"]], image),
+        "codebook": (codebook, image),
+        "codebook_convolutions": (lambda _: [F.conv2d(*call) for call in replays["codebook"]], image),
     }
     repeats = []
-    with torch.inference_mode():
-        for _ in range(args.repeats):
-            times = {name: [] for name in workloads}
-            for _ in range(3):
-                for work in workloads.values():
-                    work()
-            for _ in range(args.runs):
-                for name, work in workloads.items():
-                    start = time.perf_counter()
-                    work()
-                    times[name].append(time.perf_counter() - start)
-            ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-            repeats.append({**ms, "whole_ratio": ms["codebook"] / ms["dense"],
-                            "convolutions_ratio": ms["codebook_convolutions"] / ms["dense_convolutions"]})
-            r = repeats[-1]
-            print(f"dense {r['dense']:.1f} ms (convolutions {r['dense_convolutions']:.1f}) | codebook {r['codebook']:.1f} ms "
-                  f"(convolutions {r['codebook_convolutions']:.1f}) | ratio whole {r['whole_ratio']:.3f}, "
-                  f"convolutions only {r['convolutions_ratio']:.3f}", flush=True)
+    for _ in range(args.repeats):
+        times = interleaved_latency(workloads, args.runs, 3)
+        ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+        repeats.append({**ms, "whole_ratio": ms["codebook"] / ms["dense"],
+                        "convolutions_ratio": ms["codebook_convolutions"] / ms["dense_convolutions"]})
+        r = repeats[-1]
+        print(f"dense {r['dense']:.1f} ms (convolutions {r['dense_convolutions']:.1f}) | codebook {r['codebook']:.1f} ms "
+              f"(convolutions {r['codebook_convolutions']:.1f}) | ratio whole {r['whole_ratio']:.3f}, "
+              f"convolutions only {r['convolutions_ratio']:.3f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "convolution_floor", "model": args.model, "input_shape": list(shape),
                                     "gate_reduction": args.gate_reduction or None, "threads": args.threads,
