@@ -23,3 +23,7 @@ class DataError(ManidpError):
 
 class TargetError(ManidpError):
     """An out-of-range numeric target, e.g. --target-flops outside (0, 1)."""
+
+
+class OutputError(ManidpError):
+    """An output path that cannot be written safely (in use, not empty, a run's own file, disk full)."""

@@ -10,7 +10,6 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,28 +18,20 @@ from torch import nn
 
 from manidp_cli import __version__, cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 from manidp_cli.errors import WeightsError
+from manidp_cli.files import atomic_write_bytes, atomic_write_text  # noqa: F401  (atomic_write_text: re-exported)
 from manidp_cli.gating import GatePolicy, insert_gates
 
 MODEL_FILE = "model.safetensors"
 METADATA_KEY = "manidp"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
     """Write ``model``'s state dict to ``path`` (.safetensors) atomically, metadata as JSON."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     meta = {METADATA_KEY: json.dumps({**metadata, "manidp_version": __version__}), "format": "pt"}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def _model_file(path: Path) -> Path:

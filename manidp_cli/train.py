@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -88,9 +87,11 @@ def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.SGD
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through files.atomic_write: a full disk leaves the previous checkpoint as it was
+    and no temporary file behind."""
+    from manidp_cli.files import atomic_write
+
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
