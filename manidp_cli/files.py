@@ -180,23 +180,47 @@ def _lock_holder(handle: int) -> str:
     return "pid unknown"
 
 
-@contextlib.contextmanager
-def run_folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` for a whole run; a second run on the same folder fails
-    at once. The kernel releases a flock when its process dies, so a killed run leaves no stale lock."""
-    folder = Path(folder)
+def _open_lock(lock: Path) -> int:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
-        raise OutputError(f"cannot lock {folder / LOCK_FILE}: {exc.strerror or exc}") from exc
-    try:
+        raise OutputError(f"cannot lock {lock}: {exc.strerror or exc}") from exc
+
+
+def _acquire(lock: Path) -> int:
+    """The descriptor of ``lock``, flocked. The lock file is removed when a run ends; a run that
+    opened it just before that holds a lock on a removed file, so it checks and opens it again."""
+    while True:
+        handle = _open_lock(lock)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputError(f"{folder} is in use by another manidp run ({_lock_holder(handle)})") from None
+            holder = _lock_holder(handle)
+            os.close(handle)
+            raise OutputError(f"{lock.parent} is in use by another manidp run ({holder})") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(handle).st_ino:
+                return handle
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` for a whole run; a second run on the same folder fails
+    at once. The kernel releases a flock when its process dies, so a killed run leaves no stale
+    lock (only the lock file, which the next run reuses)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {folder}: {exc.strerror or exc}") from exc
+    lock = folder / LOCK_FILE
+    handle = _acquire(lock)
+    try:
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still holding the lock: see _acquire
         os.close(handle)  # releases the lock

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -23,9 +24,10 @@ from torch import nn
 
 from manidp_cli.data import ImageData, load_data
 from manidp_cli.distributed import World, joined
-from manidp_cli.errors import ManidpError, TargetError
+from manidp_cli.errors import ManidpError, OutputError, TargetError
 from manidp_cli.evaluation import Evaluation, evaluate
 from manidp_cli.export import MODEL_FILE, atomic_write_text, save_model
+from manidp_cli.files import remove_stale_temporaries, run_folder_lock
 from manidp_cli.flops import FLOP_CONVENTION, CostTable, count_flops
 from manidp_cli.gating import GateSet, insert_gates
 from manidp_cli.losses import ManiDPLoss
@@ -52,6 +54,7 @@ class Job:
     table: CostTable
     gates: GateSet | None
     resumed: dict[str, Any] | None  # the checkpoint being resumed, read once
+    resumed_identity: tuple[int, int, int] | None = None  # that checkpoint file as it was read (see _check_unchanged)
 
     @property
     def resume(self) -> bool:
@@ -100,6 +103,7 @@ def prepare(
         checkpoint = out_dir / CHECKPOINT_FILE
         if not checkpoint.is_file():
             raise ManidpError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
+        resumed_identity = _file_identity(checkpoint)
         resumed = load_checkpoint(checkpoint)
         extra = resumed["extra"]
         if extra.get("kind") != kind:
@@ -110,7 +114,7 @@ def prepare(
         if model_name is None:
             raise ManidpError("a MODEL name is required")
         check_model_name(model_name)
-        resumed = None
+        resumed, resumed_identity = None, None
         recipe = load_recipe(recipe_path, overrides)
         out_dir = out_dir or default_out_dir(kind, model_name)
         if (out_dir / CHECKPOINT_FILE).exists() or (out_dir / MODEL_FILE).exists():
@@ -129,7 +133,45 @@ def prepare(
     )
     gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if kind == "prune" else None
     table = count_flops(model, data.input_shape)
-    return Job(kind, model_name, model, data, recipe, out_dir, weights_source, table, gates, resumed)
+    return Job(kind, model_name, model, data, recipe, out_dir, weights_source, table, gates, resumed, resumed_identity)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _check_unchanged(job: Job) -> None:
+    """Under the folder's lock, what ``prepare`` found must still hold: another run may have
+    written the folder between the two (prepare reads without a lock)."""
+    if job.resume and _file_identity(job.checkpoint) != job.resumed_identity:
+        raise ManidpError(f"{job.checkpoint} changed after it was read (another run used {job.out_dir}); run --resume again")
+    if not job.resume and (job.checkpoint.exists() or (job.out_dir / MODEL_FILE).exists()):
+        raise ManidpError(f"{job.out_dir} already holds a run: pass --resume to continue it, or another --out")
+
+
+@contextlib.contextmanager
+def _out_dir_held(job: Job, world: World):
+    """The output folder, locked by the main process for the whole run; every process learns
+    whether that worked, so none is left waiting for a partner that gave up."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if world.is_main:
+            try:
+                stack.enter_context(run_folder_lock(job.out_dir))
+                _check_unchanged(job)
+                remove_stale_temporaries(job.out_dir)
+            except ManidpError as exc:
+                problem = exc
+        problems = world.all_gather_object(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        if problems[0] is not None:
+            raise ManidpError(problems[0])
+        yield
 
 
 def _objective(job: Job, world: World):
@@ -213,8 +255,13 @@ def run(
     Under torchrun every process calls this; rank 0 alone writes, all ranks return the same result.
     """
     world = World.from_env(job.recipe.device)
-    with joined(world):
-        return _run(job, world, on_step, on_epoch)
+    with joined(world), _out_dir_held(job, world):
+        try:
+            return _run(job, world, on_step, on_epoch)
+        except OutputError as exc:  # a full disk: the last checkpoint is intact, nothing is lost
+            if not job.checkpoint.is_file():
+                raise
+            raise OutputError(f"{exc}; once there is room, continue with --resume --out {job.out_dir}") from exc
 
 
 def _run(job: Job, world: World, on_step, on_epoch) -> RunResult:
