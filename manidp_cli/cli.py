@@ -11,8 +11,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from manidp_cli import __version__
+
+try:  # recent Typer ships its own copy of Click, whose exceptions are these
+    from typer._click import exceptions as click_errors
+except ImportError:  # older Typer runs on Click itself
+    from click import exceptions as click_errors
 
 app = typer.Typer(
     name="manidp",
@@ -122,7 +128,7 @@ def _print_result(result) -> None:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Argument(help="timm model name, e.g. resnet18")],
+    model: Annotated[Optional[str], typer.Argument(help="timm model name, e.g. resnet18 (with --resume: read from the checkpoint)")] = None,
     recipe: RecipeOpt = None,
     data: DataOpt = None,
     weights: WeightsOpt = None,
@@ -139,21 +145,40 @@ def train(
     """Train a dense starting point (plain cross-entropy) and export it as safetensors."""
     _train_or_prune(
         "train", model, recipe, weights, out, resume, data=data, epochs=epochs, batch_size=batch_size,
-        seed=seed, optimizer={"lr": lr} if lr else None, device=device, amp=amp, channels_last=channels_last,
+        seed=seed, optimizer={"lr": lr} if lr is not None else None, device=device, amp=amp, channels_last=channels_last,
     )
 
 
 def _train_or_prune(kind, model, recipe, weights, out, resume, **overrides) -> None:
     from manidp_cli.pipeline import prepare
 
-    job = prepare(kind, model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume)
-    _print_plan(job)
-    _print_result(_run_with_progress(job))
+    job = None
+    try:
+        job = prepare(kind, model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume)
+        _print_plan(job)
+        result = _run_with_progress(job)
+    except KeyboardInterrupt:  # before the first step, or a second Ctrl-C: say what is left
+        _print_abort(job)
+        raise typer.Exit(130) from None
+    _print_result(result)
+
+
+def _print_abort(job) -> None:
+    if job is not None and job.checkpoint.is_file():
+        err_console.print(
+            f"interrupted: the last checkpoint (written at the end of an epoch) is kept in {job.out_dir}; "
+            f"continue with --resume --out {job.out_dir}", highlight=False, markup=False, soft_wrap=True,
+        )
+    else:
+        err_console.print(
+            "interrupted before the first checkpoint: nothing to resume; run the command again to start over",
+            highlight=False, markup=False, soft_wrap=True,
+        )
 
 
 @app.command()
 def prune(
-    model: Annotated[str, typer.Argument(help="timm model name, e.g. resnet34")],
+    model: Annotated[Optional[str], typer.Argument(help="timm model name, e.g. resnet34 (with --resume: read from the checkpoint)")] = None,
     target_flops: Annotated[Optional[float], typer.Option("--target-flops", help="Fraction of dense FLOPs to keep on average, 0 < F < 1.")] = None,
     recipe: RecipeOpt = None,
     data: DataOpt = None,
@@ -174,7 +199,7 @@ def prune(
     """
     _train_or_prune(
         "prune", model, recipe, weights, out, resume, target_flops=target_flops, data=data, epochs=epochs,
-        batch_size=batch_size, seed=seed, optimizer={"lr": lr} if lr else None, device=device, amp=amp,
+        batch_size=batch_size, seed=seed, optimizer={"lr": lr} if lr is not None else None, device=device, amp=amp,
         channels_last=channels_last,
     )
 
@@ -363,7 +388,38 @@ def main() -> None:
     if os.environ.get("RANK", "0") != "0":
         console.quiet = True  # under torchrun only rank 0 prints; errors still reach stderr
     try:
-        app()
+        code = app(standalone_mode=False)  # Click's own error boxes are replaced by one line below
     except ManidpError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _print_error(_one_line(exc))
         sys.exit(2)
+    except click_errors.NoArgsIsHelpError as exc:  # Typer's Rich help is printed as it is built
+        if exc.format_message():
+            console.print(exc.format_message(), markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except click_errors.UsageError as exc:  # a bad flag or value: --epochs 0, --target-flops abc
+        command = exc.ctx.command_path if exc.ctx is not None else "manidp"
+        _print_error(f"{_one_line(exc.format_message())} (see `{command} --help`)")
+        sys.exit(exc.exit_code)
+    except click_errors.ClickException as exc:
+        _print_error(_one_line(exc.format_message()))
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        _print_error("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # without standalone mode Click returns exit codes
+
+
+def _one_line(message: object) -> str:
+    """The message on one line, capped; the exception's type when the message is empty."""
+    from manidp_cli.inputs import capped
+
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    return capped(text, 1000)
+
+
+def _print_error(message: str) -> None:
+    text = Text("error:", style="bold red")
+    text.append(" " + message)  # plain text: a user value such as "[/x]" is not Rich markup
+    err_console.print(text, highlight=False, soft_wrap=True)
