@@ -21,10 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from manidp_cli.codebook import CodebookConfig
 from manidp_cli.errors import RecipeError
 from manidp_cli.gating import GatePolicy
+from manidp_cli.inputs import capped, exception_text, is_file
+
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; anything this big is not one
+MAX_ALIASES = 32  # YAML aliases (*name) per document
+MAX_VALUES = 10_000  # values in a document once its aliases are expanded
+MAX_SEED = 2**32 - 1  # torch generators take 64 bits and the data order uses seed * 100003 + epoch
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf/nan are never meaningful settings: --lr inf trained a NaN model to a "successful" export
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class OptimizerConfig(_Section):
@@ -65,7 +72,7 @@ class Recipe(_Section):
     train_images: int | None = Field(None, ge=1, description="images per epoch (a fresh random subset each epoch); None: all")
     eval_batch_size: int = Field(256, ge=1)
     target_flops: float = Field(0.45, gt=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False  # bf16 autocast for the forward pass; loss terms stay fp32
     channels_last: bool = False
@@ -103,16 +110,84 @@ def _merge(base: dict, child: dict) -> dict:
     return merged
 
 
+class _YamlTooLarge(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that counts aliases: a few hundred bytes of nested aliases otherwise expand to
+    millions of values ("billion laughs"), and every later step (validation, error messages) pays."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise _YamlTooLarge(f"more than {MAX_ALIASES} aliases (*name)")
+        return super().compose_node(parent, index)
+
+
+def _expanded_values(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values ``node`` holds with its aliases expanded, counted once per shared node."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise _YamlTooLarge("an alias that contains itself")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_values(child, sizes, open_nodes)
+        if total > MAX_VALUES:
+            raise _YamlTooLarge(f"more than {MAX_VALUES} values once its aliases are expanded")
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of ``text`` within the alias and size budget; RecipeError naming ``source``
+    otherwise."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_values(node, {}, set())
+        return loader.construct_document(node)
+    except _YamlTooLarge as exc:
+        raise RecipeError(f"{source} is refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source} is not valid YAML: {capped(' '.join(str(exc).split()), 400)}") from None
+    except RecursionError:
+        raise RecipeError(f"{source} is refused: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    if not is_file(path, "recipe"):
+        raise RecipeError(f"recipe file {capped(path)} not found")
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {capped(path)} is {size} bytes; a recipe is a small YAML file (at most {MAX_RECIPE_BYTES})")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {capped(path)} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {capped(path)}: {exc.strerror or exception_text(exc)}") from None
+
+
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.expanduser().resolve()
     if path in seen:
-        raise RecipeError(f"recipe {path} extends itself (through {' -> '.join(map(str, seen))})")
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+        raise RecipeError(f"recipe {capped(path)} extends itself (through {capped(' -> '.join(map(str, seen)), 1000)})")
+    raw = parse_yaml(_read_text(path), f"recipe {capped(path)}") or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
     parent = raw.pop("extends", None)
@@ -128,18 +203,29 @@ def _describe(error: ValidationError) -> str:
         if not where:  # a rule across keys: its message names them
             parts.append(item["msg"].removeprefix("Value error, "))
         elif item["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{where}'")
+            parts.append(f"unknown key '{capped(where)}'")
         else:
-            parts.append(f"'{where}': {item['msg']} (got {item.get('input')!r})")
-    return "; ".join(parts)
+            parts.append(f"'{capped(where)}': {item['msg']} (got {capped(repr(item.get('input')))})")
+    return capped("; ".join(parts), 1000)
+
+
+def explicit_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a recipe file (with the files it extends) and the flags state, merged but not validated
+    and without defaults: ``--resume`` compares exactly these with the run's stored recipe."""
+    raw = _read(Path(path)) if path is not None else {}
+    return _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def validate_recipe(raw: Any, source: str) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source} must be a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_describe(exc)}") from exc
 
 
 def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read, merge and validate a recipe; ``None`` gives the built-in defaults (recipes/default.yaml)."""
-    raw = _read(Path(path)) if path is not None else {}
-    raw = _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        source = f"recipe {path}" if path is not None else "settings"
-        raise RecipeError(f"{source}: {_describe(exc)}") from exc
+    source = f"recipe {capped(path)}" if path is not None else "settings"
+    return validate_recipe(explicit_settings(path, overrides), source)
