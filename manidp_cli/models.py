@@ -17,6 +17,7 @@ from torch import nn
 from manidp_cli import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 from manidp_cli.errors import ModelError, WeightsError
 from manidp_cli.gating import GATE_PREFIX
+from manidp_cli.inputs import capped, exception_text, is_file
 
 HUB_HOST = "huggingface.co"
 
@@ -35,8 +36,8 @@ def check_model_name(name: str) -> None:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or a torch file loaded with ``weights_only=True``."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found")
+    if not is_file(path, "weights file"):
+        raise WeightsError(f"weights file {capped(path)} not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -44,7 +45,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure means the file is not usable weights
-        raise WeightsError(f"cannot read weights {path}: {str(exc).splitlines()[0]}") from exc
+        raise WeightsError(f"cannot read weights {capped(path)}: {exception_text(exc)}") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -110,7 +111,7 @@ def create_model(
         try:
             return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
         except Exception as exc:
-            raise WeightsError(f"cannot fetch pretrained weights for {name}: {str(exc).splitlines()[0]}") from exc
+            raise WeightsError(f"cannot fetch pretrained weights for {name}: {exception_text(exc)}") from exc
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     if weights is not None:
         load_weights(model, weights)
@@ -138,4 +139,16 @@ def load_weights(model: nn.Module, path: Path) -> None:
     ]
     if missing:
         raise WeightsError(f"{path} does not fit {type(model).__name__}: missing key {missing[0]!r} ({len(missing)} missing)")
+    _check_finite(state, path)
     model.load_state_dict(state, strict=False)
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite starting weights: training from them gives a NaN model, which used
+    to be exported as a success."""
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise WeightsError(
+            f"{capped(path)} holds non-finite values (NaN or infinity) in {len(broken)} tensor(s), first {capped(broken[0])!r}: "
+            f"these weights cannot be trained; use the weights of a run that finished"
+        )
