@@ -233,11 +233,17 @@ def bench_export(
     static_dir: str | Path | None = None,
 ) -> dict:
     """``manidp bench`` of an export at the input size recorded in it."""
+    from manidp_cli.errors import WeightsError
     from manidp_cli.export import load_pruned
+    from manidp_cli.static import load_static
 
+    # the static network is rebuilt from its weights and config, never unpickled from model.pt2
+    static, static_config = load_static(static_dir) if static_dir else (None, None)
     gated, info = load_pruned(path)
+    if static_config is not None and static_config["input_shape"] != info.input_shape:
+        raise WeightsError(f"--static {static_dir} takes {static_config['input_shape']} images, {info.path} {info.input_shape}")
     dense = dense_twin(gated, info.metadata["model"], info.metadata["model_kwargs"])
-    static = torch.export.load(str(Path(static_dir) / "model.pt2")).module() if static_dir else None
+    static = folded_model(static, info.input_shape) if static is not None else None
     result = bench_models(
         gated, dense, info.input_shape, runs=runs, warmup=warmup, batch_size=batch_size, threads=threads, static=static
     )

@@ -292,6 +292,14 @@ def report(
 
     if fmt not in ("table", "json", "csv", "markdown"):
         raise ManidpError(f"unknown --format {fmt!r}; valid: table, json, csv, markdown")
+    if out is not None:  # checked before the report is computed, which can take minutes with --data
+        from manidp_cli.files import check_output_file
+
+        out = check_output_file(out, "--out")
+    if plots is not None:
+        from manidp_cli.inputs import check_writable_folder
+
+        plots = check_writable_folder(plots, "--plots")
     if Path(target).expanduser().exists():
         result = flops_report(target, data=data, limit=limit)
     else:

@@ -57,9 +57,9 @@ def _fsync_folder(folder: Path) -> None:
             os.close(handle)
 
 
-def _write_error(path: Path, exc: OSError) -> OutputError:
+def _write_error(path: Path, exc: OSError, outcome: str = "was not replaced") -> OutputError:
     reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-    return OutputError(f"cannot write {path}: {reason}; {path} was not replaced")
+    return OutputError(f"cannot write {path}: {reason}; {path} {outcome}")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -120,32 +120,44 @@ def _same_path(a: Path, b: Path) -> bool:
 def check_new_folder(folder: Path, option: str, source: Path | None = None) -> Path:
     """Refuse an output folder that is a file, the ``source`` it is made from, or anything but empty
     (it would mix with, or destroy, what is there). Writes nothing."""
-    folder = Path(folder).expanduser()
-    source_folder = None if source is None else (Path(source) if Path(source).is_dir() else Path(source).parent)
-    if source_folder is not None and _same_path(folder, source_folder):
-        raise OutputError(f"{option} {folder} is the export being read; give a new folder")
-    if folder.is_symlink() and not folder.exists():
-        raise OutputError(f"{option} {folder} is a dangling symbolic link; give a new folder")
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{option} {folder} is a file; give a new (or empty) folder")
-    if folder.is_dir() and any(folder.iterdir()):
+    from manidp_cli.inputs import capped, check_writable_folder, is_dir
+
+    folder = check_writable_folder(folder, option)  # a file, below a file, not writable
+    if source is not None:
+        source = Path(source).expanduser()
+        if _same_path(folder, source if is_dir(source, "EXPORT") else source.parent):
+            raise OutputError(f"{option} {capped(folder)} is the export being read; give a new folder")
+    if os.path.islink(folder) and not is_dir(folder, option):
+        raise OutputError(f"{option} {capped(folder)} is a dangling symbolic link; give a new folder")
+    if is_dir(folder, option) and any(os.scandir(folder)):
         what = "a manidp run or export" if holds_run(folder) else "files"
-        raise OutputError(f"{option} {folder} already holds {what}; give a new (or empty) folder")
+        raise OutputError(f"{option} {capped(folder)} already holds {what}; give a new (or empty) folder")
     return folder
 
 
 def check_output_file(path: Path, option: str) -> Path:
     """Refuse an output file that is a folder, has no folder to go in, holds weights, or would
     replace a file of a manidp run or export. Writes nothing."""
+    from manidp_cli.inputs import capped, is_dir
+
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise OutputError(f"{option} {path} is a folder; give a file name, e.g. {path / 'report.json'}")
-    if not path.parent.is_dir():
-        raise OutputError(f"{option} {path}: folder {path.parent} does not exist")
+    if is_dir(path, option):
+        raise OutputError(f"{option} {capped(path)} is a folder; give a file name, e.g. {capped(path / 'report.json')}")
+    if not is_dir(path.parent, option):
+        raise OutputError(f"{option} {capped(path)}: folder {capped(path.parent)} does not exist")
     if path.suffix in WEIGHT_SUFFIXES:
-        raise OutputError(f"{option} {path} names a weights file; give a report file name (.json, .csv, .md)")
+        raise OutputError(f"{option} {capped(path)} names a weights file; give a report file name (.json, .csv, .md)")
     if path.name in RUN_FILES and holds_run(path.parent):
-        raise OutputError(f"{option} {path} would overwrite a file of the manidp run in {path.parent}; give another file")
+        raise OutputError(f"{option} {capped(path)} would overwrite a file of the manidp run in {capped(path.parent)}; give another file")
+    return path
+
+
+def write_new_file(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Create ``path`` (which must not exist: never through a link) with what ``write`` writes."""
+    with open(path, "xb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 
@@ -162,13 +174,13 @@ def staged_folder(folder: Path) -> Iterator[Path]:
             yield stage
             _fsync_folder(stage)
         except OSError as exc:  # a full disk while writing the files
-            raise _write_error(folder, exc) from exc
+            raise _write_error(folder, exc, "was not created") from exc
         try:
             os.rename(stage, folder)  # atomic; refuses a folder that is no longer empty
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise OutputError(f"{folder} was filled by someone else meanwhile; nothing written to it") from exc
-            raise _write_error(folder, exc) from exc
+            raise _write_error(folder, exc, "was not created") from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     _fsync_folder(folder.parent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from manidp_cli.files import atomic_write
 from manidp_cli.report import FlopsReport
 
 FIGSIZE = (10, 4.5)
@@ -24,8 +25,7 @@ def write_plots(report: FlopsReport, folder: Path) -> list[Path]:
     paths = []
 
     def save(fig, name):
-        path = folder / name
-        fig.savefig(path, dpi=DPI)
+        path = atomic_write(folder / name, lambda handle: fig.savefig(handle, dpi=DPI, format="png"))
         plt.close(fig)
         paths.append(path)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from torch import nn
 
 from manidp_cli.gating import GATE_PREFIX, gates_of
 from manidp_cli.graph import Dataflow, trace_dataflow
+
+PROGRAM_FILE = "model.pt2"
+CONFIG_FILE = "config.json"
 
 # per-channel ops that map an all-zero channel to an all-zero channel
 _ELEMENTWISE = {
@@ -156,12 +160,12 @@ def strip_gates(model: nn.Module) -> None:
 
 
 def save_static(out_dir: Path, result: SlimResult, input_shape, config: dict) -> list[Path]:
-    """Write model.pt2 (torch.export), model.safetensors and config.json into ``out_dir``."""
-    from safetensors.torch import save_file
+    """Write model.pt2 (torch.export), model.safetensors and config.json into ``out_dir`` (missing or
+    empty): all three appear together, or none (a full disk leaves nothing behind)."""
+    from safetensors.torch import save
 
-    from manidp_cli.export import atomic_write_text
+    from manidp_cli.files import staged_folder, write_new_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     example = (torch.zeros(2, *input_shape),)  # a batch of 1 would specialise the batch size
     try:
         program = torch.export.export(
@@ -169,11 +173,13 @@ def save_static(out_dir: Path, result: SlimResult, input_shape, config: dict) ->
         )
     except Exception:  # some models do not export with a symbolic batch: batch 1 then
         program = torch.export.export(result.model, (torch.zeros(1, *input_shape),))
-    torch.export.save(program, str(out_dir / "model.pt2"))
     tensors = {k: v.detach().contiguous().clone() for k, v in result.model.state_dict().items()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=1))
-    return [out_dir / "model.pt2", out_dir / "model.safetensors", out_dir / "config.json"]
+    with staged_folder(out_dir) as stage:
+        write_new_file(stage / PROGRAM_FILE, lambda handle: torch.export.save(program, handle))
+        weights = save(tensors, metadata={"format": "pt"})
+        write_new_file(stage / "model.safetensors", lambda handle: handle.write(weights))
+        write_new_file(stage / CONFIG_FILE, lambda handle: handle.write(json.dumps(config, indent=1).encode()))
+    return [out_dir / PROGRAM_FILE, out_dir / "model.safetensors", out_dir / CONFIG_FILE]
 
 
 def export_static(
@@ -188,13 +194,12 @@ def export_static(
     from manidp_cli.errors import ManidpError, TargetError
     from manidp_cli.evaluation import evaluate
     from manidp_cli.export import load_pruned
+    from manidp_cli.files import check_new_folder
     from manidp_cli.flops import count_flops
 
     if not 0 <= min_keep_rate < 1:
         raise TargetError(f"--min-keep-rate must be in [0, 1), got {min_keep_rate}")
-    out_dir = Path(out_dir)
-    if (out_dir / "model.pt2").exists():
-        raise ManidpError(f"{out_dir} already holds a static export; choose another --out")
+    out_dir = check_new_folder(Path(out_dir), "--out", source=Path(path).expanduser())
     model, info = load_pruned(path)
     if not info.gated:
         raise ManidpError(f"{path} is a dense export: nothing to slim")
@@ -222,3 +227,150 @@ def export_static(
     }
     files = save_static(out_dir, result, info.input_shape, config)
     return {**config, "files": [str(f) for f in files]}
+
+
+# What torch.export.save writes for one plain program, under the archive's root folder. Anything
+# else (compiled libraries, pickled objects, extra code paths) is refused.
+_ARCHIVE_MEMBER = re.compile(
+    r"^[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/(weights|constants)/model_(weights|constants)_config\.json|data/weights/weight_\d+"
+    r"|data/constants/tensor_\d+|data/sample_inputs/model\.pt)$"
+)
+
+
+def _payload_problem(archive, root: str, name: str) -> str | None:
+    """A weights or constants config may ask torch.export.load to unpickle a payload (use_pickle)
+    or to rebuild arbitrary objects; a static export never needs either."""
+    entries = json.loads(archive.read(f"{root}/{name}")).get("config", {})
+    for key, entry in entries.items():
+        if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")):
+            return f"{name} asks to unpickle {key!r}"
+    return None
+
+
+def _graph_problem(program: dict) -> str | None:
+    for node in program["graph_module"]["graph"]["nodes"]:
+        if not str(node.get("target", "")).startswith("torch.ops.aten."):
+            return f"the graph calls {str(node.get('target'))[:80]!r}, not an aten operator"
+    return None
+
+
+def _sample_inputs_problem(archive, root: str) -> str | None:
+    import io
+
+    try:
+        torch.load(io.BytesIO(archive.read(f"{root}/data/sample_inputs/model.pt")), weights_only=True)
+    except Exception:  # the weights-only unpickler refuses it: something other than tensors
+        return "data/sample_inputs/model.pt is a pickle of more than tensors"
+    return None
+
+
+def _archive_problem(archive) -> str | None:
+    names = archive.namelist()
+    roots = {name.split("/", 1)[0] for name in names}
+    if len(roots) != 1:
+        return "it is not a single torch.export archive"
+    root = roots.pop()
+    for name in names:
+        if not _ARCHIVE_MEMBER.match(name):
+            return f"it holds {name}, which a static export never has"
+    if f"{root}/models/model.json" not in names or f"{root}/data/sample_inputs/model.pt" not in names:
+        return "it has no program"
+    return (
+        _payload_problem(archive, root, "data/weights/model_weights_config.json")
+        or _payload_problem(archive, root, "data/constants/model_constants_config.json")
+        or _graph_problem(json.loads(archive.read(f"{root}/models/model.json")))
+        or _sample_inputs_problem(archive, root)
+    )
+
+
+def verify_static_program(path: Path) -> None:
+    """Refuse a model.pt2 that does more than a plain program of aten operators on tensors: loading
+    it with torch.export.load would run what it carries (pickles are unpickled with a fallback to
+    weights_only=False; graph targets and guards are resolved as Python). Reads, never loads."""
+    import zipfile
+
+    from manidp_cli.errors import WeightsError
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            problem = _archive_problem(archive)
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError) as exc:
+        problem = f"it cannot be read as a torch.export archive ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if problem:
+        raise WeightsError(f"refusing {path}: {problem}; never load it with torch.export.load")
+
+
+def _read_static_config(folder: Path) -> dict:
+    from manidp_cli.errors import WeightsError
+    from manidp_cli.models import check_model_name
+
+    file = folder / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text())
+        model_name = config["model"]
+        kwargs = {key: int(config["model_kwargs"][key]) for key in ("num_classes", "in_chans")}
+        shape = tuple(int(v) for v in config["input_shape"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{file} is not the config.json of `manidp export-static` ({type(exc).__name__}: {exc})") from exc
+    if len(shape) != 3 or min(shape) < 1 or not isinstance(model_name, str):
+        raise WeightsError(f"{file}: input_shape must be 3 positive sizes and model a name")
+    check_model_name(model_name)
+    return {"model": model_name, "model_kwargs": kwargs, "input_shape": shape}
+
+
+def _narrow(module: nn.Module, attribute: str, shape: torch.Size) -> bool:
+    """Give a convolution's or BatchNorm's tensor the (narrower) shape the static export has; the
+    only layers ``slim`` changes. False for anything else."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    old = getattr(module, attribute)
+    if old is None or len(shape) != old.dim():
+        return False
+    if isinstance(module, nn.Conv2d) and attribute in ("weight", "bias"):
+        if attribute == "weight" and (shape[2:] != old.shape[2:] or (module.groups != 1 and shape != old.shape)):
+            return False
+        module.out_channels = shape[0]
+        if attribute == "weight":
+            module.in_channels = shape[1] * module.groups
+    elif isinstance(module, _BatchNorm) and attribute in ("weight", "bias", "running_mean", "running_var"):
+        module.num_features = shape[0]
+    else:
+        return False
+    empty = torch.empty(shape, dtype=old.dtype)
+    setattr(module, attribute, nn.Parameter(empty, requires_grad=False) if isinstance(old, nn.Parameter) else empty)
+    return True
+
+
+def load_static(folder: str | Path) -> tuple[nn.Module, dict]:
+    """The slimmed network of an export-static folder, rebuilt from config.json (the timm name) and
+    model.safetensors (the narrower widths come from the tensors' shapes): data only, so nothing in
+    the folder can run code. model.pt2 is checked (``verify_static_program``), never loaded."""
+    import timm
+    from safetensors.torch import load_file
+
+    from manidp_cli.errors import WeightsError
+
+    folder = Path(folder).expanduser()
+    verify_static_program(folder / PROGRAM_FILE)
+    config = _read_static_config(folder)
+    file = folder / "model.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:
+        raise WeightsError(f"cannot read {file}: {str(exc).splitlines()[0]}") from exc
+    model = timm.create_model(config["model"], pretrained=False, **config["model_kwargs"]).eval()
+    expected = model.state_dict()
+    if set(tensors) != set(expected):
+        raise WeightsError(f"{file} does not hold the tensors of {config['model']}: {sorted(set(tensors) ^ set(expected))[:3]}")
+    for key, tensor in tensors.items():
+        owner, _, attribute = key.rpartition(".")
+        if tensor.shape != expected[key].shape and not _narrow(model.get_submodule(owner), attribute, tensor.shape):
+            raise WeightsError(f"{file}: {key} has shape {tuple(tensor.shape)}, {config['model']} {tuple(expected[key].shape)}")
+    model.load_state_dict(tensors, strict=True)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *config["input_shape"]))
+    except RuntimeError as exc:
+        raise WeightsError(f"{file}: the narrowed {config['model']} does not run ({str(exc).splitlines()[0]})") from exc
+    return model, config
