@@ -27,3 +27,8 @@ class TargetError(ManidpError):
 
 class OutputError(ManidpError):
     """An output path that cannot be written safely (in use, not empty, a run's own file, disk full)."""
+
+
+class TrainingError(ManidpError):
+    """A run that cannot go on: its loss or weights became NaN or infinite (learning rate too high,
+    broken starting weights). Nothing from the failing step is saved."""

@@ -25,8 +25,9 @@ from torch import nn
 
 from manidp_cli.data import ImageData
 from manidp_cli.distributed import World
-from manidp_cli.errors import ManidpError
+from manidp_cli.errors import ManidpError, TrainingError
 from manidp_cli.gating import GATE_PREFIX
+from manidp_cli.inputs import capped, exception_text
 from manidp_cli.recipe import OptimizerConfig
 
 CHECKPOINT_FORMAT = 2
@@ -94,14 +95,70 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+CHECKPOINT_KEYS = ("epoch", "step", "global_step", "model", "optimizer", "per_rank", "history", "extra")
+RUN_KEYS = ("kind", "recipe", "model", "weights")  # of the checkpoint's "extra": what --resume rebuilds from
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint read with ``weights_only=True`` and checked to be complete and finite."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ManidpError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # a zero-byte or truncated file raises EOFError with no message
+        raise ManidpError(f"cannot read checkpoint {capped(path)}: {exception_text(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ManidpError(f"{path} is not a manidp checkpoint (format {CHECKPOINT_FORMAT})")
+        raise ManidpError(f"{capped(path)} is not a manidp checkpoint (format {CHECKPOINT_FORMAT})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    extra = state.get("extra")
+    if not missing and isinstance(extra, dict):
+        missing = [f"extra.{key}" for key in RUN_KEYS if not isinstance(extra.get(key), str)]
+    if missing or not isinstance(state["model"], dict):
+        raise ManidpError(f"{capped(path)} is an incomplete manidp checkpoint (missing {', '.join(missing) or 'model'})")
+    broken = non_finite_tensors(state["model"])
+    if broken:
+        raise ManidpError(f"{capped(path)} holds non-finite weights ({capped(broken[0])}); it cannot be resumed")
     return state
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of floating tensors holding NaN, or infinity anywhere but in a gate threshold (where
+    -inf means "keep every channel")."""
+    broken = []
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        threshold = name.startswith(GATE_PREFIX + ".") and name.endswith("threshold")
+        if bool(torch.isnan(value).any()) if threshold else not bool(torch.isfinite(value).all()):
+            broken.append(name)
+    return broken
+
+
+def _diverged(what: str, lr: float, checkpoint: Path | None) -> TrainingError:
+    if checkpoint is not None and checkpoint.is_file():
+        kept = f"the last good checkpoint {checkpoint} is kept (it holds the state before this)"
+    else:
+        kept = "no checkpoint had been written"
+    return TrainingError(
+        f"training stopped: {what} (learning rate {lr:.3g}). The learning rate is too high (--lr, "
+        f"optimizer.lr) or the starting weights are broken; nothing of the broken state was saved, {kept}"
+    )
+
+
+def _check_loss(loss: torch.Tensor, world: World, where: str, lr: float, checkpoint: Path | None) -> None:
+    """Stop on a NaN or infinite loss (on any rank: every rank stops together)."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if world.distributed:
+        bad = bool(world.all_reduce_sum(torch.tensor([float(bad)]))[0] > 0)
+    if bad:
+        value = float(loss.detach())
+        what = f"the loss is {value}" if not math.isfinite(value) else "the loss of another process is not finite"
+        raise _diverged(f"{what} at {where}", lr, checkpoint)
+
+
+def _check_weights(model: nn.Module, where: str, lr: float, checkpoint: Path | None) -> None:
+    """Refuse to checkpoint non-finite weights (ranks hold identical weights, so all agree)."""
+    broken = non_finite_tensors(model.state_dict())
+    if broken:
+        raise _diverged(f"the weights became non-finite ({broken[0]}, {len(broken)} tensors) by {where}", lr, checkpoint)
 
 
 @contextlib.contextmanager
@@ -188,6 +245,8 @@ def fit(
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(epoch: int, step: int) -> None:
+        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"  # epoch: the next one, 0-based
+        _check_weights(model, where, lr, checkpoint_path)
         ranks = _per_rank(world, {"rng": torch.get_rng_state(), "objective": objective.state_dict(), "running": running})
         if checkpoint_path is None or not world.is_main:
             world.barrier()
@@ -216,6 +275,7 @@ def fit(
         return bool(world.all_reduce_sum(torch.tensor([float(stop)]))[0] > 0)
 
     flag = {"stop": False}
+    lr = optimizer_config.lr
     autocast_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     with _stop_on_sigint(flag):
         for epoch in range(start_epoch, epochs):
@@ -235,6 +295,7 @@ def fit(
                         group["lr"] = lr
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=amp):
                         logits, terms = objective.step(trained, images, targets)
+                    _check_loss(terms["loss"], world, f"epoch {epoch + 1}, step {step + 1}", lr, checkpoint_path)
                     optimizer.zero_grad(set_to_none=True)
                     terms["loss"].backward()
                     optimizer.step()
