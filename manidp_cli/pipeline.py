@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-import yaml
 from torch import nn
 
 from manidp_cli.data import ImageData, load_data
@@ -30,10 +29,11 @@ from manidp_cli.export import MODEL_FILE, atomic_write_text, save_model
 from manidp_cli.files import remove_stale_temporaries, run_folder_lock
 from manidp_cli.flops import FLOP_CONVENTION, CostTable, count_flops
 from manidp_cli.gating import GateSet, insert_gates
+from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
 from manidp_cli.losses import ManiDPLoss
 from manidp_cli.models import check_model_name, create_model
 from manidp_cli.objectives import CrossEntropyObjective, ManiDPObjective
-from manidp_cli.recipe import Recipe, load_recipe
+from manidp_cli.recipe import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
 from manidp_cli.train import StepInfo, fit, load_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -96,44 +96,113 @@ def prepare(
     if target is not None and not 0 < target < 1:
         raise TargetError(f"--target-flops must be between 0 and 1 (exclusive), got {target}")
     if resume:
-        if out_dir is None:
-            if model_name is None:
-                raise ManidpError("--resume needs --out DIR or the MODEL of the run")
-            out_dir = default_out_dir(kind, model_name)
-        checkpoint = out_dir / CHECKPOINT_FILE
-        if not checkpoint.is_file():
-            raise ManidpError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
-        resumed_identity = _file_identity(checkpoint)
-        resumed = load_checkpoint(checkpoint)
-        extra = resumed["extra"]
-        if extra.get("kind") != kind:
-            raise ManidpError(f"{checkpoint} belongs to a `manidp {extra.get('kind')}` run, not `{kind}`")
-        recipe = Recipe.model_validate(yaml.safe_load(extra["recipe"]))
-        model_name, weights_source, weights = extra["model"], extra["weights"], None
+        settings = _stored_run(kind, model_name, recipe_path, overrides, weights, out_dir)
     else:
-        if model_name is None:
-            raise ManidpError("a MODEL name is required")
-        check_model_name(model_name)
-        resumed, resumed_identity = None, None
-        recipe = load_recipe(recipe_path, overrides)
-        out_dir = out_dir or default_out_dir(kind, model_name)
-        if (out_dir / CHECKPOINT_FILE).exists() or (out_dir / MODEL_FILE).exists():
-            raise ManidpError(
-                f"{out_dir} already holds a run: pass --resume to continue it, or another --out"
-            )
-        weights_source = str(weights) if weights else ("timm hub" if kind == "prune" else "random init")
-    data = load_data(recipe.data, model_name)
+        settings = _new_run(kind, model_name, recipe_path, overrides, weights, out_dir)
+    recipe = settings.recipe
+    data = load_data(recipe.data, settings.model_name)
     torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
     model = create_model(
-        model_name,
+        settings.model_name,
         num_classes=data.num_classes,
         in_chans=data.in_chans,
-        weights=weights,
-        pretrained=(kind == "prune" and weights is None and not resume),
+        weights=settings.weights,
+        pretrained=(kind == "prune" and settings.weights is None and not resume),
     )
     gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if kind == "prune" else None
     table = count_flops(model, data.input_shape)
-    return Job(kind, model_name, model, data, recipe, out_dir, weights_source, table, gates, resumed, resumed_identity)
+    return Job(kind, settings.model_name, model, data, recipe, settings.out_dir, settings.weights_source, table, gates,
+               settings.resumed, settings.resumed_identity)
+
+
+@dataclass
+class _RunSettings:
+    """What ``prepare`` builds a job from: given on the command line, or stored in a checkpoint."""
+
+    recipe: Recipe
+    model_name: str
+    out_dir: Path
+    weights: Path | None
+    weights_source: str
+    resumed: dict[str, Any] | None = None
+    resumed_identity: tuple[int, int, int] | None = None
+
+
+def _new_run(kind: Kind, model_name, recipe_path, overrides, weights, out_dir) -> _RunSettings:
+    if model_name is None:
+        raise ManidpError("give a MODEL name (e.g. resnet18), or --resume --out DIR to continue a run")
+    check_model_name(model_name)
+    recipe = load_recipe(recipe_path, overrides)
+    out_dir = check_writable_folder(out_dir or default_out_dir(kind, model_name))
+    if exists(out_dir / CHECKPOINT_FILE, "--out") or exists(out_dir / MODEL_FILE, "--out"):
+        raise ManidpError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out")
+    weights_source = str(weights) if weights else ("timm hub" if kind == "prune" else "random init")
+    return _RunSettings(recipe, model_name, out_dir, weights, weights_source)
+
+
+def _stored_run(kind: Kind, model_name, recipe_path, overrides, weights, out_dir) -> _RunSettings:
+    """The run in ``out_dir`` as its checkpoint stores it; given settings must match it."""
+    if out_dir is None:
+        if model_name is None:
+            raise ManidpError("--resume needs --out DIR (or the MODEL of a run in runs/<command>-<MODEL>)")
+        out_dir = default_out_dir(kind, model_name)
+    out_dir = check_writable_folder(out_dir)
+    checkpoint = out_dir / CHECKPOINT_FILE
+    if not is_file(checkpoint, "--out"):
+        raise ManidpError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
+    identity = _file_identity(checkpoint)
+    resumed = load_checkpoint(checkpoint)
+    extra = resumed["extra"]
+    if extra["kind"] != kind:
+        raise ManidpError(f"{checkpoint} belongs to a `manidp {capped(extra['kind'])}` run, not `{kind}`")
+    source = f"the recipe stored in {checkpoint}"
+    recipe = validate_recipe(parse_yaml(extra["recipe"], source), source)
+    conflicts = _resume_conflicts(extra, recipe, model_name, recipe_path, overrides, weights)
+    if conflicts:
+        raise ManidpError(
+            f"--resume continues the run in {out_dir} with the settings it started with, but these differ: "
+            f"{'; '.join(conflicts)}. Leave them out, or start a new run with another --out"
+        )
+    return _RunSettings(recipe, extra["model"], out_dir, None, extra["weights"], resumed, identity)
+
+
+# recipe keys that have a flag, named as the flag in messages
+_FLAGS = {"epochs": "--epochs", "target_flops": "--target-flops", "optimizer.lr": "--lr", "data": "--data",
+          "batch_size": "--batch-size", "seed": "--seed", "device": "--device", "amp": "--amp",
+          "channels_last": "--channels-last"}
+
+
+def _resume_conflicts(extra, recipe: Recipe, model_name, recipe_path, overrides, weights) -> list[str]:
+    """Settings given with --resume that differ from the stored run (they used to be ignored silently)."""
+    conflicts = []
+    if model_name is not None and model_name != extra["model"]:
+        conflicts.append(f"MODEL (run: {extra['model']}, given: {capped(model_name)})")
+    if weights is not None:
+        conflicts.append(f"--weights (the run started from {capped(extra['weights'])})")
+    given = explicit_settings(recipe_path, overrides)
+    if not given:
+        return conflicts
+    wanted = load_recipe(recipe_path, overrides).model_dump(mode="json")  # validated and normalised
+    stored = recipe.model_dump(mode="json")
+    for key in _setting_keys(given):
+        mine, theirs = _setting(stored, key), _setting(wanted, key)
+        if mine != theirs:
+            conflicts.append(f"{_FLAGS.get(key, key)} (run: {capped(mine)}, given: {capped(theirs)})")
+    return conflicts
+
+
+def _setting_keys(settings: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        keys += _setting_keys(value, name + ".") if isinstance(value, dict) else [name]
+    return keys
+
+
+def _setting(settings: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        settings = settings.get(part) if isinstance(settings, dict) else None
+    return settings
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
