@@ -324,13 +324,35 @@ def run(
     Under torchrun every process calls this; rank 0 alone writes, all ranks return the same result.
     """
     world = World.from_env(job.recipe.device)
-    with joined(world), _out_dir_held(job, world):
-        try:
-            return _run(job, world, on_step, on_epoch)
-        except OutputError as exc:  # a full disk: the last checkpoint is intact, nothing is lost
-            if not job.checkpoint.is_file():
-                raise
-            raise OutputError(f"{exc}; once there is room, continue with --resume --out {job.out_dir}") from exc
+    created = world.is_main and not job.out_dir.exists()
+    try:
+        with joined(world), _out_dir_held(job, world), _unstarted_files_removed(job, world):
+            try:
+                return _run(job, world, on_step, on_epoch)
+            except OutputError as exc:  # a full disk: the last checkpoint is intact, nothing is lost
+                if not job.checkpoint.is_file():
+                    raise
+                raise OutputError(f"{exc}; once there is room, continue with --resume --out {job.out_dir}") from exc
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                job.out_dir.rmdir()  # only if empty: the folder this run made and left nothing in
+        raise
+
+
+@contextlib.contextmanager
+def _unstarted_files_removed(job: Job, world: World):
+    """A new run that fails before its first checkpoint (bad image, diverged loss, second Ctrl-C)
+    has nothing to resume: remove what it wrote, so a failed run leaves nothing behind. Runs
+    inside the folder's lock, so the files are this run's own."""
+    try:
+        yield
+    except BaseException:
+        if world.is_main and not job.resume and not job.checkpoint.exists():
+            for name in ("recipe.yaml", "metrics.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    (job.out_dir / name).unlink()
+        raise
 
 
 def _run(job: Job, world: World, on_step, on_epoch) -> RunResult:
