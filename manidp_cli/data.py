@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import gzip
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from manidp_cli.errors import DataError
+from manidp_cli.inputs import capped, exception_text, exists, is_dir
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -145,8 +148,8 @@ class FolderImages:
         from torchvision.datasets import ImageFolder
 
         self.root = root
-        self.train_set = ImageFolder(str(root), transform=train_transform)
-        self.eval_set = ImageFolder(str(root), transform=eval_transform)
+        self.train_set = ImageFolder(str(root), transform=train_transform, loader=_load_image)
+        self.eval_set = ImageFolder(str(root), transform=eval_transform, loader=_load_image)
         self.workers = workers
 
     @property
@@ -170,7 +173,28 @@ class FolderImages:
             sampler=order,
             num_workers=self.workers,
         )
-        yield from loader
+        try:
+            yield from loader
+        except DataError as exc:  # from a worker, its message is the worker's whole traceback
+            raise DataError(_last_error_line(exc)) from None
+
+
+def _load_image(path: str):
+    """torchvision's loader, naming the file when it is not a readable image (PIL raises OSError,
+    SyntaxError or ValueError for broken files, often without the name)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except Exception as exc:
+        raise DataError(f"cannot read image {capped(path)}: {exception_text(exc)}") from None
+
+
+def _last_error_line(exc: DataError) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else type(exc).__name__
+    return last.split("DataError: ", 1)[-1]
 
 
 @dataclass
@@ -216,27 +240,58 @@ def load_embedded() -> ImageData:
     )
 
 
+IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers of IDX image and label files
+
+
+def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
+    """An IDX array (big-endian header: magic, then ``dims`` sizes), checked against its header."""
+    header_size = 4 * (1 + dims)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(header_size)
+            if len(header) < header_size:
+                raise DataError(f"{path} is not an IDX file: {len(header)} bytes, shorter than its header")
+            found, *shape = struct.unpack(f">{1 + dims}I", header)
+            if found != magic:
+                raise DataError(f"{path} is not an IDX {'image' if dims == 3 else 'label'} file (magic number {found}, expected {magic})")
+            size = math.prod(shape)
+            body = handle.read(size + 1)  # one byte more tells a file longer than its header says
+    except (OSError, EOFError, zlib.error) as exc:  # not gzip, truncated gzip, unreadable
+        raise DataError(f"cannot read Fashion-MNIST file {path}: {exception_text(exc)}") from None
+    if len(body) != size:
+        raise DataError(f"{path}: its header announces {' x '.join(map(str, shape))} bytes of data, the file holds {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
 def read_fashion_mnist(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images (N x 28 x 28 uint8) and labels from IDX files, ``split`` being 'train' or 't10k'."""
 
-    def read(name: str, offset: int) -> np.ndarray:
-        path = directory / name
-        if not path.exists():
-            path = directory / name.removesuffix(".gz")
-        if not path.exists():
-            raise DataError(
-                f"Fashion-MNIST file {directory / name} not found "
-                "(install Debian's dataset-fashion-mnist, or pass fashion-mnist:DIR)"
-            )
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as handle:
-            return np.frombuffer(handle.read(), dtype=np.uint8, offset=offset)
+    def find(name: str) -> Path:
+        for path in (directory / name, directory / name.removesuffix(".gz")):
+            if exists(path, "Fashion-MNIST file"):
+                return path
+        raise DataError(
+            f"Fashion-MNIST file {capped(directory / name)} not found "
+            "(install Debian's dataset-fashion-mnist, or pass fashion-mnist:DIR)"
+        )
 
-    images = read(f"{split}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-    labels = read(f"{split}-labels-idx1-ubyte.gz", 8)
+    images = _read_idx(find(f"{split}-images-idx3-ubyte.gz"), IDX_IMAGES, 3)
+    labels = _read_idx(find(f"{split}-labels-idx1-ubyte.gz"), IDX_LABELS, 1)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"Fashion-MNIST {split} images in {directory} are {images.shape[1]} x {images.shape[2]}, not 28 x 28")
     if len(images) != len(labels):
         raise DataError(f"Fashion-MNIST {split} in {directory}: {len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError(f"Fashion-MNIST {split} in {directory} holds no images")
+    _check_labels(labels, len(FASHION_MNIST_CLASSES), f"Fashion-MNIST {split} labels in {directory}")
     return images, labels
+
+
+def _check_labels(labels: np.ndarray, classes: int, where: str) -> None:
+    """Labels outside the classes would fail deep inside the loss (or index past the classifier)."""
+    if labels.size and int(labels.max()) >= classes:
+        raise DataError(f"{where}: label {int(labels.max())} found, but there are {classes} classes (0 to {classes - 1})")
 
 
 def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> ImageData:
@@ -249,14 +304,18 @@ def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> ImageData:
     )
 
 
-def _read_cifar_records(paths: list[Path], label_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_cifar_records(paths: list[Path], label_bytes: int, classes_count: int) -> tuple[torch.Tensor, torch.Tensor]:
     record = label_bytes + 3072
     chunks = []
     for path in paths:
-        raw = np.fromfile(path, dtype=np.uint8)
-        if raw.size % record:
+        try:
+            raw = np.fromfile(path, dtype=np.uint8)
+        except OSError as exc:
+            raise DataError(f"cannot read CIFAR file {path}: {exc.strerror or exception_text(exc)}") from None
+        if raw.size % record or raw.size == 0:
             raise DataError(f"{path} is not a CIFAR binary file ({raw.size} bytes, records are {record})")
         chunks.append(raw.reshape(-1, record))
+        _check_labels(chunks[-1][:, label_bytes - 1], classes_count, f"CIFAR-{classes_count} file {path}")
     rows = np.concatenate(chunks)
     labels = torch.from_numpy(rows[:, label_bytes - 1].astype(np.int64))  # CIFAR-100: fine label
     images = torch.from_numpy(np.ascontiguousarray(rows[:, label_bytes:])).view(-1, 3, 32, 32)
@@ -277,10 +336,13 @@ def load_cifar(directory: Path, classes_count: int) -> ImageData:
             f"no CIFAR-{classes_count} binary files ({', '.join(train_names + test_names)}) in "
             f"{' or '.join(map(str, folders))}"
         )
-    train_images, train_labels = _read_cifar_records([folder / n for n in train_names], label_bytes)
-    test_images, test_labels = _read_cifar_records([folder / n for n in test_names], label_bytes)
+    train_images, train_labels = _read_cifar_records([folder / n for n in train_names], label_bytes, classes_count)
+    test_images, test_labels = _read_cifar_records([folder / n for n in test_names], label_bytes, classes_count)
     meta_path = folder / meta
-    names = [line.strip() for line in meta_path.read_text().splitlines() if line.strip()] if meta_path.exists() else []
+    names = []
+    if meta_path.is_file():  # class names are a nicety: an unreadable file only loses them
+        text = meta_path.read_bytes().decode("utf-8", errors="replace")
+        names = [capped(line.strip(), 100) for line in text.splitlines() if line.strip()]
     classes = names if len(names) == classes_count else [str(i) for i in range(classes_count)]
     mean, std = _CIFAR_STATS
     return ImageData(
@@ -300,7 +362,7 @@ def load_image_folder(directory: Path, model_name: str | None, workers: int = 2)
     splits = {}
     for split in ("train", "val"):
         path = directory / split
-        if not path.is_dir():
+        if not is_dir(path, "image folder"):
             raise DataError(f"image folder {directory} has no {split}/ subfolder (expected {directory}/{split}/<class>/*.jpg)")
         splits[split] = path
     cfg = get_pretrained_cfg(model_name) if model_name else None
@@ -317,6 +379,8 @@ def load_image_folder(directory: Path, model_name: str | None, workers: int = 2)
         raise DataError(f"cannot read image folder {directory}: {exc}") from exc
     if train.classes != val.classes:
         raise DataError(f"{directory}: train/ and val/ have different class folders")
+    if len(train.classes) < 2:  # one class trains to "top-1 1.0" and learns nothing
+        raise DataError(f"image folder {directory} has {len(train.classes)} class folder ({capped(train.classes[0])}); classification needs at least 2")
     _, h, w = config["input_size"]
     return ImageData(
         f"imagefolder:{directory}",
@@ -336,14 +400,14 @@ def load_data(spec: str = "embedded", model_name: str | None = None) -> ImageDat
         if not arg:
             raise DataError(f"{kind} needs a folder: --data {kind}:DIR")
         directory = Path(arg).expanduser()
-        if not directory.is_dir():
-            raise DataError(f"data folder {directory} does not exist")
+        if not is_dir(directory, "data folder"):
+            raise DataError(f"data folder {capped(directory)} does not exist")
         return load_cifar(directory, 10 if kind == "cifar10" else 100)
-    if kind == "imagefolder" or (not arg and Path(spec).expanduser().is_dir()):
+    if kind == "imagefolder" or (not arg and is_dir(Path(spec), "data folder")):
         directory = Path(arg if kind == "imagefolder" else spec).expanduser()
-        if not directory.is_dir():
-            raise DataError(f"data folder {directory} does not exist")
+        if not is_dir(directory, "data folder"):
+            raise DataError(f"data folder {capped(directory)} does not exist")
         return load_image_folder(directory, model_name)
     if "/" in spec or spec.startswith("."):
-        raise DataError(f"data folder {spec} does not exist")
-    raise DataError(f"unknown data specification {spec!r}; valid forms: {SPEC_FORMS}")
+        raise DataError(f"data folder {capped(spec)} does not exist")
+    raise DataError(f"unknown data specification {capped(repr(spec))}; valid forms: {SPEC_FORMS}")
