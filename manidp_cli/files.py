@@ -62,6 +62,25 @@ def _write_error(path: Path, exc: OSError, outcome: str = "was not replaced") ->
     return OutputError(f"cannot write {path}: {reason}; {path} {outcome}")
 
 
+class _WriteErrors:
+    """The file handed to a writer, remembering the OSError of a failed write: torch.save's zip
+    writer turns a full disk into a RuntimeError ("unexpected pos ...") that no longer says so."""
+
+    def __init__(self, handle: BinaryIO):
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Replace ``path`` by what ``write`` writes into the open binary file it is given."""
     path = Path(path)
@@ -69,17 +88,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
         descriptor, temporary = _open_temporary(path.parent, path.name)
     except OSError as exc:
         raise _write_error(path, exc) from exc
+    watched = None
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
+            watched = _WriteErrors(handle)
+            write(watched)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException as exc:  # Ctrl-C included: no temporary file may outlive the write
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-        if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
+        error = exc if isinstance(exc, OSError) else getattr(watched, "error", None)
+        if error is not None:
+            raise _write_error(path, error) from exc
         raise
     _fsync_folder(path.parent)
     return path
