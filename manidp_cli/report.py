@@ -19,6 +19,7 @@ from typing import Any
 
 from manidp_cli.errors import ManidpError
 from manidp_cli.flops import FLOP_CONVENTION, CostTable, FlopsStats
+from manidp_cli.inputs import capped, exception_text, is_dir
 
 
 @dataclass
@@ -146,6 +147,35 @@ def _stats_from_dict(data: dict) -> FlopsStats:
     )
 
 
+def _stored_report(stored: Path, path: Path) -> FlopsReport | None:
+    """The statistics saved in ``report.json`` at export time, checked to be whole and to belong to
+    the export beside them; None when the file holds no measurements (a dense export)."""
+    from manidp_cli.export import read_metadata
+
+    meta = read_metadata(path)
+    hint = "delete it, or re-measure with --data SPEC"
+    try:
+        saved = json.loads(stored.read_text())
+        if not isinstance(saved, dict):
+            raise TypeError("not a JSON object")
+        if "measured" not in saved:
+            return None
+        table = CostTable.from_dict(saved["cost_table"])
+        mine = (meta["model"], list(meta["input_shape"]), meta.get("dense_flops", table.dense_flops))
+        theirs = (saved.get("model"), list(table.input_shape), table.dense_flops)
+        if mine != theirs:
+            raise ManidpError(
+                f"{stored} does not belong to the export beside it (model, input shape, dense FLOPs: "
+                f"{capped(theirs)} there, {capped(mine)} in the export); {hint}"
+            )
+        stats = _stats_from_dict(saved["measured"])
+        where = f"measured on {len(stats.per_image)} evaluation images of {meta.get('data', {}).get('spec', 'its data')} at export time"
+        losses = [float(v) for v in saved.get("per_image_loss") or []]
+        return build_report(meta["model"], str(path), table, stats, where, losses)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        raise ManidpError(f"{stored} is corrupt ({type(exc).__name__}: {exception_text(exc)}); {hint}") from None
+
+
 def flops_report(
     export: str | Path, data: str | None = None, limit: int | None = None, batch_size: int = 256
 ) -> FlopsReport:
@@ -153,18 +183,12 @@ def flops_report(
     from manidp_cli.export import load_pruned
 
     path = Path(export).expanduser()
-    folder = path if path.is_dir() else path.parent
+    folder = path if is_dir(path, "export") else path.parent
     stored = folder / "report.json"
     if data is None and stored.is_file():
-        saved = json.loads(stored.read_text())
-        if "measured" in saved:
-            from manidp_cli.export import read_metadata
-
-            meta = read_metadata(path)
-            table = CostTable.from_dict(saved["cost_table"])
-            stats = _stats_from_dict(saved["measured"])
-            where = f"measured on {len(stats.per_image)} evaluation images of {meta['data']['spec']} at export time"
-            return build_report(meta["model"], str(path), table, stats, where, saved.get("per_image_loss"))
+        report = _stored_report(stored, path)
+        if report is not None:
+            return report
     model, info = load_pruned(path)
     if not info.gated:
         raise ManidpError(f"{path} is a dense export: nothing is pruned (use `manidp report {info.metadata['model']}`)")
