@@ -300,7 +300,9 @@ def report(
         from manidp_cli.inputs import check_writable_folder
 
         plots = check_writable_folder(plots, "--plots")
-    if Path(target).expanduser().exists():
+    from manidp_cli.inputs import exists
+
+    if exists(Path(target), "TARGET"):
         result = flops_report(target, data=data, limit=limit)
     else:
         shape = None
