@@ -28,9 +28,9 @@ def check_model_name(name: str) -> None:
 
     if timm.is_model(name):
         return
-    matches = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    matches = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6) if len(name) <= 100 else []
     hint = f"; did you mean {', '.join(matches)}?" if matches else "; see `timm.list_models()`"
-    raise ModelError(f"unknown model {name!r}{hint}")
+    raise ModelError(f"unknown model {capped(repr(name))}{hint}")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
