@@ -302,3 +302,25 @@ def test_full_disk_mid_run_keeps_the_last_checkpoint_for_resume(tiny_fashion, tm
     assert temporaries(out) == [] and torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     job = prepare("train", None, out_dir=out, resume=True)
     assert not run(job).interrupted and (out / "model.safetensors").is_file()
+
+
+def test_export_that_does_not_fit_is_one_line_and_resume_writes_it(tiny_fashion, tmp_path):
+    """The disk fills up between the last checkpoint and the export: the trained model is in the
+    checkpoint, and --resume writes the export without training again."""
+    fill_at_export = (
+        "import resource, signal\nimport manidp_cli.pipeline as pipeline\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "real_save = pipeline.save_model\n"
+        "def save_model(*args, **kwargs):\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "    return real_save(*args, **kwargs)\n"
+        "pipeline.save_model = save_model"
+    )
+    args = ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"]
+    proc = manidp(args, tmp_path, preamble=fill_at_export)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write o/model.safetensors" in lines[0] and "--resume --out o" in lines[0], proc.stderr
+    assert temporaries(tmp_path / "o") == [] and not (tmp_path / "o" / "model.safetensors").exists()
+    proc = manidp(["train", "--resume", "--out", "o"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()
