@@ -236,6 +236,12 @@ _ARCHIVE_MEMBER = re.compile(
     r"|data/(weights|constants)/model_(weights|constants)_config\.json|data/weights/weight_\d+"
     r"|data/constants/tensor_\d+|data/sample_inputs/model\.pt)$"
 )
+# a size symbol (s77), a number, or sympy's spelling of them combined by arithmetic: no other names
+_SIZE_EXPRESSION = re.compile(
+    r"(?:[su]\d+|-?\d+|Symbol\('[su]\d+'(?:, (?:positive|integer|nonnegative|real)=(?:True|False))*\)|Integer\(-?\d+\)"
+    r"|(?:Add|Mul|Pow|Max|Min|FloorDiv|Mod|CeilToInt|FloorToInt)\(|\)|, )+"
+)
+_MAX_READ = 256 * 2**20  # the members the check reads (JSON, sample inputs); weights are never read
 
 
 def _payload_problem(archive, root: str, name: str) -> str | None:
@@ -248,10 +254,29 @@ def _payload_problem(archive, root: str, name: str) -> str | None:
     return None
 
 
+def _expressions(value):
+    """Every symbolic-size expression in a serialized program (torch parses them with sympy, which
+    evaluates Python)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "expr_str":
+                yield item
+            else:
+                yield from _expressions(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _expressions(item)
+
+
 def _graph_problem(program: dict) -> str | None:
     for node in program["graph_module"]["graph"]["nodes"]:
         if not str(node.get("target", "")).startswith("torch.ops.aten."):
             return f"the graph calls {str(node.get('target'))[:80]!r}, not an aten operator"
+    if program.get("guards_code"):
+        return "it carries guard code"
+    for expression in [*program.get("range_constraints", {}), *_expressions(program)]:
+        if not _SIZE_EXPRESSION.fullmatch(str(expression)):
+            return f"it carries the size expression {str(expression)[:80]!r}"
     return None
 
 
@@ -271,9 +296,11 @@ def _archive_problem(archive) -> str | None:
     if len(roots) != 1:
         return "it is not a single torch.export archive"
     root = roots.pop()
-    for name in names:
-        if not _ARCHIVE_MEMBER.match(name):
-            return f"it holds {name}, which a static export never has"
+    for info in archive.infolist():
+        if not _ARCHIVE_MEMBER.match(info.filename):
+            return f"it holds {info.filename[:200]}, which a static export never has"
+        if "/data/weights/weight_" not in info.filename and info.file_size > _MAX_READ:
+            return f"{info.filename} is {info.file_size} bytes, too large to check"
     if f"{root}/models/model.json" not in names or f"{root}/data/sample_inputs/model.pt" not in names:
         return "it has no program"
     return (

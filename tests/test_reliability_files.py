@@ -89,6 +89,8 @@ def test_bench_static_refuses_a_pickle_that_runs_code(pruned, static_export, tmp
     [
         ("models/model.json", lambda j: j["graph_module"]["graph"]["nodes"][0].update(target="torch.os.system"), "not an aten operator"),
         ("data/weights/model_weights_config.json", lambda j: next(iter(j["config"].values())).update(use_pickle=True), "unpickle"),
+        ("models/model.json", lambda j: j.update(guards_code=["__import__('os').system('true')"]), "guard code"),
+        ("models/model.json", lambda j: j["range_constraints"].update({"exec(chr(49))": {"min_val": 1, "max_val": 2}}), "size expression"),
     ],
 )
 def test_static_program_with_python_calls_or_pickled_weights_is_refused(static_export, tmp_path, member, edit, message):
