@@ -322,7 +322,7 @@ def verify_static_program(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             problem = _archive_problem(archive)
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError) as exc:
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         problem = f"it cannot be read as a torch.export archive ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     if problem:
         raise WeightsError(f"refusing {path}: {problem}; never load it with torch.export.load")
@@ -338,7 +338,7 @@ def _read_static_config(folder: Path) -> dict:
         model_name = config["model"]
         kwargs = {key: int(config["model_kwargs"][key]) for key in ("num_classes", "in_chans")}
         shape = tuple(int(v) for v in config["input_shape"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise WeightsError(f"{file} is not the config.json of `manidp export-static` ({type(exc).__name__}: {exc})") from exc
     if len(shape) != 3 or min(shape) < 1 or not isinstance(model_name, str):
         raise WeightsError(f"{file}: input_shape must be 3 positive sizes and model a name")
