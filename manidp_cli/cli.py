@@ -225,6 +225,9 @@ def _print_eval(result: dict) -> None:
         kind = "gather-free, codebook" if fast["codebook"] else "per-image gathers"
         table.add_row("dynamic executor", f"top-1 {fast['top1']:.4f} / top-5 {fast['top5']:.4f} ({kind}, batch 1, {fast['images']} images)")
         table.add_row("  vs masked model", f"same prediction for {fast['prediction_agreement']:.2%}; largest logit difference {fast['max_logit_difference']:.1e}")
+        table.add_row("  decisions", f"{fast['decision_agreement']:.2%} of {fast['decisions']} (image, layer) decisions equal; "
+                      f"every decision equal for {fast['images_with_every_decision_equal']:.2%} of images; diverging at near-ties: "
+                      f"{fast['images_diverging_at_near_ties']}, unexplained: {fast['images_diverging_unexplained']}")
     console.print(table)
     console.print(result["flops_convention"])
 

@@ -179,17 +179,19 @@ def evaluate_dynamic_execution(
     model: nn.Module, images: ImageSet, input_shape: tuple[int, int, int], limit: int | None = None
 ) -> dict:
     """Accuracy of the dynamic executor (``execute.dynamic_model``, the one ``manidp bench`` times),
-    every image run alone, and how far its logits are from the masked model's."""
-    from manidp_cli.execute import dynamic_model
+    every image run alone, how far its logits are from the masked model's, and how often it took
+    the masked model's decisions (``execute.DecisionAgreement``)."""
+    from manidp_cli.execute import DecisionAgreement, dynamic_model
 
     model.eval()
     fast = dynamic_model(model, input_shape)
+    agreement = DecisionAgreement()
     correct1 = correct5 = agree = count = 0
     loss = 0.0
     largest_difference = 0.0
     for x, y in images.batches(64, limit=limit):
         reference = model(x)
-        logits = torch.cat([fast(image[None]) for image in x])
+        logits = torch.cat([agreement.add(model, fast, image[None]) for image in x])
         largest_difference = max(largest_difference, float((logits - reference).abs().max()))
         loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -206,6 +208,7 @@ def evaluate_dynamic_execution(
         "prediction_agreement": agree / n,
         "max_logit_difference": largest_difference,
         "codebook": any(getattr(m, "entry_rows", None) for m in fast.modules()),
+        **agreement.to_dict(),
     }
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from manidp_cli.gating import GATE_PREFIX, SaliencyGate, gates_of
+from manidp_cli.gating import GATE_PREFIX, SaliencyGate, entry_score_terms, entry_scores, gates_of
 from manidp_cli.graph import trace_dataflow
 
 T = TypeVar("T")
@@ -97,6 +97,12 @@ class DynamicConv(nn.Module):
         self.narrow_output = False
         self.last_kept: torch.Tensor | None = None
         self.last_entry: int | None = None
+        # The gate's decision (``SaliencyGate.decide``) of the last call, as this layer made it, and
+        # one to take instead on the next call (``force_decisions``): how the tests and ``manidp eval
+        # --dynamic`` compare decisions with the masked model's, and outputs given equal decisions.
+        self.last_decision: torch.Tensor | None = None
+        self.last_saliency: torch.Tensor | None = None  # what the last decision was made from
+        self.forced_decision: torch.Tensor | None = None
         self._producer: list[DynamicConv] = []  # a list keeps it out of the module tree
         self.entry_rows: list[torch.Tensor] = []  # per codebook entry, its kept output channels
         self.packed_inputs = False  # weights also sliced per producer entry (narrow input)
@@ -123,9 +129,9 @@ class DynamicConv(nn.Module):
             self.register_buffer(f"gate_hidden_{p}", (hidden if cols is None else hidden[:, cols]).t().contiguous())
         self.register_buffer("gate_out", gate.fc2.weight.detach().t().contiguous())
         self.register_buffer("gate_out_bias", gate.fc2.bias.detach().clone())
-        codebook = gate.codebook.float()
-        self.register_buffer("entry_scores", codebook.contiguous())
-        self.register_buffer("entry_offsets", -gate.threshold.float() * codebook.sum(1))
+        columns_of_entries, offsets = entry_score_terms(gate.codebook, gate.threshold)
+        self.register_buffer("entry_columns", columns_of_entries)
+        self.register_buffer("entry_offsets", offsets)
         for k, rows in enumerate(self.entry_rows):
             self.register_buffer(f"bias_{k}", self.bias.index_select(0, rows).contiguous())
             for p, cols in enumerate(columns):
@@ -162,7 +168,7 @@ class DynamicConv(nn.Module):
         producer_entry = self._producer[0].last_entry if self.packed_inputs else 0
         hidden = torch.relu(x.mean(dim=(2, 3)) @ self._gate_hidden[producer_entry])
         saliency = torch.addmm(self.gate_out_bias, hidden, self.gate_out).clamp_(0.0, self.gate.max_saliency)
-        entry = self._choose_entry(saliency)
+        entry = int(self._choose_entries(saliency))
         if self.tuning is not None and (producer_entry, entry) not in self._tuned:
             self._tune_entry(x, producer_entry, entry)
         weight, bias, rows, convolve = self._entries[producer_entry][entry]
@@ -173,11 +179,28 @@ class DynamicConv(nn.Module):
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
 
-    def _choose_entry(self, saliency: torch.Tensor) -> int:
-        """``SaliencyGate.entry`` for one image, over the packed scores (one matrix-vector product)."""
-        if len(self.entry_rows) == 1:
-            return 0
-        return int(torch.addmv(self.entry_offsets, self.entry_scores, saliency[0]).argmax())
+    def _choose_entries(self, saliency: torch.Tensor) -> torch.Tensor:
+        """``SaliencyGate.entry`` over the packed score terms (the same formula, the same numbers),
+        unless a decision was forced."""
+        if self.entry_rows:
+            own = entry_scores(saliency, self.entry_columns, self.entry_offsets).argmax(dim=1)
+        else:  # not packed (a grouped convolution): the gate's own terms
+            own = self.gate.entry(saliency)
+        return self._settle(own, saliency)
+
+    def _choose_keep(self, saliency: torch.Tensor) -> torch.Tensor:
+        """``SaliencyGate.keep`` (free masks), unless a decision was forced."""
+        return self._settle(self.gate.keep(saliency), saliency)
+
+    def _settle(self, own: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+        """Record this layer's own decision; return the forced one instead when there is one."""
+        self.last_decision, self.last_saliency = own, saliency
+        forced, self.forced_decision = self.forced_decision, None
+        if forced is None:
+            return own
+        if forced.shape != own.shape:
+            raise ValueError(f"forced decision of shape {tuple(forced.shape)} for a decision of shape {tuple(own.shape)}")
+        return forced.to(own.device)
 
     def _tune_entry(self, x: torch.Tensor, producer_entry: int, entry: int) -> None:
         """Time this entry's convolution on ``x`` at its own width and at wider ones (extra rows of
@@ -189,32 +212,17 @@ class DynamicConv(nn.Module):
         single-image inputs to an im2col kernel that is slower for some narrow shapes (docs/speed.md)."""
         tuning = self.tuning
         self._tuned.add((producer_entry, entry))
-        weight = self._buffers[f"weight_{producer_entry}_{entry}"]
-        bias = self._buffers[f"bias_{entry}"]
-        width = weight.shape[0]
-        widest = min(self.out_channels, width + tuning.max_extra)
-        widths = [width] + list(range(-(-(width + 1) // tuning.step) * tuning.step, widest + 1, tuning.step))
-        backends = {"default": F.conv2d}
-        onednn_usable = (
-            torch.backends.mkldnn.is_available() and x.device.type == "cpu" and x.dtype == torch.float32
-            and not isinstance(self.functional_padding, str)  # nn.Conv2d's "same"/"valid" have no oneDNN spelling here
-        )
-        if "onednn" in tuning.kernels and onednn_usable:
-            backends["onednn"] = _onednn_conv2d
-        candidates = [(wide, backend) for wide in widths for backend in backends]
+        candidates = self.entry_kernel_candidates(producer_entry, entry, x, tuning)
         if len(candidates) == 1:
             return
+        width = len(self.entry_rows[entry])
         source = self._pad(x)
         layout = _memory_format_of(x)
-        padded = {}
-        for wide in widths:
-            padded_weight = _zeros_in_layout_of(weight, (wide, *weight.shape[1:]))
-            padded_weight[:width] = weight
-            padded[wide] = (padded_weight, torch.cat([bias, bias.new_zeros(wide - width)]))
+        padded = {wide: self._padded_entry(producer_entry, entry, wide) for wide, _ in candidates}
 
         def run(candidate: tuple[int, str]) -> torch.Tensor:
-            wide, backend = candidate
-            out = backends[backend](source, *padded[wide], self.stride, self.functional_padding, self.dilation)[:, :width]
+            wide, kernel = candidate
+            out = _KERNELS[kernel](source, *padded[wide], self.stride, self.functional_padding, self.dilation)[:, :width]
             # a consumer reads a narrow output contiguously: the copy a padded one needs counts too
             return out.contiguous(memory_format=layout) if self.narrow_output and wide != width else out
 
@@ -222,11 +230,53 @@ class DynamicConv(nn.Module):
         fastest = min(candidates, key=seconds.__getitem__)
         if seconds[fastest] >= (1 - tuning.min_gain) * seconds[(width, "default")]:
             return
-        wide, backend = fastest
+        self.use_entry_kernel(producer_entry, entry, *fastest)
+
+    def entry_kernel_candidates(
+        self, producer_entry: int, entry: int, x: torch.Tensor, tuning: EntryTuning
+    ) -> list[tuple[int, str]]:
+        """What the tuner may choose for one entry's convolution on inputs like ``x``: (width,
+        kernel) pairs, the entry's own width and ``"default"`` first."""
+        width = len(self.entry_rows[entry])
+        widest = min(self.out_channels, width + tuning.max_extra)
+        widths = [width] + list(range(-(-(width + 1) // tuning.step) * tuning.step, widest + 1, tuning.step))
+        kernels = ["default"]
+        onednn_usable = (
+            torch.backends.mkldnn.is_available() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not isinstance(self.functional_padding, str)  # nn.Conv2d's "same"/"valid" have no oneDNN spelling here
+        )
+        if "onednn" in tuning.kernels and onednn_usable:
+            kernels.append("onednn")
+        return [(wide, kernel) for wide in widths for kernel in kernels]
+
+    def _padded_entry(self, producer_entry: int, entry: int, wide: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entry's weight and bias with zero rows appended up to ``wide`` output channels."""
+        weight = self._buffers[f"weight_{producer_entry}_{entry}"]
+        bias = self._buffers[f"bias_{entry}"]
+        width = weight.shape[0]
+        if wide == width:
+            return weight, bias
+        padded_weight = _zeros_in_layout_of(weight, (wide, *weight.shape[1:]))
+        padded_weight[:width] = weight
+        return padded_weight, torch.cat([bias, bias.new_zeros(wide - width)])
+
+    def use_entry_kernel(self, producer_entry: int, entry: int, wide: int, kernel: str) -> None:
+        """Run this entry's convolution at ``wide`` output channels (zero rows, dropped after it)
+        through ``kernel`` ("default": PyTorch's choice, "onednn"): what the tuner applies, and
+        what the tests force, one choice at a time."""
+        if kernel not in _KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(_KERNELS)}")
+        width = len(self.entry_rows[entry])
+        if not width <= wide <= self.out_channels:
+            raise ValueError(f"width {wide} outside [{width}, {self.out_channels}] for entry {entry}")
+        for name in (f"padded_weight_{producer_entry}_{entry}", f"padded_bias_{producer_entry}_{entry}"):
+            self._buffers.pop(name, None)
         if wide != width:
-            self.register_buffer(f"padded_weight_{producer_entry}_{entry}", padded[wide][0])
-            self.register_buffer(f"padded_bias_{producer_entry}_{entry}", padded[wide][1])
-        if backend == "onednn":
+            weight, bias = self._padded_entry(producer_entry, entry, wide)
+            self.register_buffer(f"padded_weight_{producer_entry}_{entry}", weight)
+            self.register_buffer(f"padded_bias_{producer_entry}_{entry}", bias)
+        self._onednn.discard((producer_entry, entry))
+        if kernel == "onednn":
             self._onednn.add((producer_entry, entry))
         self._bind_packed()
 
@@ -256,7 +306,10 @@ class DynamicConv(nn.Module):
             saliency = self.gate(x)
         if self.entry_rows and x.shape[0] == 1:
             return self._run_entry_gathered(x, saliency)
-        mask = self.gate.mask(saliency)
+        if self.gate.snaps:  # a grouped convolution with a codebook takes the masked path
+            mask = saliency * self.gate.codebook[self._choose_entries(saliency)].to(saliency.dtype)
+        else:
+            mask = saliency * self._choose_keep(saliency).to(saliency.dtype)
         if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
             return self._masked(x, mask)
         scale = mask[0].to(x.dtype)
@@ -294,7 +347,7 @@ class DynamicConv(nn.Module):
     def _run_entry_gathered(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """One image through its codebook entry when its input is the narrow output of a producer
         without a codebook: the entry's weights gathered to the producer's kept channels."""
-        entry = self._choose_entry(saliency)
+        entry = int(self._choose_entries(saliency))
         rows = self.entry_rows[entry]
         weight = self._buffers[f"weight_0_{entry}"].index_select(1, self._producer[0].last_kept)
         narrow = F.conv2d(self._pad(x), weight, self._buffers[f"bias_{entry}"], self.stride, self.functional_padding, self.dilation)
@@ -306,7 +359,7 @@ class DynamicConv(nn.Module):
         """A batch, grouped by codebook entry: one narrow convolution per entry in use (the weights of
         an entry over all input channels are gathered once per batch); full-width output."""
         saliency = self.gate(x)
-        entries = self.gate.entry(saliency)
+        entries = self._choose_entries(saliency)
         source = self._pad(x)
         out = None
         for entry in entries.unique().tolist():
@@ -423,6 +476,9 @@ def _onednn_conv2d(x, weight, bias, stride, padding, dilation) -> torch.Tensor:
     return torch.mkldnn_convolution(x, weight, bias, _pair(padding), _pair(stride), _pair(dilation), 1)
 
 
+_KERNELS: dict[str, Callable[..., torch.Tensor]] = {"default": F.conv2d, "onednn": _onednn_conv2d}
+
+
 @dataclass(frozen=True)
 class EntryTuning:
     """Candidate widths: the entry's own, then multiples of ``step`` up to ``max_extra`` more
@@ -482,7 +538,166 @@ def tune_entries(model: nn.Module, images: list[torch.Tensor], tuning: EntryTuni
     return changed
 
 
+def pin_entry_kernels(model: nn.Module, kernel: str = "default", extra_channels: int = 0) -> int:
+    """Run every codebook entry of a dynamic model through ``kernel`` at its own width plus
+    ``extra_channels`` zero rows (at most the layer's width), without timing anything: each choice
+    the tuner can make, forced everywhere at once (the tests check outputs under each). Layers the
+    tuner never offers ``kernel`` for keep theirs. Returns the number of entries pinned."""
+    pinned = 0
+    for layer in dynamic_layers(model).values():
+        if not layer.entry_rows or (kernel == "onednn" and isinstance(layer.functional_padding, str)):
+            continue
+        layer._tuned.clear()
+        for producer_entry in range(len(layer._entries)):
+            for entry, rows in enumerate(layer.entry_rows):
+                wide = min(layer.out_channels, len(rows) + extra_channels)
+                layer.use_entry_kernel(producer_entry, entry, wide, kernel)
+                pinned += 1
+    return pinned
+
+
 def dynamic_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
     """Inference copy of a gated model that skips the work of switched-off channels (batch 1)."""
     gates_of(model)
     return folded_model(model, input_shape, dynamic=True)
+
+
+# Decisions: which entry / keep-set each gated layer takes for each image. The executor computes
+# its numbers differently from the masked model (BatchNorm folded, narrow convolutions, other
+# kernels), so the two can only be compared decision by decision: equal decisions wherever the
+# masked model's decision is clear of rounding, and equal outputs (up to rounding) given equal
+# decisions.
+
+def dynamic_layers(model: nn.Module) -> dict[str, DynamicConv]:
+    """The gated convolutions of a dynamic model, by name (the gated model's conv names)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, DynamicConv)}
+
+
+def force_decisions(model: nn.Module, decisions: dict[str, torch.Tensor]) -> None:
+    """Make each named layer of a dynamic model take ``decisions[name]`` (``SaliencyGate.decide``'s
+    form, one row per image) on its next call instead of deciding itself; it still records its own."""
+    layers = dynamic_layers(model)
+    unknown = sorted(set(decisions) - set(layers))
+    if unknown:
+        raise KeyError(f"no dynamic layer named {unknown[0]!r}")
+    for name, decision in decisions.items():
+        layers[name].forced_decision = decision
+
+
+def executed_decisions(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each layer's own decision in the dynamic model's last call (forced or not)."""
+    return {name: layer.last_decision for name, layer in dynamic_layers(model).items() if layer.last_decision is not None}
+
+
+@torch.no_grad()
+def run_with_decisions(
+    model: nn.Module, images: torch.Tensor, forced: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One call of a dynamic model: its output and the decisions its layers made themselves in
+    that call (``forced``, if given, is what they then took; see ``force_decisions``)."""
+    for layer in dynamic_layers(model).values():
+        layer.last_decision = layer.last_saliency = layer.forced_decision = None
+    if forced:
+        force_decisions(model, forced)
+    output = model(images)
+    return output, executed_decisions(model)
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """The masked (gated) model on a batch: its logits, and per gated layer its saliencies, its
+    decisions and their margins (``SaliencyGate.decision_margin``)."""
+
+    logits: torch.Tensor
+    saliency: dict[str, torch.Tensor]
+    decisions: dict[str, torch.Tensor]
+    margins: dict[str, torch.Tensor]
+
+    def image(self, index: int) -> dict[str, torch.Tensor]:
+        """The decisions of one image, in the form a single-image call takes them."""
+        return {name: decision[index: index + 1] for name, decision in self.decisions.items()}
+
+
+@torch.no_grad()
+def reference_run(model: nn.Module, images: torch.Tensor) -> ReferenceRun:
+    """Run the masked model (eval mode) and record what each of its gates decided."""
+    from manidp_cli.recorder import GateRecorder
+
+    gates = gates_of(model).by_conv()
+    with GateRecorder(model, detach=True) as recorder:
+        logits = model(images)
+    saliency = dict(recorder.saliency)
+    decisions = {name: gates[name].decide(s) for name, s in saliency.items()}
+    margins = {name: gates[name].decision_margin(s) for name, s in saliency.items()}
+    return ReferenceRun(logits, saliency, decisions, margins)
+
+
+def decision_flip_bounds(fast: nn.Module, reference: ReferenceRun, gates: dict[str, SaliencyGate]) -> dict[str, torch.Tensor]:
+    """Per layer and image, the largest margin that the executor's rounding could have flipped in
+    its last call: 2 * sum_j |d pi_j| for a codebook entry (each score moves by at most sum |d pi|),
+    max_j |d pi_j| for a free mask, d pi being its saliencies minus the masked model's."""
+    bounds = {}
+    for name, layer in dynamic_layers(fast).items():
+        if layer.last_saliency is None or name not in reference.saliency:
+            continue
+        drift = (layer.last_saliency.double() - reference.saliency[name].double()).abs()
+        bounds[name] = 2 * drift.sum(dim=1) if gates[name].snaps else drift.amax(dim=1)
+    return bounds
+
+
+def near_tie_only(reference: ReferenceRun, index: int, own: dict[str, torch.Tensor], bounds: dict[str, torch.Tensor]) -> bool:
+    """Whether every decision of image ``index`` that differs from the masked model's (``own``
+    made from the masked model's inputs, i.e. with its decisions forced) had a margin within what
+    rounding can flip."""
+    for name, expected in reference.decisions.items():
+        if not torch.equal(own[name][index], expected[index]) and float(reference.margins[name][index]) > float(bounds[name][index]):
+            return False
+    return True
+
+
+@dataclass
+class DecisionAgreement:
+    """How often the dynamic executor, run as a user runs it (each image deciding for itself),
+    took the masked model's decision, over (image, gated layer) pairs and over images. An image
+    that diverges is run again with the masked model's decisions forced: it is a near-tie when each
+    of its layers then decides as the masked model or within rounding of a tie
+    (``decision_flip_bounds``), and ``unexplained`` otherwise (that would be an executor bug)."""
+
+    decisions: int = 0
+    agreeing: int = 0
+    images: int = 0
+    images_agreeing: int = 0
+    images_at_near_ties: int = 0
+    images_unexplained: int = 0
+
+    def add(self, model: nn.Module, fast: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Run one image (1 x C x H x W) through both; count; return the executor's output."""
+        reference = reference_run(model, image)
+        output, own = run_with_decisions(fast, image)
+        equal = [name in own and torch.equal(own[name], decision) for name, decision in reference.decisions.items()]
+        self.decisions += len(equal)
+        self.agreeing += sum(equal)
+        self.images += 1
+        if all(equal):
+            self.images_agreeing += 1
+            return output
+        _, forced_own = run_with_decisions(fast, image, forced=reference.image(0))
+        bounds = decision_flip_bounds(fast, reference, gates_of(model).by_conv())
+        if near_tie_only(reference, 0, forced_own, bounds):
+            self.images_at_near_ties += 1
+        else:
+            self.images_unexplained += 1
+        return output
+
+    @property
+    def rate(self) -> float:
+        return self.agreeing / self.decisions if self.decisions else 1.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "decision_agreement": self.rate,
+            "decisions": self.decisions,
+            "images_with_every_decision_equal": self.images_agreeing / self.images if self.images else 1.0,
+            "images_diverging_at_near_ties": self.images_at_near_ties,
+            "images_diverging_unexplained": self.images_unexplained,
+        }

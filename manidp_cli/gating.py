@@ -102,15 +102,37 @@ class SaliencyGate(nn.Module):
         """Per image, the codebook entry with the largest summed excess saliency over the threshold,
         sum_j c_kj * (pi_j - tau): over all channel subsets that sum is largest for the free mask
         [pi >= tau], so this is the free mask's rule restricted to the codebook."""
-        codebook = self.codebook.float()
-        scores = saliency.detach().float() @ codebook.t() - self.threshold.float() * codebook.sum(1)
-        return scores.argmax(dim=1)
+        return entry_scores(saliency, *entry_score_terms(self.codebook, self.threshold)).argmax(dim=1)
 
     def keep(self, saliency: torch.Tensor) -> torch.Tensor:
         """B x C_out bool: the channels the convolution must compute for each image."""
         if self.snaps:
             return self.codebook[self.entry(saliency)] > 0
         return (saliency >= self.threshold) & (saliency != 0)
+
+    def decide(self, saliency: torch.Tensor) -> torch.Tensor:
+        """The gate's decision per image: its codebook entry (B, long) when it snaps, else its keep-set
+        (B x C_out, bool). Two executions agree when their decisions are equal."""
+        return self.entry(saliency) if self.snaps else self.keep(saliency)
+
+    def decision_margin(self, saliency: torch.Tensor) -> torch.Tensor:
+        """Per image, how far its saliencies are from a different decision (B, float64): the lead of
+        the chosen entry's score over the runner-up, or the smallest |pi_j - tau| of a free mask.
+        A decision whose margin is below the rounding error of the saliencies is a near-tie: another
+        execution of the same network (other kernels, folded BatchNorm) may decide it either way."""
+        saliency = saliency.detach().double()
+        if self.snaps:
+            if self.codebook.shape[0] == 1:
+                return saliency.new_full((saliency.shape[0],), float("inf"))
+            scores = entry_scores(saliency, *entry_score_terms(self.codebook, self.threshold))
+            best = scores.topk(2, dim=1).values
+            return best[:, 0] - best[:, 1]
+        if not torch.isfinite(self.threshold):
+            return saliency.new_full((saliency.shape[0],), float("inf"))
+        distance = (saliency - float(self.threshold)).abs()
+        if float(self.threshold) <= 0:  # the boundary is then pi = 0 (a zero saliency is never kept)
+            distance = torch.minimum(distance, saliency)
+        return distance.amin(dim=1)
 
     def mask(self, saliency: torch.Tensor) -> torch.Tensor:
         if self.snaps:
@@ -140,6 +162,22 @@ class SaliencyGate(nn.Module):
 
     def _on_site_output(self, module, args, output):
         return self._masked(output)
+
+
+def entry_score_terms(codebook: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The constants of ``entry_scores`` for a K x C codebook: C x K in float64, and -tau * |c_k|."""
+    codebook = codebook.detach().double()
+    return codebook.t().contiguous(), -threshold.detach().double() * codebook.sum(1)
+
+
+def entry_scores(saliency: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """B x K scores sum_j c_kj * (pi_j - tau), the one formula every execution decides entries with.
+
+    In float64 the sum of float32 saliencies is exact in all but extreme ranges, so the score does
+    not depend on the kernel's summation order, the batch size or the CPU: equal saliencies give
+    equal entries on every path (float32 scores tie or swap within rounding, which made the
+    executor and the masked model choose differently on some CPUs)."""
+    return torch.addmm(offsets, saliency.detach().double(), columns)
 
 
 class GateSet(nn.ModuleDict):

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from manidp_cli.cli import app
 from manidp_cli.errors import DataError, ManidpError, ModelError, RecipeError, TargetError, WeightsError
+from manidp_cli.export import load_pruned
 
 runner = CliRunner()
 
@@ -87,8 +88,15 @@ def test_eval_and_report_commands(pruned, tmp_path):
     result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "16", "--dynamic", "--json"])
     assert result.exit_code == 0, result.output
     fast = json.loads(result.output)["dynamic_execution"]
-    assert fast["images"] == 16 and fast["prediction_agreement"] == 1.0 and fast["max_logit_difference"] <= 1e-4
-    assert fast["codebook"] is False  # free masks: the executor gathers per image
+    assert fast["images"] == 16 and fast["codebook"] is False  # free masks: the executor gathers per image
+    # every image decides as the masked model did, or diverges only at a tie within rounding (a CPU
+    # with other kernels may break such a tie the other way: the outputs are then not compared)
+    assert fast["images_diverging_unexplained"] == 0 and fast["decision_agreement"] >= 0.95
+    assert fast["decisions"] == 16 * len(load_pruned(pruned.out_dir)[1].metadata["gated_layers"])
+    diverging = fast["images_diverging_at_near_ties"]
+    assert fast["images_with_every_decision_equal"] == (16 - diverging) / 16
+    result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "2", "--dynamic"])
+    assert result.exit_code == 0 and "(image, layer) decisions equal" in result.output
     result = runner.invoke(app, ["report", str(pruned.out_dir), "--plots", str(tmp_path / "p")])
     assert result.exit_code == 0 and "total" in result.output and "fvcore" in result.output
     assert len(list((tmp_path / "p").glob("*.png"))) == 4

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from conftest import randomize_norms
-from manidp_cli.execute import DynamicConv, dynamic_model, fold_batchnorm, folded_model
+from helpers import check_execution
+from manidp_cli.execute import DynamicConv, dynamic_model, fold_batchnorm, folded_model, reference_run
 from manidp_cli.gating import insert_gates
 from manidp_cli.recorder import GateRecorder
 
@@ -60,16 +61,28 @@ def test_dynamic_execution_equals_the_masked_model(name):
     if name in NARROW_CHAINS:  # conv -> act (-> pool) -> conv chains hand over narrow tensors
         producers = [m for m in dynamic.modules() if isinstance(m, DynamicConv) and m.narrow_output]
         assert len(producers) == NARROW_CHAINS[name]
-    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
-        for seed in range(3):
-            image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-            expected = model(image)
-            kept = [float(k.float().mean()) for k in rec.active_outputs().values()]
-            assert 0.1 < sum(kept) / len(kept) < 0.9  # the gates really prune
-            assert (dynamic(image) - expected).abs().max() <= 1e-4
-            assert (masked(image) - expected).abs().max() <= 1e-4
-        batch = torch.randn(3, 3, 64, 64)
-        assert (dynamic(batch) - model(batch)).abs().max() <= 1e-4  # batches: masked path
+    decisions = disagreements = 0
+    for seed in range(3):
+        image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+            model(image)
+        kept = [float(k.float().mean()) for k in rec.active_outputs().values()]
+        assert 0.1 < sum(kept) / len(kept) < 0.9  # the gates really prune
+        check = check_execution(model, dynamic, image)
+        decisions, disagreements = decisions + check.decisions, disagreements + check.disagreements
+    check = check_execution(model, dynamic, torch.randn(3, 3, 64, 64))  # batches: masked path
+    decisions, disagreements = decisions + check.decisions, disagreements + check.disagreements
+    assert disagreements <= 0.02 * decisions  # near-ties are rare, so the checks have teeth
+    # The folded masked model has no decisions to force: its outputs are compared on the images
+    # where its decisions equal the masked model's (near-ties aside, that is every image).
+    compared = 0
+    for seed in range(7, 10):
+        image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        reference, folded = reference_run(model, image), reference_run(masked, image)
+        if all(torch.equal(folded.decisions[n], d) for n, d in reference.decisions.items()):
+            assert (folded.logits - reference.logits).abs().max() <= 1e-4
+            compared += 1
+    assert compared >= 2
 
 
 def test_static_slimming_removes_never_kept_channels(tmp_path):
