@@ -188,10 +188,12 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     """A temporary folder beside ``folder`` to write into; renamed to ``folder`` (which must be
     missing or empty) when the block ends without error, removed otherwise."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     stage = folder.parent / f".{folder.name}.{secrets.token_hex(6)}.tmp"
     try:
-        stage.mkdir()
+        try:
+            stage.mkdir(parents=True)
+        except OSError as exc:
+            raise _write_error(folder, exc, "was not created") from exc
         try:
             yield stage
             _fsync_folder(stage)
