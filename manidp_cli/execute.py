@@ -12,7 +12,11 @@ every keep-set, and of every pair (producer's keep-set, own keep-set) along narr
 sliced and laid out once, so an image only picks one and runs it. Batches with codebooks are grouped
 by entry instead of masked (faster at 224 px, slower at 32 px; docs/speed.md).
 
-Its outputs equal the masked model's (same keep-sets) up to float rounding.
+Every layer decides (entry or keep-set) with the gate's own rule on its own saliencies, which
+differ from the masked model's by rounding only (folded BatchNorm, other kernels); given equal
+decisions, outputs equal the masked model's up to float rounding. A decision within rounding of a
+tie may go either way: ``run_with_decisions`` and ``DecisionAgreement`` make that visible
+(docs/portability.md).
 
 Example::
 
