@@ -674,8 +674,9 @@ class DecisionAgreement:
     images_at_near_ties: int = 0
     images_unexplained: int = 0
 
-    def add(self, model: nn.Module, fast: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """Run one image (1 x C x H x W) through both; count; return the executor's output."""
+    def add(self, model: nn.Module, fast: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one image (1 x C x H x W) through both; count; return the executor's output and the
+        masked model's (for that image alone: in a batch its own near-ties may fall otherwise)."""
         reference = reference_run(model, image)
         output, own = run_with_decisions(fast, image)
         equal = [name in own and torch.equal(own[name], decision) for name, decision in reference.decisions.items()]
@@ -684,14 +685,14 @@ class DecisionAgreement:
         self.images += 1
         if all(equal):
             self.images_agreeing += 1
-            return output
+            return output, reference.logits
         _, forced_own = run_with_decisions(fast, image, forced=reference.image(0))
         bounds = decision_flip_bounds(fast, reference, gates_of(model).by_conv())
         if near_tie_only(reference, 0, forced_own, bounds):
             self.images_at_near_ties += 1
         else:
             self.images_unexplained += 1
-        return output
+        return output, reference.logits
 
     @property
     def rate(self) -> float:
