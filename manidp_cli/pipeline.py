@@ -146,10 +146,10 @@ def _stored_run(kind: Kind, model_name, recipe_path, overrides, weights, out_dir
         if model_name is None:
             raise ManidpError("--resume needs --out DIR (or the MODEL of a run in runs/<command>-<MODEL>)")
         out_dir = default_out_dir(kind, model_name)
-    out_dir = check_writable_folder(out_dir)
-    checkpoint = out_dir / CHECKPOINT_FILE
+    checkpoint = Path(out_dir).expanduser() / CHECKPOINT_FILE
     if not is_file(checkpoint, "--out"):
         raise ManidpError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
+    out_dir = check_writable_folder(out_dir)  # the run goes on writing there
     identity = _file_identity(checkpoint)
     resumed = load_checkpoint(checkpoint)
     extra = resumed["extra"]
