@@ -134,8 +134,7 @@ def _new_run(kind: Kind, model_name, recipe_path, overrides, weights, out_dir) -
     check_model_name(model_name)
     recipe = load_recipe(recipe_path, overrides)
     out_dir = check_writable_folder(out_dir or default_out_dir(kind, model_name))
-    if exists(out_dir / CHECKPOINT_FILE, "--out") or exists(out_dir / MODEL_FILE, "--out"):
-        raise ManidpError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out")
+    _refuse_existing_run(out_dir)
     weights_source = str(weights) if weights else ("timm hub" if kind == "prune" else "random init")
     return _RunSettings(recipe, model_name, out_dir, weights, weights_source)
 
@@ -218,8 +217,14 @@ def _check_unchanged(job: Job) -> None:
     written the folder between the two (prepare reads without a lock)."""
     if job.resume and _file_identity(job.checkpoint) != job.resumed_identity:
         raise ManidpError(f"{job.checkpoint} changed after it was read (another run used {job.out_dir}); run --resume again")
-    if not job.resume and (job.checkpoint.exists() or (job.out_dir / MODEL_FILE).exists()):
-        raise ManidpError(f"{job.out_dir} already holds a run: pass --resume to continue it, or another --out")
+    if not job.resume:
+        _refuse_existing_run(job.out_dir)
+
+
+def _refuse_existing_run(out_dir: Path) -> None:
+    """A new run never writes over another run's checkpoint or export."""
+    if exists(out_dir / CHECKPOINT_FILE, "--out") or exists(out_dir / MODEL_FILE, "--out"):
+        raise ManidpError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out")
 
 
 @contextlib.contextmanager
