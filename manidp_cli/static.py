@@ -27,6 +27,7 @@ from torch import nn
 
 from manidp_cli.gating import GATE_PREFIX, gates_of
 from manidp_cli.graph import Dataflow, trace_dataflow
+from manidp_cli.inputs import capped, exception_text
 
 PROGRAM_FILE = "model.pt2"
 CONFIG_FILE = "config.json"
@@ -298,7 +299,7 @@ def _archive_problem(archive) -> str | None:
     root = roots.pop()
     for info in archive.infolist():
         if not _ARCHIVE_MEMBER.match(info.filename):
-            return f"it holds {info.filename[:200]}, which a static export never has"
+            return f"it holds {capped(info.filename)}, which a static export never has"
         if "/data/weights/weight_" not in info.filename and info.file_size > _MAX_READ:
             return f"{info.filename} is {info.file_size} bytes, too large to check"
     if f"{root}/models/model.json" not in names or f"{root}/data/sample_inputs/model.pt" not in names:
@@ -323,7 +324,7 @@ def verify_static_program(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             problem = _archive_problem(archive)
     except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
-        problem = f"it cannot be read as a torch.export archive ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        problem = f"it cannot be read as a torch.export archive ({exception_text(exc)})"
     if problem:
         raise WeightsError(f"refusing {path}: {problem}; never load it with torch.export.load")
 
@@ -385,7 +386,7 @@ def load_static(folder: str | Path) -> tuple[nn.Module, dict]:
     try:
         tensors = load_file(str(file))
     except Exception as exc:
-        raise WeightsError(f"cannot read {file}: {str(exc).splitlines()[0]}") from exc
+        raise WeightsError(f"cannot read {file}: {exception_text(exc)}") from exc
     model = timm.create_model(config["model"], pretrained=False, **config["model_kwargs"]).eval()
     expected = model.state_dict()
     if set(tensors) != set(expected):
@@ -399,5 +400,5 @@ def load_static(folder: str | Path) -> tuple[nn.Module, dict]:
         with torch.no_grad():
             model(torch.zeros(1, *config["input_shape"]))
     except RuntimeError as exc:
-        raise WeightsError(f"{file}: the narrowed {config['model']} does not run ({str(exc).splitlines()[0]})") from exc
+        raise WeightsError(f"{file}: the narrowed {config['model']} does not run ({exception_text(exc)})") from exc
     return model, config
