@@ -23,10 +23,12 @@ demo: $(STAMP)
 	$(BIN)/manidp train resnet18 --recipe recipes/dense-default.yaml --out $(DEMO)/dense
 	$(BIN)/manidp prune resnet18 --target-flops 0.45 --weights $(DEMO)/dense/model.safetensors --out $(DEMO)/pruned
 
-# The executor's tests run a second time on the AVX2 kernels of oneDNN and ATen: a machine with
+# ruff first (seconds; configuration in pyproject.toml), then the suite. The executor's tests run a
+# second time on the AVX2 kernels of oneDNN and ATen: a machine with
 # AVX-512/AMX picks other kernels by default, and the tests must pass on both (docs/portability.md).
 EXECUTOR_TESTS := tests/test_execute.py tests/test_codebook.py
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q $(EXECUTOR_TESTS)
 

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
+from manidp_cli.analysis.evaluation import evaluate
+from manidp_cli.api.jobs import prepare, run
+from manidp_cli.config import OptimizerConfig
+from manidp_cli.core.flops import count_flops
 from manidp_cli.data import load_data
-from manidp_cli.evaluation import evaluate
-from manidp_cli.flops import count_flops
-from manidp_cli.models import create_model
-from manidp_cli.objectives import CrossEntropyObjective
-from manidp_cli.pipeline import prepare, run
-from manidp_cli.recipe import OptimizerConfig
+from manidp_cli.models.factory import create_model
+from manidp_cli.training.objectives import CrossEntropyObjective
 
 MODEL = "resnet18"
 ROOT = Path(__file__).resolve().parent
@@ -75,9 +75,16 @@ def dense_start(args) -> tuple[Path, list[dict]]:
     if not export.exists():
         shutil.rmtree(out, ignore_errors=True)
         job = prepare(
-            "train", MODEL, out_dir=out,
-            overrides={"data": args.data, "epochs": args.dense_epochs, "batch_size": 128,
-                       "train_images": args.dense_images, "optimizer": {"lr": 0.1}},
+            "train",
+            MODEL,
+            out_dir=out,
+            overrides={
+                "data": args.data,
+                "epochs": args.dense_epochs,
+                "batch_size": 128,
+                "train_images": args.dense_images,
+                "optimizer": {"lr": 0.1},
+            },
         )
         run(job)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -86,8 +93,12 @@ def dense_start(args) -> tuple[Path, list[dict]]:
 
 def fine_tune_overrides(args, seed: int) -> dict:
     return {
-        "data": args.data, "epochs": args.epochs, "batch_size": 128, "train_images": args.train_images,
-        "seed": seed, "optimizer": {"lr": args.lr},
+        "data": args.data,
+        "epochs": args.epochs,
+        "batch_size": 128,
+        "train_images": args.train_images,
+        "seed": seed,
+        "optimizer": {"lr": args.lr},
         "schedule": {"calibration_images": 1024, "search_steps": 16},
     }
 
@@ -116,8 +127,11 @@ def static_prune(model: torch.nn.Module, target: float, input_shape) -> tuple[to
     def pruned_at(ratio: float):
         candidate = copy.deepcopy(model).eval()
         pruner = tp.pruner.MetaPruner(
-            candidate, example, importance=tp.importance.MagnitudeImportance(p=1),
-            pruning_ratio=ratio, ignored_layers=[candidate.fc],
+            candidate,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=ratio,
+            ignored_layers=[candidate.fc],
         )
         pruner.step()
         return candidate, count_flops(candidate, input_shape).total_flops / dense
@@ -137,24 +151,40 @@ def static_prune(model: torch.nn.Module, target: float, input_shape) -> tuple[to
 
 
 def run_static_arm(args, target: float, seed: int, start: Path, out: Path, data) -> dict:
-    from manidp_cli.train import fit
+    from manidp_cli.training.engine import fit
 
     torch.manual_seed(seed)
     model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
     model, flops = static_prune(model, target, data.input_shape)
-    fit(model, data, CrossEntropyObjective(), epochs=args.epochs, batch_size=128,
-        optimizer_config=OptimizerConfig(lr=args.lr), seed=seed, train_limit=args.train_images)
+    fit(
+        model,
+        data,
+        CrossEntropyObjective(),
+        epochs=args.epochs,
+        batch_size=128,
+        optimizer_config=OptimizerConfig(lr=args.lr),
+        seed=seed,
+        train_limit=args.train_images,
+    )
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": flops, "spearman_loss_flops": None, "gram_correlation": None}
 
 
 def run_dense_arm(args, start: Path, data) -> dict:
-    from manidp_cli.train import fit
+    from manidp_cli.training.engine import fit
 
     torch.manual_seed(0)
     model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    fit(model, data, CrossEntropyObjective(), epochs=args.epochs, batch_size=128,
-        optimizer_config=OptimizerConfig(lr=args.lr), seed=0, train_limit=args.train_images)
+    fit(
+        model,
+        data,
+        CrossEntropyObjective(),
+        epochs=args.epochs,
+        batch_size=128,
+        optimizer_config=OptimizerConfig(lr=args.lr),
+        seed=0,
+        train_limit=args.train_images,
+    )
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": 1.0, "spearman_loss_flops": None, "gram_correlation": None}
 
@@ -183,7 +213,9 @@ def summarise(args, arms: list[dict], dense_history: list[dict], wall: float) ->
         for target in args.targets:
             rows = [a for a in arms if a["arm"] == arm and a["target"] == target]
             if rows:
-                points.append((statistics.mean(r["flops_ratio"] for r in rows), statistics.mean(r["top1"] for r in rows)))
+                points.append(
+                    (statistics.mean(r["flops_ratio"] for r in rows), statistics.mean(r["top1"] for r in rows))
+                )
         curves[arm] = points
     seeds = {}
     for arm in ("manidp", "static"):
@@ -191,7 +223,9 @@ def summarise(args, arms: list[dict], dense_history: list[dict], wall: float) ->
         if rows:
             accs = [r["top1"] for r in rows]
             seeds[arm] = {
-                "seeds": [r["seed"] for r in rows], "top1": accs, "mean": statistics.mean(accs),
+                "seeds": [r["seed"] for r in rows],
+                "top1": accs,
+                "mean": statistics.mean(accs),
                 "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rows),
             }
@@ -203,11 +237,18 @@ def summarise(args, arms: list[dict], dense_history: list[dict], wall: float) ->
         "model": MODEL,
         "data": args.data,
         "settings": {
-            "dense_epochs": args.dense_epochs, "fine_tune_epochs": args.epochs,
-            "train_images_per_epoch": args.train_images, "lr": args.lr, "batch_size": 128,
-            "targets": args.targets, "seeds_at_0.45": args.seeds,
+            "dense_epochs": args.dense_epochs,
+            "fine_tune_epochs": args.epochs,
+            "train_images_per_epoch": args.train_images,
+            "lr": args.lr,
+            "batch_size": 128,
+            "targets": args.targets,
+            "seeds_at_0.45": args.seeds,
         },
-        "dense_start": {"epochs": len(dense_history), "eval_top1_per_epoch": [h.get("eval_top1") for h in dense_history]},
+        "dense_start": {
+            "epochs": len(dense_history),
+            "eval_top1_per_epoch": [h.get("eval_top1") for h in dense_history],
+        },
         "dense_fine_tuned_top1": dense[0]["top1"] if dense else None,
         "arms": arms,
         "curves": {arm: [{"flops_ratio": f, "top1": a} for f, a in pts] for arm, pts in curves.items()},
@@ -280,8 +321,14 @@ def main() -> None:
     print(f"\n{'arm':15s} {'target':>6s} {'seed':>4s} {'top1':>7s} {'FLOPs':>6s} {'spearman':>8s}")
     for d in sorted(done, key=lambda d: (d["arm"], -d["target"], d["seed"])):
         rho = d["spearman_loss_flops"]
-        print(f"{d['arm']:15s} {d['target']:6.2f} {d['seed']:4d} {d['top1']:7.4f} {d['flops_ratio']:6.3f} {'' if rho is None else f'{rho:+.3f}':>8s}")
-    print(f"iso-accuracy (static @0.45 = {summary['iso_accuracy']['top1']}): {summary['iso_accuracy']['flops_ratio_needed']}")
+        print(
+            f"{d['arm']:15s} {d['target']:6.2f} {d['seed']:4d} {d['top1']:7.4f}"
+            f" {d['flops_ratio']:6.3f} {'' if rho is None else f'{rho:+.3f}':>8s}"
+        )
+    print(
+        f"iso-accuracy (static @0.45 = {summary['iso_accuracy']['top1']})"
+        f": {summary['iso_accuracy']['flops_ratio_needed']}"
+    )
     print(f"wrote {args.out} and {args.plot}")
 
 

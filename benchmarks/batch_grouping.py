@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from manidp_cli.bench import interleaved_latency, timing_model
-from manidp_cli.execute import dynamic_model, folded_model
+from manidp_cli.analysis.bench import interleaved_latency, timing_model
+from manidp_cli.runtime.execute import dynamic_model, folded_model
 
 ROOT = Path(__file__).resolve().parent
 CASES = [("resnet34", 224, 16), ("resnet18", 32, 64)]
@@ -37,7 +37,11 @@ def measure(name: str, size: int, batch_size: int, target: float, entries: int, 
     times = interleaved_latency({key: (model, batch) for key, model in models.items()}, rounds, 1)
     throughput = {key: batch_size / statistics.median(values) for key, values in times.items()}
     return {
-        "model": name, "input_size": size, "batch_size": batch_size, "flops_ratio": flops, "entries": entries,
+        "model": name,
+        "input_size": size,
+        "batch_size": batch_size,
+        "flops_ratio": flops,
+        "entries": entries,
         "images_per_s": throughput,
         "grouped_vs_masked": throughput["grouped"] / throughput["masked"],
         "grouped_vs_dense": throughput["grouped"] / throughput["dense"],
@@ -55,13 +59,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = [measure(name, size, batch, args.target, args.entries, args.rounds) for name, size, batch in CASES]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "batch_grouping", "threads": args.threads, "cases": results}, indent=1))
+    args.out.write_text(
+        json.dumps({"benchmark": "batch_grouping", "threads": args.threads, "cases": results}, indent=1)
+    )
     print(f"{'case':22s} {'dense':>9s} {'masked':>9s} {'grouped':>9s} {'vs masked':>10s} {'vs dense':>9s}  (images/s)")
     for r in results:
         t = r["images_per_s"]
         case = f"{r['model']} {r['input_size']}px b{r['batch_size']}"
-        print(f"{case:22s} {t['dense']:9.1f} {t['masked']:9.1f} {t['grouped']:9.1f} "
-              f"{r['grouped_vs_masked']:9.2f}x {r['grouped_vs_dense']:8.2f}x")
+        print(
+            f"{case:22s} {t['dense']:9.1f} {t['masked']:9.1f} {t['grouped']:9.1f} "
+            f"{r['grouped_vs_masked']:9.2f}x {r['grouped_vs_dense']:8.2f}x"
+        )
     print(f"wrote {args.out}")
 
 

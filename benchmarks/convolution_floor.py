@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from manidp_cli.bench import interleaved_latency, timing_model
-from manidp_cli.execute import dynamic_model, folded_model, tune_entries
+from manidp_cli.analysis.bench import interleaved_latency, timing_model
+from manidp_cli.runtime.execute import dynamic_model, folded_model, tune_entries
 
 ROOT = Path(__file__).resolve().parent
 
@@ -62,13 +62,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = (3, args.size, args.size)
-    snapped, dense, _ = timing_model(args.model, shape, 0.45, codebook_entries=4, channel_multiple=16,
-                                     gate_reduction=args.gate_reduction or None)
+    snapped, dense, _ = timing_model(
+        args.model, shape, 0.45, codebook_entries=4, channel_multiple=16, gate_reduction=args.gate_reduction or None
+    )
     image = torch.randn(1, *shape).contiguous(memory_format=torch.channels_last)
     dense_model = folded_model(dense, shape).to(memory_format=torch.channels_last)
     codebook = dynamic_model(snapped, shape).to(memory_format=torch.channels_last)
     tune_entries(codebook, [image])
-    replays = {name: recorded_convolutions(model, image) for name, model in (("dense", dense_model), ("codebook", codebook))}
+    replays = {
+        name: recorded_convolutions(model, image) for name, model in (("dense", dense_model), ("codebook", codebook))
+    }
     # each workload takes the image argument interleaved_latency passes (the replays ignore it)
     workloads = {
         "dense": (dense_model, image),
@@ -80,16 +83,35 @@ def main() -> None:
     for _ in range(args.repeats):
         times = interleaved_latency(workloads, args.runs, 3)
         ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-        repeats.append({**ms, "whole_ratio": ms["codebook"] / ms["dense"],
-                        "convolutions_ratio": ms["codebook_convolutions"] / ms["dense_convolutions"]})
+        repeats.append(
+            {
+                **ms,
+                "whole_ratio": ms["codebook"] / ms["dense"],
+                "convolutions_ratio": ms["codebook_convolutions"] / ms["dense_convolutions"],
+            }
+        )
         r = repeats[-1]
-        print(f"dense {r['dense']:.1f} ms (convolutions {r['dense_convolutions']:.1f}) | codebook {r['codebook']:.1f} ms "
-              f"(convolutions {r['codebook_convolutions']:.1f}) | ratio whole {r['whole_ratio']:.3f}, "
-              f"convolutions only {r['convolutions_ratio']:.3f}", flush=True)
+        print(
+            f"dense {r['dense']:.1f} ms (convolutions {r['dense_convolutions']:.1f}) | codebook {r['codebook']:.1f} ms "
+            f"(convolutions {r['codebook_convolutions']:.1f}) | ratio whole {r['whole_ratio']:.3f}, "
+            f"convolutions only {r['convolutions_ratio']:.3f}",
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "convolution_floor", "model": args.model, "input_shape": list(shape),
-                                    "gate_reduction": args.gate_reduction or None, "threads": args.threads,
-                                    "convolution_calls": {k: len(v) for k, v in replays.items()}, "repeats": repeats}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "convolution_floor",
+                "model": args.model,
+                "input_shape": list(shape),
+                "gate_reduction": args.gate_reduction or None,
+                "threads": args.threads,
+                "convolution_calls": {k: len(v) for k, v in replays.items()},
+                "repeats": repeats,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.out}")
 
 

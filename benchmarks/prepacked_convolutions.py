@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from manidp_cli.bench import interleaved_latency, timing_model
-from manidp_cli.execute import dynamic_model, folded_model
+from manidp_cli.analysis.bench import interleaved_latency, timing_model
+from manidp_cli.runtime.execute import dynamic_model, folded_model
 
 ROOT = Path(__file__).resolve().parent
 
@@ -46,8 +46,14 @@ class PrepackedConvolutions:
         context = self.packed.get(key)
         if context is None:
             context = torch.ops.mkldnn_prepacked.conv2d_prepack(
-                weight.contiguous(memory_format=torch.channels_last), bias, _pair(stride), _pair(padding),
-                _pair(dilation), groups, list(x.shape), "none",
+                weight.contiguous(memory_format=torch.channels_last),
+                bias,
+                _pair(stride),
+                _pair(padding),
+                _pair(dilation),
+                groups,
+                list(x.shape),
+                "none",
             )
             self.packed[key] = context
         return torch.ops.mkldnn_prepacked.conv2d_run(x.contiguous(memory_format=torch.channels_last), context)
@@ -84,7 +90,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = (3, args.size, args.size)
-    gated, dense, flops = timing_model(args.model, shape, args.target, codebook_entries=args.entries, channel_multiple=16)
+    gated, dense, flops = timing_model(
+        args.model, shape, args.target, codebook_entries=args.entries, channel_multiple=16
+    )
     layout = torch.channels_last
     convolutions = PrepackedConvolutions()
     models = {
@@ -101,8 +109,13 @@ def main() -> None:
     times = interleaved_latency(variants, args.runs, max(2, args.runs // 10))
     median = {name: 1e3 * statistics.median(values) for name, values in times.items()}
     result = {
-        "benchmark": "prepacked_convolutions", "model": args.model, "input_size": args.size, "threads": args.threads,
-        "flops_ratio": flops, "entries": args.entries, "latency_ms_median": median,
+        "benchmark": "prepacked_convolutions",
+        "model": args.model,
+        "input_size": args.size,
+        "threads": args.threads,
+        "flops_ratio": flops,
+        "entries": args.entries,
+        "latency_ms_median": median,
         "max_output_difference": difference,
         "codebook_vs_dense_eager": median["codebook"] / median["dense"],
         "codebook_vs_dense_prepacked": median["codebook_prepacked"] / median["dense_prepacked"],
@@ -114,8 +127,10 @@ def main() -> None:
     print(f"{args.model} at {args.size} px, batch 1, {args.threads} threads (ms, median of {args.runs}):")
     for name, value in median.items():
         print(f"  {name:20s} {value:7.1f}")
-    print(f"codebook / dense: eager {result['codebook_vs_dense_eager']:.3f}, "
-          f"both prepacked {result['codebook_vs_dense_prepacked']:.3f} (outputs differ by {difference:.1e})")
+    print(
+        f"codebook / dense: eager {result['codebook_vs_dense_eager']:.3f}, "
+        f"both prepacked {result['codebook_vs_dense_prepacked']:.3f} (outputs differ by {difference:.1e})"
+    )
     print(f"wrote {args.out}")
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from manidp_cli.bench import bench_models, timing_model
-from manidp_cli.execute import dynamic_model, tune_entries
-from manidp_cli.flops import count_flops, measure_flops
-from manidp_cli.static import slim
+from manidp_cli.analysis.bench import bench_models, timing_model
+from manidp_cli.core.flops import count_flops, measure_flops
+from manidp_cli.runtime.execute import dynamic_model, tune_entries
+from manidp_cli.runtime.slimming import slim
 
 ROOT = Path(__file__).resolve().parent
 CASES = [("resnet34", 224), ("resnet18", 32), ("resnet18", 64), ("resnet18", 128), ("resnet18", 224)]
@@ -35,7 +35,7 @@ CASES = [("resnet34", 224), ("resnet18", 32), ("resnet18", 64), ("resnet18", 128
 def static_equivalent(gated, input_shape, batches):
     """A slimmed network that keeps, in every removable layer, as many channels as the gates keep on
     average (the most often kept ones): static slimming at the dynamic network's channel counts."""
-    from manidp_cli.static import mask_statistics
+    from manidp_cli.runtime.slimming import mask_statistics
 
     frequency, _ = mask_statistics(gated, batches)
     chosen = {}
@@ -66,14 +66,23 @@ def profile_dynamic(gated, input_shape, runs: int = 10, channels_last: bool = Tr
     rows = []
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]:
-        rows.append({"op": event.key, "self_ms_per_image": event.self_cpu_time_total / 1e3 / runs,
-                     "share": event.self_cpu_time_total / total, "calls_per_image": event.count / runs})
+        rows.append(
+            {
+                "op": event.key,
+                "self_ms_per_image": event.self_cpu_time_total / 1e3 / runs,
+                "share": event.self_cpu_time_total / total,
+                "calls_per_image": event.count / runs,
+            }
+        )
     return rows
 
 
 def _best(variants: dict, name: str) -> tuple[str, float]:
     """The faster layout of a variant: (layout, ratio to dense)."""
-    pair = {layout: variants[f"{name}{suffix}"]["latency_ratio"] for layout, suffix in (("nchw", ""), ("cl", "_channels_last"))}
+    pair = {
+        layout: variants[f"{name}{suffix}"]["latency_ratio"]
+        for layout, suffix in (("nchw", ""), ("cl", "_channels_last"))
+    }
     layout = min(pair, key=pair.get)
     return layout, pair[layout]
 
@@ -83,8 +92,12 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.45)
     parser.add_argument("--entries", type=int, default=4, help="codebook keep-sets per gated layer")
     parser.add_argument("--channel-multiple", type=int, default=16)
-    parser.add_argument("--gate-reduction", type=int, default=8,
-                        help="the codebook variant's gate reduction r (recipes/codebook-small-gates.yaml; 0: the reference)")
+    parser.add_argument(
+        "--gate-reduction",
+        type=int,
+        default=8,
+        help="the codebook variant's gate reduction r (recipes/codebook-small-gates.yaml; 0: the reference)",
+    )
     parser.add_argument("--cases", nargs="+", metavar="MODEL:SIZE", help="e.g. resnet34:224 (default: all five)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=50)
@@ -104,7 +117,11 @@ def main() -> None:
         shape = (3, size, size)
         gated, dense, calibrated = timing_model(name, shape, args.target)
         snapped, _, snapped_calibrated = timing_model(
-            name, shape, args.target, codebook_entries=args.entries, channel_multiple=args.channel_multiple,
+            name,
+            shape,
+            args.target,
+            codebook_entries=args.entries,
+            channel_multiple=args.channel_multiple,
             gate_reduction=gate_reduction,
         )
         batches = [torch.randn(4, *shape) for _ in range(4)]
@@ -121,35 +138,63 @@ def main() -> None:
             reference_gates = {"flops_ratio_calibrated": calibrated_ref, "flops_ratio_measured": measured_ref}
         static = static_equivalent(gated, shape, batches)
         static_ratio = count_flops(static, shape).total_flops / count_flops(dense, shape).total_flops
-        result = bench_models(gated, dense, shape, runs=runs, warmup=max(2, runs // 5), batch_size=args.batch_size,
-                              threads=args.threads, static=static, extra_dynamic=codebooks)
-        result.update(model=name, flops_ratio_calibrated=calibrated, flops_ratio_measured=measured,
-                      codebook={"entries": args.entries, "channel_multiple": args.channel_multiple, "gate_reduction": gate_reduction,
-                                "flops_ratio_calibrated": snapped_calibrated, "flops_ratio_measured": snapped_measured,
-                                "reference_gates": reference_gates},
-                      static_flops_ratio=static_ratio, profile_codebook=profile_dynamic(snapped, shape),
-                      seconds=time.perf_counter() - started)
+        result = bench_models(
+            gated,
+            dense,
+            shape,
+            runs=runs,
+            warmup=max(2, runs // 5),
+            batch_size=args.batch_size,
+            threads=args.threads,
+            static=static,
+            extra_dynamic=codebooks,
+        ).to_dict()
+        result.update(
+            model=name,
+            flops_ratio_calibrated=calibrated,
+            flops_ratio_measured=measured,
+            codebook={
+                "entries": args.entries,
+                "channel_multiple": args.channel_multiple,
+                "gate_reduction": gate_reduction,
+                "flops_ratio_calibrated": snapped_calibrated,
+                "flops_ratio_measured": snapped_measured,
+                "reference_gates": reference_gates,
+            },
+            static_flops_ratio=static_ratio,
+            profile_codebook=profile_dynamic(snapped, shape),
+            seconds=time.perf_counter() - started,
+        )
         results.append(result)
         v = result["variants"]
-        print(f"{name} {size}px: dense {v[result['reference']]['latency_ms_median']:.2f} ms ({result['reference']}), "
-              f"masked {v['masked']['latency_ratio']:.2f}x, dynamic {_best(v, 'dynamic')[1]:.2f}x, "
-              f"codebook {_best(v, 'codebook')[1]:.2f}x"
-              + (f" (reference gates {_best(v, 'codebook_reference_gates')[1]:.2f}x)" if reference_gates else "")
-              + f", static {_best(v, 'static')[1]:.2f}x "
-              f"(FLOPs: gated {measured:.3f}, codebook {snapped_measured:.3f}, static {static_ratio:.3f})", flush=True)
+        print(
+            f"{name} {size}px: dense {v[result['reference']]['latency_ms_median']:.2f} ms ({result['reference']}), "
+            f"masked {v['masked']['latency_ratio']:.2f}x, dynamic {_best(v, 'dynamic')[1]:.2f}x, "
+            f"codebook {_best(v, 'codebook')[1]:.2f}x"
+            + (f" (reference gates {_best(v, 'codebook_reference_gates')[1]:.2f}x)" if reference_gates else "")
+            + f", static {_best(v, 'static')[1]:.2f}x "
+            f"(FLOPs: gated {measured:.3f}, codebook {snapped_measured:.3f}, static {static_ratio:.3f})",
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = args.out.with_name("speed_quick.json") if args.quick else args.out
     if args.cases and not args.quick and args.out == parser.get_default("out"):
         out = args.out.with_name("speed_" + "_".join(f"{m}-{s}" for m, s in cases) + ".json")
-    out.write_text(json.dumps({"benchmark": "speed", "target": args.target, "threads": args.threads, "cases": results}, indent=1))
-    columns = ["dynamic", "codebook"] + (["codebook_reference_gates"] if gate_reduction is not None else []) + ["static"]
+    out.write_text(
+        json.dumps({"benchmark": "speed", "target": args.target, "threads": args.threads, "cases": results}, indent=1)
+    )
+    columns = (
+        ["dynamic", "codebook"] + (["codebook_reference_gates"] if gate_reduction is not None else []) + ["static"]
+    )
     titles = {"codebook": f"codebook r={gate_reduction or 'ref'}", "codebook_reference_gates": "codebook r=ref"}
     print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} " + " ".join(f"{titles.get(c, c):>14s}" for c in columns))
     for r in results:
         v = r["variants"]
         cells = [f"{ratio:.2f}x ({layout})" for layout, ratio in (_best(v, n) for n in columns)]
-        print(f"{r['model'] + ' ' + str(r['input_shape'][-1]):16s} {v[r['reference']]['latency_ms_median']:9.2f} "
-              f"{v['masked']['latency_ratio']:6.2f}x " + " ".join(f"{cell:>14s}" for cell in cells))
+        print(
+            f"{r['model'] + ' ' + str(r['input_shape'][-1]):16s} {v[r['reference']]['latency_ms_median']:9.2f} "
+            f"{v['masked']['latency_ratio']:6.2f}x " + " ".join(f"{cell:>14s}" for cell in cells)
+        )
     print(f"wrote {out}")
 
 

@@ -39,8 +39,16 @@ from manidp_cli.inputs import capped, exception_text, exists, is_dir
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 EMBEDDED_FILE = "fashion_mnist_subset.npz"
 SPEC_FORMS = "embedded, fashion-mnist[:DIR], cifar10:DIR, cifar100:DIR, imagefolder:DIR or DIR"
@@ -54,7 +62,9 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def _epoch_order(size: int, shuffle: bool, generator: torch.Generator, limit: int | None, shard: tuple[int, int]) -> torch.Tensor:
+def _epoch_order(
+    size: int, shuffle: bool, generator: torch.Generator, limit: int | None, shard: tuple[int, int]
+) -> torch.Tensor:
     """The images of one epoch for one rank: a permutation (or the first ones), cut to ``limit``,
     trimmed to a multiple of the world size (every rank must take the same number of steps) and
     dealt out round-robin."""
@@ -235,8 +245,13 @@ def load_embedded() -> ImageData:
     with (resources.files("manidp_cli") / "assets" / EMBEDDED_FILE).open("rb") as handle:
         arrays = dict(np.load(handle))
     return _fashion_mnist(
-        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], "embedded",
-        f"embedded Fashion-MNIST subset ({len(arrays['x_train'])} train / {len(arrays['x_test'])} test, 32 px, 1 channel)",
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        "embedded",
+        f"embedded Fashion-MNIST subset ({len(arrays['x_train'])} train / {len(arrays['x_test'])} test"
+        f", 32 px, 1 channel)",
     )
 
 
@@ -254,13 +269,18 @@ def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
                 raise DataError(f"{path} is not an IDX file: {len(header)} bytes, shorter than its header")
             found, *shape = struct.unpack(f">{1 + dims}I", header)
             if found != magic:
-                raise DataError(f"{path} is not an IDX {'image' if dims == 3 else 'label'} file (magic number {found}, expected {magic})")
+                raise DataError(
+                    f"{path} is not an IDX {'image' if dims == 3 else 'label'} file"
+                    f" (magic number {found}, expected {magic})"
+                )
             size = math.prod(shape)
             body = handle.read(size + 1)  # one byte more tells a file longer than its header says
     except (OSError, EOFError, zlib.error) as exc:  # not gzip, truncated gzip, unreadable
         raise DataError(f"cannot read Fashion-MNIST file {path}: {exception_text(exc)}") from None
     if len(body) != size:
-        raise DataError(f"{path}: its header announces {' x '.join(map(str, shape))} bytes of data, the file holds {len(body)}")
+        raise DataError(
+            f"{path}: its header announces {' x '.join(map(str, shape))} bytes of data, the file holds {len(body)}"
+        )
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
@@ -279,7 +299,9 @@ def read_fashion_mnist(directory: Path, split: str) -> tuple[np.ndarray, np.ndar
     images = _read_idx(find(f"{split}-images-idx3-ubyte.gz"), IDX_IMAGES, 3)
     labels = _read_idx(find(f"{split}-labels-idx1-ubyte.gz"), IDX_LABELS, 1)
     if images.shape[1:] != (28, 28):
-        raise DataError(f"Fashion-MNIST {split} images in {directory} are {images.shape[1]} x {images.shape[2]}, not 28 x 28")
+        raise DataError(
+            f"Fashion-MNIST {split} images in {directory} are {images.shape[1]} x {images.shape[2]}, not 28 x 28"
+        )
     if len(images) != len(labels):
         raise DataError(f"Fashion-MNIST {split} in {directory}: {len(images)} images but {len(labels)} labels")
     if len(images) == 0:
@@ -291,7 +313,9 @@ def read_fashion_mnist(directory: Path, split: str) -> tuple[np.ndarray, np.ndar
 def _check_labels(labels: np.ndarray, classes: int, where: str) -> None:
     """Labels outside the classes would fail deep inside the loss (or index past the classifier)."""
     if labels.size and int(labels.max()) >= classes:
-        raise DataError(f"{where}: label {int(labels.max())} found, but there are {classes} classes (0 to {classes - 1})")
+        raise DataError(
+            f"{where}: label {int(labels.max())} found, but there are {classes} classes (0 to {classes - 1})"
+        )
 
 
 def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> ImageData:
@@ -299,7 +323,11 @@ def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> ImageData:
     test_x, test_y = read_fashion_mnist(directory, "t10k")
     spec = "fashion-mnist" if directory == FASHION_MNIST_DIR else f"fashion-mnist:{directory}"
     return _fashion_mnist(
-        train_x, train_y, test_x, test_y, spec,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        spec,
         f"Fashion-MNIST from {directory} ({len(train_x)} train / {len(test_x)} test, 32 px, 1 channel)",
     )
 
@@ -326,7 +354,12 @@ def load_cifar(directory: Path, classes_count: int) -> ImageData:
     """CIFAR-10 (``data_batch_*.bin``) or CIFAR-100 (``train.bin``) binary distribution."""
     if classes_count == 10:
         folders = [directory, directory / "cifar-10-batches-bin"]
-        train_names, test_names, meta, label_bytes = [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], "batches.meta.txt", 1
+        train_names, test_names, meta, label_bytes = (
+            [f"data_batch_{i}.bin" for i in range(1, 6)],
+            ["test_batch.bin"],
+            "batches.meta.txt",
+            1,
+        )
     else:
         folders = [directory, directory / "cifar-100-binary"]
         train_names, test_names, meta, label_bytes = ["train.bin"], ["test.bin"], "fine_label_names.txt", 2
@@ -350,7 +383,9 @@ def load_cifar(directory: Path, classes_count: int) -> ImageData:
         f"CIFAR-{classes_count} from {folder} ({len(train_labels)} train / {len(test_labels)} test, 32 px)",
         TensorImages(train_images, train_labels, mean, std),
         TensorImages(test_images, test_labels, mean, std),
-        classes, 3, (32, 32),
+        classes,
+        3,
+        (32, 32),
     )
 
 
@@ -363,7 +398,9 @@ def load_image_folder(directory: Path, model_name: str | None, workers: int = 2)
     for split in ("train", "val"):
         path = directory / split
         if not is_dir(path, "image folder"):
-            raise DataError(f"image folder {directory} has no {split}/ subfolder (expected {directory}/{split}/<class>/*.jpg)")
+            raise DataError(
+                f"image folder {directory} has no {split}/ subfolder (expected {directory}/{split}/<class>/*.jpg)"
+            )
         splits[split] = path
     cfg = get_pretrained_cfg(model_name) if model_name else None
     if cfg is not None:
@@ -380,12 +417,19 @@ def load_image_folder(directory: Path, model_name: str | None, workers: int = 2)
     if train.classes != val.classes:
         raise DataError(f"{directory}: train/ and val/ have different class folders")
     if len(train.classes) < 2:  # one class trains to "top-1 1.0" and learns nothing
-        raise DataError(f"image folder {directory} has {len(train.classes)} class folder ({capped(train.classes[0])}); classification needs at least 2")
+        raise DataError(
+            f"image folder {directory} has {len(train.classes)} class folder ({capped(train.classes[0])})"
+            f"; classification needs at least 2"
+        )
     _, h, w = config["input_size"]
     return ImageData(
         f"imagefolder:{directory}",
         f"image folder {directory} ({len(train)} train / {len(val)} val, {h} px)",
-        train, val, train.classes, 3, (h, w),
+        train,
+        val,
+        train.classes,
+        3,
+        (h, w),
     )
 
 

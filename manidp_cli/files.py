@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from manidp_cli.errors import OutputError
+from manidp_cli.inputs import capped, check_writable_folder, is_dir
 
 LOCK_FILE = ".manidp.lock"
 # what a manidp run or export folder holds; such files are never overwritten by another command
@@ -142,7 +143,6 @@ def _same_path(a: Path, b: Path) -> bool:
 def check_new_folder(folder: Path, option: str, source: Path | None = None) -> Path:
     """Refuse an output folder that is a file, the ``source`` it is made from, or anything but empty
     (it would mix with, or destroy, what is there). Writes nothing."""
-    from manidp_cli.inputs import capped, check_writable_folder, is_dir
 
     folder = check_writable_folder(folder, option)  # a file, below a file, not writable
     if source is not None:
@@ -160,7 +160,6 @@ def check_new_folder(folder: Path, option: str, source: Path | None = None) -> P
 def check_output_file(path: Path, option: str) -> Path:
     """Refuse an output file that is a folder, has no folder to go in, holds weights, or would
     replace a file of a manidp run or export. Writes nothing."""
-    from manidp_cli.inputs import capped, is_dir
 
     path = Path(path).expanduser()
     if is_dir(path, option):
@@ -170,7 +169,10 @@ def check_output_file(path: Path, option: str) -> Path:
     if path.suffix in WEIGHT_SUFFIXES:
         raise OutputError(f"{option} {capped(path)} names a weights file; give a report file name (.json, .csv, .md)")
     if path.name in RUN_FILES and holds_run(path.parent):
-        raise OutputError(f"{option} {capped(path)} would overwrite a file of the manidp run in {capped(path.parent)}; give another file")
+        raise OutputError(
+            f"{option} {capped(path)} would overwrite a file of the manidp run"
+            f" in {capped(path.parent)}; give another file"
+        )
     return path
 
 

@@ -32,7 +32,11 @@ def main() -> None:
     x_train, y_train = stratified(*read_fashion_mnist(args.source, "train"), args.train_per_class)
     x_test, y_test = stratified(*read_fashion_mnist(args.source, "t10k"), args.test_per_class)
     np.savez_compressed(
-        args.out, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+        args.out,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
         classes=np.array(FASHION_MNIST_CLASSES),
     )
     print(f"wrote {args.out}: {len(x_train)} train / {len(x_test)} test images")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from manidp_cli.cli import app
 from manidp_cli.errors import DataError, ManidpError, ModelError, RecipeError, TargetError, WeightsError
-from manidp_cli.export import load_pruned
+from manidp_cli.io import load_pruned
 
 runner = CliRunner()
 
@@ -52,7 +52,11 @@ def test_main_turns_errors_into_one_line_and_exit_code_2(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     proc = subprocess.run(
         [sys.executable, "-m", "manidp_cli", "prune", "resnet343", "--target-flops", "0.5"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -62,16 +66,36 @@ def test_main_turns_errors_into_one_line_and_exit_code_2(tmp_path):
 
 def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
     dense = tmp_path / "dense"
-    result = runner.invoke(app, ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", str(dense)])
+    result = runner.invoke(
+        app,
+        ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", str(dense)],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and (dense / "model.safetensors").is_file()
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("schedule:\n  calibration_images: 64\n  search_steps: 10\n")
     pruned = tmp_path / "pruned"
-    result = runner.invoke(app, [
-        "prune", "test_resnet", "--target-flops", "0.6", "--data", tiny_fashion, "--epochs", "1",
-        "--batch-size", "32", "--weights", str(dense / "model.safetensors"), "--recipe", str(recipe), "--out", str(pruned),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            "test_resnet",
+            "--target-flops",
+            "0.6",
+            "--data",
+            tiny_fashion,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--weights",
+            str(dense / "model.safetensors"),
+            "--recipe",
+            str(recipe),
+            "--out",
+            str(pruned),
+        ],
+    )
     assert result.exit_code == 0, result.output
     for text in ("dense cost", "gated convolutions", "target", "before", "after"):
         assert text in result.output
@@ -112,7 +136,9 @@ def test_eval_and_report_commands(pruned, tmp_path):
 
 def test_export_static_and_bench_commands(pruned, tmp_path):
     out = tmp_path / "static"
-    result = runner.invoke(app, ["export-static", str(pruned.out_dir), "--out", str(out), "--calibration-images", "64", "--json"])
+    result = runner.invoke(
+        app, ["export-static", str(pruned.out_dir), "--out", str(out), "--calibration-images", "64", "--json"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert (out / "model.pt2").is_file() and (out / "config.json").is_file()
@@ -121,10 +147,26 @@ def test_export_static_and_bench_commands(pruned, tmp_path):
 
     program = torch.export.load(str(out / "model.pt2")).module()
     assert program(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
-    result = runner.invoke(app, ["bench", str(pruned.out_dir), "--runs", "3", "--warmup", "1", "--batch-size", "4",
-                                 "--static", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(pruned.out_dir),
+            "--runs",
+            "3",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "4",
+            "--static",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     bench = json.loads(result.output)
     assert {"dense", "masked", "dynamic", "static"} <= set(bench["variants"])
-    result = runner.invoke(app, ["export-static", str(pruned.out_dir), "--out", str(tmp_path / "x"), "--min-keep-rate", "1.5"])
+    result = runner.invoke(
+        app, ["export-static", str(pruned.out_dir), "--out", str(tmp_path / "x"), "--min-keep-rate", "1.5"]
+    )
     assert isinstance(result.exception, ManidpError) and "[0, 1)" in str(result.exception)

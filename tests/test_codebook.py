@@ -3,17 +3,17 @@
 import pytest
 import timm
 import torch
+from helpers import check_execution, prune_tiny
+from test_execute import _pruned as pruned_with_random_gates
 from torch import nn
 
-from conftest import prune_tiny
-from helpers import check_execution
-from manidp_cli.codebook import CodebookConfig, build_codebook, build_codebooks
+from manidp_cli.config import CodebookConfig, load_recipe
+from manidp_cli.core.codebook import build_codebook, build_codebooks
+from manidp_cli.core.gating import SaliencyGate, gates_of, insert_gates
 from manidp_cli.errors import ManidpError, RecipeError
-from manidp_cli import execute
-from manidp_cli.execute import DynamicConv, dynamic_model, pin_entry_kernels, run_with_decisions, tune_entries
-from manidp_cli.gating import SaliencyGate, gates_of, insert_gates
-from manidp_cli.recipe import load_recipe
-from test_execute import _pruned as pruned_with_random_gates
+from manidp_cli.runtime import execute
+from manidp_cli.runtime.decisions import run_with_decisions
+from manidp_cli.runtime.execute import DynamicConv, dynamic_model, pin_entry_kernels, tune_entries
 
 
 def _total_score(excess: torch.Tensor, codebook: torch.Tensor) -> float:
@@ -24,11 +24,18 @@ def test_build_recovers_two_clear_groups_of_images():
     generator = torch.Generator().manual_seed(0)
     first = torch.tensor([1.0] * 8 + [-1.0] * 8)
     second = -first
-    excess = torch.cat([first + 0.1 * torch.randn(20, 16, generator=generator),
-                        second + 0.1 * torch.randn(30, 16, generator=generator)])
+    excess = torch.cat(
+        [
+            first + 0.1 * torch.randn(20, 16, generator=generator),
+            second + 0.1 * torch.randn(30, 16, generator=generator),
+        ]
+    )
     codebook = build_codebook(excess, entries=2, channel_multiple=1)
     assert codebook.shape == (2, 16)
-    assert {tuple(row.tolist()) for row in codebook} == {tuple((first > 0).float().tolist()), tuple((second > 0).float().tolist())}
+    assert {tuple(row.tolist()) for row in codebook} == {
+        tuple((first > 0).float().tolist()),
+        tuple((second > 0).float().tolist()),
+    }
 
 
 def test_more_entries_never_score_less_and_widths_are_multiples():
@@ -53,8 +60,12 @@ def _gate(channels=6):
 def test_gate_snaps_to_the_entry_with_the_largest_excess():
     gate = _gate()
     gate.codebook = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.float32)
-    saliency = torch.tensor([[0.9, 0.8, 0.6, 0.1, 0.0, 0.0],   # entry 0: 0.7 vs 0.6 - 1.9
-                             [0.0, 0.0, 0.9, 0.9, 0.9, 0.6]])  # entry 1: 1.3 vs -1.0
+    saliency = torch.tensor(
+        [
+            [0.9, 0.8, 0.6, 0.1, 0.0, 0.0],  # entry 0: 0.7 vs 0.6 - 1.9
+            [0.0, 0.0, 0.9, 0.9, 0.9, 0.6],
+        ]
+    )  # entry 1: 1.3 vs -1.0
     assert gate.entry(saliency).tolist() == [0, 1]
     assert torch.equal(gate.keep(saliency), gate.codebook[[0, 1]] > 0)
     assert torch.equal(gate.mask(saliency), saliency * gate.codebook[[0, 1]])
@@ -103,7 +114,9 @@ def _in_layout(tensor, channels_last):
 
 
 def _images(seeds, channels_last, shape=(3, 64, 64)):
-    return [_in_layout(torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)), channels_last) for s in seeds]
+    return [
+        _in_layout(torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)), channels_last) for s in seeds
+    ]
 
 
 @pytest.mark.parametrize("name", CODEBOOK_FAMILIES)
@@ -185,11 +198,15 @@ def test_a_codebook_layer_after_a_free_mask_producer_gathers_its_entry_to_the_na
 
 
 def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense_weights, tmp_path):
-    from manidp_cli.export import load_pruned
     from manidp_cli.data import load_data
+    from manidp_cli.io import load_pruned
 
-    result = prune_tiny(tmp_path / "cb", tiny_fashion, weights=dense_weights,
-                        overrides={"codebook": {"entries": 3, "channel_multiple": 4}})
+    result = prune_tiny(
+        tmp_path / "cb",
+        tiny_fashion,
+        weights=dense_weights,
+        overrides={"codebook": {"entries": 3, "channel_multiple": 4}},
+    )
     assert result.history[0]["codebook_entries"] > 1 and "codebook_entries" not in result.history[1]
     assert abs(result.after.flops.mean_ratio - 0.5) < 0.1
     model, _ = load_pruned(tmp_path / "cb")
@@ -208,8 +225,13 @@ def test_a_run_interrupted_while_training_snapped_resumes_to_identical_weights(t
 
     codebook = {"codebook": {"entries": 3, "channel_multiple": 4}}
     prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights, overrides=codebook)
-    interrupted = prune_tiny(tmp_path / "resumed", tiny_fashion, weights=dense_weights, overrides=codebook,
-                             on_step=lambda info: info.epoch == 1 and info.step == 1)
+    interrupted = prune_tiny(
+        tmp_path / "resumed",
+        tiny_fashion,
+        weights=dense_weights,
+        overrides=codebook,
+        on_step=lambda info: info.epoch == 1 and info.step == 1,
+    )
     assert interrupted.interrupted
     prune_tiny(tmp_path / "resumed", tiny_fashion, resume=True)
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
@@ -226,9 +248,11 @@ def test_entry_tuning_pads_with_zero_rows_or_calls_onednn_and_keeps_the_outputs(
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
         images = [image.contiguous(memory_format=torch.channels_last) for image in images]
+
     # "measured": the widest candidate is fastest, and oneDNN wins among equal widths
     def widest_then_onednn(run, candidates):
         return {c: (run(c), -c[0] - 0.5 * (c[1] == "onednn"))[1] for c in candidates}
+
     monkeypatch.setattr(execute, "_time_candidates", widest_then_onednn)
     tuned = tune_entries(fast, images[:1])
     assert tuned and any(m.narrow_output for name, m in fast.named_modules() if name in tuned)
@@ -244,7 +268,9 @@ def test_entry_tuning_pads_with_zero_rows_or_calls_onednn_and_keeps_the_outputs(
     for image in images:
         check_execution(model, fast, image)
     # a new tuning starts over: when the entry's own convolution is fastest nothing changes
-    monkeypatch.setattr(execute, "_time_candidates", lambda run, candidates: {c: c[0] + (c[1] == "onednn") for c in candidates})
+    monkeypatch.setattr(
+        execute, "_time_candidates", lambda run, candidates: {c: c[0] + (c[1] == "onednn") for c in candidates}
+    )
     assert tune_entries(fast, images[:1]) == {}
     assert not any(key.startswith("padded_") for m in fast.modules() for key in m._buffers)
 
@@ -266,6 +292,11 @@ def test_every_kernel_the_tuner_can_pick_computes_the_same_decisions_and_outputs
         widths = [w.shape[0] for m in layers for row in m._entries for w, *_ in row]
         own = [len(rows) for m in layers for _ in m._entries for rows in m.entry_rows]
         assert (widths == own) == (extra == 0)
-        assert all(((p, k) in m._onednn) == (kernel == "onednn") for m in layers for p in range(len(m._entries)) for k in range(len(m.entry_rows)))
+        assert all(
+            ((p, k) in m._onednn) == (kernel == "onednn")
+            for m in layers
+            for p in range(len(m._entries))
+            for k in range(len(m.entry_rows))
+        )
         for image in images:
             check_execution(model, fast, image)

@@ -1,9 +1,8 @@
-
 import numpy as np
 import pytest
 import torch
+from helpers import write_cifar
 
-from conftest import write_cifar
 from manidp_cli.data import FASHION_MNIST_DIR, load_data
 from manidp_cli.errors import DataError
 
@@ -45,8 +44,16 @@ def test_fashion_mnist_from_a_folder(tiny_fashion):
 
 
 def test_cifar10_and_cifar100_binary(tmp_path):
-    write_cifar(tmp_path / "c10" / "cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 1, 4, 10)
-    (tmp_path / "c10" / "cifar-10-batches-bin" / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
+    write_cifar(
+        tmp_path / "c10" / "cifar-10-batches-bin",
+        [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"],
+        1,
+        4,
+        10,
+    )
+    (tmp_path / "c10" / "cifar-10-batches-bin" / "batches.meta.txt").write_text(
+        "\n".join(f"class{i}" for i in range(10)) + "\n"
+    )
     data = load_data(f"cifar10:{tmp_path / 'c10'}")
     assert (len(data.train), len(data.eval), data.input_shape, data.classes[3]) == (20, 4, (3, 32, 32), "class3")
     raw = np.fromfile(tmp_path / "c10" / "cifar-10-batches-bin" / "data_batch_1.bin", dtype=np.uint8)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from manidp_cli.export import load_pruned, read_metadata
+from manidp_cli.io import load_pruned, read_metadata
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 ARGS = ["prune", "test_resnet", "--target-flops", "0.5", "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
@@ -32,15 +32,31 @@ def runs(tiny_fashion, dense_weights, tmp_path_factory):
     common = ARGS + ["--data", tiny_fashion, "--weights", str(dense_weights), "--recipe", str(recipe)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "manidp_cli", *common, "--out", str(work / "two")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            str(TORCHRUN),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "manidp_cli",
+            *common,
+            "--out",
+            str(work / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     # one process with the global batch of the two (2 x 16) sees the same images per step
     one_args = [a if a != "16" else "32" for a in common]
     one = subprocess.run(
         [sys.executable, "-m", "manidp_cli", *one_args, "--out", str(work / "one")],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     return work / "two", work / "one", two
@@ -54,7 +70,13 @@ def test_ranks_agree_and_rank_zero_alone_writes(runs):
     # every rank hashed its final weights, buffers and thresholds; the run stops if they differ,
     # and the export is the state they agreed on
     assert meta["state_sha256"] == _digest(model)
-    assert sorted(p.name for p in two.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model.safetensors", "recipe.yaml", "report.json"]
+    assert sorted(p.name for p in two.iterdir()) == [
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "model.safetensors",
+        "recipe.yaml",
+        "report.json",
+    ]
     assert proc.stdout.count("wrote ") == 1  # rank 1 prints nothing
     thresholds = {k: float(v) for k, v in model.state_dict().items() if k.endswith("threshold")}
     assert thresholds and all(v > float("-inf") for v in thresholds.values())
@@ -77,8 +99,8 @@ def test_aggregated_metrics_match_one_process(runs):
 
 
 def test_resume_needs_the_same_number_of_processes(runs, tmp_path):
+    from manidp_cli.api.jobs import prepare, run
     from manidp_cli.errors import ManidpError
-    from manidp_cli.pipeline import prepare, run
 
     two, _, _ = runs
     copy = tmp_path / "copy"

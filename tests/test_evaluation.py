@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
+from helpers import write_cifar
 
-from conftest import write_cifar
+from manidp_cli.analysis.evaluation import gram_correlation, pearson, spearman
+from manidp_cli.api.evaluate import evaluate_dense, evaluate_export
 from manidp_cli.errors import DataError
-from manidp_cli.evaluation import evaluate_dense, evaluate_export, gram_correlation, pearson, spearman
 
 
 def test_spearman_by_hand():
@@ -26,7 +27,9 @@ def test_gram_correlation():
 
 
 def test_evaluate_export_reports_accuracy_flops_and_signature(pruned):
-    result = evaluate_export(pruned.out_dir, batch_size=16)
+    typed = evaluate_export(pruned.out_dir, batch_size=16)
+    assert typed.pruned and typed.flops.ratio("mean") == pytest.approx(pruned.after.flops.mean_ratio)
+    result = typed.to_dict()  # what `manidp eval --json` prints
     assert result["data"]["from"] == "the export's metadata" and result["data"]["spec"].startswith("fashion-mnist:")
     assert result["images"] == 64 and result["top1"] == pytest.approx(pruned.after.top1)
     flops = result["flops"]
@@ -38,11 +41,11 @@ def test_evaluate_export_reports_accuracy_flops_and_signature(pruned):
     assert signature["gram_batches"] == 4
     json.dumps(result)  # JSON-serialisable
     limited = evaluate_export(pruned.out_dir, limit=10)
-    assert limited["images"] == 10
+    assert limited.images == 10
 
 
 def test_evaluate_dense_baseline(dense_weights, tiny_fashion):
-    result = evaluate_dense("test_resnet", dense_weights, tiny_fashion)
+    result = evaluate_dense("test_resnet", dense_weights, tiny_fashion).to_dict()
     assert result["pruned"] is False and result["flops"]["mean_ratio"] == 1.0 and result["images"] == 64
 
 

@@ -3,16 +3,27 @@
 import pytest
 import timm
 import torch
+from helpers import check_execution, randomize_norms
 from torch import nn
 
-from conftest import randomize_norms
-from helpers import check_execution
-from manidp_cli.execute import DynamicConv, dynamic_model, fold_batchnorm, folded_model, reference_run
-from manidp_cli.gating import insert_gates
-from manidp_cli.recorder import GateRecorder
+from manidp_cli.core.gating import insert_gates
+from manidp_cli.core.recorder import GateRecorder
+from manidp_cli.runtime.decisions import reference_run
+from manidp_cli.runtime.execute import DynamicConv, dynamic_model, fold_batchnorm, folded_model
 
-FAMILIES = ["resnet18", "resnet50", "mobilenetv2_050", "efficientnet_b0", "tf_efficientnet_lite0",
-            "regnetx_002", "ghostnet_100", "densenet121", "resnext26ts", "mobilenetv3_small_100", "vgg11_bn"]
+FAMILIES = [
+    "resnet18",
+    "resnet50",
+    "mobilenetv2_050",
+    "efficientnet_b0",
+    "tf_efficientnet_lite0",
+    "regnetx_002",
+    "ghostnet_100",
+    "densenet121",
+    "resnext26ts",
+    "mobilenetv3_small_100",
+    "vgg11_bn",
+]
 NARROW_CHAINS = {"resnet18": 8, "resnet50": 32, "mobilenetv2_050": 19, "vgg11_bn": 6}  # producer convs
 
 
@@ -86,7 +97,7 @@ def test_dynamic_execution_equals_the_masked_model(name):
 
 
 def test_static_slimming_removes_never_kept_channels(tmp_path):
-    from manidp_cli.static import mask_statistics, save_static, slim
+    from manidp_cli.runtime.slimming import mask_statistics, save_static, slim
 
     model, gates = _pruned("resnet18")
     gate = gates.by_conv()["layer1.0.conv1"]
@@ -98,7 +109,11 @@ def test_static_slimming_removes_never_kept_channels(tmp_path):
     result = slim(model, frequency, mean_mask, 0.0, (3, 64, 64))
     slimmed = result.model
     assert result.removed["layer1.0.conv1"] >= 16
-    assert slimmed.layer1[0].conv1.out_channels == slimmed.layer1[0].conv2.in_channels == 64 - result.removed["layer1.0.conv1"]
+    assert (
+        slimmed.layer1[0].conv1.out_channels
+        == slimmed.layer1[0].conv2.in_channels
+        == 64 - result.removed["layer1.0.conv1"]
+    )
     assert "layer1.0.conv2" not in result.removed  # feeds the residual addition: kept in place
     assert not hasattr(slimmed, "manidp_gates")
     files = save_static(tmp_path, result, (3, 64, 64), {"model": "resnet18"})
@@ -109,14 +124,17 @@ def test_static_slimming_removes_never_kept_channels(tmp_path):
 
 
 def test_bench_measures_every_variant():
-    from manidp_cli.bench import bench_models
+    from manidp_cli.analysis.bench import bench_models
 
     model, _ = _pruned("resnet18", (3, 32, 32))
     dense = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
     result = bench_models(model, dense, (3, 32, 32), runs=3, warmup=1, batch_size=4)
-    assert set(result["variants"]) == {"dense", "dense_channels_last", "masked", "dynamic", "dynamic_channels_last"}
-    assert result["variants"][result["reference"]]["latency_ratio"] == 1.0
-    for values in result["variants"].values():
-        assert values["latency_ms_median"] > 0 and values["throughput_images_per_s"] > 0
-        assert values["latency_ms_p90"] >= values["latency_ms_median"]
-    assert "dynamic execution" in result["verdict"]
+    assert set(result.variants) == {"dense", "dense_channels_last", "masked", "dynamic", "dynamic_channels_last"}
+    assert result.variants[result.reference].latency_ratio == 1.0
+    for timing in result.variants.values():
+        assert timing.latency_ms_median > 0 and timing.throughput_images_per_s > 0
+        assert timing.latency_ms_p90 >= timing.latency_ms_median
+    assert "dynamic execution" in result.verdict
+    as_json = result.to_dict()  # what `manidp bench --json` prints
+    assert as_json["variants"][result.best_dynamic]["throughput_per_image_loop"] > 0
+    assert "model" not in as_json and "tuned_entries" not in as_json["variants"]["dense"]

@@ -1,12 +1,12 @@
 import pytest
 import timm
 import torch
+from helpers import make_activations_positive
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_activations_positive
-from manidp_cli.flops import CostTable, LayerCost, conv_dynamic_flops, count_flops, measure_flops
-from manidp_cli.gating import insert_gates
+from manidp_cli.core.flops import CostTable, LayerCost, conv_dynamic_flops, count_flops, measure_flops
+from manidp_cli.core.gating import insert_gates
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,27 @@
 import pytest
 import timm
 import torch
+from helpers import randomize_norms
 from torch import nn
 
-from conftest import randomize_norms
+from manidp_cli.config import GatePolicy
+from manidp_cli.core.gating import GATE_PREFIX, gates_of, insert_gates
+from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.errors import ModelError
-from manidp_cli.gating import GATE_PREFIX, GatePolicy, gates_of, insert_gates
-from manidp_cli.recorder import GateRecorder
 
 FAMILIES = [
-    "resnet18", "resnet34", "resnet50", "resnext26ts", "regnetx_002", "mobilenetv2_050",
-    "mobilenetv3_small_100", "efficientnet_b0", "tf_efficientnet_lite0", "densenet121",
-    "vgg11_bn", "ghostnet_100",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnext26ts",
+    "regnetx_002",
+    "mobilenetv2_050",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "tf_efficientnet_lite0",
+    "densenet121",
+    "vgg11_bn",
+    "ghostnet_100",
 ]
 INPUT = (3, 64, 64)
 

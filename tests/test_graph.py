@@ -2,7 +2,7 @@ import timm
 import torch
 from torch import nn
 
-from manidp_cli.graph import trace_dataflow
+from manidp_cli.core.graph import trace_dataflow
 
 
 def test_resnet_pairs_stem_and_shortcuts():

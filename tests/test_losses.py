@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from manidp_cli.losses import ManiDPLoss, complexity_weight, similarity_loss, sparsity_loss
+from manidp_cli.core.losses import ManiDPLoss, complexity_weight, similarity_loss, sparsity_loss
 
 
 def test_complexity_weight_by_hand():

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from manidp_cli.errors import ModelError, WeightsError
-from manidp_cli.models import create_model, hub_reachable, read_state_dict
+from manidp_cli.models.factory import create_model, hub_reachable, read_state_dict
 
 
 def test_unknown_model_suggests_close_names():
@@ -45,7 +45,9 @@ def test_weights_that_do_not_fit_name_the_key(tmp_path):
     small = timm.create_model("resnet18", pretrained=False).state_dict()
     small["layer1.0.conv1.weight"] = torch.zeros(8, 64, 3, 3)
     save_file({k: v.contiguous() for k, v in small.items()}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(WeightsError, match=r"'layer1.0.conv1.weight' has shape \(8, 64, 3, 3\), the model needs \(64, 64, 3, 3\)"):
+    with pytest.raises(
+        WeightsError, match=r"'layer1.0.conv1.weight' has shape \(8, 64, 3, 3\), the model needs \(64, 64, 3, 3\)"
+    ):
         create_model("resnet18", num_classes=1000, in_chans=3, weights=tmp_path / "bad.safetensors")
     del small["layer1.0.conv1.weight"]
     save_file({k: v.contiguous() for k, v in small.items()}, str(tmp_path / "short.safetensors"))
@@ -73,7 +75,7 @@ def test_cifar_resnets_are_registered_with_the_published_sizes(depth, millions):
 
 
 def test_cifar_resnet_gates_both_convolutions_of_every_block():
-    from manidp_cli.gating import insert_gates
+    from manidp_cli.core.gating import insert_gates
 
     model = create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
     images = torch.randn(2, 1, 32, 32)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from manidp_cli.config import Recipe, load_recipe
 from manidp_cli.errors import RecipeError
-from manidp_cli.recipe import Recipe, load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -1,8 +1,8 @@
 import timm
 import torch
 
-from manidp_cli.gating import insert_gates
-from manidp_cli.recorder import GateRecorder
+from manidp_cli.core.gating import insert_gates
+from manidp_cli.core.recorder import GateRecorder
 
 
 def _model():

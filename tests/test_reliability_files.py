@@ -15,23 +15,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from manidp_cli.api import export_static
+from manidp_cli.api.jobs import prepare, run
 from manidp_cli.cli import app
 from manidp_cli.errors import ManidpError, OutputError, WeightsError
 from manidp_cli.files import atomic_write, atomic_write_text, run_folder_lock, staged_folder
-from manidp_cli.pipeline import prepare, run
-from manidp_cli.static import export_static, load_static, verify_static_program
+from manidp_cli.runtime.slimming import load_static, verify_static_program
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
 def manidp(args, cwd, preamble=""):
     """``manidp ARGS`` in a fresh process, through ``cli.main`` (exit codes and stderr as a user sees them)."""
-    script = f"import sys\n{preamble}\nfrom manidp_cli.cli import main\nsys.argv = ['manidp', *{list(map(str, args))!r}]\nmain()\n"
+    argv = f"sys.argv = ['manidp', *{list(map(str, args))!r}]"
+    script = f"import sys\n{preamble}\nfrom manidp_cli.cli import main\n{argv}\nmain()\n"
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
 
 
 def train_tiny(out, data, **overrides):
-    job = prepare("train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": data, **overrides}, out_dir=out)
+    job = prepare(
+        "train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": data, **overrides}, out_dir=out
+    )
     return run(job)
 
 
@@ -87,10 +91,22 @@ def test_bench_static_refuses_a_pickle_that_runs_code(pruned, static_export, tmp
 @pytest.mark.parametrize(
     "member, edit, message",
     [
-        ("models/model.json", lambda j: j["graph_module"]["graph"]["nodes"][0].update(target="torch.os.system"), "not an aten operator"),
-        ("data/weights/model_weights_config.json", lambda j: next(iter(j["config"].values())).update(use_pickle=True), "unpickle"),
+        (
+            "models/model.json",
+            lambda j: j["graph_module"]["graph"]["nodes"][0].update(target="torch.os.system"),
+            "not an aten operator",
+        ),
+        (
+            "data/weights/model_weights_config.json",
+            lambda j: next(iter(j["config"].values())).update(use_pickle=True),
+            "unpickle",
+        ),
         ("models/model.json", lambda j: j.update(guards_code=["__import__('os').system('true')"]), "guard code"),
-        ("models/model.json", lambda j: j["range_constraints"].update({"exec(chr(49))": {"min_val": 1, "max_val": 2}}), "size expression"),
+        (
+            "models/model.json",
+            lambda j: j["range_constraints"].update({"exec(chr(49))": {"min_val": 1, "max_val": 2}}),
+            "size expression",
+        ),
     ],
 )
 def test_static_program_with_python_calls_or_pickled_weights_is_refused(static_export, tmp_path, member, edit, message):
@@ -145,8 +161,12 @@ def test_export_static_refuses_an_out_that_holds_an_export(ref, tmp_path):
     (other / "checkpoint.pt").write_bytes(b"a run")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for out, message in [(ref, "is the export being read"), (ref / "model.safetensors", "is a file"),
-                         (other, "already holds a manidp run"), (afile, "is a file")]:
+    for out, message in [
+        (ref, "is the export being read"),
+        (ref / "model.safetensors", "is a file"),
+        (other, "already holds a manidp run"),
+        (afile, "is a file"),
+    ]:
         result = CliRunner().invoke(app, ["export-static", str(ref), "--out", str(out), "--calibration-images", "8"])
         assert isinstance(result.exception, ManidpError) and message in str(result.exception), (out, result.output)
     assert (ref / "model.safetensors").read_bytes() == before and (other / "checkpoint.pt").read_bytes() == b"a run"
@@ -160,8 +180,12 @@ def test_report_out_never_overwrites_an_export(ref, tmp_path):
     from typer.testing import CliRunner
 
     files = {name: (ref / name).read_bytes() for name in ("model.safetensors", "report.json")}
-    for out, message in [(ref / "model.safetensors", "weights file"), (ref / "report.json", "file of the manidp run"),
-                         (ref, "is a folder"), (tmp_path / "missing" / "r.json", "does not exist")]:
+    for out, message in [
+        (ref / "model.safetensors", "weights file"),
+        (ref / "report.json", "file of the manidp run"),
+        (ref, "is a folder"),
+        (tmp_path / "missing" / "r.json", "does not exist"),
+    ]:
         result = CliRunner().invoke(app, ["report", str(ref), "--format", "json", "--out", str(out)])
         assert isinstance(result.exception, OutputError) and message in str(result.exception), (out, result.output)
     assert {name: (ref / name).read_bytes() for name in files} == files
@@ -214,13 +238,22 @@ def test_atomic_write_replaces_a_link_not_its_target(tmp_path):
 def test_second_run_on_a_locked_folder_fails_at_once(tiny_fashion, tmp_path):
     out = tmp_path / "o"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from manidp_cli.files import run_folder_lock\n"
-         f"with run_folder_lock({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from manidp_cli.files import run_folder_lock\n"
+            f"with run_folder_lock({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        job = prepare("train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion}, out_dir=out)
+        job = prepare(
+            "train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion}, out_dir=out
+        )
         with pytest.raises(OutputError, match=f"is in use by another manidp run \\(pid {holder.pid}\\)"):
             run(job)
         assert sorted(p.name for p in out.iterdir()) == [".manidp.lock"]  # nothing of the run written
@@ -234,8 +267,12 @@ def test_second_run_on_a_locked_folder_fails_at_once(tiny_fashion, tmp_path):
 def test_run_rechecks_the_folder_under_its_lock(tiny_fashion, tmp_path):
     """Two runs prepared together: the one that locks second finds the other's finished run."""
     out = tmp_path / "o"
-    first = prepare("train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion}, out_dir=out)
-    second = prepare("train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion, "seed": 1}, out_dir=out)
+    first = prepare(
+        "train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion}, out_dir=out
+    )
+    second = prepare(
+        "train", "test_resnet", overrides={"epochs": 1, "batch_size": 32, "data": tiny_fashion, "seed": 1}, out_dir=out
+    )
     run(first)
     exported = (out / "model.safetensors").read_bytes()
     with pytest.raises(ManidpError, match="already holds a run"):
@@ -273,15 +310,20 @@ def test_full_disk_keeps_the_old_file_and_no_temporary(tmp_path):
 def test_checkpoint_that_does_not_fit_is_one_line_and_the_rerun_works(tiny_fashion, tmp_path):
     limit = 2_000_000  # the 1.5 MB export fits, the 3 MB checkpoint does not
     proc = manidp(
-        ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"], tmp_path,
+        ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"],
+        tmp_path,
         preamble=f"import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-                 f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))",
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))",
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot write o/checkpoint.pt" in lines[0] and "was not replaced" in lines[0], proc.stderr
+    assert len(lines) == 1 and "cannot write o/checkpoint.pt" in lines[0] and "was not replaced" in lines[0], (
+        proc.stderr
+    )
     assert list(tmp_path.rglob("*.tmp")) == [] and not (tmp_path / "o" / "checkpoint.pt").exists()
-    proc = manidp(["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"], tmp_path)
+    proc = manidp(
+        ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
@@ -310,7 +352,8 @@ def test_export_that_does_not_fit_is_one_line_and_resume_writes_it(tiny_fashion,
     """The disk fills up between the last checkpoint and the export: the trained model is in the
     checkpoint, and --resume writes the export without training again."""
     fill_at_export = (
-        "import resource, signal\nimport manidp_cli.pipeline as pipeline\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "import resource, signal\nimport manidp_cli.api.jobs as pipeline\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "real_save = pipeline.save_model\n"
         "def save_model(*args, **kwargs):\n"
         "    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
@@ -321,7 +364,9 @@ def test_export_that_does_not_fit_is_one_line_and_resume_writes_it(tiny_fashion,
     proc = manidp(args, tmp_path, preamble=fill_at_export)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot write o/model.safetensors" in lines[0] and "--resume --out o" in lines[0], proc.stderr
+    assert len(lines) == 1 and "cannot write o/model.safetensors" in lines[0] and "--resume --out o" in lines[0], (
+        proc.stderr
+    )
     assert temporaries(tmp_path / "o") == [] and not (tmp_path / "o" / "model.safetensors").exists()
     proc = manidp(["train", "--resume", "--out", "o"], tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -14,13 +14,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import write_cifar, write_fashion_mnist_idx
 from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import write_cifar, write_fashion_mnist_idx
-from manidp_cli import cli
 from manidp_cli.cli import app
+from manidp_cli.cli import main as cli_main
+from manidp_cli.cli.render import one_line
 from manidp_cli.errors import DataError, ManidpError, RecipeError, TrainingError, WeightsError
 
 runner = CliRunner()
@@ -31,12 +32,12 @@ def run_main(monkeypatch, capsys, *args):
     """``manidp ARGS`` through the real entry point; returns (exit code, stderr lines)."""
     monkeypatch.setattr(sys, "argv", ["manidp", *args])
     with pytest.raises(SystemExit) as stop:
-        cli.main()
+        cli_main()
     return stop.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def tiny_train(data, out, **overrides):
-    from manidp_cli.pipeline import prepare
+    from manidp_cli.api.jobs import prepare
 
     settings = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "train_images": 64, "data": data, **overrides}
     return prepare("train", "test_resnet", overrides=settings, out_dir=out)
@@ -46,7 +47,7 @@ def tiny_train(data, out, **overrides):
 
 
 def test_nan_starting_weights_are_refused_before_anything_is_written(dense_weights, tiny_fashion, tmp_path):
-    from manidp_cli.pipeline import prepare
+    from manidp_cli.api.jobs import prepare
 
     state = load_file(str(dense_weights))
     name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 4)
@@ -54,7 +55,13 @@ def test_nan_starting_weights_are_refused_before_anything_is_written(dense_weigh
     broken = tmp_path / "nan.safetensors"
     save_file(state, str(broken))
     with pytest.raises(WeightsError, match=f"non-finite values.*{name}"):
-        prepare("prune", "test_resnet", overrides={"data": tiny_fashion, "target_flops": 0.5}, weights=broken, out_dir=tmp_path / "out")
+        prepare(
+            "prune",
+            "test_resnet",
+            overrides={"data": tiny_fashion, "target_flops": 0.5},
+            weights=broken,
+            out_dir=tmp_path / "out",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -70,7 +77,7 @@ class _NaNAt:
     """Cross-entropy whose loss turns NaN at one (epoch, step): a diverging run, deterministically."""
 
     def __init__(self, epoch, step):
-        from manidp_cli.objectives import CrossEntropyObjective
+        from manidp_cli.training.objectives import CrossEntropyObjective
 
         self.inner, self.at, self.calls = CrossEntropyObjective(), (epoch, step), 0
 
@@ -86,21 +93,33 @@ class _NaNAt:
 
 
 def _small_model():
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)
+    )
 
 
 def _fit(data, objective, checkpoint, **extra):
-    from manidp_cli.recipe import OptimizerConfig
-    from manidp_cli.train import fit
+    from manidp_cli.config import OptimizerConfig
+    from manidp_cli.training.engine import fit
 
-    return fit(_small_model(), data, objective, epochs=3, batch_size=32, optimizer_config=OptimizerConfig(),
-               train_limit=64, checkpoint_path=checkpoint, extra_state={"kind": "train"}, **extra)
+    return fit(
+        _small_model(),
+        data,
+        objective,
+        epochs=3,
+        batch_size=32,
+        optimizer_config=OptimizerConfig(),
+        train_limit=64,
+        checkpoint_path=checkpoint,
+        extra_state={"kind": "train"},
+        **extra,
+    )
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_fashion, tmp_path):
+    from manidp_cli.core.state import non_finite_tensors
     from manidp_cli.data import load_data
-    from manidp_cli.objectives import CrossEntropyObjective
-    from manidp_cli.train import non_finite_tensors
+    from manidp_cli.training.objectives import CrossEntropyObjective
 
     data = load_data(tiny_fashion)
     checkpoint = tmp_path / "checkpoint.pt"
@@ -109,7 +128,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_fashion,
     def remember(metrics):  # the checkpoint of epoch 1 as written
         stops["after_first_epoch"] = checkpoint.read_bytes()
 
-    with pytest.raises(TrainingError, match=r"the loss is nan at epoch 2, step 2 .*learning rate.*last good checkpoint"):
+    with pytest.raises(
+        TrainingError, match=r"the loss is nan at epoch 2, step 2 .*learning rate.*last good checkpoint"
+    ):
         _fit(data, _NaNAt(1, 1), checkpoint, on_epoch=remember)
     assert checkpoint.read_bytes() == stops["after_first_epoch"]  # not replaced by the broken state
     assert not non_finite_tensors(torch.load(checkpoint, weights_only=True)["model"])
@@ -119,20 +140,46 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_fashion,
             next(iter(_poisoned["model"].parameters())).data.fill_(float("nan"))
 
     other = tmp_path / "other.pt"
-    from manidp_cli.recipe import OptimizerConfig
-    from manidp_cli.train import fit
+    from manidp_cli.config import OptimizerConfig
+    from manidp_cli.training.engine import fit
 
     _poisoned = {"model": _small_model()}
-    with pytest.raises(TrainingError, match="weights became non-finite .* by the end of epoch 1.*no checkpoint had been written"):
-        fit(_poisoned["model"], data, CrossEntropyObjective(), epochs=2, batch_size=32, optimizer_config=OptimizerConfig(),
-            train_limit=64, checkpoint_path=other, on_step=poison, extra_state={})
+    with pytest.raises(
+        TrainingError, match="weights became non-finite .* by the end of epoch 1.*no checkpoint had been written"
+    ):
+        fit(
+            _poisoned["model"],
+            data,
+            CrossEntropyObjective(),
+            epochs=2,
+            batch_size=32,
+            optimizer_config=OptimizerConfig(),
+            train_limit=64,
+            checkpoint_path=other,
+            on_step=poison,
+            extra_state={},
+        )
     assert not other.exists()
 
 
 def test_diverging_run_is_one_line_and_leaves_nothing(monkeypatch, capsys, tiny_fashion, tmp_path):
     out = tmp_path / "out"
-    code, lines = run_main(monkeypatch, capsys, "train", "test_resnet", "--data", tiny_fashion, "--epochs", "1",
-                           "--batch-size", "32", "--lr", "1e30", "--out", str(out))
+    code, lines = run_main(
+        monkeypatch,
+        capsys,
+        "train",
+        "test_resnet",
+        "--data",
+        tiny_fashion,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e30",
+        "--out",
+        str(out),
+    )
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: training stopped: the loss is nan at epoch 1") and "no checkpoint" in lines[0]
     assert not out.exists()  # the folder this run made, with its recipe.yaml, is gone
@@ -160,7 +207,7 @@ def _nested_aliases(levels, width, leaf_count=10):
     ids=["alias-bomb", "wide-expansion", "self-alias", "deep-nesting"],
 )
 def test_yaml_beyond_the_budget_is_refused_with_a_short_message(tmp_path, text, message):
-    from manidp_cli.recipe import load_recipe
+    from manidp_cli.config import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(text)
@@ -171,7 +218,7 @@ def test_yaml_beyond_the_budget_is_refused_with_a_short_message(tmp_path, text, 
 
 
 def test_a_few_aliases_are_still_fine_and_echoed_values_are_capped(tmp_path):
-    from manidp_cli.recipe import load_recipe
+    from manidp_cli.config import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("base: &lr 0.2\n")
@@ -180,13 +227,15 @@ def test_a_few_aliases_are_still_fine_and_echoed_values_are_capped(tmp_path):
     path.write_text("optimizer: &o {lr: 0.2}\n")
     assert load_recipe(path).optimizer.lr == 0.2
     path.write_text(_nested_aliases(2, 10))  # 21 aliases, about 2,200 values: allowed, then refused by type
-    with pytest.raises(RecipeError, match=r"'epochs': Input should be a valid integer \(got \[\[\['x', .*\.\.\. \(\d+ characters\)\)") as error:
+    with pytest.raises(
+        RecipeError, match=r"'epochs': Input should be a valid integer \(got \[\[\['x', .*\.\.\. \(\d+ characters\)\)"
+    ) as error:
         load_recipe(path)
     assert len(str(error.value)) < 600
 
 
 def test_recipe_files_that_are_not_small_utf8_text(tmp_path):
-    from manidp_cli.recipe import MAX_RECIPE_BYTES, load_recipe
+    from manidp_cli.config import MAX_RECIPE_BYTES, load_recipe
 
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("data: caf\xe9\n".encode("latin-1"))
@@ -204,7 +253,7 @@ def test_recipe_files_that_are_not_small_utf8_text(tmp_path):
 @pytest.fixture(scope="module")
 def interrupted_train(tiny_fashion, tmp_path_factory):
     """A `manidp train` run stopped after one finished epoch: a checkpoint and no export."""
-    from manidp_cli.pipeline import run
+    from manidp_cli.api.jobs import run
 
     out = tmp_path_factory.mktemp("interrupted") / "run"
     result = run(tiny_train(tiny_fashion, out), on_step=lambda info: info.epoch == 1 and info.step == 1)
@@ -257,12 +306,12 @@ def test_error_printer_handles_empty_multiline_and_markup_messages(monkeypatch, 
     def fail(*args, **kwargs):
         raise ManidpError("first [/bold] line\nsecond line " + "y" * 5000)
 
-    monkeypatch.setattr("manidp_cli.pipeline.prepare", fail)
+    monkeypatch.setattr("manidp_cli.api.prepare", fail)
     code, lines = run_main(monkeypatch, capsys, "train", "test_resnet")
     assert code == 2 and len(lines) == 1
     assert lines[0].startswith("error: first [/bold] line second line yyy") and lines[0].endswith("characters)")
     assert len(lines[0]) < 1100
-    assert cli._one_line(EOFError()) == "EOFError"
+    assert one_line(EOFError()) == "EOFError"
 
 
 @pytest.mark.parametrize(
@@ -281,7 +330,7 @@ def test_usage_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, args, m
 
 
 def test_zero_byte_weights_and_checkpoint(tmp_path, tiny_fashion):
-    from manidp_cli.pipeline import prepare
+    from manidp_cli.api.jobs import prepare
 
     empty = tmp_path / "empty.pth"
     empty.touch()
@@ -295,7 +344,7 @@ def test_zero_byte_weights_and_checkpoint(tmp_path, tiny_fashion):
 
 
 def test_incomplete_or_non_finite_checkpoints_are_refused(interrupted_train, tmp_path):
-    from manidp_cli.train import load_checkpoint
+    from manidp_cli.training.checkpoint import load_checkpoint
 
     state = torch.load(interrupted_train / "checkpoint.pt", weights_only=True)
     broken = tmp_path / "checkpoint.pt"
@@ -333,7 +382,7 @@ def test_over_long_paths_are_one_line(monkeypatch, capsys, tmp_path, args):
 
 
 def test_seeds_outside_32_bits_are_refused(tmp_path):
-    from manidp_cli.recipe import load_recipe
+    from manidp_cli.config import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("seed: 1.0e+23\n")  # torch.manual_seed raised "Overflow when unpacking long"
@@ -364,7 +413,7 @@ def _image_folder(root, classes=("a", "b"), bad=None):
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_corrupt_image_is_named_and_the_run_leaves_nothing(tmp_path, split):
-    from manidp_cli.pipeline import run
+    from manidp_cli.api.jobs import run
 
     data = _image_folder(tmp_path / "images", bad=(split, "b"))
     out = tmp_path / "out"
@@ -407,13 +456,27 @@ def _rewrite_images(folder, count, data):
     "damage, message",
     [
         (lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(b"plain bytes, not gzip"), "Not a gzipped file"),
-        (lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes((d / "train-images-idx3-ubyte.gz").read_bytes()[:-9]),
-         "Compressed file ended before the end-of-stream marker was reached"),
-        (lambda d: _rewrite_images(d, 3, bytes(2 * 784 + 5)), "its header announces 3 x 28 x 28 bytes of data, the file holds 1573"),
+        (
+            lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
+                (d / "train-images-idx3-ubyte.gz").read_bytes()[:-9]
+            ),
+            "Compressed file ended before the end-of-stream marker was reached",
+        ),
+        (
+            lambda d: _rewrite_images(d, 3, bytes(2 * 784 + 5)),
+            "its header announces 3 x 28 x 28 bytes of data, the file holds 1573",
+        ),
         (lambda d: write_fashion_mnist_idx(d, np.zeros((0, 28, 28)), [], "train"), "holds no images"),
-        (lambda d: write_fashion_mnist_idx(d, np.zeros((2, 28, 28)), [3, 10], "train"), "label 10 found, but there are 10 classes"),
-        (lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 2051, 1) + b"\x00")),
-         "not an IDX label file (magic number 2051, expected 2049)"),
+        (
+            lambda d: write_fashion_mnist_idx(d, np.zeros((2, 28, 28)), [3, 10], "train"),
+            "label 10 found, but there are 10 classes",
+        ),
+        (
+            lambda d: (d / "train-labels-idx1-ubyte.gz").write_bytes(
+                gzip.compress(struct.pack(">II", 2051, 1) + b"\x00")
+            ),
+            "not an IDX label file (magic number 2051, expected 2049)",
+        ),
     ],
     ids=["not-gzip", "truncated-gzip", "odd-size", "no-images", "label-10", "wrong-magic"],
 )
@@ -427,7 +490,7 @@ def test_damaged_fashion_mnist_files(tiny_fashion, tmp_path, damage, message):
 
 
 def test_unusable_out_is_refused_before_any_work(monkeypatch, tmp_path):
-    from manidp_cli import pipeline
+    from manidp_cli.api import jobs as pipeline
 
     def no_work(*args, **kwargs):
         raise AssertionError("data loaded before --out was checked")
@@ -446,8 +509,13 @@ def test_unusable_out_is_refused_before_any_work(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- item 9: export metadata and report.json
 
-GOOD_METADATA = {"kind": "dense", "model": "test_resnet", "model_kwargs": {"num_classes": 10, "in_chans": 1},
-                 "input_shape": [1, 32, 32], "data": {"spec": "embedded"}}
+GOOD_METADATA = {
+    "kind": "dense",
+    "model": "test_resnet",
+    "model_kwargs": {"num_classes": 10, "in_chans": 1},
+    "input_shape": [1, 32, 32],
+    "data": {"spec": "embedded"},
+}
 
 
 def _export_with(tmp_path, metadata):
@@ -463,10 +531,15 @@ def _export_with(tmp_path, metadata):
         ("{not json", "is not valid JSON"),
         ({"model": None}, "needs 'kind' .* and 'model'"),
         ({"model": "resnet343"}, "names unknown model 'resnet343'; did you mean"),
-        ({"model_kwargs": {"num_classes": 10**9, "in_chans": 1}}, r"model_kwargs.num_classes must be between 1 and 100000, got 1000000000"),
+        (
+            {"model_kwargs": {"num_classes": 10**9, "in_chans": 1}},
+            r"model_kwargs.num_classes must be between 1 and 100000, got 1000000000",
+        ),
         ({"model_kwargs": {"num_classes": 1e9, "in_chans": 1}}, "model_kwargs.num_classes must be between"),
-        ({"model_kwargs": {"num_classes": 10, "in_chans": 1, "checkpoint_path": "/etc/passwd"}},
-         r"sets model_kwargs \['checkpoint_path'\]; only num_classes, in_chans, drop_rate, drop_path_rate"),
+        (
+            {"model_kwargs": {"num_classes": 10, "in_chans": 1, "checkpoint_path": "/etc/passwd"}},
+            r"sets model_kwargs \['checkpoint_path'\]; only num_classes, in_chans, drop_rate, drop_path_rate",
+        ),
         ({"model_kwargs": {"num_classes": 10}}, "must hold num_classes and in_chans"),
         ({"input_shape": [3, 32, 32]}, r"'input_shape' must be \[in_chans, H, W\]"),
         ({"kind": "pruned", "gated_layers": [], "gate_policy": {"reduction": 0}}, "invalid 'gate_policy'"),
@@ -475,7 +548,7 @@ def _export_with(tmp_path, metadata):
     ],
 )
 def test_export_metadata_is_checked_before_a_model_is_built(tmp_path, change, message):
-    from manidp_cli.export import load_pruned, read_metadata
+    from manidp_cli.io import load_pruned, read_metadata
 
     assert read_metadata(_export_with(tmp_path, GOOD_METADATA)) == GOOD_METADATA  # the base is fine
     metadata = change if isinstance(change, str) else {**GOOD_METADATA, **change}
@@ -486,7 +559,7 @@ def test_export_metadata_is_checked_before_a_model_is_built(tmp_path, change, me
 
 
 def test_corrupt_or_foreign_report_json(pruned, tmp_path):
-    from manidp_cli.report import flops_report
+    from manidp_cli.analysis.report import flops_report
 
     export = tmp_path / "export"
     shutil.copytree(pruned.out_dir, export)
@@ -511,7 +584,7 @@ def test_ctrl_c_before_the_first_step_says_nothing_is_saved(monkeypatch, tmp_pat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("manidp_cli.pipeline.load_data", interrupted)
+    monkeypatch.setattr("manidp_cli.api.jobs.load_data", interrupted)
     result = runner.invoke(app, ["train", "test_resnet", "--out", str(tmp_path / "out")])
     assert result.exit_code == 130
     assert "interrupted before the first checkpoint: nothing to resume" in result.output
@@ -519,7 +592,8 @@ def test_ctrl_c_before_the_first_step_says_nothing_is_saved(monkeypatch, tmp_pat
 
 
 def test_second_ctrl_c_keeps_the_last_checkpoint_and_says_so(monkeypatch, tiny_fashion, tmp_path):
-    from manidp_cli import pipeline
+    from manidp_cli import api
+    from manidp_cli.api import jobs as pipeline
 
     real_run = pipeline.run
 
@@ -531,10 +605,11 @@ def test_second_ctrl_c_keeps_the_last_checkpoint_and_says_so(monkeypatch, tiny_f
 
         return real_run(job, on_step=press, on_epoch=on_epoch)
 
-    monkeypatch.setattr(pipeline, "run", run_and_press_ctrl_c_twice)
+    monkeypatch.setattr(api, "run", run_and_press_ctrl_c_twice)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "2", "--batch-size", "64",
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app, ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "2", "--batch-size", "64", "--out", str(out)]
+    )
     assert result.exit_code == 130, result.output
     assert f"the last checkpoint (written at the end of an epoch) is kept in {out}" in result.output
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -14,8 +14,24 @@ EPOCHS = "3"  # the kill lands after epoch 1's checkpoint, with two epochs still
 
 
 def _train(data, out, *extra):
-    return [sys.executable, "-m", "manidp_cli", "train", "test_resnet", "--data", data, "--epochs", EPOCHS,
-            "--batch-size", "32", "--seed", "3", "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "manidp_cli",
+        "train",
+        "test_resnet",
+        "--data",
+        data,
+        "--epochs",
+        EPOCHS,
+        "--batch-size",
+        "32",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_kill_9_during_training_resumes_to_the_uninterrupted_weights(tiny_fashion, tmp_path):
@@ -23,8 +39,9 @@ def test_kill_9_during_training_resumes_to_the_uninterrupted_weights(tiny_fashio
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_train(tiny_fashion, straight), check=True, capture_output=True, env=env, timeout=600)
 
-    process = subprocess.Popen(_train(tiny_fashion, killed), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        _train(tiny_fashion, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     deadline = time.monotonic() + 600
     while not (killed / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -32,8 +49,13 @@ def test_kill_9_during_training_resumes_to_the_uninterrupted_weights(tiny_fashio
     assert process.wait(timeout=60) == -signal.SIGKILL  # killed, not finished
     assert not (killed / "model.safetensors").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "manidp_cli", "train", "--resume", "--out", str(killed)],
-                             capture_output=True, text=True, env=env, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "manidp_cli", "train", "--resume", "--out", str(killed)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from manidp_cli.analysis.report import flops_report, model_report
 from manidp_cli.errors import ManidpError
-from manidp_cli.report import flops_report, model_report
 
 
 def test_stored_report_of_an_export(pruned):

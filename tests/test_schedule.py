@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from manidp_cli.schedule import flops_target, search_remain_rate, thresholds_for_remain_rate
+from manidp_cli.core.schedule import flops_target, search_remain_rate, thresholds_for_remain_rate
 
 
 def test_flops_target_runs_a_cosine_from_one_to_final_and_holds():

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import prune_tiny
 from safetensors.torch import load_file
 
-from conftest import prune_tiny
-from manidp_cli.export import load_pruned, read_metadata
-from manidp_cli.pipeline import prepare
-from manidp_cli.train import cosine_lr
+from manidp_cli.api.jobs import prepare
+from manidp_cli.io import load_pruned, read_metadata
+from manidp_cli.training.engine import cosine_lr
 
 
 def test_cosine_lr():

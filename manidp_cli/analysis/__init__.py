@@ -1,0 +1,1 @@
+"""Measuring a model: accuracy and FLOPs, per-layer reports, plots, timing."""

@@ -1,0 +1,39 @@
+"""``manidp bench``: time an export's dense, masked, dynamic (and static-slimmed) execution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from manidp_cli.analysis.bench import BenchResult, bench_models, dense_twin
+from manidp_cli.errors import WeightsError
+from manidp_cli.io import load_pruned
+from manidp_cli.runtime.execute import folded_model
+from manidp_cli.runtime.slimming import load_static
+
+
+def bench_export(
+    path: str | Path,
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    batch_size: int = 32,
+    threads: int | None = None,
+    static_dir: str | Path | None = None,
+) -> BenchResult:
+    """``manidp bench`` of an export at the input size recorded in it."""
+    # the static network is rebuilt from its weights and config, never unpickled from model.pt2
+    static, static_config = load_static(static_dir) if static_dir else (None, None)
+    gated, info = load_pruned(path)
+    if static_config is not None and static_config["input_shape"] != info.input_shape:
+        raise WeightsError(
+            f"--static {static_dir} takes {static_config['input_shape']} images, {info.path} {info.input_shape}"
+        )
+    dense = dense_twin(gated, info.metadata["model"], info.metadata["model_kwargs"])
+    static = folded_model(static, info.input_shape) if static is not None else None
+    result = bench_models(
+        gated, dense, info.input_shape, runs=runs, warmup=warmup, batch_size=batch_size, threads=threads, static=static
+    )
+    result.model = info.metadata["model"]
+    result.export = str(info.path)
+    result.flops_ratio = info.metadata.get("flops", {}).get("mean_ratio")
+    return result

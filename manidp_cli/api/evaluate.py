@@ -1,0 +1,145 @@
+"""``manidp eval``: accuracy and measured dynamic FLOPs of an export, or of a dense baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from manidp_cli.analysis.evaluation import (
+    DynamicExecution,
+    Evaluation,
+    FlopsDistribution,
+    evaluate,
+    evaluate_dynamic_execution,
+)
+from manidp_cli.core.flops import FLOP_CONVENTION, count_flops
+from manidp_cli.data import ImageData, load_data
+from manidp_cli.errors import ManidpError
+from manidp_cli.io import load_pruned
+from manidp_cli.models.factory import create_model
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Which images were evaluated, and where that choice came from (--data or the export)."""
+
+    spec: str
+    description: str
+    split: str
+    given_by: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"spec": self.spec, "description": self.description, "split": self.split, "from": self.given_by}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What ``manidp eval`` prints; ``to_dict()`` is its ``--json`` output."""
+
+    model: str
+    source: str
+    pruned: bool
+    data: DataSource
+    images: int
+    top1: float
+    top5: float
+    loss: float
+    flops: FlopsDistribution
+    signature: dict[str, float]
+    dynamic_execution: DynamicExecution | None = None
+    flops_convention: str = FLOP_CONVENTION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "model": self.model,
+            "source": self.source,
+            "pruned": self.pruned,
+            "data": self.data.to_dict(),
+            "images": self.images,
+            "top1": self.top1,
+            "top5": self.top5,
+            "loss": self.loss,
+            "flops_convention": self.flops_convention,
+            "flops": self.flops.to_dict(),
+            "signature": self.signature,
+        }
+        if self.dynamic_execution is not None:
+            out["dynamic_execution"] = self.dynamic_execution.to_dict()
+        return out
+
+
+def _result(
+    model_name: str,
+    source: str,
+    images: ImageData,
+    given_by: str,
+    result: Evaluation,
+    dense_flops: int,
+    dynamic: DynamicExecution | None = None,
+) -> EvalResult:
+    distribution = result.flops_distribution()
+    return EvalResult(
+        model=model_name,
+        source=source,
+        pruned=distribution is not None,
+        data=DataSource(images.spec, images.description, "eval", given_by),
+        images=result.images,
+        top1=result.top1,
+        top5=result.top5,
+        loss=result.loss,
+        flops=distribution if distribution is not None else FlopsDistribution.of_dense(dense_flops),
+        signature=result.signature if distribution is not None else {},
+        dynamic_execution=dynamic,
+    )
+
+
+def evaluate_export(
+    path: str | Path,
+    data: str | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    signature_batches: int = 4,
+    dynamic: bool = False,
+) -> EvalResult:
+    """``manidp eval`` of an export: accuracy, FLOPs distribution and signature.
+
+    Without ``data`` the evaluation split of the data recorded in the export is used. ``dynamic``
+    adds the accuracy of the dynamic executor (``dynamic_execution``).
+    """
+    model, info = load_pruned(path)
+    if dynamic and not info.gated:
+        raise ManidpError(f"{info.path} is a dense export: --dynamic needs a pruned one")
+    images, data_from = info.load_data(data)
+    table = count_flops(model, info.input_shape)
+    result = evaluate(
+        model,
+        images.eval,
+        batch_size,
+        table=table if info.gated else None,
+        limit=limit,
+        signature_batches=signature_batches,
+    )
+    fast = evaluate_dynamic_execution(model, images.eval, info.input_shape, limit) if dynamic else None
+    return _result(info.metadata["model"], str(info.path), images, data_from, result, table.total_flops, fast)
+
+
+def evaluate_dense(
+    model_name: str,
+    weights: str | Path | None,
+    data: str,
+    batch_size: int = 256,
+    limit: int | None = None,
+) -> EvalResult:
+    """``manidp eval --dense MODEL --weights FILE``: the unpruned baseline row (dense execution)."""
+    images = load_data(data, model_name)
+    model = create_model(
+        model_name,
+        num_classes=images.num_classes,
+        in_chans=images.in_chans,
+        weights=Path(weights) if weights else None,
+        pretrained=weights is None,
+    )
+    table = count_flops(model, images.input_shape)
+    result = evaluate(model, images.eval, batch_size, limit=limit)
+    return _result(model_name, str(weights or "timm hub"), images, "--data", result, table.total_flops)

@@ -1,0 +1,490 @@
+"""``train`` and ``prune`` as library calls: prepare (validate everything, write nothing), then run.
+
+Example::
+
+    job = prepare("prune", "resnet18", weights=Path("runs/train-resnet18/model.safetensors"),
+                  overrides={"target_flops": 0.45, "epochs": 4})
+    result = run(job)
+    result.after.flops.mean_ratio
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from manidp_cli.analysis.evaluation import Evaluation, evaluate
+from manidp_cli.config import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
+from manidp_cli.core.distributed import World, joined
+from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops
+from manidp_cli.core.gating import GateSet, insert_gates
+from manidp_cli.core.losses import ManiDPLoss
+from manidp_cli.data import ImageData, load_data
+from manidp_cli.errors import ManidpError, OutputError, TargetError
+from manidp_cli.files import atomic_write_text, remove_stale_temporaries, run_folder_lock
+from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
+from manidp_cli.io import MODEL_FILE, save_model
+from manidp_cli.models.factory import check_model_name, create_model
+from manidp_cli.training.checkpoint import load_checkpoint
+from manidp_cli.training.engine import FitResult, StepInfo, fit
+from manidp_cli.training.objectives import CrossEntropyObjective, ManiDPObjective
+
+CHECKPOINT_FILE = "checkpoint.pt"
+Command = Literal["train", "prune"]  # which command a job runs
+
+
+@dataclass
+class Job:
+    """A validated run, ready to start: nothing has been written yet."""
+
+    command: Command
+    model_name: str
+    model: nn.Module
+    data: ImageData
+    recipe: Recipe
+    out_dir: Path
+    weights_source: str
+    table: CostTable
+    gates: GateSet | None
+    resumed: dict[str, Any] | None  # the checkpoint being resumed, read once
+    resumed_identity: tuple[int, int, int] | None = None  # that checkpoint file as it was read (see _check_unchanged)
+
+    @property
+    def resume(self) -> bool:
+        return self.resumed is not None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out_dir / CHECKPOINT_FILE
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    interrupted: bool
+    history: list[dict[str, float]]
+    before: dict[str, Any] | None = None  # summary of the starting model (prune only)
+    after: Evaluation | None = None
+    seconds: float = 0.0
+    files: list[Path] = field(default_factory=list)
+
+
+def default_out_dir(command: Command, model_name: str) -> Path:
+    return Path("runs") / f"{command}-{model_name}"
+
+
+def prepare(
+    command: Command,
+    model_name: str | None,
+    *,
+    recipe_path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    weights: Path | None = None,
+    out_dir: Path | None = None,
+    resume: bool = False,
+) -> Job:
+    """Validate the model, weights, data, recipe and target; build the model (gated for prune)."""
+    overrides = dict(overrides or {})
+    target = overrides.get("target_flops")
+    if target is not None and not 0 < target < 1:
+        raise TargetError(f"--target-flops must be between 0 and 1 (exclusive), got {target}")
+    if resume:
+        settings = _stored_run(command, model_name, recipe_path, overrides, weights, out_dir)
+    else:
+        settings = _new_run(command, model_name, recipe_path, overrides, weights, out_dir)
+    recipe = settings.recipe
+    data = load_data(recipe.data, settings.model_name)
+    torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
+    model = create_model(
+        settings.model_name,
+        num_classes=data.num_classes,
+        in_chans=data.in_chans,
+        weights=settings.weights,
+        pretrained=(command == "prune" and settings.weights is None and not resume),
+    )
+    gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if command == "prune" else None
+    table = count_flops(model, data.input_shape)
+    return Job(
+        command,
+        settings.model_name,
+        model,
+        data,
+        recipe,
+        settings.out_dir,
+        settings.weights_source,
+        table,
+        gates,
+        settings.resumed,
+        settings.resumed_identity,
+    )
+
+
+@dataclass
+class _RunSettings:
+    """What ``prepare`` builds a job from: given on the command line, or stored in a checkpoint."""
+
+    recipe: Recipe
+    model_name: str
+    out_dir: Path
+    weights: Path | None
+    weights_source: str
+    resumed: dict[str, Any] | None = None
+    resumed_identity: tuple[int, int, int] | None = None
+
+
+def _new_run(command: Command, model_name, recipe_path, overrides, weights, out_dir) -> _RunSettings:
+    if model_name is None:
+        raise ManidpError("give a MODEL name (e.g. resnet18), or --resume --out DIR to continue a run")
+    check_model_name(model_name)
+    recipe = load_recipe(recipe_path, overrides)
+    out_dir = check_writable_folder(out_dir or default_out_dir(command, model_name))
+    _refuse_existing_run(out_dir)
+    weights_source = str(weights) if weights else ("timm hub" if command == "prune" else "random init")
+    return _RunSettings(recipe, model_name, out_dir, weights, weights_source)
+
+
+def _stored_run(command: Command, model_name, recipe_path, overrides, weights, out_dir) -> _RunSettings:
+    """The run in ``out_dir`` as its checkpoint stores it; given settings must match it."""
+    if out_dir is None:
+        if model_name is None:
+            raise ManidpError("--resume needs --out DIR (or the MODEL of a run in runs/<command>-<MODEL>)")
+        out_dir = default_out_dir(command, model_name)
+    checkpoint = Path(out_dir).expanduser() / CHECKPOINT_FILE
+    if not is_file(checkpoint, "--out"):
+        raise ManidpError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
+    out_dir = check_writable_folder(out_dir)  # the run goes on writing there
+    identity = _file_identity(checkpoint)
+    resumed = load_checkpoint(checkpoint)
+    extra = resumed["extra"]
+    if extra["kind"] != command:
+        raise ManidpError(f"{checkpoint} belongs to a `manidp {capped(extra['kind'])}` run, not `{command}`")
+    source = f"the recipe stored in {checkpoint}"
+    recipe = validate_recipe(parse_yaml(extra["recipe"], source), source)
+    conflicts = _resume_conflicts(extra, recipe, model_name, recipe_path, overrides, weights)
+    if conflicts:
+        raise ManidpError(
+            f"--resume continues the run in {out_dir} with the settings it started with, but these differ: "
+            f"{'; '.join(conflicts)}. Leave them out, or start a new run with another --out"
+        )
+    return _RunSettings(recipe, extra["model"], out_dir, None, extra["weights"], resumed, identity)
+
+
+# recipe keys that have a flag, named as the flag in messages
+_FLAGS = {
+    "epochs": "--epochs",
+    "target_flops": "--target-flops",
+    "optimizer.lr": "--lr",
+    "data": "--data",
+    "batch_size": "--batch-size",
+    "seed": "--seed",
+    "device": "--device",
+    "amp": "--amp",
+    "channels_last": "--channels-last",
+}
+
+
+def _resume_conflicts(extra, recipe: Recipe, model_name, recipe_path, overrides, weights) -> list[str]:
+    """Settings given with --resume that differ from the stored run (they used to be ignored silently)."""
+    conflicts = []
+    if model_name is not None and model_name != extra["model"]:
+        conflicts.append(f"MODEL (run: {extra['model']}, given: {capped(model_name)})")
+    if weights is not None:
+        conflicts.append(f"--weights (the run started from {capped(extra['weights'])})")
+    given = explicit_settings(recipe_path, overrides)
+    if not given:
+        return conflicts
+    wanted = load_recipe(recipe_path, overrides).model_dump(mode="json")  # validated and normalised
+    stored = recipe.model_dump(mode="json")
+    for key in _setting_keys(given):
+        mine, theirs = _setting(stored, key), _setting(wanted, key)
+        if mine != theirs:
+            conflicts.append(f"{_FLAGS.get(key, key)} (run: {capped(mine)}, given: {capped(theirs)})")
+    return conflicts
+
+
+def _setting_keys(settings: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        keys += _setting_keys(value, name + ".") if isinstance(value, dict) else [name]
+    return keys
+
+
+def _setting(settings: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        settings = settings.get(part) if isinstance(settings, dict) else None
+    return settings
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _check_unchanged(job: Job) -> None:
+    """Under the folder's lock, what ``prepare`` found must still hold: another run may have
+    written the folder between the two (prepare reads without a lock)."""
+    if job.resume and _file_identity(job.checkpoint) != job.resumed_identity:
+        raise ManidpError(
+            f"{job.checkpoint} changed after it was read (another run used {job.out_dir}); run --resume again"
+        )
+    if not job.resume:
+        _refuse_existing_run(job.out_dir)
+
+
+def _refuse_existing_run(out_dir: Path) -> None:
+    """A new run never writes over another run's checkpoint or export."""
+    if exists(out_dir / CHECKPOINT_FILE, "--out") or exists(out_dir / MODEL_FILE, "--out"):
+        raise ManidpError(f"{out_dir} already holds a run: pass --resume to continue it, or another --out")
+
+
+@contextlib.contextmanager
+def _out_dir_held(job: Job, world: World):
+    """The output folder, locked by the main process for the whole run; every process learns
+    whether that worked, so none is left waiting for a partner that gave up."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if world.is_main:
+            try:
+                stack.enter_context(run_folder_lock(job.out_dir))
+                _check_unchanged(job)
+                remove_stale_temporaries(job.out_dir)
+            except ManidpError as exc:
+                problem = exc
+        problems = world.all_gather_object(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        if problems[0] is not None:
+            raise ManidpError(problems[0])
+        yield
+
+
+def _objective(job: Job, world: World):
+    if job.command == "train":
+        return CrossEntropyObjective()
+    recipe = job.recipe
+    shard = (world.rank, world.size)
+    calibration = [
+        x.to(world.device)
+        for x, _ in job.data.train.batches(
+            recipe.eval_batch_size, limit=recipe.schedule.calibration_images, shard=shard
+        )
+    ]
+    return ManiDPObjective(
+        job.gates,
+        job.table,
+        ManiDPLoss(**recipe.loss.model_dump()),
+        target=recipe.target_flops,
+        epochs=recipe.epochs,
+        hold_epochs=recipe.schedule.hold_epochs,
+        training_batches=lambda: job.data.train.batches(recipe.eval_batch_size, limit=recipe.train_images, shard=shard),
+        calibration_batches=calibration,
+        search_steps=recipe.schedule.search_steps,
+        codebook=recipe.codebook,
+        world=world,
+    )
+
+
+def _state_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "kind": "pruned" if job.command == "prune" else "dense",
+        "model": job.model_name,
+        "model_kwargs": {"num_classes": job.data.num_classes, "in_chans": job.data.in_chans},
+        "input_shape": list(job.data.input_shape),
+        "data": {"spec": job.data.spec, "description": job.data.description, "classes": job.data.classes},
+        "recipe": job.recipe.model_dump(mode="json"),
+        "weights_source": job.weights_source,
+        "accuracy": after.summary(),
+        "flops_convention": FLOP_CONVENTION,
+        "dense_flops": job.table.dense_flops,
+    }
+    if before is not None:
+        meta["baseline"] = before
+    if job.command == "prune":
+        meta["gate_policy"] = job.recipe.gates.model_dump(mode="json")
+        meta["gated_layers"] = sorted(job.gates.by_conv())
+        stats = after.flops
+        meta["signature"] = after.signature
+        meta["flops"] = {
+            "target": job.recipe.target_flops,
+            "dense": stats.dense_flops,
+            "gates": stats.gate_flops,
+            "mean": stats.mean_flops,
+            "mean_ratio": stats.mean_ratio,
+            "images": len(stats.per_image),
+        }
+    return meta
+
+
+def _report(job: Job, after: Evaluation) -> dict[str, Any]:
+    report = {"convention": FLOP_CONVENTION, "model": job.model_name, "cost_table": job.table.to_dict()}
+    if after.flops is not None:
+        report["measured"] = after.flops.to_dict()
+        report["per_image_loss"] = after.per_image_loss
+    return report
+
+
+def run(
+    job: Job,
+    on_step: Callable[[StepInfo], bool | None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> RunResult:
+    """Train or prune; write checkpoints during and the export at the end into ``job.out_dir``.
+
+    Under torchrun every process calls this; rank 0 alone writes, all ranks return the same result.
+    """
+    world = World.from_env(job.recipe.device)
+    created = world.is_main and not job.out_dir.exists()
+    try:
+        with joined(world), _out_dir_held(job, world), _unstarted_files_removed(job, world):
+            try:
+                return _run(job, world, on_step, on_epoch)
+            except OutputError as exc:  # a full disk: the last checkpoint is intact, nothing is lost
+                if not job.checkpoint.is_file():
+                    raise
+                raise OutputError(f"{exc}; once there is room, continue with --resume --out {job.out_dir}") from exc
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                job.out_dir.rmdir()  # only if empty: the folder this run made and left nothing in
+        raise
+
+
+@contextlib.contextmanager
+def _unstarted_files_removed(job: Job, world: World):
+    """A new run that fails before its first checkpoint (bad image, diverged loss, second Ctrl-C)
+    has nothing to resume: remove what it wrote, so a failed run leaves nothing behind. Runs
+    inside the folder's lock, so the files are this run's own."""
+    try:
+        yield
+    except BaseException:
+        if world.is_main and not job.resume and not job.checkpoint.exists():
+            for name in ("recipe.yaml", "metrics.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    (job.out_dir / name).unlink()
+        raise
+
+
+def _baseline(job: Job, world: World) -> dict[str, Any] | None:
+    """The "before" row of a prune: the starting model evaluated with its gates open."""
+    if job.resumed is not None:
+        return job.resumed["extra"].get("baseline")
+    if job.command != "prune":
+        return None
+    return evaluate(job.model, job.data.eval, job.recipe.eval_batch_size, table=job.table, world=world).summary()
+
+
+class _EpochLog:
+    """metrics.jsonl, rewritten whole after every epoch (rank 0), and the caller's ``on_epoch``."""
+
+    def __init__(self, job: Job, world: World, on_epoch: Callable[[dict[str, float]], None] | None):
+        self.path = job.out_dir / "metrics.jsonl"
+        self.world = world
+        self.on_epoch = on_epoch
+        self.history: list[dict[str, float]] = list(job.resumed["history"]) if job.resumed is not None else []
+
+    def __call__(self, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        if self.world.is_main:
+            atomic_write_text(self.path, "\n".join(json.dumps(m) for m in self.history) + "\n")
+            if self.on_epoch is not None:
+                self.on_epoch(metrics)
+
+
+def _fit(job: Job, world: World, before: dict[str, Any] | None, on_step, on_epoch) -> FitResult:
+    recipe = job.recipe
+    table = job.table if job.command == "prune" else None
+
+    def evaluate_epoch(model: nn.Module) -> dict[str, float]:
+        result = evaluate(model, job.data.eval, recipe.eval_batch_size, table=table, world=world)
+        return {f"eval_{k}": v for k, v in result.summary().items() if k != "images"}
+
+    return fit(
+        job.model,
+        job.data,
+        _objective(job, world),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        optimizer_config=recipe.optimizer,
+        seed=recipe.seed,
+        train_limit=recipe.train_images,
+        checkpoint_path=job.checkpoint,
+        resume_state=job.resumed,
+        extra_state={
+            "kind": job.command,
+            "recipe": recipe.to_yaml(),
+            "model": job.model_name,
+            "weights": job.weights_source,
+            "baseline": before,
+        },
+        on_step=on_step if world.is_main else None,
+        on_epoch=_EpochLog(job, world, on_epoch),
+        evaluate_epoch=evaluate_epoch,
+        world=world,
+        amp=recipe.amp,
+        channels_last=recipe.channels_last,
+    )
+
+
+def _export(job: Job, world: World, fitted: FitResult, before: dict[str, Any] | None) -> tuple[Evaluation, list[Path]]:
+    """Check that every rank holds the same state, measure the result, write the export."""
+    digests = world.all_gather_object(_state_digest(job.model))
+    if len(set(digests)) != 1:
+        raise ManidpError(f"the {world.size} processes ended with different weights or thresholds: {digests}")
+    table = job.table if job.command == "prune" else None
+    after = evaluate(
+        job.model,
+        job.data.eval,
+        job.recipe.eval_batch_size,
+        table=table,
+        signature_batches=4 if table else 0,
+        world=world,
+    )
+    files = [job.out_dir / name for name in (MODEL_FILE, "recipe.yaml", "metrics.jsonl", "report.json")]
+    if world.is_main:
+        metadata = {
+            **_metadata(job, after, before),
+            "history": fitted.history,
+            "setup": fitted.setup_metrics,
+            "world_size": world.size,
+            "state_sha256": digests[0],
+        }
+        save_model(job.out_dir / MODEL_FILE, job.model, metadata)
+        atomic_write_text(job.out_dir / "report.json", json.dumps(_report(job, after), indent=1))
+    world.barrier()
+    return after, files
+
+
+def _run(job: Job, world: World, on_step, on_epoch) -> RunResult:
+    started = time.perf_counter()
+    job.model.to(world.device)
+    before = _baseline(job, world)
+    if world.is_main:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(job.out_dir / "recipe.yaml", job.recipe.to_yaml())
+    fitted = _fit(job, world, before, on_step, on_epoch)
+    if fitted.interrupted:
+        return RunResult(
+            job.out_dir, True, fitted.history, before, None, time.perf_counter() - started, [job.checkpoint]
+        )
+    after, files = _export(job, world, fitted, before)
+    return RunResult(job.out_dir, False, fitted.history, before, after, time.perf_counter() - started, files)

@@ -1,0 +1,103 @@
+"""``manidp eval``: accuracy and measured dynamic FLOPs of an export or a dense baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from manidp_cli.cli.app import app
+from manidp_cli.cli.options import DataOpt, WeightsOpt
+from manidp_cli.cli.render import console, print_json
+from manidp_cli.errors import ManidpError
+
+if TYPE_CHECKING:
+    from manidp_cli.api import DynamicExecution, EvalResult
+
+
+def _print_eval(result: EvalResult) -> None:
+    flops = result.flops
+    console.print(f"[bold]{result.model}[/] from {result.source}")
+    console.print(f"data: {result.data.description} (evaluation split, from {result.data.given_by})")
+    table = Table(show_header=False, box=None)
+    table.add_row("images", str(result.images))
+    table.add_row("top-1 / top-5", f"{result.top1:.4f} / {result.top5:.4f}")
+    table.add_row("mean loss", f"{result.loss:.4f}")
+    table.add_row("dense", f"{flops.dense / 1e9:.4f} GFLOPs per image")
+    table.add_row("dynamic mean", f"{flops.mean / 1e9:.4f} GFLOPs per image = {flops.ratio('mean'):.4f} of dense")
+    for key in ("median", "p10", "p90", "min", "max"):
+        table.add_row(f"dynamic {key}", f"{getattr(flops, key) / 1e9:.4f} GFLOPs = {flops.ratio(key):.4f} of dense")
+    signature = result.signature
+    if signature:
+        table.add_row(
+            "Spearman(loss, FLOPs)",
+            f"{signature['spearman_loss_flops']:+.3f} (complexity: > 0 means hard images get more)",
+        )
+        table.add_row(
+            "Gram correlation",
+            f"{signature['gram_correlation']:+.3f} (similarity: features vs "
+            f"sub-networks, {signature['gram_batches']} batches)",
+        )
+    if result.dynamic_execution is not None:
+        _add_dynamic_rows(table, result.dynamic_execution)
+    console.print(table)
+    console.print(result.flops_convention)
+
+
+def _add_dynamic_rows(table: Table, fast: DynamicExecution) -> None:
+    kind = "gather-free, codebook" if fast.codebook else "per-image gathers"
+    decisions = fast.decisions
+    table.add_row(
+        "dynamic executor", f"top-1 {fast.top1:.4f} / top-5 {fast.top5:.4f} ({kind}, batch 1, {fast.images} images)"
+    )
+    table.add_row(
+        "  vs masked model",
+        f"same prediction for {fast.prediction_agreement:.2%}; "
+        f"largest logit difference {fast.max_logit_difference:.1e}",
+    )
+    every = decisions.images_agreeing / decisions.images if decisions.images else 1.0
+    table.add_row(
+        "  decisions",
+        f"{decisions.rate:.2%} of {decisions.decisions} (image, layer) decisions equal; "
+        f"every decision equal for {every:.2%} of images; diverging at near-ties: "
+        f"{decisions.images_at_near_ties}, unexplained: {decisions.images_unexplained}",
+    )
+
+
+@app.command("eval")
+def eval_command(
+    export: Annotated[Optional[Path], typer.Argument(help="Export folder or its model.safetensors.")] = None,
+    data: DataOpt = None,
+    dense: Annotated[
+        Optional[str], typer.Option("--dense", help="Evaluate this timm model unpruned instead (baseline row).")
+    ] = None,
+    weights: WeightsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
+    dynamic: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic",
+            help="Also run every image alone through the dynamic executor (what `manidp bench` times) "
+            "and report its accuracy.",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Measure accuracy and real dynamic FLOPs of an export (or of a dense baseline)."""
+    from manidp_cli.api import evaluate_dense, evaluate_export
+
+    if dense is not None:
+        if data is None:
+            raise ManidpError("--dense needs --data")
+        result = evaluate_dense(dense, weights, data, batch_size, limit)
+    elif export is not None:
+        result = evaluate_export(export, data, batch_size, limit, dynamic=dynamic)
+    else:
+        raise ManidpError("give an EXPORT folder, or --dense MODEL --weights FILE --data SPEC")
+    if as_json:
+        print_json(result)
+    else:
+        _print_eval(result)

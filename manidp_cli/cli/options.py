@@ -1,0 +1,33 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML (see recipes/); flags override it.")]
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option("--data", help="embedded | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | imagefolder:DIR"),
+]
+WeightsOpt = Annotated[
+    Optional[Path],
+    typer.Option("--weights", help="Starting weights: .safetensors or a torch file (read with weights_only=True)."),
+]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: runs/<command>-<model>].")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1)]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its checkpoint.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate.")]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="auto | cpu | cuda (under torchrun: the local GPU).")
+]
+AmpOpt = Annotated[
+    Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast for the forward pass (loss terms stay fp32).")
+]
+ChannelsLastOpt = Annotated[
+    Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels-last memory layout.")
+]

@@ -1,0 +1,239 @@
+"""``manidp train`` and ``manidp prune``: plan, progress, result."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from manidp_cli.cli.app import app
+from manidp_cli.cli.options import (
+    AmpOpt,
+    BatchOpt,
+    ChannelsLastOpt,
+    DataOpt,
+    DeviceOpt,
+    EpochsOpt,
+    LrOpt,
+    OutOpt,
+    RecipeOpt,
+    ResumeOpt,
+    SeedOpt,
+    WeightsOpt,
+)
+from manidp_cli.cli.render import console, err_console
+
+
+def _print_plan(job) -> None:
+    recipe = job.recipe
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("model", job.model_name)
+    table.add_row("weights", job.weights_source + (" (resuming)" if job.resume else ""))
+    table.add_row("data", job.data.description)
+    table.add_row(
+        "dense cost",
+        f"{job.table.dense_flops / 1e9:.4f} GFLOPs per image at {'x'.join(map(str, job.data.input_shape))}"
+        f" (1 FLOP = 1 multiply-add)",
+    )
+    if job.command == "prune":
+        table.add_row(
+            "gates", f"{len(job.gates)} gated convolutions, {job.table.gate_flops / 1e6:.3f} MFLOPs of gate cost"
+        )
+        table.add_row("target", f"{recipe.target_flops:.0%} of dense FLOPs on average")
+    table.add_row(
+        "schedule", f"{recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.optimizer.lr}, seed {recipe.seed}"
+    )
+    world = os.environ.get("WORLD_SIZE", "1")
+    per_rank = (
+        f"batch {recipe.batch_size} per process x {world} processes" if world != "1" else f"batch {recipe.batch_size}"
+    )
+    table.add_row(
+        "runtime",
+        f"device {recipe.device}, {per_rank}, amp {'on' if recipe.amp else 'off'}"
+        f", channels-last {'on' if recipe.channels_last else 'off'}",
+    )
+    table.add_row("output", str(job.out_dir))
+    console.print(table)
+
+
+def _run_with_progress(job):
+    from manidp_cli.api import run
+
+    steps = job.data.train.num_batches(job.recipe.batch_size, job.recipe.train_images)
+    progress = Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[terms]}"),
+        console=console,
+        transient=False,
+    )
+    tasks: dict[int, int] = {}
+
+    def on_step(info) -> None:
+        if info.epoch not in tasks:
+            tasks[info.epoch] = progress.add_task(
+                "", total=steps, completed=info.step - 1, epoch=f"{info.epoch + 1}/{info.epochs}", terms=""
+            )
+        terms = " ".join(f"{k} {v:.3f}" for k, v in info.terms.items() if k != "loss")
+        terms += f" acc {info.running_accuracy:.3f}"
+        progress.update(tasks[info.epoch], completed=info.step, terms=terms)
+
+    def on_epoch(metrics) -> None:
+        parts = [f"train acc {metrics.get('train_top1', 0):.3f}", f"eval acc {metrics.get('eval_top1', 0):.3f}"]
+        if "eval_flops_ratio" in metrics:
+            parts.append(f"eval FLOPs {metrics['eval_flops_ratio']:.3f} of dense")
+        if "next_target" in metrics:
+            parts.append(f"next target {metrics['next_target']:.3f}")
+        progress.console.print(f"epoch {int(metrics['epoch']) + 1}: " + ", ".join(parts))
+
+    with progress:
+        return run(job, on_step=on_step, on_epoch=on_epoch)
+
+
+def _print_result(result) -> None:
+    if result.interrupted:
+        console.print(
+            f"[yellow]interrupted[/]: checkpoint saved in {result.out_dir}"
+            f"; continue with --resume --out {result.out_dir}"
+        )
+        raise typer.Exit(130)
+    table = Table(title="result")
+    table.add_column("")
+    table.add_column("top-1", justify="right")
+    table.add_column("top-5", justify="right")
+    table.add_column("FLOPs / dense", justify="right")
+    if result.before is not None:
+        before = result.before
+        table.add_row(
+            "before", f"{before['top1']:.4f}", f"{before['top5']:.4f}", f"{before.get('flops_ratio', 1.0):.4f}"
+        )
+    after = result.after.summary()
+    table.add_row(
+        "after",
+        f"{after['top1']:.4f}",
+        f"{after['top5']:.4f}",
+        f"{after.get('flops_ratio', 1.0):.4f}" if "flops_ratio" in after else "1 (dense)",
+    )
+    console.print(table)
+    console.print(f"wrote {', '.join(str(p) for p in result.files)} in {result.seconds:.0f} s")
+
+
+@app.command()
+def train(
+    model: Annotated[
+        Optional[str], typer.Argument(help="timm model name, e.g. resnet18 (with --resume: read from the checkpoint)")
+    ] = None,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    weights: WeightsOpt = None,
+    out: OutOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    amp: AmpOpt = None,
+    channels_last: ChannelsLastOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Train a dense starting point (plain cross-entropy) and export it as safetensors."""
+    _train_or_prune(
+        "train",
+        model,
+        recipe,
+        weights,
+        out,
+        resume,
+        data=data,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        optimizer={"lr": lr} if lr is not None else None,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+    )
+
+
+def _train_or_prune(command, model, recipe, weights, out, resume, **overrides) -> None:
+    from manidp_cli.api import prepare
+
+    job = None
+    try:
+        job = prepare(
+            command, model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume
+        )
+        _print_plan(job)
+        result = _run_with_progress(job)
+    except KeyboardInterrupt:  # before the first step, or a second Ctrl-C: say what is left
+        _print_abort(job)
+        raise typer.Exit(130) from None
+    _print_result(result)
+
+
+def _print_abort(job) -> None:
+    if job is not None and job.checkpoint.is_file():
+        err_console.print(
+            f"interrupted: the last checkpoint (written at the end of an epoch) is kept in {job.out_dir}; "
+            f"continue with --resume --out {job.out_dir}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    else:
+        err_console.print(
+            "interrupted before the first checkpoint: nothing to resume; run the command again to start over",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+def prune(
+    model: Annotated[
+        Optional[str], typer.Argument(help="timm model name, e.g. resnet34 (with --resume: read from the checkpoint)")
+    ] = None,
+    target_flops: Annotated[
+        Optional[float], typer.Option("--target-flops", help="Fraction of dense FLOPs to keep on average, 0 < F < 1.")
+    ] = None,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    weights: WeightsOpt = None,
+    out: OutOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    amp: AmpOpt = None,
+    channels_last: ChannelsLastOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Insert ManiDP gates, fine-tune to a FLOPs target and export safetensors plus reports.
+
+    Multi-process: torchrun --nproc_per_node N -m manidp_cli prune ... (see docs/distributed.md).
+    """
+    _train_or_prune(
+        "prune",
+        model,
+        recipe,
+        weights,
+        out,
+        resume,
+        target_flops=target_flops,
+        data=data,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        optimizer={"lr": lr} if lr is not None else None,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+    )

@@ -1,0 +1,272 @@
+"""Recipes: typed YAML files that configure training and pruning.
+
+A recipe may ``extends: other.yaml`` (resolved next to the extending file); the child's keys
+override the parent's, nested sections key by key. CLI flags override the result. Unknown keys are
+errors that name the key and the file.
+
+Example::
+
+    recipe = load_recipe("recipes/resnet56-cifar10.yaml", overrides={"epochs": 2})
+    recipe.loss.lambda_sim   # 1.0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from manidp_cli.errors import RecipeError
+from manidp_cli.inputs import capped, exception_text, is_file
+
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; anything this big is not one
+MAX_ALIASES = 32  # YAML aliases (*name) per document
+MAX_VALUES = 10_000  # values in a document once its aliases are expanded
+MAX_SEED = 2**32 - 1  # torch generators take 64 bits and the data order uses seed * 100003 + epoch
+
+
+class GatePolicy(BaseModel):
+    """Which convolutions get a gate, and the gate's hyper-parameters.
+
+    Candidates are convolutions whose output feeds exactly one normalisation layer. Of those, the
+    stem and the convolutions on residual shortcut branches are skipped by default. Depthwise
+    convolutions are gated by default: their output is renormalised by a BatchNorm whose bias would
+    otherwise turn the zeroed input channels back into non-zero ones, so only a gate after it lets
+    the following convolution skip those channels. ``include``/``exclude`` are fnmatch patterns on
+    module names; with ``include`` set, only matching candidates are gated.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip_stem: bool = True
+    skip_shortcuts: bool = True
+    depthwise: Literal["gate", "skip"] = "gate"
+    reduction: int | None = Field(default=None, ge=1, description="None: 2 when C_out >= 80 else 1")
+    max_saliency: float = Field(default=1000.0, gt=0)
+
+
+class CodebookConfig(BaseModel):
+    """How many keep-sets each gated layer may use, and how the final epochs train with them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entries: int = Field(0, ge=0, le=64, description="keep-sets per gated layer; 0: free per-channel masks")
+    channel_multiple: int = Field(8, ge=1, description="entry widths are rounded to a multiple of this")
+    epochs: int = Field(1, ge=1, description="final epochs trained with the codebook")
+    iterations: int = Field(20, ge=1, description="assignment/update rounds of the build")
+
+    @property
+    def enabled(self) -> bool:
+        return self.entries > 0
+
+
+class _Section(BaseModel):
+    # inf/nan are never meaningful settings: --lr inf trained a NaN model to a "successful" export
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class OptimizerConfig(_Section):
+    """SGD with Nesterov momentum and a per-iteration cosine learning rate (method.md)."""
+
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    gate_weight_decay: float = Field(0.0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class LossConfig(_Section):
+    """ManiDP loss weights (method.md, "Loss")."""
+
+    kappa: float = Field(0.5, gt=0)
+    gamma: float = Field(1.0, ge=0)
+    lambda_sparse: float = Field(0.1, ge=0)
+    lambda_sim: float = Field(0.1, ge=0)
+    complexity_weighting: bool = True  # False: uniform weights (plain L1 gating, an ablation)
+
+
+class ScheduleConfig(_Section):
+    """How thresholds move the measured mean FLOPs to the target."""
+
+    hold_epochs: int = Field(1, ge=0, description="final epochs trained at the final target")
+    calibration_images: int = Field(1024, ge=1)
+    search_steps: int = Field(24, ge=1)
+
+
+class Recipe(_Section):
+    """Everything a ``manidp train`` or ``manidp prune`` run needs besides the model and weights."""
+
+    data: str = "embedded"
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(64, ge=1)
+    train_images: int | None = Field(
+        None, ge=1, description="images per epoch (a fresh random subset each epoch); None: all"
+    )
+    eval_batch_size: int = Field(256, ge=1)
+    target_flops: float = Field(0.45, gt=0, lt=1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False  # bf16 autocast for the forward pass; loss terms stay fp32
+    channels_last: bool = False
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    gates: GatePolicy = GatePolicy()
+    codebook: CodebookConfig = CodebookConfig()
+
+    @model_validator(mode="after")
+    def _codebook_fits_schedule(self) -> Recipe:
+        if self.codebook.enabled and self.codebook.epochs > self.schedule.hold_epochs:
+            raise ValueError(
+                f"codebook.epochs ({self.codebook.epochs}) must be at most schedule.hold_epochs "
+                f"({self.schedule.hold_epochs}): the codebook is built once the FLOPs target is final"
+            )
+        if self.codebook.enabled and self.codebook.epochs >= self.epochs:
+            raise ValueError(
+                f"codebook.epochs ({self.codebook.epochs}) must be less than epochs ({self.epochs}): "
+                f"the codebook is learned from the thresholds of the epochs before"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _merge(base: dict, child: dict) -> dict:
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class _YamlTooLarge(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that counts aliases: a few hundred bytes of nested aliases otherwise expand to
+    millions of values ("billion laughs"), and every later step (validation, error messages) pays."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise _YamlTooLarge(f"more than {MAX_ALIASES} aliases (*name)")
+        return super().compose_node(parent, index)
+
+
+def _expanded_values(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values ``node`` holds with its aliases expanded, counted once per shared node."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise _YamlTooLarge("an alias that contains itself")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_values(child, sizes, open_nodes)
+        if total > MAX_VALUES:
+            raise _YamlTooLarge(f"more than {MAX_VALUES} values once its aliases are expanded")
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of ``text`` within the alias and size budget; RecipeError naming ``source``
+    otherwise."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_values(node, {}, set())
+        return loader.construct_document(node)
+    except _YamlTooLarge as exc:
+        raise RecipeError(f"{source} is refused: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source} is not valid YAML: {capped(' '.join(str(exc).split()), 400)}") from None
+    except RecursionError:
+        raise RecipeError(f"{source} is refused: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    if not is_file(path, "recipe"):
+        raise RecipeError(f"recipe file {capped(path)} not found")
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"recipe {capped(path)} is {size} bytes; a recipe is a small YAML file (at most {MAX_RECIPE_BYTES})"
+            )
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe {capped(path)} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {capped(path)}: {exc.strerror or exception_text(exc)}") from None
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.expanduser().resolve()
+    if path in seen:
+        raise RecipeError(f"recipe {capped(path)} extends itself (through {capped(' -> '.join(map(str, seen)), 1000)})")
+    raw = parse_yaml(_read_text(path), f"recipe {capped(path)}") or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return _merge(_read(path.parent / str(parent), seen + (path,)), raw)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        if not where:  # a rule across keys: its message names them
+            parts.append(item["msg"].removeprefix("Value error, "))
+        elif item["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{capped(where)}'")
+        else:
+            parts.append(f"'{capped(where)}': {item['msg']} (got {capped(repr(item.get('input')))})")
+    return capped("; ".join(parts), 1000)
+
+
+def explicit_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a recipe file (with the files it extends) and the flags state, merged but not validated
+    and without defaults: ``--resume`` compares exactly these with the run's stored recipe."""
+    raw = _read(Path(path)) if path is not None else {}
+    return _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def validate_recipe(raw: Any, source: str) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source} must be a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_describe(exc)}") from exc
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, merge and validate a recipe; ``None`` gives the built-in defaults (recipes/default.yaml)."""
+    source = f"recipe {capped(path)}" if path is not None else "settings"
+    return validate_recipe(explicit_settings(path, overrides), source)

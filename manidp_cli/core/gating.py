@@ -1,0 +1,293 @@
+"""ManiDP saliency gates attached to an unmodified CNN with hooks (method.md, "Gate").
+
+A gate per gated convolution reads the convolution's input, predicts a non-negative saliency per
+output channel, and multiplies the convolution's normalised output by
+``mask = saliency * [saliency >= threshold]``. A gate with a codebook (``manidp_cli.core.codebook``)
+keeps one of a few fixed channel sets instead: ``mask = saliency * codebook[entry]``. The model's
+code, its ``forward`` and its state-dict keys are untouched: gates live under the ``manidp_gates.``
+prefix, so a dense checkpoint loads into a gated model with only gate keys missing.
+
+Example::
+
+    model = timm.create_model("resnet18")
+    gates = insert_gates(model, GatePolicy(exclude=("layer4.*",)))
+    model(torch.randn(2, 3, 64, 64))   # identical to the dense model until thresholds are set
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Literal
+
+import torch
+from torch import nn
+
+from manidp_cli.config import GatePolicy
+from manidp_cli.core.graph import trace_dataflow
+from manidp_cli.errors import ModelError
+
+GATE_PREFIX = "manidp_gates"
+
+
+def is_gate_key(name: str) -> bool:
+    """True for the module, parameter and state-dict names that belong to the gates."""
+    return name.startswith(GATE_PREFIX + ".")
+
+
+class SaliencyGate(nn.Module):
+    """pi = clamp(relu(fc2(relu(fc1(GAP(x))))), max=c_max); mask = pi * [pi >= tau] (method.md)."""
+
+    def __init__(
+        self,
+        conv_name: str,
+        mask_site: str,
+        mask_site_kind: Literal["input", "output"],
+        in_channels: int,
+        out_channels: int,
+        reduction: int,
+        max_saliency: float,
+    ):
+        super().__init__()
+        self.conv_name = conv_name
+        self.mask_site = mask_site
+        self.mask_site_kind = mask_site_kind
+        self.max_saliency = max_saliency
+        hidden = max(1, out_channels // reduction)
+        self.fc1 = nn.Linear(in_channels, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, out_channels)
+        # Zero weights and unit bias make every saliency exactly 1 at insertion, so the gated model
+        # reproduces the dense one until thresholds are raised.
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.ones_(self.fc2.bias)
+        self.register_buffer("threshold", torch.tensor(float("-inf")))
+        # K x C_out rows of 0/1, the keep-sets an image may choose from; K = 0: free per-channel masks
+        self.register_buffer("codebook", torch.zeros(0, out_channels))
+        self._pending_saliency: torch.Tensor | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.fc2.out_features
+
+    def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
+        """Saliency, B x C_out, from the convolution's input."""
+        return self.saliency_from_pooled(conv_input.mean(dim=(2, 3)))
+
+    def saliency_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Saliency from the globally average-pooled input, B x C_in."""
+        return torch.relu(self.fc2(torch.relu(self.fc1(pooled)))).clamp(max=self.max_saliency)
+
+    @property
+    def snaps(self) -> bool:
+        """True when keep-sets come from the codebook (it has entries and a threshold is set)."""
+        return self.codebook.shape[0] > 0 and bool(torch.isfinite(self.threshold))
+
+    def entry(self, saliency: torch.Tensor) -> torch.Tensor:
+        """Per image, the codebook entry with the largest summed excess saliency over the threshold,
+        sum_j c_kj * (pi_j - tau): over all channel subsets that sum is largest for the free mask
+        [pi >= tau], so this is the free mask's rule restricted to the codebook."""
+        return entry_scores(saliency, *entry_score_terms(self.codebook, self.threshold)).argmax(dim=1)
+
+    def keep(self, saliency: torch.Tensor) -> torch.Tensor:
+        """B x C_out bool: the channels the convolution must compute for each image."""
+        if self.snaps:
+            return self.codebook[self.entry(saliency)] > 0
+        return (saliency >= self.threshold) & (saliency != 0)
+
+    def decide(self, saliency: torch.Tensor) -> torch.Tensor:
+        """The gate's decision per image: its codebook entry (B, long) when it snaps, else its keep-set
+        (B x C_out, bool). Two executions agree when their decisions are equal."""
+        return self.entry(saliency) if self.snaps else self.keep(saliency)
+
+    def decision_margin(self, saliency: torch.Tensor) -> torch.Tensor:
+        """Per image, how far its saliencies are from a different decision (B, float64): the lead of
+        the chosen entry's score over the runner-up, or the smallest |pi_j - tau| of a free mask.
+        A decision whose margin is below the rounding error of the saliencies is a near-tie: another
+        execution of the same network (other kernels, folded BatchNorm) may decide it either way."""
+        saliency = saliency.detach().double()
+        if self.snaps:
+            if self.codebook.shape[0] == 1:
+                return saliency.new_full((saliency.shape[0],), float("inf"))
+            scores = entry_scores(saliency, *entry_score_terms(self.codebook, self.threshold))
+            best = scores.topk(2, dim=1).values
+            return best[:, 0] - best[:, 1]
+        if not torch.isfinite(self.threshold):
+            return saliency.new_full((saliency.shape[0],), float("inf"))
+        distance = (saliency - float(self.threshold)).abs()
+        if float(self.threshold) <= 0:  # the boundary is then pi = 0 (a zero saliency is never kept)
+            distance = torch.minimum(distance, saliency)
+        return distance.amin(dim=1)
+
+    def mask(self, saliency: torch.Tensor) -> torch.Tensor:
+        if self.snaps:
+            return saliency * self.codebook[self.entry(saliency)].to(saliency.dtype)
+        return saliency * (saliency >= self.threshold)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the number of codebook entries is only known once one is built: take the stored one
+        stored = state_dict.get(prefix + "codebook")
+        if stored is not None and stored.shape != self.codebook.shape:
+            self.codebook = torch.zeros(stored.shape, dtype=self.codebook.dtype, device=self.codebook.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # Hooks: the conv's pre-hook computes the saliency, the mask site applies it.
+    def _on_conv_input(self, module, args):
+        self._pending_saliency = self(args[0])
+
+    def _masked(self, tensor: torch.Tensor) -> torch.Tensor:
+        saliency, self._pending_saliency = self._pending_saliency, None
+        if saliency is None:
+            raise RuntimeError(f"gate for {self.conv_name} reached its mask before its convolution ran")
+        mask = self.mask(saliency).to(tensor.dtype)
+        return tensor * mask[:, :, None, None]
+
+    def _on_site_input(self, module, args):
+        return (self._masked(args[0]),) + tuple(args[1:])
+
+    def _on_site_output(self, module, args, output):
+        return self._masked(output)
+
+
+def entry_score_terms(codebook: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The constants of ``entry_scores`` for a K x C codebook: C x K in float64, and -tau * |c_k|."""
+    codebook = codebook.detach().double()
+    return codebook.t().contiguous(), -threshold.detach().double() * codebook.sum(1)
+
+
+def entry_scores(saliency: torch.Tensor, columns: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """B x K scores sum_j c_kj * (pi_j - tau), the one formula every execution decides entries with.
+
+    In float64 the sum of float32 saliencies is exact in all but extreme ranges, so the score does
+    not depend on the kernel's summation order, the batch size or the CPU: equal saliencies give
+    equal entries on every path (float32 scores tie or swap within rounding, which made the
+    executor and the masked model choose differently on some CPUs)."""
+    return torch.addmm(offsets, saliency.detach().double(), columns)
+
+
+class GateSet(nn.ModuleDict):
+    """All gates of a model, keyed by the gated convolution's name with '.' replaced by '_'."""
+
+    def by_conv(self) -> dict[str, SaliencyGate]:
+        return {gate.conv_name: gate for gate in self.values()}
+
+    def thresholds(self) -> dict[str, float]:
+        return {gate.conv_name: float(gate.threshold) for gate in self.values()}
+
+    def set_thresholds(self, thresholds: dict[str, float]) -> None:
+        gates = self.by_conv()
+        unknown = set(thresholds) - set(gates)
+        if unknown:
+            raise KeyError(f"no gate for {sorted(unknown)}")
+        for name, value in thresholds.items():
+            gates[name].threshold.fill_(value)
+
+    def reset_thresholds(self) -> None:
+        for gate in self.values():
+            gate.threshold.fill_(float("-inf"))
+
+
+def gate_key(conv_name: str) -> str:
+    return conv_name.replace(".", "_")
+
+
+def _mask_site(model: nn.Module, norm_name: str) -> tuple[str, Literal["input", "output"]]:
+    """Mask after normalisation and before a fused activation (timm's BatchNormAct2d and friends)."""
+    act = getattr(model.get_submodule(norm_name), "act", None)
+    if isinstance(act, nn.Module):
+        return f"{norm_name}.act", "input"
+    return norm_name, "output"
+
+
+def select_convs(model: nn.Module, policy: GatePolicy, input_shape: tuple[int, int, int]) -> dict[str, str]:
+    """Map each convolution to gate onto the normalisation layer that follows it."""
+    flow = trace_dataflow(model, input_shape)
+    pairs = flow.conv_norm_pairs()
+    skipped = set()
+    if policy.skip_stem:
+        skipped |= flow.stem_convs()
+    if policy.skip_shortcuts:
+        skipped |= flow.shortcut_convs()
+    selected = {}
+    for conv_name, norm_name in pairs.items():
+        conv = model.get_submodule(conv_name)
+        depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+        if conv_name in skipped or (depthwise and policy.depthwise == "skip"):
+            continue
+        if policy.include and not any(fnmatch.fnmatchcase(conv_name, p) for p in policy.include):
+            continue
+        if any(fnmatch.fnmatchcase(conv_name, p) for p in policy.exclude):
+            continue
+        selected[conv_name] = norm_name
+    if not selected:
+        convs = flow.conv_names()
+        raise ModelError(
+            f"{type(model).__name__} has no convolution to gate: found {len(convs)} convolutions, "
+            f"{len(pairs)} followed by a normalisation layer, all excluded by the policy "
+            f"(skip_stem={policy.skip_stem}, skip_shortcuts={policy.skip_shortcuts}, "
+            f"include={list(policy.include)}, exclude={list(policy.exclude)})"
+        )
+    return selected
+
+
+def insert_gates(
+    model: nn.Module,
+    policy: GatePolicy | None = None,
+    input_shape: tuple[int, int, int] = (3, 64, 64),
+) -> GateSet:
+    """Attach a saliency gate to every convolution ``policy`` selects; return the gates.
+
+    The model is modified in place: a ``manidp_gates`` submodule holds the gates and hooks apply
+    them. ``input_shape`` (C, H, W) is the size of the probe image run once to find the
+    convolutions; any size the model accepts will do.
+    """
+    policy = policy or GatePolicy()
+    if hasattr(model, GATE_PREFIX):
+        raise ModelError(f"{type(model).__name__} already has gates")
+    selected = select_convs(model, policy, input_shape)
+    gates = GateSet()
+    for conv_name, norm_name in selected.items():
+        conv = model.get_submodule(conv_name)
+        reduction = policy.reduction or (2 if conv.out_channels >= 80 else 1)
+        site, kind = _mask_site(model, norm_name)
+        key = gate_key(conv_name)
+        if key in gates:
+            raise ModelError(f"two gated convolutions map to the same gate key {key!r}")
+        gate = SaliencyGate(conv_name, site, kind, conv.in_channels, conv.out_channels, reduction, policy.max_saliency)
+        gates[key] = gate
+    param = next(model.parameters(), None)
+    if param is not None:
+        gates.to(device=param.device, dtype=param.dtype)
+    model.add_module(GATE_PREFIX, gates)
+    for gate in gates.values():
+        model.get_submodule(gate.conv_name).register_forward_pre_hook(gate._on_conv_input)
+        site = model.get_submodule(gate.mask_site)
+        if gate.mask_site_kind == "input":
+            site.register_forward_pre_hook(gate._on_site_input)
+        else:
+            site.register_forward_hook(gate._on_site_output)
+    return gates
+
+
+def has_gates(model: nn.Module) -> bool:
+    return isinstance(getattr(model, GATE_PREFIX, None), GateSet)
+
+
+def gates_of(model: nn.Module) -> GateSet:
+    """The gates ``insert_gates`` attached to ``model``."""
+    gates = getattr(model, GATE_PREFIX, None)
+    if not isinstance(gates, GateSet):
+        raise ModelError(f"{type(model).__name__} has no manidp gates; call insert_gates first")
+    return gates
+
+
+def strip_gates(model: nn.Module) -> None:
+    """Remove the gates and their hooks: the plain network with the same weights."""
+    gates = gates_of(model)
+    hook_owners = set()
+    for gate in gates.values():
+        hook_owners.add(gate.conv_name)
+        hook_owners.add(gate.mask_site)
+    for name in hook_owners:
+        module = model.get_submodule(name)
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+    delattr(model, GATE_PREFIX)

@@ -1,0 +1,94 @@
+"""The ManiDP loss (method.md, "Loss"), symbol for symbol.
+
+    l_i      per-image cross-entropy
+    w_i      = [l_i < kappa * L_bar] * ((kappa * L_bar - l_i) / (kappa * L_bar)) ** gamma
+    L_sparse = sum_l mean_i(w_i * mean_k pi_l[i, k])
+    L_sim    = sum_l ||F F^T - P P^T||_F^2 / B^2     (F, P: row-normalised features, saliencies)
+    L        = mean_i(l_i) + lambda_sparse * L_sparse + lambda_sim * L_sim
+
+Example::
+
+    loss = ManiDPLoss(lambda_sparse=0.1, lambda_sim=0.1)
+    terms = loss(logits, targets, rec.saliency, rec.features, mean_loss=0.7)
+    terms["loss"].backward()
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def complexity_weight(per_image_loss: torch.Tensor, mean_loss: float, kappa: float, gamma: float) -> torch.Tensor:
+    """w_i: near 1 for easy images (loss far below kappa * L_bar), 0 for hard ones. No gradient."""
+    bound = kappa * mean_loss
+    loss = per_image_loss.detach()
+    if bound <= 0:
+        return torch.zeros_like(loss)
+    return (loss < bound).to(loss.dtype) * ((bound - loss).clamp(min=0) / bound) ** gamma
+
+
+def sparsity_loss(saliencies: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_l mean_i(w_i * mean_k pi_l[i, k])."""
+    return sum((weights * pi.mean(dim=1)).mean() for pi in saliencies)
+
+
+def similarity_loss(features: list[torch.Tensor], saliencies: list[torch.Tensor]) -> torch.Tensor:
+    """sum_l ||F F^T - P P^T||_F^2 / B^2: similar images should get similar sub-networks."""
+    total = 0.0
+    for feature, pi in zip(features, saliencies, strict=True):
+        f = F.normalize(feature, dim=1)
+        p = F.normalize(pi, dim=1)
+        batch = f.shape[0]
+        total = total + ((f @ f.T - p @ p.T) ** 2).sum() / batch**2
+    return total
+
+
+class ManiDPLoss(nn.Module):
+    """Returns the named terms ``ce``, ``sparsity``, ``similarity`` and their weighted ``loss``."""
+
+    def __init__(
+        self,
+        kappa: float = 0.5,
+        gamma: float = 1.0,
+        lambda_sparse: float = 0.1,
+        lambda_sim: float = 0.1,
+        complexity_weighting: bool = True,
+    ):
+        super().__init__()
+        self.kappa = kappa
+        self.gamma = gamma
+        self.lambda_sparse = lambda_sparse
+        self.lambda_sim = lambda_sim
+        self.complexity_weighting = complexity_weighting
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        saliency: dict[str, torch.Tensor],
+        features: dict[str, torch.Tensor],
+        mean_loss: float,
+    ) -> dict[str, torch.Tensor]:
+        per_image = F.cross_entropy(logits.float(), targets, reduction="none")
+        names = sorted(saliency)
+        pis = [saliency[n].float() for n in names]
+        if self.complexity_weighting:
+            weights = complexity_weight(per_image, mean_loss, self.kappa, self.gamma)
+        else:
+            weights = torch.ones_like(per_image)
+        ce = per_image.mean()
+        sparse = sparsity_loss(pis, weights) if pis else ce.new_zeros(())
+        if self.lambda_sim > 0 and pis:
+            sim = similarity_loss([features[n].float() for n in names], pis)
+        else:
+            sim = ce.new_zeros(())
+        loss = ce + self.lambda_sparse * sparse + self.lambda_sim * sim
+        return {
+            "loss": loss,
+            "ce": ce.detach(),
+            "sparsity": torch.as_tensor(sparse).detach(),
+            "similarity": torch.as_tensor(sim).detach(),
+            "per_image_ce": per_image.detach(),
+        }

@@ -1,0 +1,110 @@
+"""A context manager that collects, per forward pass, what the ManiDP loss and FLOPs need.
+
+Example::
+
+    with GateRecorder(model, features=True) as rec:
+        logits = model(images)
+    rec.saliency["layer1.0.conv1"]   # B x C_out, differentiable
+    rec.active_outputs()             # {conv name: B x C_out bool}
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from manidp_cli.core.gating import gates_of
+from manidp_cli.core.graph import is_conv
+
+
+class GateRecorder:
+    """Owns hook handles; each forward pass overwrites what the previous one recorded.
+
+    - ``saliency``: gated conv name -> B x C_out saliency (with grad unless ``detach``).
+    - ``features``: gated conv name -> B x C_out global-average-pooled normalised output *before*
+      masking (method.md, similarity term); only with ``features=True``.
+    - ``active_inputs``: conv name -> B x C_in bool, False where the input channel is entirely zero
+      for that image (every convolution, gated or not); only with ``active_inputs=True``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        features: bool = False,
+        active_inputs: bool = False,
+        detach: bool = False,
+    ):
+        self.model = model
+        self.gates = gates_of(model)
+        self.record_features = features
+        self.record_active_inputs = active_inputs
+        self.detach = detach
+        self.saliency: dict[str, torch.Tensor] = {}
+        self.features: dict[str, torch.Tensor] = {}
+        self.active_inputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach() if self.detach else tensor
+
+    def __enter__(self) -> GateRecorder:
+        for gate in self.gates.values():
+            name = gate.conv_name
+            self._handles.append(gate.register_forward_hook(self._saliency_hook(name)))
+            if self.record_features:
+                site = self.model.get_submodule(gate.mask_site)
+                # prepend: run before the gate's own hook, i.e. see the tensor before masking
+                if gate.mask_site_kind == "input":
+                    hook = site.register_forward_pre_hook(self._feature_pre_hook(name), prepend=True)
+                else:
+                    hook = site.register_forward_hook(self._feature_hook(name), prepend=True)
+                self._handles.append(hook)
+        if self.record_active_inputs:
+            for name, module in self.model.named_modules():
+                if is_conv(module):
+                    self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _saliency_hook(self, name):
+        def hook(module, args, output):
+            self.saliency[name] = self._keep(output)
+
+        return hook
+
+    def _pool(self, name, tensor):
+        self.features[name] = self._keep(tensor.mean(dim=(2, 3)))
+
+    def _feature_pre_hook(self, name):
+        def hook(module, args):
+            self._pool(name, args[0])
+
+        return hook
+
+    def _feature_hook(self, name):
+        def hook(module, args, output):
+            self._pool(name, output)
+
+        return hook
+
+    def _input_hook(self, name):
+        def hook(module, args):
+            x = args[0].detach()
+            self.active_inputs[name] = x.flatten(2).abs().amax(dim=2) > 0
+
+        return hook
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Gated conv name -> B x C_out mask (saliency where kept, 0 elsewhere)."""
+        gates = self.gates.by_conv()
+        return {name: gates[name].mask(s) for name, s in self.saliency.items()}
+
+    def active_outputs(self) -> dict[str, torch.Tensor]:
+        """Gated conv name -> B x C_out bool, True where the convolution computes the channel."""
+        gates = self.gates.by_conv()
+        return {name: gates[name].keep(s.detach()) for name, s in self.saliency.items()}

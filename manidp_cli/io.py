@@ -1,0 +1,192 @@
+"""Exports: one safetensors file holding all weights (gates and thresholds included) and, in its
+metadata, everything needed to rebuild the model without the run that made it.
+
+Example::
+
+    model, info = load_pruned("runs/prune-resnet18")
+    info.metadata["flops"]["mean_ratio"]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from manidp_cli import __version__
+from manidp_cli.config import GatePolicy
+from manidp_cli.core.gating import insert_gates
+from manidp_cli.data import load_data
+from manidp_cli.errors import DataError, ModelError, WeightsError
+from manidp_cli.files import atomic_write_bytes
+from manidp_cli.inputs import capped, exception_text, is_dir, is_file
+from manidp_cli.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
+from manidp_cli.models.factory import check_model_name
+
+MODEL_FILE = "model.safetensors"
+METADATA_KEY = "manidp"
+
+
+def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
+    """Write ``model``'s state dict to ``path`` (.safetensors) atomically, metadata as JSON."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    meta = {METADATA_KEY: json.dumps({**metadata, "manidp_version": __version__}), "format": "pt"}
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _model_file(path: Path) -> Path:
+    path = Path(path).expanduser()
+    return path / MODEL_FILE if is_dir(path, "export") else path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The manidp metadata of an export folder or its model.safetensors, checked (see
+    ``check_metadata``) before anything is built from it."""
+    from safetensors import safe_open
+
+    file = _model_file(Path(path))
+    if not is_file(file, "export"):
+        raise WeightsError(f"no manidp export at {capped(path)} (expected {capped(file)})")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+    except Exception as exc:
+        raise WeightsError(f"cannot read {file}: {exception_text(exc)}") from exc
+    if raw is None:
+        raise WeightsError(f"{file} has no manidp metadata (not made by manidp prune/train)")
+    try:
+        metadata = json.loads(raw)
+    except ValueError as exc:
+        raise WeightsError(f"{file}: its manidp metadata is not valid JSON ({exception_text(exc)})") from None
+    return check_metadata(metadata, file)
+
+
+# The model_kwargs an export may pass to timm.create_model: manidp writes the first two. Others
+# (checkpoint_path, pretrained_cfg_overlay, ...) would make timm read files an export names.
+SAFE_MODEL_KWARGS = {
+    "num_classes": (1, 100_000),
+    "in_chans": (1, 64),
+    "drop_rate": (0.0, 1.0),
+    "drop_path_rate": (0.0, 1.0),
+}
+MAX_IMAGE_SIDE = 4096
+
+
+def _in_range(value: Any, low: float, high: float) -> bool:
+    """A number in [low, high]; an integer where ``low`` is one (no booleans, no 10.5 classes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(low, int) and not isinstance(value, int):
+        return False
+    return low <= value <= high
+
+
+def check_metadata(meta: Any, file: Path) -> dict[str, Any]:
+    """Refuse metadata that would build a model manidp never exported: unknown keys for timm,
+    absurd sizes (1e9 classes allocates terabytes), an unknown model or a bad gate policy."""
+    from pydantic import ValidationError
+
+    def bad(why: str) -> WeightsError:
+        return WeightsError(f"{capped(file)}: manidp metadata {why}")
+
+    if not isinstance(meta, dict):
+        raise bad("is not a JSON object")
+    if meta.get("kind") not in ("pruned", "dense") or not isinstance(meta.get("model"), str):
+        raise bad(
+            f"needs 'kind' (pruned or dense) and 'model'"
+            f", got {capped(meta.get('kind'))!r} and {capped(meta.get('model'))!r}"
+        )
+    try:
+        check_model_name(meta["model"])
+    except ModelError as exc:
+        raise bad(f"names {exc}") from None
+    _check_model_kwargs(meta.get("model_kwargs"), bad)
+    shape = meta.get("input_shape")
+    sides_ok = isinstance(shape, list) and len(shape) == 3 and all(_in_range(v, 1, MAX_IMAGE_SIDE) for v in shape[1:])
+    if not sides_ok or shape[0] != meta["model_kwargs"]["in_chans"]:
+        raise bad(f"'input_shape' must be [in_chans, H, W] with sides up to {MAX_IMAGE_SIDE}, got {capped(shape)}")
+    if not isinstance(meta.get("data", {}), dict) or not isinstance(meta.get("data", {}).get("spec", ""), str):
+        raise bad("'data' must be an object with a 'spec' string")
+    if meta["kind"] == "pruned":
+        layers = meta.get("gated_layers")
+        if not isinstance(layers, list) or not all(isinstance(name, str) for name in layers):
+            raise bad("'gated_layers' must be a list of layer names")
+        try:
+            GatePolicy.model_validate(meta.get("gate_policy"))
+        except ValidationError as exc:
+            raise bad(f"has an invalid 'gate_policy': {capped(exception_text(exc))}") from None
+    return meta
+
+
+def _check_model_kwargs(kwargs: Any, bad) -> None:
+    if not isinstance(kwargs, dict) or not {"num_classes", "in_chans"} <= set(kwargs):
+        raise bad("'model_kwargs' must hold num_classes and in_chans")
+    unknown = sorted(set(kwargs) - set(SAFE_MODEL_KWARGS))
+    if unknown:
+        raise bad(f"sets model_kwargs {capped(unknown)}; only {', '.join(SAFE_MODEL_KWARGS)} are accepted")
+    for key, value in kwargs.items():
+        low, high = SAFE_MODEL_KWARGS[key]
+        if not _in_range(value, low, high):
+            raise bad(f"model_kwargs.{key} must be between {low} and {high}, got {capped(value)}")
+
+
+@dataclass
+class LoadedExport:
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def gated(self) -> bool:
+        return self.metadata.get("kind") == "pruned"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.metadata["input_shape"])
+
+    def load_data(self, spec: str | None = None):
+        """``spec``'s data, or the data recorded in the export when None, checked to fit the model;
+        returns the data and where its specification came from."""
+
+        chosen = spec or self.metadata.get("data", {}).get("spec")
+        if chosen is None:
+            raise DataError("no --data given and none recorded in the export's metadata")
+        images = load_data(chosen, self.metadata["model"])
+        if images.input_shape != self.input_shape:
+            raise DataError(
+                f"data {images.spec} gives {images.input_shape} images, the export expects {self.input_shape}"
+            )
+        classes = self.metadata["model_kwargs"]["num_classes"]
+        if images.num_classes != classes:
+            raise DataError(f"data {images.spec} has {images.num_classes} classes, the export has {classes}")
+        return images, ("--data" if spec else "the export's metadata")
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, LoadedExport]:
+    """Rebuild the (gated) model of an export from the export alone, in eval mode."""
+    import timm
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    file = _model_file(Path(path))
+    model = timm.create_model(metadata["model"], pretrained=False, **metadata["model_kwargs"])
+    if metadata.get("kind") == "pruned":
+        policy = GatePolicy.model_validate(metadata["gate_policy"])
+        gates = insert_gates(model, policy, input_shape=tuple(metadata["input_shape"]))
+        if sorted(gates.by_conv()) != sorted(metadata["gated_layers"]):
+            raise WeightsError(f"{file}: the gate policy no longer selects the exported layers")
+    try:
+        state = load_file(str(file))
+    except Exception as exc:
+        raise WeightsError(f"cannot read the weights in {file}: {exception_text(exc)}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # the first line only says "Error(s) in loading state_dict"
+        detail = [line.strip() for line in str(exc).splitlines() if line.strip()][1:] or [exception_text(exc)]
+        raise WeightsError(f"{file} does not fit {metadata['model']}: {capped(detail[0])}") from exc
+    model.eval()
+    return model, LoadedExport(file, metadata)

@@ -1,0 +1,161 @@
+"""Creating timm models and loading starting weights, with errors that say what would work.
+
+Weights come only from safetensors files, torch files read with ``weights_only=True``, or timm's
+hub (when no file is given and the network is reachable). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from manidp_cli.core.gating import is_gate_key
+from manidp_cli.core.state import non_finite_tensors
+from manidp_cli.errors import ModelError, WeightsError
+from manidp_cli.inputs import capped, exception_text, is_file
+from manidp_cli.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
+
+HUB_HOST = "huggingface.co"
+
+
+def check_model_name(name: str) -> None:
+    """Raise ModelError with close matches when ``name`` is not a timm model."""
+    import timm
+
+    if timm.is_model(name):
+        return
+    matches = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6) if len(name) <= 100 else []
+    hint = f"; did you mean {', '.join(matches)}?" if matches else "; see `timm.list_models()`"
+    raise ModelError(f"unknown model {capped(repr(name))}{hint}")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or a torch file loaded with ``weights_only=True``."""
+    path = Path(path).expanduser()
+    if not is_file(path, "weights file"):
+        raise WeightsError(f"weights file {capped(path)} not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader failure means the file is not usable weights
+        raise WeightsError(f"cannot read weights {capped(path)}: {exception_text(exc)}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightsError(f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the hub does not answer within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _adapt(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Sum the stem over input channels when they differ; drop a classifier of another size."""
+    from timm.models import adapt_input_conv
+
+    own = model.state_dict()
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    first_conv = cfg.get("first_conv")
+    classifier = cfg.get("classifier")
+    adapted = {}
+    for key, value in state.items():
+        if is_gate_key(key):
+            continue  # gates of a previous run are not a starting point
+        target = own.get(key)
+        if target is not None and target.shape != value.shape:
+            stem = first_conv and key == f"{first_conv}.weight" and value.dim() == 4
+            if stem and value.shape[0] == target.shape[0]:
+                value = adapt_input_conv(target.shape[1], value.float()).to(value.dtype)
+            elif classifier and key.startswith(f"{classifier}."):
+                continue  # the fresh classifier fits the data's classes
+        adapted[key] = value
+    return adapted
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int,
+    weights: Path | None = None,
+    pretrained: bool = False,
+) -> nn.Module:
+    """A timm model for ``num_classes`` / ``in_chans``, initialised from ``weights`` or the hub."""
+    import timm
+
+    check_model_name(name)
+    if weights is None and pretrained:
+        if not hub_reachable():
+            raise WeightsError(
+                f"no --weights given and timm's hub is unreachable (offline or HF_HUB_OFFLINE set): "
+                f"pass a local file with --weights FILE.safetensors (or a torch file), or train a "
+                f"starting point with `manidp train {name}`"
+            )
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+        except Exception as exc:
+            raise WeightsError(f"cannot fetch pretrained weights for {name}: {exception_text(exc)}") from exc
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load dense weights into ``model`` (gates, if any, keep their fresh initialisation)."""
+    state = _adapt(model, read_state_dict(path), Path(path))
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise WeightsError(f"{path} does not fit {type(model).__name__}: unexpected key {key!r}")
+        if own[key].shape != value.shape:
+            raise WeightsError(
+                f"{path} does not fit {type(model).__name__}: {key!r} has shape "
+                f"{tuple(value.shape)}, the model needs {tuple(own[key].shape)}"
+            )
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    classifier = cfg.get("classifier") or ""
+    missing = [
+        k
+        for k in own
+        if k not in state
+        and not is_gate_key(k)
+        and not (classifier and k.startswith(classifier + "."))
+        and not k.endswith("num_batches_tracked")
+    ]
+    if missing:
+        raise WeightsError(
+            f"{path} does not fit {type(model).__name__}: missing key {missing[0]!r} ({len(missing)} missing)"
+        )
+    _check_finite(state, path)
+    model.load_state_dict(state, strict=False)
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite starting weights: training from them gives a NaN model, which used
+    to be exported as a success."""
+    broken = non_finite_tensors(state)
+    if broken:
+        raise WeightsError(
+            f"{capped(path)} holds non-finite values (NaN or infinity) in {len(broken)} tensor(s)"
+            f", first {capped(broken[0])!r}: "
+            f"these weights cannot be trained; use the weights of a run that finished"
+        )

@@ -1,0 +1,1 @@
+"""Running a pruned model fast: folded BatchNorm, the dynamic executor, static slimming."""

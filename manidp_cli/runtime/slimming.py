@@ -1,0 +1,321 @@
+"""Static slimming: physically remove the channels the gates (almost) never keep.
+
+A gated convolution's output channel whose keep frequency over the calibration images is at most
+``min_keep_rate`` is removed from the convolution, its BatchNorm and, when the normalised output
+flows (through element-wise activations only) into exactly one dense convolution, from that
+convolution's inputs. Channels that feed a residual addition, a concatenation or a depthwise
+convolution keep their place (the layout of the network must not change there).
+
+The result has no gates. Each gated channel's BatchNorm is scaled by the channel's mean mask value
+over the calibration images (E[saliency x kept]), the best static stand-in for the per-image scaling
+(exact for channels that are never kept: they output zero). It is an approximation of the dynamic
+network, so its accuracy is measured again rather than assumed. timm cannot build per-layer widths
+from a model name, so the runnable artifact is a ``torch.export`` program (``model.pt2``:
+``torch.export.load(path).module()`` needs torch alone), written beside the slimmed weights
+(``model.safetensors``) and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from manidp_cli.core.gating import strip_gates
+from manidp_cli.core.graph import NORM_TYPES, removable_consumers, trace_dataflow
+from manidp_cli.core.modes import eval_mode
+from manidp_cli.core.recorder import GateRecorder
+from manidp_cli.errors import WeightsError
+from manidp_cli.files import staged_folder, write_new_file
+from manidp_cli.inputs import capped, exception_text
+from manidp_cli.models.factory import check_model_name
+
+PROGRAM_FILE = "model.pt2"
+CONFIG_FILE = "config.json"
+MAX_BATCH = 4096  # the largest batch the exported program accepts
+
+
+def _keep_rows(module: nn.Module, keep: torch.Tensor, dim: int, names: tuple[str, ...]) -> None:
+    for name in names:
+        tensor = getattr(module, name, None)
+        if tensor is None:
+            continue
+        sliced = tensor.detach().index_select(dim, keep).clone()
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, name, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+        else:
+            setattr(module, name, sliced)
+
+
+@dataclass
+class SlimResult:
+    model: nn.Module
+    removed: dict[str, int]  # gated conv -> output channels removed
+    kept_channels: dict[str, int]
+
+
+def mask_statistics(model: nn.Module, batches) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per gated layer and channel: the fraction of images that keep it and its mean mask value."""
+    frequency: dict[str, torch.Tensor] = {}
+    mean_mask: dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.no_grad(), eval_mode(model), GateRecorder(model, detach=True) as recorder:
+        for images in batches:
+            model(images)
+            for name, mask in recorder.masks().items():
+                frequency[name] = frequency.get(name, 0) + (mask != 0).double().sum(0)
+                mean_mask[name] = mean_mask.get(name, 0) + mask.double().sum(0)
+            count += images.shape[0]
+    return ({n: f / count for n, f in frequency.items()}, {n: m / count for n, m in mean_mask.items()})
+
+
+def slim(
+    model: nn.Module,
+    keep_frequency: dict[str, torch.Tensor],
+    mean_mask: dict[str, torch.Tensor],
+    min_keep_rate: float,
+    input_shape,
+) -> SlimResult:
+    """A gate-free copy of ``model``: masks folded into BatchNorm as their means, rarely kept
+    channels physically removed where the layout allows."""
+    slim_model = copy.deepcopy(model).eval()
+    strip_gates(slim_model)
+    flow = trace_dataflow(slim_model, input_shape)
+    consumers = removable_consumers(slim_model, flow, list(mean_mask))
+    flow_pairs = flow.conv_norm_pairs()
+    with torch.no_grad():
+        for conv_name, scale in mean_mask.items():
+            norm = slim_model.get_submodule(flow_pairs[conv_name])
+            norm.weight.mul_(scale.to(norm.weight.dtype))
+            norm.bias.mul_(scale.to(norm.bias.dtype))
+    removed, kept_channels = {}, {}
+    for conv_name, consumer_name in consumers.items():
+        frequency = keep_frequency.get(conv_name)
+        if frequency is None:
+            continue
+        keep = (frequency > min_keep_rate).nonzero().flatten()
+        if len(keep) == len(frequency):
+            continue
+        if len(keep) == 0:
+            keep = frequency.argmax().view(1)  # a convolution needs at least one channel
+        conv = slim_model.get_submodule(conv_name)
+        norm = slim_model.get_submodule(flow_pairs[conv_name])
+        consumer = slim_model.get_submodule(consumer_name)
+        _keep_rows(conv, keep, 0, ("weight", "bias"))
+        conv.out_channels = len(keep)
+        assert isinstance(norm, NORM_TYPES)
+        _keep_rows(norm, keep, 0, ("weight", "bias", "running_mean", "running_var"))
+        norm.num_features = len(keep)
+        _keep_rows(consumer, keep, 1, ("weight",))
+        consumer.in_channels = len(keep)
+        removed[conv_name] = len(frequency) - len(keep)
+        kept_channels[conv_name] = len(keep)
+    return SlimResult(slim_model, removed, kept_channels)
+
+
+@dataclass(frozen=True)
+class StaticFiles:
+    files: tuple[Path, ...]
+    program_batch: str  # the batch sizes model.pt2 accepts, and why when only 1
+
+
+def save_static(out_dir: Path, result: SlimResult, input_shape, config: dict) -> StaticFiles:
+    """Write model.pt2 (torch.export), model.safetensors and config.json into ``out_dir`` (missing or
+    empty): all three appear together, or none (a full disk leaves nothing behind)."""
+    example = (torch.zeros(2, *input_shape),)  # a batch of 1 would specialise the batch size
+    try:
+        program = torch.export.export(
+            result.model, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+        )
+        program_batch = f"any from 1 to {MAX_BATCH}"
+    except Exception as exc:  # some models do not export with a symbolic batch: batch 1 then
+        program = torch.export.export(result.model, (torch.zeros(1, *input_shape),))
+        program_batch = f"1 only (a symbolic batch did not export: {capped(exception_text(exc))})"
+    config = {**config, "program_batch": program_batch}
+    tensors = {k: v.detach().contiguous().clone() for k, v in result.model.state_dict().items()}
+    with staged_folder(out_dir) as stage:
+        write_new_file(stage / PROGRAM_FILE, lambda handle: torch.export.save(program, handle))
+        weights = save(tensors, metadata={"format": "pt"})
+        write_new_file(stage / "model.safetensors", lambda handle: handle.write(weights))
+        write_new_file(stage / CONFIG_FILE, lambda handle: handle.write(json.dumps(config, indent=1).encode()))
+    return StaticFiles((out_dir / PROGRAM_FILE, out_dir / "model.safetensors", out_dir / CONFIG_FILE), program_batch)
+
+
+# What torch.export.save writes for one plain program, under the archive's root folder. Anything
+# else (compiled libraries, pickled objects, extra code paths) is refused.
+_ARCHIVE_MEMBER = re.compile(
+    r"^[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/(weights|constants)/model_(weights|constants)_config\.json|data/weights/weight_\d+"
+    r"|data/constants/tensor_\d+|data/sample_inputs/model\.pt)$"
+)
+# a size symbol (s77), a number, or sympy's spelling of them combined by arithmetic: no other names
+_SIZE_EXPRESSION = re.compile(
+    r"(?:[su]\d+|-?\d+|Symbol\('[su]\d+'(?:, (?:positive|integer|nonnegative|real)=(?:True|False))*\)|Integer\(-?\d+\)"
+    r"|(?:Add|Mul|Pow|Max|Min|FloorDiv|Mod|CeilToInt|FloorToInt)\(|\)|, )+"
+)
+_MAX_READ = 256 * 2**20  # the members the check reads (JSON, sample inputs); weights are never read
+
+
+def _payload_problem(archive, root: str, name: str) -> str | None:
+    """A weights or constants config may ask torch.export.load to unpickle a payload (use_pickle)
+    or to rebuild arbitrary objects; a static export never needs either."""
+    entries = json.loads(archive.read(f"{root}/{name}")).get("config", {})
+    for key, entry in entries.items():
+        if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")):
+            return f"{name} asks to unpickle {key!r}"
+    return None
+
+
+def _expressions(value):
+    """Every symbolic-size expression in a serialized program (torch parses them with sympy, which
+    evaluates Python)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "expr_str":
+                yield item
+            else:
+                yield from _expressions(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _expressions(item)
+
+
+def _graph_problem(program: dict) -> str | None:
+    for node in program["graph_module"]["graph"]["nodes"]:
+        if not str(node.get("target", "")).startswith("torch.ops.aten."):
+            return f"the graph calls {str(node.get('target'))[:80]!r}, not an aten operator"
+    if program.get("guards_code"):
+        return "it carries guard code"
+    for expression in [*program.get("range_constraints", {}), *_expressions(program)]:
+        if not _SIZE_EXPRESSION.fullmatch(str(expression)):
+            return f"it carries the size expression {str(expression)[:80]!r}"
+    return None
+
+
+def _sample_inputs_problem(archive, root: str) -> str | None:
+    import io
+
+    try:
+        torch.load(io.BytesIO(archive.read(f"{root}/data/sample_inputs/model.pt")), weights_only=True)
+    except Exception:  # the weights-only unpickler refuses it: something other than tensors
+        return "data/sample_inputs/model.pt is a pickle of more than tensors"
+    return None
+
+
+def _archive_problem(archive) -> str | None:
+    names = archive.namelist()
+    roots = {name.split("/", 1)[0] for name in names}
+    if len(roots) != 1:
+        return "it is not a single torch.export archive"
+    root = roots.pop()
+    for info in archive.infolist():
+        if not _ARCHIVE_MEMBER.match(info.filename):
+            return f"it holds {capped(info.filename)}, which a static export never has"
+        if "/data/weights/weight_" not in info.filename and info.file_size > _MAX_READ:
+            return f"{info.filename} is {info.file_size} bytes, too large to check"
+    if f"{root}/models/model.json" not in names or f"{root}/data/sample_inputs/model.pt" not in names:
+        return "it has no program"
+    return (
+        _payload_problem(archive, root, "data/weights/model_weights_config.json")
+        or _payload_problem(archive, root, "data/constants/model_constants_config.json")
+        or _graph_problem(json.loads(archive.read(f"{root}/models/model.json")))
+        or _sample_inputs_problem(archive, root)
+    )
+
+
+def verify_static_program(path: Path) -> None:
+    """Refuse a model.pt2 that does more than a plain program of aten operators on tensors: loading
+    it with torch.export.load would run what it carries (pickles are unpickled with a fallback to
+    weights_only=False; graph targets and guards are resolved as Python). Reads, never loads."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            problem = _archive_problem(archive)
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        problem = f"it cannot be read as a torch.export archive ({exception_text(exc)})"
+    if problem:
+        raise WeightsError(f"refusing {path}: {problem}; never load it with torch.export.load")
+
+
+def _read_static_config(folder: Path) -> dict:
+
+    file = folder / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text())
+        model_name = config["model"]
+        kwargs = {key: int(config["model_kwargs"][key]) for key in ("num_classes", "in_chans")}
+        shape = tuple(int(v) for v in config["input_shape"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise WeightsError(
+            f"{file} is not the config.json of `manidp export-static` ({type(exc).__name__}: {exc})"
+        ) from exc
+    if len(shape) != 3 or min(shape) < 1 or not isinstance(model_name, str):
+        raise WeightsError(f"{file}: input_shape must be 3 positive sizes and model a name")
+    check_model_name(model_name)
+    return {"model": model_name, "model_kwargs": kwargs, "input_shape": shape}
+
+
+def _narrow(module: nn.Module, attribute: str, shape: torch.Size) -> bool:
+    """Give a convolution's or BatchNorm's tensor the (narrower) shape the static export has; the
+    only layers ``slim`` changes. False for anything else."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    old = getattr(module, attribute)
+    if old is None or len(shape) != old.dim():
+        return False
+    if isinstance(module, nn.Conv2d) and attribute in ("weight", "bias"):
+        if attribute == "weight" and (shape[2:] != old.shape[2:] or (module.groups != 1 and shape != old.shape)):
+            return False
+        module.out_channels = shape[0]
+        if attribute == "weight":
+            module.in_channels = shape[1] * module.groups
+    elif isinstance(module, _BatchNorm) and attribute in ("weight", "bias", "running_mean", "running_var"):
+        module.num_features = shape[0]
+    else:
+        return False
+    empty = torch.empty(shape, dtype=old.dtype)
+    setattr(module, attribute, nn.Parameter(empty, requires_grad=False) if isinstance(old, nn.Parameter) else empty)
+    return True
+
+
+def load_static(folder: str | Path) -> tuple[nn.Module, dict]:
+    """The slimmed network of an export-static folder, rebuilt from config.json (the timm name) and
+    model.safetensors (the narrower widths come from the tensors' shapes): data only, so nothing in
+    the folder can run code. model.pt2 is checked (``verify_static_program``), never loaded."""
+    import timm
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    verify_static_program(folder / PROGRAM_FILE)
+    config = _read_static_config(folder)
+    file = folder / "model.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:
+        raise WeightsError(f"cannot read {file}: {exception_text(exc)}") from exc
+    model = timm.create_model(config["model"], pretrained=False, **config["model_kwargs"]).eval()
+    expected = model.state_dict()
+    if set(tensors) != set(expected):
+        raise WeightsError(
+            f"{file} does not hold the tensors of {config['model']}: {sorted(set(tensors) ^ set(expected))[:3]}"
+        )
+    for key, tensor in tensors.items():
+        owner, _, attribute = key.rpartition(".")
+        if tensor.shape != expected[key].shape and not _narrow(model.get_submodule(owner), attribute, tensor.shape):
+            raise WeightsError(
+                f"{file}: {key} has shape {tuple(tensor.shape)}, {config['model']} {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(tensors, strict=True)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *config["input_shape"]))
+    except RuntimeError as exc:
+        raise WeightsError(f"{file}: the narrowed {config['model']} does not run ({exception_text(exc)})") from exc
+    return model, config

@@ -1,0 +1,1 @@
+"""Fitting a model: the engine, its checkpoints, and the objectives it optimises."""
