@@ -1,25 +1,32 @@
-"""Accuracy vs FLOPs on full Fashion-MNIST: ManiDP against its ablations and static L1 pruning.
+"""Accuracy vs honest FLOPs on full Fashion-MNIST: manidp against static L1 pruning and ablations.
 
-Every arm starts from one dense resnet18 (in_chans=1, 10 classes) and is fine-tuned for the same
-epochs, images per epoch and optimiser (SGD Nesterov, lr 0.05, cosine, batch 128):
+Every arm starts from one dense resnet18 (in_chans=1, 10 classes) and gets the same optimiser
+budget: 3 epochs of ``budget / 3`` images (a fresh random subset each epoch), batch 128, SGD
+Nesterov, cosine learning rate from ``--lr``. Arms:
 
-- ``manidp``: full loss;  ``no_similarity``: lambda_sim = 0;  ``no_complexity``: uniform sparsity
-  weights (plain L1 gating, FBS-style);
-- ``static``: L1-norm structured channel pruning (torch-pruning, the reference implementation) to
-  the same FLOPs, then the same fine-tune with cross-entropy;
-- ``dense``: the start fine-tuned without pruning, the ceiling of every arm.
+- ``manidp``: the default recipe (recipes/default.yaml); ``paper``: recipes/paper.yaml (method.md's
+  procedure); ``no_similarity`` / ``no_complexity``: the default without the similarity term /
+  with uniform sparsity weights (plain L1 gating);
+- ``static``: torch-pruning's L1-norm structured pruning to the same FLOPs (global ratio bisected,
+  classifier kept), then the same fine-tune with cross-entropy; ``static_kd``: the same fine-tune
+  with the default's distillation (weight 1, T = 4), so that the comparison stays fair;
+- ``dense``: the start fine-tuned without pruning, the ceiling.
 
-Results are appended to ``<work>/arms.jsonl`` as each arm finishes, so an interrupted benchmark
-continues where it stopped. Run (about an hour on 2 CPU cores; needs Debian's dataset-fashion-mnist
-and ``pip install torch-pruning``)::
+FLOPs are honest for every arm: fvcore on the slimmed model (static), manidp's count with the gates'
+own cost included (dynamic; docs/gating.md). Each finished arm is written to
+``<work>/arms/<key>.json`` (key = every setting of the arm), so an interrupted run resumes; arms run
+in order of importance (``plan``). The summary JSON, plot and table are rebuilt from whatever has
+finished. Needs Debian's dataset-fashion-mnist and ``pip install torch-pruning``::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py --quick   # smoke check
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py            # everything (many hours)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py --budgets 18000 --targets 0.3
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py --quick    # smoke check
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -33,16 +40,23 @@ from manidp_cli.api.jobs import prepare, run
 from manidp_cli.config import OptimizerConfig
 from manidp_cli.core.flops import count_flops
 from manidp_cli.data import load_data
+from manidp_cli.files import atomic_write_text
 from manidp_cli.models.factory import create_model
-from manidp_cli.training.objectives import CrossEntropyObjective
+from manidp_cli.training.engine import fit
+from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
 
 MODEL = "resnet18"
 ROOT = Path(__file__).resolve().parent
-ABLATIONS = {
-    "manidp": {},
-    "no_similarity": {"lambda_sim": 0.0},
-    "no_complexity": {"complexity_weighting": False},
+RECIPES = ROOT.parent / "recipes"
+MANIDP_ARMS = {  # arm -> (recipe, loss overrides)
+    "manidp": ("default.yaml", {}),
+    "paper": ("paper.yaml", {}),
+    "no_similarity": ("default.yaml", {"lambda_sim": 0.0}),
+    "no_complexity": ("default.yaml", {"complexity_weighting": False}),
 }
+STATIC_ARMS = ("static", "static_kd")
+DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
+MAIN_ARMS = ("manidp", "static", "static_kd")  # 3 seeds in every cell
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,18 +65,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-accuracy-vs-flops"))
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy_vs_flops.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "results" / "accuracy_vs_flops.png")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.45, 0.3, 0.15])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the arms at 0.45")
-    parser.add_argument("--dense-epochs", type=int, default=5)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.45, 0.3, 0.15])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[18000, 180000], help="fine-tuning images")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main arms")
+    parser.add_argument("--arms", nargs="+", default=["dense", *MAIN_ARMS, "paper", "no_similarity", "no_complexity"])
+    parser.add_argument("--dense-epochs", type=int, default=3)
     parser.add_argument("--dense-images", type=int, default=None, help="images per dense epoch (default: all)")
-    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every arm")
-    parser.add_argument("--train-images", type=int, default=6000, help="images per fine-tuning epoch")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--quick", action="store_true", help="one target, one seed, small epochs")
+    parser.add_argument("--max-arms", type=int, default=None, help="stop after this many new arms")
+    parser.add_argument("--quick", action="store_true", help="one target, one seed, small budgets")
     args = parser.parse_args()
     if args.quick:
-        args.targets, args.seeds = [0.45], [0]
-        args.dense_epochs, args.dense_images, args.epochs, args.train_images = 1, 3000, 2, 3000
+        args.targets, args.seeds, args.budgets = [0.45], [0], [3000]
+        args.dense_epochs, args.dense_images = 1, 3000
         args.work = args.work.with_name(args.work.name + "-quick")
         args.out = args.out.with_name("accuracy_vs_flops_quick.json")
         args.plot = args.plot.with_name("accuracy_vs_flops_quick.png")
@@ -74,39 +89,90 @@ def dense_start(args) -> tuple[Path, list[dict]]:
     export = out / "model.safetensors"
     if not export.exists():
         shutil.rmtree(out, ignore_errors=True)
-        job = prepare(
-            "train",
-            MODEL,
-            out_dir=out,
-            overrides={
-                "data": args.data,
-                "epochs": args.dense_epochs,
-                "batch_size": 128,
-                "train_images": args.dense_images,
-                "optimizer": {"lr": 0.1},
-            },
-        )
-        run(job)
+        overrides = {
+            "data": args.data,
+            "epochs": args.dense_epochs,
+            "batch_size": 128,
+            "train_images": args.dense_images,
+            "optimizer": {"lr": 0.1},
+        }
+        run(prepare("train", MODEL, out_dir=out, overrides=overrides))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return export, history
 
 
-def fine_tune_overrides(args, seed: int) -> dict:
-    return {
+def plan(args) -> list[dict]:
+    """Every arm to run, most important first: the main arms' seeds at the smallest budget, then the
+    other arms, then the larger budgets."""
+    specs = []
+    budgets = sorted(args.budgets)
+    for budget in budgets:
+        targets = sorted(args.targets, key=lambda t: abs(t - 0.3))  # 0.30 first: the issue's key cell
+        for seed in args.seeds:
+            for target in targets:
+                specs += [
+                    {"arm": arm, "target": target, "seed": seed, "budget": budget}
+                    for arm in MAIN_ARMS
+                    if arm in args.arms
+                ]
+        if "dense" in args.arms:
+            specs.append({"arm": "dense", "target": 1.0, "seed": 0, "budget": budget})
+        for target in targets:
+            specs += [
+                {"arm": arm, "target": target, "seed": 0, "budget": budget}
+                for arm in ("paper", "no_similarity", "no_complexity")
+                if arm in args.arms
+            ]
+    return specs
+
+
+def arm_key(spec: dict, args) -> str:
+    settings = {
+        **spec,
+        "lr": args.lr,
         "data": args.data,
-        "epochs": args.epochs,
+        "dense_epochs": args.dense_epochs,
+        "dense_images": args.dense_images,
+        "epochs": 3,
+        "batch": 128,
+    }
+    if spec["arm"] in MANIDP_ARMS:
+        recipe, loss = MANIDP_ARMS[spec["arm"]]
+        settings["recipe"] = (RECIPES / recipe).read_text() + json.dumps(loss, sort_keys=True)
+    if spec["arm"] == "static_kd":
+        settings["distill"] = DISTILL
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{spec['arm']}-t{spec['target']}-b{spec['budget']}-s{spec['seed']}-{digest}"
+
+
+def _fine_tune(model, data, objective, args, spec) -> None:
+    fit(
+        model,
+        data,
+        objective,
+        epochs=3,
+        batch_size=128,
+        optimizer_config=OptimizerConfig(lr=args.lr),
+        seed=spec["seed"],
+        train_limit=spec["budget"] // 3,
+    )
+
+
+def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
+    recipe, loss = MANIDP_ARMS[spec["arm"]]
+    overrides = {
+        "data": args.data,
+        "epochs": 3,
         "batch_size": 128,
-        "train_images": args.train_images,
-        "seed": seed,
+        "train_images": spec["budget"] // 3,
+        "seed": spec["seed"],
+        "target_flops": spec["target"],
         "optimizer": {"lr": args.lr},
         "schedule": {"calibration_images": 1024, "search_steps": 16},
+        "loss": loss,
     }
-
-
-def run_manidp_arm(args, arm: str, target: float, seed: int, start: Path, out: Path) -> dict:
-    overrides = fine_tune_overrides(args, seed)
-    overrides.update(target_flops=target, loss=ABLATIONS[arm])
-    result = run(prepare("prune", MODEL, weights=start, out_dir=out, overrides=overrides))
+    job = prepare("prune", MODEL, recipe_path=RECIPES / recipe, weights=start, out_dir=out, overrides=overrides)
+    result = run(job)
     return {
         "top1": result.after.top1,
         "flops_ratio": result.after.flops.mean_ratio,
@@ -150,41 +216,23 @@ def static_prune(model: torch.nn.Module, target: float, input_shape) -> tuple[to
     return best
 
 
-def run_static_arm(args, target: float, seed: int, start: Path, out: Path, data) -> dict:
-    from manidp_cli.training.engine import fit
-
-    torch.manual_seed(seed)
+def run_static_arm(args, spec: dict, start: Path, data) -> dict:
+    torch.manual_seed(spec["seed"])
     model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    model, flops = static_prune(model, target, data.input_shape)
-    fit(
-        model,
-        data,
-        CrossEntropyObjective(),
-        epochs=args.epochs,
-        batch_size=128,
-        optimizer_config=OptimizerConfig(lr=args.lr),
-        seed=seed,
-        train_limit=args.train_images,
-    )
+    teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start).eval()
+    model, flops = static_prune(model, spec["target"], data.input_shape)
+    objective = CrossEntropyObjective()
+    if spec["arm"] == "static_kd":
+        objective = Distilled(objective, teacher, DISTILL["weight"], DISTILL["temperature"])
+    _fine_tune(model, data, objective, args, spec)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": flops, "spearman_loss_flops": None, "gram_correlation": None}
 
 
-def run_dense_arm(args, start: Path, data) -> dict:
-    from manidp_cli.training.engine import fit
-
+def run_dense_arm(args, spec: dict, start: Path, data) -> dict:
     torch.manual_seed(0)
     model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    fit(
-        model,
-        data,
-        CrossEntropyObjective(),
-        epochs=args.epochs,
-        batch_size=128,
-        optimizer_config=OptimizerConfig(lr=args.lr),
-        seed=0,
-        train_limit=args.train_images,
-    )
+    _fine_tune(model, data, CrossEntropyObjective(), args, spec)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": 1.0, "spearman_loss_flops": None, "gram_correlation": None}
 
@@ -202,58 +250,68 @@ def iso_accuracy_flops(points: list[tuple[float, float]], accuracy: float) -> fl
     return None
 
 
-def summarise(args, arms: list[dict], dense_history: list[dict], wall: float) -> dict:
-    def mean_at(arm, target):
-        rows = [a for a in arms if a["arm"] == arm and a["target"] == target]
-        return rows
+def _cells(arms: list[dict]) -> dict[tuple[str, int, float], list[dict]]:
+    cells: dict[tuple[str, int, float], list[dict]] = {}
+    for row in arms:
+        cells.setdefault((row["arm"], row["budget"], row["target"]), []).append(row)
+    return cells
 
-    curves = {}
-    for arm in list(ABLATIONS) + ["static"]:
-        points = []
-        for target in args.targets:
-            rows = [a for a in arms if a["arm"] == arm and a["target"] == target]
-            if rows:
-                points.append(
-                    (statistics.mean(r["flops_ratio"] for r in rows), statistics.mean(r["top1"] for r in rows))
+
+def _stats(rows: list[dict]) -> dict:
+    accs = [r["top1"] for r in rows]
+    return {
+        "seeds": [r["seed"] for r in rows],
+        "top1": accs,
+        "mean": statistics.mean(accs),
+        "stdev": statistics.stdev(accs) if len(accs) > 1 else None,
+        "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rows),
+        "spearman_mean": statistics.mean(r["spearman_loss_flops"] for r in rows)
+        if all(r["spearman_loss_flops"] is not None for r in rows)
+        else None,
+    }
+
+
+def summarise(args, arms: list[dict], dense_history: list[dict], wall: float) -> dict:
+    cells = {f"{arm}|{budget}|{target}": _stats(rows) for (arm, budget, target), rows in _cells(arms).items()}
+    verdicts = []
+    for budget in sorted({r["budget"] for r in arms}):
+        for target in sorted({r["target"] for r in arms if r["arm"] == "manidp"}, reverse=True):
+            mine = cells.get(f"manidp|{budget}|{target}")
+            statics = [cells[k] for k in (f"static|{budget}|{target}", f"static_kd|{budget}|{target}") if k in cells]
+            if mine and statics:
+                best = max(statics, key=lambda s: s["mean"])
+                sd = max(s["stdev"] or 0.0 for s in (mine, best))
+                verdicts.append(
+                    {
+                        "budget": budget,
+                        "target": target,
+                        "manidp": mine["mean"],
+                        "best_static": best["mean"],
+                        "difference": mine["mean"] - best["mean"],
+                        "larger_seed_sd": sd,
+                        "seeds": [len(mine["seeds"]), len(best["seeds"])],
+                    }
                 )
-        curves[arm] = points
-    seeds = {}
-    for arm in ("manidp", "static"):
-        rows = mean_at(arm, 0.45)
-        if rows:
-            accs = [r["top1"] for r in rows]
-            seeds[arm] = {
-                "seeds": [r["seed"] for r in rows],
-                "top1": accs,
-                "mean": statistics.mean(accs),
-                "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rows),
-            }
-    reference = seeds.get("static", {}).get("mean")
-    iso = {arm: iso_accuracy_flops(points, reference) if reference else None for arm, points in curves.items()}
-    dense = [a for a in arms if a["arm"] == "dense"]
     return {
         "benchmark": "accuracy_vs_flops",
         "model": MODEL,
         "data": args.data,
         "settings": {
             "dense_epochs": args.dense_epochs,
-            "fine_tune_epochs": args.epochs,
-            "train_images_per_epoch": args.train_images,
+            "fine_tune_epochs": 3,
+            "budgets": args.budgets,
             "lr": args.lr,
             "batch_size": 128,
             "targets": args.targets,
-            "seeds_at_0.45": args.seeds,
+            "seeds": args.seeds,
         },
         "dense_start": {
             "epochs": len(dense_history),
             "eval_top1_per_epoch": [h.get("eval_top1") for h in dense_history],
         },
-        "dense_fine_tuned_top1": dense[0]["top1"] if dense else None,
         "arms": arms,
-        "curves": {arm: [{"flops_ratio": f, "top1": a} for f, a in pts] for arm, pts in curves.items()},
-        "seeds_at_0.45": seeds,
-        "iso_accuracy": {"reference": "static arm's mean top-1 at 0.45", "top1": reference, "flops_ratio_needed": iso},
+        "cells": cells,
+        "manidp_vs_best_static": verdicts,
         "wall_seconds": wall,
         "torch_threads": torch.get_num_threads(),
     }
@@ -265,71 +323,84 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    for arm, points in summary["curves"].items():
-        if points:
-            ax.plot([p["flops_ratio"] for p in points], [100 * p["top1"] for p in points], marker="o", label=arm)
-    if summary["dense_fine_tuned_top1"] is not None:
-        ax.axhline(100 * summary["dense_fine_tuned_top1"], color="gray", linestyle="--", label="dense (same fine-tune)")
-    ax.set_xlabel("mean FLOPs / dense FLOPs (1 FLOP = 1 multiply-add)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{summary['model']} on {summary['data']}: accuracy vs FLOPs")
-    ax.legend()
+    budgets = sorted({r["budget"] for r in summary["arms"]})
+    fig, axes = plt.subplots(
+        1, max(1, len(budgets)), figsize=(7 * max(1, len(budgets)), 5), layout="constrained", squeeze=False
+    )
+    for ax, budget in zip(axes[0], budgets):
+        arms = sorted({r["arm"] for r in summary["arms"] if r["budget"] == budget and r["arm"] != "dense"})
+        for arm in arms:
+            points = sorted(
+                (cell["flops_ratio_mean"], 100 * cell["mean"], 100 * (cell["stdev"] or 0.0))
+                for key, cell in summary["cells"].items()
+                if key.startswith(f"{arm}|{budget}|")
+            )
+            ax.errorbar(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                yerr=[p[2] for p in points],
+                marker="o",
+                capsize=3,
+                label=arm,
+            )
+        dense = summary["cells"].get(f"dense|{budget}|1.0")
+        if dense:
+            ax.axhline(100 * dense["mean"], color="gray", linestyle="--", label="dense (same fine-tune)")
+        ax.set_xlabel("mean FLOPs / dense FLOPs (honest count, gates included)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(f"{summary['model']} on {summary['data']}, fine-tune {budget:,} images")
+        ax.legend()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _table(done: list[dict]) -> None:
+    print(f"\n{'arm':14s} {'budget':>7s} {'target':>6s} {'seed':>4s} {'top1':>7s} {'FLOPs':>6s} {'spearman':>8s}")
+    for d in sorted(done, key=lambda d: (d["budget"], -d["target"], d["arm"], d["seed"])):
+        rho = d["spearman_loss_flops"]
+        rho_text = "" if rho is None else f"{rho:+.3f}"
+        print(
+            f"{d['arm']:14s} {d['budget']:7d} {d['target']:6.2f} {d['seed']:4d} {d['top1']:7.4f}"
+            f" {d['flops_ratio']:6.3f} {rho_text:>8s}"
+        )
+
+
 def main() -> None:
     args = parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
+    folder = args.work / "arms"
+    folder.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    done_file = args.work / "arms.jsonl"
-    done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
-    earlier_seconds = sum(d["seconds"] for d in done)  # arms finished by an interrupted invocation
     start, dense_history = dense_start(args)
     data = load_data(args.data)
-    plan = [("dense", 1.0, 0)]
-    for target in args.targets:
-        for arm in list(ABLATIONS) + ["static"]:
-            plan.append((arm, target, 0))
-    for seed in args.seeds:
-        if seed != 0 and 0.45 in args.targets:
-            plan += [("manidp", 0.45, seed), ("static", 0.45, seed)]
-    for arm, target, seed in plan:
-        key = f"{arm}-{target}-s{seed}"
-        if any(d["key"] == key for d in done):
+    new = 0
+    for spec in plan(args):
+        key = arm_key(spec, args)
+        if (folder / f"{key}.json").exists() or (args.max_arms is not None and new >= args.max_arms):
             continue
-        out = args.work / key
+        out = args.work / "runs" / key
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        if arm == "dense":
-            metrics = run_dense_arm(args, start, data)
-        elif arm == "static":
-            metrics = run_static_arm(args, target, seed, start, out, data)
+        if spec["arm"] == "dense":
+            metrics = run_dense_arm(args, spec, start, data)
+        elif spec["arm"] in STATIC_ARMS:
+            metrics = run_static_arm(args, spec, start, data)
         else:
-            metrics = run_manidp_arm(args, arm, target, seed, start, out)
-        row = {"key": key, "arm": arm, "target": target, "seed": seed, **metrics, "seconds": time.perf_counter() - t0}
-        done.append(row)
-        with done_file.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        print(f"{key:28s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
-    wall = earlier_seconds + time.perf_counter() - started
-    summary = summarise(args, done, dense_history, wall)
-    args.out.write_text(json.dumps(summary, indent=1))
+            metrics = run_manidp_arm(args, spec, start, out)
+        row = {"key": key, **spec, **metrics, "seconds": time.perf_counter() - t0}
+        atomic_write_text(folder / f"{key}.json", json.dumps(row, indent=1))
+        new += 1
+        print(f"{key:48s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
+    done = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    summary = summarise(args, done, dense_history, sum(d["seconds"] for d in done))
+    atomic_write_text(args.out, json.dumps(summary, indent=1))
     plot(summary, args.plot)
-    print(f"\n{'arm':15s} {'target':>6s} {'seed':>4s} {'top1':>7s} {'FLOPs':>6s} {'spearman':>8s}")
-    for d in sorted(done, key=lambda d: (d["arm"], -d["target"], d["seed"])):
-        rho = d["spearman_loss_flops"]
+    _table(done)
+    for v in summary["manidp_vs_best_static"]:
         print(
-            f"{d['arm']:15s} {d['target']:6.2f} {d['seed']:4d} {d['top1']:7.4f}"
-            f" {d['flops_ratio']:6.3f} {'' if rho is None else f'{rho:+.3f}':>8s}"
+            f"budget {v['budget']:>7,} target {v['target']:.2f}: manidp {v['manidp']:.4f} vs best static "
+            f"{v['best_static']:.4f} ({v['difference']:+.4f}; larger seed sd {v['larger_seed_sd']:.4f}; "
+            f"seeds {v['seeds']})"
         )
-    print(
-        f"iso-accuracy (static @0.45 = {summary['iso_accuracy']['top1']})"
-        f": {summary['iso_accuracy']['flops_ratio_needed']}"
-    )
-    print(f"wrote {args.out} and {args.plot}")
 
 
 if __name__ == "__main__":

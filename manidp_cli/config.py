@@ -47,6 +47,18 @@ class GatePolicy(BaseModel):
     depthwise: Literal["gate", "skip"] = "gate"
     reduction: int | None = Field(default=None, ge=1, description="None: 2 when C_out >= 80 else 1")
     max_saliency: float = Field(default=1000.0, gt=0)
+    activation: Literal["relu", "softplus"] = Field(
+        default="relu",
+        description="the gate's output non-linearity; softplus saliencies are never exactly 0, so a "
+        "channel the sparsity term drove down can still be switched back on by a lower threshold",
+    )
+    init: Literal["ones", "l1_norm", "bn_scale"] = Field(
+        default="ones",
+        description="initial saliency per channel: 1 (method.md), or 1 + init_strength * z with z the "
+        "channel's normalised static importance (its filter's L1 norm, or |gamma| / sigma of its "
+        "normalisation); the normalisation's affine is divided by it, so outputs are unchanged",
+    )
+    init_strength: float = Field(default=1.0, ge=0)
 
 
 class CodebookConfig(BaseModel):
@@ -77,6 +89,7 @@ class OptimizerConfig(_Section):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     gate_weight_decay: float = Field(0.0, ge=0)
+    gate_lr_scale: float = Field(1.0, gt=0, description="the gates' learning rate over the network's")
     min_lr: float = Field(0.0, ge=0)
 
 
@@ -85,15 +98,39 @@ class LossConfig(_Section):
 
     kappa: float = Field(0.5, gt=0)
     gamma: float = Field(1.0, ge=0)
-    lambda_sparse: float = Field(0.1, ge=0)
-    lambda_sim: float = Field(0.1, ge=0)
+    # method.md's reference weights are 0.1 / 0.1 (recipes/paper.yaml); at fine-tuning lengths of a
+    # few epochs they outweigh the task loss several times over (docs/method-notes.md)
+    lambda_sparse: float = Field(0.01, ge=0)
+    lambda_sim: float = Field(0.01, ge=0)
     complexity_weighting: bool = True  # False: uniform weights (plain L1 gating, an ablation)
+    distill_weight: float = Field(1.0, ge=0, description="weight of distillation from the dense start; 0: none")
+    distill_temperature: float = Field(4.0, gt=0)
+
+    def manidp_terms(self) -> dict[str, float | bool]:
+        """The keyword arguments of ``ManiDPLoss`` (distillation is added around it)."""
+        return self.model_dump(exclude={"distill_weight", "distill_temperature"})
 
 
 class ScheduleConfig(_Section):
     """How thresholds move the measured mean FLOPs to the target."""
 
-    hold_epochs: int = Field(1, ge=0, description="final epochs trained at the final target")
+    mode: Literal["epoch", "feedback"] = Field(
+        "feedback",
+        description="epoch: the target moves once per epoch and a calibration sets each epoch's thresholds "
+        "(method.md); feedback: thresholds follow the FLOPs measured in training every few steps",
+    )
+    hold_epochs: int = Field(1, ge=0, description="epoch mode: final epochs trained at the final target")
+    ramp: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="feedback mode: fraction of the steps the target "
+        "takes to fall from 1 to its final value (0: prune from the first step)",
+    )
+    feedback_every: int = Field(4, ge=1, description="feedback mode: steps between threshold updates")
+    feedback_smoothing: float = Field(
+        0.9, ge=0, lt=1, description="feedback mode: moving-average weight of the old mean saliencies at each update"
+    )
     calibration_images: int = Field(1024, ge=1)
     search_steps: int = Field(24, ge=1)
 
@@ -116,7 +153,7 @@ class Recipe(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    gates: GatePolicy = GatePolicy()
+    gates: GatePolicy = GatePolicy(init="l1_norm")  # the paper's all-ones start: recipes/paper.yaml
     codebook: CodebookConfig = CodebookConfig()
 
     @model_validator(mode="after")

@@ -28,6 +28,20 @@ from manidp_cli.api.jobs import prepare, run
 from manidp_cli.core.gating import gates_of
 from manidp_cli.runtime.decisions import decision_flip_bounds, reference_run, run_with_decisions
 
+FAMILIES = [  # one model per timm family the gates must support (tests/test_gating.py's contract)
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnext26ts",
+    "regnetx_002",
+    "mobilenetv2_050",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "tf_efficientnet_lite0",
+    "densenet121",
+    "vgg11_bn",
+    "ghostnet_100",
+]
 OUTPUT_TOLERANCE = 1e-4  # float32 rounding through a deep network, outputs of unit scale
 SALIENCY_TOLERANCE = 1e-4  # relative to the layer's largest saliency
 
@@ -105,6 +119,11 @@ def write_cifar(directory, names, label_bytes: int, count: int, classes: int):
         np.concatenate([labels, pixels], axis=1).tofile(directory / name)
 
 
+PAPER_PROCEDURE = {  # recipes/paper.yaml's departures from the default, as overrides
+    "loss": {"lambda_sparse": 0.1, "lambda_sim": 0.1, "distill_weight": 0.0},
+    "schedule": {"mode": "epoch"},
+    "gates": {"init": "ones"},
+}
 TINY_PRUNE = {
     "epochs": 2,
     "batch_size": 32,

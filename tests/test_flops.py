@@ -1,9 +1,10 @@
 import pytest
 import timm
 import torch
-from helpers import make_activations_positive
+from helpers import FAMILIES, make_activations_positive, randomize_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from manidp_cli.core.flops import CostTable, LayerCost, conv_dynamic_flops, count_flops, measure_flops
 from manidp_cli.core.gating import insert_gates
@@ -92,3 +93,64 @@ def test_grouped_conv_cost_counts_active_pairs_per_group(groups, data):
         assert float(got[i]) == pytest.approx(1000 * pairs)
     full = conv_dynamic_flops(layer, None, None, batch)
     assert full.tolist() == [float(layer.dense_flops)] * batch
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_unpruned_gated_network_measures_exactly_dense_plus_gates(name):
+    """Channels that a ReLU zeroes are computed (no gate switched them off): with every gate open
+    each image costs exactly the dense FLOPs plus the gates' own, on every family."""
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    randomize_norms(model)  # realistic activations: many channels are entirely zero after ReLU
+    insert_gates(model, input_shape=(3, 64, 64))
+    table = count_flops(model, (3, 64, 64))
+    stats = measure_flops(model, table, [torch.randn(2, 3, 64, 64)])
+    assert stats.per_image == [float(table.total_flops)] * 2
+    assert stats.mean_ratio == 1 + table.gate_flops / table.dense_flops
+    assert all(layer.keep_ratio_in == 1.0 and layer.keep_ratio_out == 1.0 for layer in stats.layers)
+
+
+class _ReluZeroes(nn.Module):
+    """stem -> conv1 (gated) -> conv2 (gated) -> head, with conv1's BatchNorm shifting its first
+    four channels so far down that the ReLU zeroes them for every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 2)
+        with torch.no_grad():
+            self.bn1.bias[:4] = -1e4
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(self.stem(x))))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_channels_a_relu_zeroes_count_as_computed():
+    model = _ReluZeroes().eval()
+    gates = insert_gates(model, input_shape=(3, 8, 8))
+    assert set(gates.by_conv()) == {"conv1", "conv2"}
+    table = count_flops(model, (3, 8, 8))
+    assert {layer.name: layer.input_producer for layer in table.convs()} == {
+        "stem.0": None,
+        "conv1": None,
+        "conv2": "conv1",
+    }
+    images = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        hidden = torch.relu(model.bn1(model.conv1(model.stem(images))))
+    assert (hidden[:, :4] == 0).all()  # zero for every image, yet no gate switched them off
+    stats = measure_flops(model, table, [images])
+    assert stats.per_image == [float(table.total_flops)] * 4
+    # a gate that switches off conv1's channels 4..7 removes them from conv2's inputs as well
+    conv2_dense = {layer.name: layer for layer in table.convs()}["conv2"].dense_flops
+    gate = gates.by_conv()["conv1"]
+    with torch.no_grad():
+        gate.fc2.bias.copy_(torch.tensor([1.0] * 4 + [0.5] * 4))  # saliency = bias (zero weights)
+    gates.set_thresholds({"conv1": 0.75})
+    stats = measure_flops(model, table, [images])
+    layers = {layer.name: layer for layer in stats.layers}
+    assert layers["conv1"].keep_ratio_out == 0.5 and layers["conv2"].keep_ratio_in == 0.5
+    assert layers["conv2"].dynamic_flops == conv2_dense / 2

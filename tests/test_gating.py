@@ -1,7 +1,7 @@
 import pytest
 import timm
 import torch
-from helpers import randomize_norms
+from helpers import FAMILIES, randomize_norms
 from torch import nn
 
 from manidp_cli.config import GatePolicy
@@ -9,20 +9,6 @@ from manidp_cli.core.gating import GATE_PREFIX, gates_of, insert_gates
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.errors import ModelError
 
-FAMILIES = [
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnext26ts",
-    "regnetx_002",
-    "mobilenetv2_050",
-    "mobilenetv3_small_100",
-    "efficientnet_b0",
-    "tf_efficientnet_lite0",
-    "densenet121",
-    "vgg11_bn",
-    "ghostnet_100",
-]
 INPUT = (3, 64, 64)
 
 
@@ -136,3 +122,31 @@ def test_saliency_formula_and_mask():
     gate.threshold.fill_(0.5)
     s = torch.tensor([[0.2, 0.5, 3.0]])
     assert gate.mask(s).tolist() == [[0.0, 0.5, 3.0]]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_importance_init_keeps_the_function_and_ranks_channels_by_importance(name):
+    """gates.init l1_norm / bn_scale: outputs unchanged at insertion (within 1e-5; in float64, so that
+    float32 rounding of logits of size ~10 does not hide a real change), and every image's saliencies
+    are the channels' static importance, constant per channel."""
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval().double()
+    randomize_norms(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_var.uniform_(0.5, 2.0)
+    images = torch.randn(2, *INPUT, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(images)
+    kind = "bn_scale" if name in ("resnet50", "efficientnet_b0", "ghostnet_100") else "l1_norm"
+    l1 = {n: m.weight.detach().abs().flatten(1).sum(1) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    gates = insert_gates(model, GatePolicy(init=kind, init_strength=1.0, activation="softplus"), input_shape=INPUT)
+    assert len(gates) > 0
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        got = model(images)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), float((got - expected).abs().max())
+    for conv_name, saliency in rec.saliency.items():
+        assert torch.allclose(saliency[0], saliency[1])  # constant per channel at insertion
+        if kind == "l1_norm":
+            expected_scale = (l1[conv_name] / l1[conv_name].mean()).clamp(min=1e-2)
+            assert torch.allclose(saliency[0], expected_scale, rtol=1e-4, atol=1e-5)

@@ -11,18 +11,16 @@ def _model():
     return model, gates
 
 
-def test_records_saliency_features_and_inputs_and_removes_hooks():
+def test_records_saliency_and_features_and_removes_hooks():
     model, gates = _model()
     model.eval()
     images = torch.randn(2, 3, 32, 32)
-    with GateRecorder(model, features=True, active_inputs=True) as rec:
+    with GateRecorder(model, features=True) as rec:
         logits = model(images)
     assert logits.shape == (2, 4)  # forward still returns logits only
     assert set(rec.saliency) == set(gates.by_conv()) == set(rec.features)
     assert rec.saliency["layer3.0.conv1"].shape == (2, 256)
     assert rec.features["layer3.0.conv1"].shape == (2, 256)
-    assert rec.active_inputs["conv1"].shape == (2, 3)
-    assert rec.active_inputs["layer2.0.downsample.0"].dtype == torch.bool
     assert rec.saliency["layer1.0.conv1"].requires_grad
     rec.saliency.clear()
     model(images)
@@ -34,9 +32,7 @@ def test_features_are_taken_before_masking():
     model.eval()
     gates.set_thresholds({"layer1.0.conv1": 2.0})  # saliency is 1 everywhere: prune everything
     images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad(), GateRecorder(model, features=True, active_inputs=True) as rec:
+    with torch.no_grad(), GateRecorder(model, features=True) as rec:
         model(images)
     assert rec.features["layer1.0.conv1"].abs().sum() > 0
     assert not rec.active_outputs()["layer1.0.conv1"].any()
-    # the next convolution sees all-zero input channels
-    assert not rec.active_inputs["layer1.0.conv2"].any()

@@ -207,9 +207,7 @@ def evaluate(
         stack.enter_context(eval_mode(model))
         recorder = None
         if table is not None:
-            recorder = stack.enter_context(
-                GateRecorder(model, active_inputs=True, features=signature_batches > 0, detach=True)
-            )
+            recorder = stack.enter_context(GateRecorder(model, features=signature_batches > 0, detach=True))
         for index, (x, y) in enumerate(images.batches(batch_size, limit=limit, shard=(world.rank, world.size))):
             x, y = x.to(world.device), y.to(world.device)
             tally.add(index, model(x), y, recorder)

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import time
@@ -27,6 +28,7 @@ from manidp_cli.core.distributed import World, joined
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops
 from manidp_cli.core.gating import GateSet, insert_gates
 from manidp_cli.core.losses import ManiDPLoss
+from manidp_cli.core.schedule import FeedbackThresholds
 from manidp_cli.data import ImageData, load_data
 from manidp_cli.errors import ManidpError, OutputError, TargetError
 from manidp_cli.files import atomic_write_text, remove_stale_temporaries, run_folder_lock
@@ -35,7 +37,7 @@ from manidp_cli.io import MODEL_FILE, save_model
 from manidp_cli.models.factory import check_model_name, create_model
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import FitResult, StepInfo, fit
-from manidp_cli.training.objectives import CrossEntropyObjective, ManiDPObjective
+from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, ManiDPObjective
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Command = Literal["train", "prune"]  # which command a job runs
@@ -56,6 +58,7 @@ class Job:
     gates: GateSet | None
     resumed: dict[str, Any] | None  # the checkpoint being resumed, read once
     resumed_identity: tuple[int, int, int] | None = None  # that checkpoint file as it was read (see _check_unchanged)
+    teacher: nn.Module | None = None  # the frozen dense start, when the recipe distils from it
 
     @property
     def resume(self) -> bool:
@@ -110,6 +113,8 @@ def prepare(
         weights=settings.weights,
         pretrained=(command == "prune" and settings.weights is None and not resume),
     )
+    # the dense start, frozen: the teacher of distillation (loss.distill_weight)
+    teacher = copy.deepcopy(model).eval() if command == "prune" and recipe.loss.distill_weight > 0 else None
     gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if command == "prune" else None
     table = count_flops(model, data.input_shape)
     return Job(
@@ -124,6 +129,7 @@ def prepare(
         gates,
         settings.resumed,
         settings.resumed_identity,
+        teacher,
     )
 
 
@@ -281,10 +287,17 @@ def _objective(job: Job, world: World):
             recipe.eval_batch_size, limit=recipe.schedule.calibration_images, shard=shard
         )
     ]
-    return ManiDPObjective(
+    schedule = recipe.schedule
+    feedback = None
+    if schedule.mode == "feedback":
+        steps = recipe.epochs * job.data.train.num_batches(recipe.batch_size, recipe.train_images, shard)
+        feedback = FeedbackThresholds(
+            recipe.target_flops, round(schedule.ramp * steps), schedule.feedback_every, schedule.feedback_smoothing
+        )
+    objective = ManiDPObjective(
         job.gates,
         job.table,
-        ManiDPLoss(**recipe.loss.model_dump()),
+        ManiDPLoss(**recipe.loss.manidp_terms()),
         target=recipe.target_flops,
         epochs=recipe.epochs,
         hold_epochs=recipe.schedule.hold_epochs,
@@ -293,7 +306,12 @@ def _objective(job: Job, world: World):
         search_steps=recipe.schedule.search_steps,
         codebook=recipe.codebook,
         world=world,
+        feedback=feedback,
     )
+    if recipe.loss.distill_weight > 0:
+        teacher = job.teacher.to(world.device)
+        return Distilled(objective, teacher, recipe.loss.distill_weight, recipe.loss.distill_temperature)
+    return objective
 
 
 def _state_digest(model: nn.Module) -> str:

@@ -6,10 +6,15 @@ For a convolution with groups g the per-image cost (method.md, "FLOPs of a dynam
     dense_flops * sum_over_groups(active_in_g * active_out_g) * g / (C_in * C_out)
 
 which is dense x (active inputs / C_in) x (active outputs / C_out) when g = 1, and counts only the
-channels whose input and output are both active for a depthwise convolution. Active outputs are the
-channels a layer's own mask keeps (all, for an ungated convolution); active inputs are the input
-channels that are not entirely zero for that image, measured at run time. Everything that is not a
-convolution counts at its dense cost; each gate adds its own (pooling and two linear layers).
+channels whose input and output are both active for a depthwise convolution. A channel counts as
+skipped only when a gate switched it off, i.e. when an executor can skip it for every input: active
+outputs are the channels a layer's own mask keeps (all, for an ungated convolution); active inputs
+are the active outputs of the gated convolution that alone feeds the layer through per-channel
+operations (normalisation, activation, pooling: ``Dataflow.channel_consumers``), and every input
+channel otherwise. Zeros that arise without a gate (a ReLU zeroing a whole channel) count as
+computed, as they do for fvcore and for static pruners, so an unpruned gated network measures its
+dense cost plus its gates' own. Everything that is not a convolution counts at its dense cost; each
+gate adds its own (pooling and two linear layers).
 
 Example::
 
@@ -20,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,8 +34,8 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
-from manidp_cli.core.gating import gates_of, has_gates, is_gate_key
-from manidp_cli.core.graph import is_conv
+from manidp_cli.core.gating import gates_of, has_gates, is_gate_key, strip_gates
+from manidp_cli.core.graph import is_conv, trace_dataflow
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
 
@@ -65,6 +71,7 @@ class LayerCost:
     groups: int = 1
     kernel: tuple[int, ...] = ()
     gated: bool = False
+    input_producer: str | None = None  # the gated conv whose kept outputs are this conv's only active inputs
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTabl
         )
         by_module = analysis.by_module()
     gated = set(gates_of(model).by_conv()) if has_gates(model) else set()
+    producers = _input_producers(model, input_shape, gated)
     layers = []
     for name, module in model.named_modules():
         flops = int(by_module.get(name, 0))
@@ -130,6 +138,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTabl
                     module.groups,
                     tuple(module.kernel_size),
                     name in gated,
+                    producers.get(name),
                 )
             )
         elif is_gate_key(name) and name.count(".") == 1:
@@ -141,6 +150,26 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTabl
     if unattributed:
         layers.append(LayerCost("(functional ops)", "other", "", unattributed))
     return CostTable(tuple(input_shape), tuple(layers), total)
+
+
+def _input_producers(model: nn.Module, input_shape: tuple[int, int, int], gated: set[str]) -> dict[str, str]:
+    """Consumer conv -> the gated conv whose switched-off outputs are its skipped input channels."""
+    if not gated:
+        return {}
+    plain = copy.deepcopy(model)  # traced without gates: their own ops read the same tensors
+    strip_gates(plain)
+    flow = trace_dataflow(plain, input_shape)
+    return {consumer: producer for producer, consumer in flow.channel_consumers(sorted(gated)).items()}
+
+
+def active_inputs(table: CostTable, active_outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Conv name -> B x C_in bool for the convolutions fed by a gated producer (its active outputs);
+    a convolution not listed computes every input channel."""
+    return {
+        layer.name: active_outputs[layer.input_producer]
+        for layer in table.convs()
+        if layer.input_producer is not None and layer.input_producer in active_outputs
+    }
 
 
 def conv_dynamic_flops(
@@ -161,16 +190,15 @@ def conv_dynamic_flops(
 
 
 def dynamic_flops(
-    table: CostTable,
-    active_inputs: dict[str, torch.Tensor],
-    active_outputs: dict[str, torch.Tensor],
-    batch: int,
+    table: CostTable, active_outputs: dict[str, torch.Tensor], batch: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-image total FLOPs and per-conv per-image FLOPs for one batch."""
+    """Per-image total FLOPs and per-conv per-image FLOPs for one batch, from the gated layers'
+    active outputs (``GateRecorder.active_outputs``)."""
+    inputs = active_inputs(table, active_outputs)
     total = torch.full((batch,), float(table.total_flops), dtype=torch.float64)
     per_conv = {}
     for layer in table.convs():
-        flops = conv_dynamic_flops(layer, active_inputs.get(layer.name), active_outputs.get(layer.name), batch)
+        flops = conv_dynamic_flops(layer, inputs.get(layer.name), active_outputs.get(layer.name), batch)
         per_conv[layer.name] = flops
         total += flops - layer.dense_flops
     return total, per_conv
@@ -235,8 +263,8 @@ class FlopsMeter:
     def update(self, recorder: GateRecorder, batch: int) -> torch.Tensor:
         """Add one recorded batch; return its per-image FLOPs."""
         active_out = recorder.active_outputs()
-        active_in = recorder.active_inputs
-        total, per_conv = dynamic_flops(self.table, active_in, active_out, batch)
+        active_in = active_inputs(self.table, active_out)
+        total, per_conv = dynamic_flops(self.table, active_out, batch)
         self.per_image.append(total)
         self.images += batch
         for layer in self.table.convs():
@@ -298,7 +326,7 @@ def measure_flops(model: nn.Module, table: CostTable, batches: Iterable[torch.Te
     """Run ``model`` (eval mode, no grad) over image batches and measure its dynamic FLOPs; with a
     distributed ``world`` each rank passes its own batches and the result covers all of them."""
     meter = FlopsMeter(table)
-    with torch.no_grad(), eval_mode(model), GateRecorder(model, active_inputs=True, detach=True) as recorder:
+    with torch.no_grad(), eval_mode(model), GateRecorder(model, detach=True) as recorder:
         for images in batches:
             model(images)
             meter.update(recorder, images.shape[0])

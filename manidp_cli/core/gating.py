@@ -20,6 +20,7 @@ import fnmatch
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from manidp_cli.config import GatePolicy
@@ -46,8 +47,10 @@ class SaliencyGate(nn.Module):
         out_channels: int,
         reduction: int,
         max_saliency: float,
+        activation: Literal["relu", "softplus"] = "relu",
     ):
         super().__init__()
+        self.activation = activation
         self.conv_name = conv_name
         self.mask_site = mask_site
         self.mask_site_kind = mask_site_kind
@@ -58,11 +61,27 @@ class SaliencyGate(nn.Module):
         # Zero weights and unit bias make every saliency exactly 1 at insertion, so the gated model
         # reproduces the dense one until thresholds are raised.
         nn.init.zeros_(self.fc2.weight)
-        nn.init.ones_(self.fc2.bias)
+        self.set_initial_saliency(torch.ones(out_channels))
         self.register_buffer("threshold", torch.tensor(float("-inf")))
         # K x C_out rows of 0/1, the keep-sets an image may choose from; K = 0: free per-channel masks
         self.register_buffer("codebook", torch.zeros(0, out_channels))
         self._pending_saliency: torch.Tensor | None = None
+
+    def set_initial_saliency(self, saliency: torch.Tensor) -> None:
+        """fc2's bias such that every image's saliency is ``saliency`` (C_out, positive) while fc2's
+        weights are zero."""
+        saliency = saliency.to(self.fc2.bias)
+        with torch.no_grad():
+            if self.activation == "softplus":  # the inverse of softplus
+                self.fc2.bias.copy_(saliency + torch.log(-torch.expm1(-saliency)))
+            else:
+                self.fc2.bias.copy_(saliency)
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """fc2's output to saliencies in [0, max_saliency] (softplus: never exactly 0)."""
+        if self.activation == "softplus":
+            return F.softplus(logits).clamp(max=self.max_saliency)
+        return torch.relu(logits).clamp(max=self.max_saliency)
 
     @property
     def out_channels(self) -> int:
@@ -74,7 +93,7 @@ class SaliencyGate(nn.Module):
 
     def saliency_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """Saliency from the globally average-pooled input, B x C_in."""
-        return torch.relu(self.fc2(torch.relu(self.fc1(pooled)))).clamp(max=self.max_saliency)
+        return self.activate(self.fc2(torch.relu(self.fc1(pooled))))
 
     @property
     def snaps(self) -> bool:
@@ -251,12 +270,23 @@ def insert_gates(
         key = gate_key(conv_name)
         if key in gates:
             raise ModelError(f"two gated convolutions map to the same gate key {key!r}")
-        gate = SaliencyGate(conv_name, site, kind, conv.in_channels, conv.out_channels, reduction, policy.max_saliency)
+        gate = SaliencyGate(
+            conv_name,
+            site,
+            kind,
+            conv.in_channels,
+            conv.out_channels,
+            reduction,
+            policy.max_saliency,
+            policy.activation,
+        )
         gates[key] = gate
     param = next(model.parameters(), None)
     if param is not None:
         gates.to(device=param.device, dtype=param.dtype)
     model.add_module(GATE_PREFIX, gates)
+    if policy.init != "ones":
+        initialise_from_importance(model, gates, selected, policy.init, policy.init_strength)
     for gate in gates.values():
         model.get_submodule(gate.conv_name).register_forward_pre_hook(gate._on_conv_input)
         site = model.get_submodule(gate.mask_site)
@@ -265,6 +295,45 @@ def insert_gates(
         else:
             site.register_forward_hook(gate._on_site_output)
     return gates
+
+
+def channel_importance(conv: nn.Module, norm: nn.Module, kind: str) -> torch.Tensor:
+    """A static importance per output channel: the filter's L1 norm, or |gamma| / sigma of the
+    normalisation after it (how much the channel is amplified)."""
+    if kind == "l1_norm":
+        return conv.weight.detach().abs().flatten(1).sum(1).double()
+    variance = getattr(norm, "running_var", None)
+    sigma = torch.sqrt(variance.double() + norm.eps) if variance is not None else torch.ones_like(norm.weight.double())
+    return norm.weight.detach().abs().double() / sigma
+
+
+def initialise_from_importance(
+    model: nn.Module, gates: GateSet, norms: dict[str, str], kind: str, strength: float
+) -> dict[str, torch.Tensor]:
+    """Start every gate from its channels' static importance without changing the network's function.
+
+    Channel k gets the constant saliency b_k = 1 + strength * z_k, z_k = its importance over the
+    layer's mean importance, minus 1 (clamped so that b_k >= 0.01), and the normalisation after the
+    convolution has its affine weight and bias divided by b_k; the mask multiplies that normalised
+    output by b_k, so the output is unchanged. A layer's first threshold cut then removes its least
+    important channels, as a static pruner would. Returns b per gated convolution."""
+    initial = {}
+    for gate in gates.values():
+        norm = model.get_submodule(norms[gate.conv_name])
+        if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is None:
+            raise ModelError(
+                f"{norms[gate.conv_name]} has no affine weight and bias to absorb the gates' initial saliency; "
+                f"use gates.init: ones"
+            )
+        importance = channel_importance(model.get_submodule(gate.conv_name), norm, kind)
+        z = importance / importance.mean().clamp(min=1e-12) - 1.0
+        scale = (1.0 + strength * z).clamp(min=1e-2).float()
+        gate.set_initial_saliency(scale)
+        with torch.no_grad():
+            norm.weight.div_(scale.to(norm.weight))
+            norm.bias.div_(scale.to(norm.bias))
+        initial[gate.conv_name] = scale
+    return initial
 
 
 def has_gates(model: nn.Module) -> bool:

@@ -28,6 +28,25 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.G
 
 _ADD_OPS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 
+CHANNELWISE_OPS = {
+    "relu",
+    "relu_",
+    "relu6",
+    "silu",
+    "silu_",
+    "hardswish",
+    "hardswish_",
+    "gelu",
+    "leaky_relu",
+    "dropout",
+    "elu",
+    "mish",
+    "max_pool2d",
+    "_max_pool2d",
+    "avg_pool2d",
+}
+"""Per-channel ops that map an all-zero channel to an all-zero channel."""
+
 
 def is_conv(module: nn.Module) -> bool:
     """True for 2-D convolutions, timm's padded variants (Conv2dSame, StdConv2d...) included."""
@@ -69,6 +88,28 @@ class Dataflow:
             if user.op == "norm":
                 pairs[call.name] = user.name
         return pairs
+
+    def channel_consumers(self, conv_names) -> dict[str, str]:
+        """Conv name -> the convolution (called once) that alone reads its normalised output through
+        per-channel ops only (``CHANNELWISE_OPS``): an output channel the producer does not compute
+        is then a zero input channel of that consumer, for every image."""
+        pairs = self.conv_norm_pairs()
+        consumers = {}
+        for conv_name in conv_names:
+            norm_name = pairs.get(conv_name)
+            if norm_name is None or len(self.module_calls.get(norm_name, [])) != 1:
+                continue
+            call = self.calls[self.module_calls[norm_name][0]]
+            while len(call.users) == 1:
+                user = self.calls[call.users[0]]
+                if user.op == "conv":
+                    if len(self.module_calls[user.name]) == 1:
+                        consumers[conv_name] = user.name
+                    break
+                if user.op not in CHANNELWISE_OPS or len(user.inputs) != 1:
+                    break
+                call = user
+        return consumers
 
     def stem_convs(self) -> set[str]:
         """The first convolution executed, which reads the image."""
@@ -184,7 +225,13 @@ def trace_dataflow(model: nn.Module, input_shape: tuple[int, int, int]) -> Dataf
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave_for(name, op)))
     try:
-        image = torch.randn(1, *input_shape)
+        param = next(model.parameters(), None)  # the probe takes the model's dtype and device
+        image = torch.randn(
+            1,
+            *input_shape,
+            dtype=param.dtype if param is not None else None,
+            device=param.device if param is not None else None,
+        )
         with torch.no_grad(), eval_mode(model), recorder:
             model(image)
     except Exception as exc:  # the model's own error, reported with what we were doing
@@ -198,45 +245,12 @@ def trace_dataflow(model: nn.Module, input_shape: tuple[int, int, int]) -> Dataf
     return Dataflow(calls=calls, module_calls=module_calls)
 
 
-# per-channel ops that map an all-zero channel to an all-zero channel
-CHANNELWISE_OPS = {
-    "relu",
-    "relu_",
-    "relu6",
-    "silu",
-    "silu_",
-    "hardswish",
-    "hardswish_",
-    "gelu",
-    "leaky_relu",
-    "dropout",
-    "elu",
-    "mish",
-    "max_pool2d",
-    "_max_pool2d",
-    "avg_pool2d",
-}
-
-
 def removable_consumers(model: nn.Module, flow: Dataflow, conv_names) -> dict[str, str]:
-    """Conv name -> the dense conv that alone reads its normalised, activated output. ``flow`` must
-    be traced without gates: a gate's own ops would read the same tensors."""
-    pairs = flow.conv_norm_pairs()
-    consumers = {}
-    by_index = flow.calls
-    for conv_name in conv_names:
-        norm_name = pairs.get(conv_name)
-        if norm_name is None or len(flow.module_calls.get(norm_name, [])) != 1:
-            continue
-        call = by_index[flow.module_calls[norm_name][0]]
-        while len(call.users) == 1:
-            user = by_index[call.users[0]]
-            if user.op == "conv":
-                conv = model.get_submodule(user.name)
-                if conv.groups == 1 and len(flow.module_calls[user.name]) == 1:
-                    consumers[conv_name] = user.name
-                break
-            if user.op not in CHANNELWISE_OPS or len(user.inputs) != 1:
-                break
-            call = user
-    return consumers
+    """Conv name -> the dense (groups 1) conv that alone reads its normalised, activated output:
+    the one whose input channels static slimming can remove with the producer's output channels.
+    ``flow`` must be traced without gates: a gate's own ops would read the same tensors."""
+    return {
+        producer: consumer
+        for producer, consumer in flow.channel_consumers(conv_names).items()
+        if model.get_submodule(consumer).groups == 1
+    }

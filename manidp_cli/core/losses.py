@@ -92,3 +92,11 @@ class ManiDPLoss(nn.Module):
             "similarity": torch.as_tensor(sim).detach(),
             "per_image_ce": per_image.detach(),
         }
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(teacher || student) on temperature-softened class probabilities (Hinton et al.), in fp32."""
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=1)
+    teacher = F.softmax(teacher_logits.detach().float() / t, dim=1)
+    return F.kl_div(student, teacher, reduction="batchmean") * t * t

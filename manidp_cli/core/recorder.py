@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from manidp_cli.core.gating import gates_of
-from manidp_cli.core.graph import is_conv
 
 
 class GateRecorder:
@@ -23,8 +22,6 @@ class GateRecorder:
     - ``saliency``: gated conv name -> B x C_out saliency (with grad unless ``detach``).
     - ``features``: gated conv name -> B x C_out global-average-pooled normalised output *before*
       masking (method.md, similarity term); only with ``features=True``.
-    - ``active_inputs``: conv name -> B x C_in bool, False where the input channel is entirely zero
-      for that image (every convolution, gated or not); only with ``active_inputs=True``.
     """
 
     def __init__(
@@ -32,17 +29,14 @@ class GateRecorder:
         model: nn.Module,
         *,
         features: bool = False,
-        active_inputs: bool = False,
         detach: bool = False,
     ):
         self.model = model
         self.gates = gates_of(model)
         self.record_features = features
-        self.record_active_inputs = active_inputs
         self.detach = detach
         self.saliency: dict[str, torch.Tensor] = {}
         self.features: dict[str, torch.Tensor] = {}
-        self.active_inputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
     def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -60,10 +54,6 @@ class GateRecorder:
                 else:
                     hook = site.register_forward_hook(self._feature_hook(name), prepend=True)
                 self._handles.append(hook)
-        if self.record_active_inputs:
-            for name, module in self.model.named_modules():
-                if is_conv(module):
-                    self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -89,13 +79,6 @@ class GateRecorder:
     def _feature_hook(self, name):
         def hook(module, args, output):
             self._pool(name, output)
-
-        return hook
-
-    def _input_hook(self, name):
-        def hook(module, args):
-            x = args[0].detach()
-            self.active_inputs[name] = x.flatten(2).abs().amax(dim=2) > 0
 
         return hook
 

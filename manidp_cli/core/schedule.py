@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -82,3 +82,54 @@ def search_remain_rate(
         else:
             low = rate
     return RateSearch(best.remain_rate, best.flops_ratio, evaluations)
+
+
+@dataclass
+class FeedbackThresholds:
+    """Thresholds that follow the FLOPs measured in training, a few iterations at a time.
+
+    Where ``flops_target`` moves the target once per epoch and a calibration sets thresholds for a
+    whole epoch, this controller starts at the target (or ramps to it along a cosine over
+    ``ramp_steps``) and, every ``every`` steps, scales the common remain rate by
+    sqrt(target / measured): FLOPs grow roughly with the square of the rate (a layer's kept outputs
+    times the next layer's kept inputs). Thresholds come from exponential moving averages of each
+    layer's per-channel mean saliency (``smoothing`` per update), so they follow the gates as they
+    learn. ``observe`` takes sums over all processes, so every process derives the same thresholds.
+    """
+
+    target: float
+    ramp_steps: int
+    every: int
+    smoothing: float = 0.9
+    rate: float = 1.0
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+
+    def target_at(self, step: int) -> float:
+        if self.ramp_steps <= 0 or step >= self.ramp_steps:
+            return self.target
+        return self.target + (1.0 - self.target) * (1.0 + math.cos(math.pi * step / self.ramp_steps)) / 2.0
+
+    def due(self) -> bool:
+        """Whether the step just counted (``count_step``) ends a window."""
+        return self.steps % self.every == 0
+
+    def count_step(self) -> None:
+        self.steps += 1
+
+    def update(self, measured: float, window_means: dict[str, torch.Tensor]) -> dict[str, float]:
+        """A window's mean FLOPs ratio and per-channel mean saliencies -> the next thresholds."""
+        for name, mean in window_means.items():
+            old = self.means.get(name)
+            self.means[name] = (
+                mean.double() if old is None else self.smoothing * old + (1 - self.smoothing) * mean.double()
+            )
+        target = self.target_at(self.steps)
+        self.rate = min(MAX_REMAIN_RATE, max(1e-3, self.rate * math.sqrt(target / max(measured, 1e-6))))
+        return thresholds_for_remain_rate(self.means, self.rate)
+
+    def state_dict(self) -> dict:
+        return {"rate": self.rate, "means": dict(self.means), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rate, self.means, self.steps = state["rate"], dict(state["means"]), state["steps"]

@@ -200,7 +200,10 @@ class DynamicConv(nn.Module):
         saliency scaling."""
         producer_entry = self._producer[0].last_entry if self.packed_inputs else 0
         hidden = torch.relu(x.mean(dim=(2, 3)) @ self._gate_hidden[producer_entry])
-        saliency = torch.addmm(self.gate_out_bias, hidden, self.gate_out).clamp_(0.0, self.gate.max_saliency)
+        logits = torch.addmm(self.gate_out_bias, hidden, self.gate_out)
+        saliency = (
+            logits.clamp_(0.0, self.gate.max_saliency) if self.gate.activation == "relu" else self.gate.activate(logits)
+        )
         entry = int(self._choose_entries(saliency))
         if self.tuning is not None and (producer_entry, entry) not in self._tuned:
             self._tune_entry(x, producer_entry, entry)

@@ -82,9 +82,9 @@ def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.SGD
     for name, param in model.named_parameters():
         if param.requires_grad:
             (gates if is_gate_key(name) else network).append(param)
-    groups = [{"params": network, "weight_decay": config.weight_decay}]
+    groups = [{"params": network, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
     if gates:
-        groups.append({"params": gates, "weight_decay": config.gate_weight_decay})
+        groups.append({"params": gates, "weight_decay": config.gate_weight_decay, "lr_scale": config.gate_lr_scale})
     return torch.optim.SGD(
         groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
     )
@@ -250,7 +250,7 @@ class _Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         self.lr = cosine_lr(self.position.global_step, self.total_steps, self.config.lr, self.config.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
         with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.amp):
             logits, terms = self.objective.step(self.trained, images, targets)
         _check_loss(terms["loss"], self.world, f"epoch {epoch + 1}, step {step + 1}", self.lr, self.checkpoint_path)

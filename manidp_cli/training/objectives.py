@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from manidp_cli.config import CodebookConfig
-from manidp_cli.core.calibration import calibrate_thresholds
+from manidp_cli.core.calibration import calibrate_thresholds, mean_saliency
 from manidp_cli.core.codebook import build_codebooks
 from manidp_cli.core.distributed import World
 from manidp_cli.core.flops import CostTable, dynamic_flops
 from manidp_cli.core.gating import GateSet
-from manidp_cli.core.losses import ManiDPLoss
+from manidp_cli.core.losses import ManiDPLoss, distillation_loss
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
-from manidp_cli.core.schedule import flops_target
+from manidp_cli.core.schedule import FeedbackThresholds, flops_target
 
 
 class CrossEntropyObjective:
@@ -49,10 +49,51 @@ class CrossEntropyObjective:
         pass
 
 
+class Distilled:
+    """Any objective plus ``weight`` x distillation from a frozen ``teacher`` (the dense start):
+    T^2 KL(teacher || student) at ``temperature`` (``core.losses.distillation_loss``)."""
+
+    def __init__(self, objective, teacher: nn.Module, weight: float, temperature: float):
+        self.objective = objective
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weight = weight
+        self.temperature = temperature
+
+    def setup(self, model: nn.Module) -> dict[str, float]:
+        return self.objective.setup(model)
+
+    def epoch_context(self, model: nn.Module):
+        return self.objective.epoch_context(model)
+
+    def step(self, model, images, targets):
+        logits, terms = self.objective.step(model, images, targets)
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        distill = distillation_loss(logits, teacher_logits, self.temperature)
+        terms["loss"] = terms["loss"] + self.weight * distill
+        terms["distill"] = distill.detach()
+        return logits, terms
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        return self.objective.end_epoch(model, epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        # the teacher travels with the checkpoint: a resumed run rebuilds its model from the
+        # checkpoint alone, not from the starting weights
+        return {"objective": self.objective.state_dict(), "teacher": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.objective.load_state_dict(state["objective"])
+
+
 class ManiDPObjective:
     """ManiDP fine-tuning (method.md): manifold-regularised loss, thresholds re-set after each epoch
     so that the measured mean FLOPs follow a cosine from 1.0 down to ``target``. With a codebook, the
-    last ``codebook.epochs`` epochs train with keep-sets snapped to it (manidp_cli.core.codebook)."""
+    last ``codebook.epochs`` epochs train with keep-sets snapped to it (manidp_cli.core.codebook).
+    With ``feedback`` the thresholds are calibrated to the (ramp's) target before the first step and
+    then follow the FLOPs measured in training every few steps (``schedule.FeedbackThresholds``);
+    the end of the last epoch calibrates them once more, to the target."""
 
     def __init__(
         self,
@@ -68,8 +109,10 @@ class ManiDPObjective:
         search_steps: int = 24,
         codebook: CodebookConfig = CodebookConfig(),
         world: World = World(),
+        feedback: FeedbackThresholds | None = None,
     ):
         self.gates = gates
+        self.feedback = feedback
         self.table = table
         self.loss = loss
         self.target = target
@@ -84,7 +127,15 @@ class ManiDPObjective:
         self._recorder: GateRecorder | None = None
         self._reset_epoch()
 
+    def _reset_window(self) -> None:
+        self.window_sums = {
+            name: torch.zeros(g.out_channels, dtype=torch.float64) for name, g in self.gates.by_conv().items()
+        }
+        self.window_count = 0
+        self.window_flops = 0.0
+
     def _reset_epoch(self) -> None:
+        self._reset_window()
         self.saliency_sums = {
             name: torch.zeros(g.out_channels, dtype=torch.float64) for name, g in self.gates.by_conv().items()
         }
@@ -103,11 +154,17 @@ class ManiDPObjective:
                 count += images.shape[0]
         total, count = self.world.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
         self.mean_loss = total / max(count, 1)
-        return {"initial_mean_loss": self.mean_loss}
+        metrics = {"initial_mean_loss": self.mean_loss}
+        if self.feedback is not None:
+            means = mean_saliency(model, self.calibration_batches)
+            search = self.calibrate(model, self.feedback.target_at(0), means)
+            self.feedback.rate, self.feedback.means = search.remain_rate, means
+            metrics.update(initial_remain_rate=search.remain_rate, initial_calibrated_flops_ratio=search.flops_ratio)
+        return metrics
 
     @contextlib.contextmanager
     def epoch_context(self, model: nn.Module):
-        with GateRecorder(model, features=self.loss.lambda_sim > 0, active_inputs=True) as recorder:
+        with GateRecorder(model, features=self.loss.lambda_sim > 0) as recorder:
             self._recorder = recorder
             try:
                 yield
@@ -126,11 +183,30 @@ class ManiDPObjective:
                 self.saliency_sums[name] += saliency.detach().double().sum(0).cpu()
             self.saliency_count += batch
             self.ce_sum += float(per_image_ce.sum())
-            per_image_flops, _ = dynamic_flops(self.table, rec.active_inputs, rec.active_outputs(), batch)
+            per_image_flops, _ = dynamic_flops(self.table, rec.active_outputs(), batch)
             ratio = per_image_flops.mean() / self.table.dense_flops
             self.flops_sum += float(ratio) * batch
+            if self.feedback is not None:
+                self._follow_flops(rec.saliency, float(ratio), batch)
         terms["flops_ratio"] = ratio.to(torch.float32)
         return logits, terms
+
+    def _follow_flops(self, saliency: dict[str, torch.Tensor], ratio: float, batch: int) -> None:
+        """Feedback mode: collect one step; at the end of a window (summed over every process, so
+        all of them set the same thresholds) move the thresholds towards the target."""
+        for name, values in saliency.items():
+            self.window_sums[name] += values.detach().double().sum(0).cpu()
+        self.window_count += batch
+        self.window_flops += ratio * batch
+        self.feedback.count_step()
+        if not self.feedback.due():
+            return
+        names = sorted(self.window_sums)
+        totals = self.world.all_reduce_sum(torch.tensor([self.window_count, self.window_flops], dtype=torch.float64))
+        count = max(float(totals[0]), 1.0)
+        means = {n: self.world.all_reduce_sum(self.window_sums[n]) / count for n in names}
+        self.gates.set_thresholds(self.feedback.update(float(totals[1]) / count, means))
+        self._reset_window()
 
     def calibrate(self, model: nn.Module, target: float, mean_saliency: dict[str, torch.Tensor]):
         return calibrate_thresholds(
@@ -151,18 +227,21 @@ class ManiDPObjective:
         count = max(self.saliency_count, 1)
         metrics = {"train_flops_ratio": self.flops_sum / count, "mean_loss": self.ce_sum / count}
         self.mean_loss = self.ce_sum / count  # L_bar for the next epoch
-        next_target = (
-            flops_target(epoch + 1, self.epochs, self.target, self.hold_epochs)
-            if epoch + 1 < self.epochs
-            else self.target
-        )
-        mean_saliency = {name: s / count for name, s in self.saliency_sums.items()}
-        if next_target < 1.0:
-            search = self.calibrate(model, next_target, mean_saliency)
-            if self.codebook.enabled and epoch + 1 == self.epochs - self.codebook.epochs:
+        build_codebook = self.codebook.enabled and epoch + 1 == self.epochs - self.codebook.epochs
+        if self.feedback is not None:  # the target is in force from the first step
+            next_target = self.target
+        elif epoch + 1 < self.epochs:
+            next_target = flops_target(epoch + 1, self.epochs, self.target, self.hold_epochs)
+        else:
+            next_target = self.target
+        means = {name: s / count for name, s in self.saliency_sums.items()}
+        calibrate = self.feedback is None or epoch + 1 == self.epochs or build_codebook
+        if next_target < 1.0 and calibrate:
+            search = self.calibrate(model, next_target, means)
+            if build_codebook:
                 # learned under the final thresholds; snapping moves FLOPs, so calibrate again
                 sizes = build_codebooks(model, self.calibration_batches, self.codebook, self.world)
-                search = self.calibrate(model, next_target, mean_saliency)
+                search = self.calibrate(model, next_target, means)
                 metrics["codebook_entries"] = sum(sizes.values()) / len(sizes)
             metrics.update(
                 next_target=next_target,
@@ -179,6 +258,8 @@ class ManiDPObjective:
             "saliency_count": self.saliency_count,
             "ce_sum": self.ce_sum,
             "flops_sum": self.flops_sum,
+            "feedback": self.feedback.state_dict() if self.feedback is not None else None,
+            "window": {"sums": dict(self.window_sums), "count": self.window_count, "flops": self.window_flops},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -187,3 +268,11 @@ class ManiDPObjective:
         self.saliency_count = state["saliency_count"]
         self.ce_sum = state["ce_sum"]
         self.flops_sum = state["flops_sum"]
+        if self.feedback is not None and state.get("feedback") is not None:
+            self.feedback.load_state_dict(state["feedback"])
+            window = state["window"]
+            self.window_sums, self.window_count, self.window_flops = (
+                dict(window["sums"]),
+                window["count"],
+                window["flops"],
+            )
