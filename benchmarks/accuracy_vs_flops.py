@@ -21,6 +21,7 @@ finished. Needs Debian's dataset-fashion-mnist and ``pip install torch-pruning``
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py            # everything (many hours)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py --budgets 18000 --targets 0.3
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py --quick    # smoke check
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py --report-only  # summary of finished arms
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--max-arms", type=int, default=None, help="stop after this many new arms")
     parser.add_argument("--quick", action="store_true", help="one target, one seed, small budgets")
+    parser.add_argument("--report-only", action="store_true", help="rebuild JSON, plot and table from finished arms")
     args = parser.parse_args()
     if args.quick:
         args.targets, args.seeds, args.budgets = [0.45], [0], [3000]
@@ -373,7 +375,7 @@ def main() -> None:
     start, dense_history = dense_start(args)
     data = load_data(args.data)
     new = 0
-    for spec in plan(args):
+    for spec in [] if args.report_only else plan(args):
         key = arm_key(spec, args)
         if (folder / f"{key}.json").exists() or (args.max_arms is not None and new >= args.max_arms):
             continue
