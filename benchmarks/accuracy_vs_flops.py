@@ -221,10 +221,10 @@ def static_prune(model: torch.nn.Module, target: float, input_shape) -> tuple[to
 def run_static_arm(args, spec: dict, start: Path, data) -> dict:
     torch.manual_seed(spec["seed"])
     model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start).eval()
     model, flops = static_prune(model, spec["target"], data.input_shape)
     objective = CrossEntropyObjective()
     if spec["arm"] == "static_kd":
+        teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
         objective = Distilled(objective, teacher, DISTILL["weight"], DISTILL["temperature"])
     _fine_tune(model, data, objective, args, spec)
     result = evaluate(model, data.eval, 256)

@@ -127,18 +127,18 @@ class ManiDPObjective:
         self._recorder: GateRecorder | None = None
         self._reset_epoch()
 
+    def _zero_sums(self) -> dict[str, torch.Tensor]:
+        """Per gated layer, a float64 zero per output channel: the start of every saliency sum."""
+        return {name: torch.zeros(g.out_channels, dtype=torch.float64) for name, g in self.gates.by_conv().items()}
+
     def _reset_window(self) -> None:
-        self.window_sums = {
-            name: torch.zeros(g.out_channels, dtype=torch.float64) for name, g in self.gates.by_conv().items()
-        }
+        self.window_sums = self._zero_sums()
         self.window_count = 0
         self.window_flops = 0.0
 
     def _reset_epoch(self) -> None:
         self._reset_window()
-        self.saliency_sums = {
-            name: torch.zeros(g.out_channels, dtype=torch.float64) for name, g in self.gates.by_conv().items()
-        }
+        self.saliency_sums = self._zero_sums()
         self.saliency_count = 0
         self.ce_sum = 0.0
         self.flops_sum = 0.0
