@@ -49,12 +49,20 @@ from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
 MODEL = "resnet18"
 ROOT = Path(__file__).resolve().parent
 RECIPES = ROOT.parent / "recipes"
-MANIDP_ARMS = {  # arm -> (recipe, loss overrides)
+MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "manidp": ("default.yaml", {}),
     "paper": ("paper.yaml", {}),
-    "no_similarity": ("default.yaml", {"lambda_sim": 0.0}),
-    "no_complexity": ("default.yaml", {"complexity_weighting": False}),
+    "no_similarity": ("default.yaml", {"loss": {"lambda_sim": 0.0}}),
+    "no_complexity": ("default.yaml", {"loss": {"complexity_weighting": False}}),
+    # candidate changes to the default, each measured against it before it becomes the default
+    "input_gates": ("default.yaml", {"gates": {"inputs": True}}),
+    "input_gates_r8": ("default.yaml", {"gates": {"inputs": True, "reduction": 8}}),
+    "gate_reduction8": ("default.yaml", {"gates": {"reduction": 8}}),
+    "feedback_every1": ("default.yaml", {"schedule": {"feedback_every": 1}}),
+    "no_sparsity": ("default.yaml", {"loss": {"lambda_sparse": 0.0}}),
+    "distill_only": ("default.yaml", {"loss": {"lambda_sparse": 0.0, "lambda_sim": 0.0}}),
 }
+ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
 MAIN_ARMS = ("manidp", "static", "static_kd")  # 3 seeds in every cell
@@ -69,6 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.45, 0.3, 0.15])
     parser.add_argument("--budgets", type=int, nargs="+", default=[18000, 180000], help="fine-tuning images")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main arms")
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0], help="seeds of the other arms")
     parser.add_argument("--arms", nargs="+", default=["dense", *MAIN_ARMS, "paper", "no_similarity", "no_complexity"])
     parser.add_argument("--dense-epochs", type=int, default=3)
     parser.add_argument("--dense-images", type=int, default=None, help="images per dense epoch (default: all)")
@@ -119,12 +128,13 @@ def plan(args) -> list[dict]:
                 ]
         if "dense" in args.arms:
             specs.append({"arm": "dense", "target": 1.0, "seed": 0, "budget": budget})
-        for target in targets:
-            specs += [
-                {"arm": arm, "target": target, "seed": 0, "budget": budget}
-                for arm in ("paper", "no_similarity", "no_complexity")
-                if arm in args.arms
-            ]
+        for seed in args.ablation_seeds:
+            for target in targets:
+                specs += [
+                    {"arm": arm, "target": target, "seed": seed, "budget": budget}
+                    for arm in ABLATION_ARMS
+                    if arm in args.arms
+                ]
     return specs
 
 
@@ -139,8 +149,10 @@ def arm_key(spec: dict, args) -> str:
         "batch": 128,
     }
     if spec["arm"] in MANIDP_ARMS:
-        recipe, loss = MANIDP_ARMS[spec["arm"]]
-        settings["recipe"] = (RECIPES / recipe).read_text() + json.dumps(loss, sort_keys=True)
+        recipe, changes = MANIDP_ARMS[spec["arm"]]
+        # the loss-only overrides of the first arms were hashed bare; keep their keys (cached arms)
+        hashed = changes.get("loss", {}) if set(changes) <= {"loss"} else changes
+        settings["recipe"] = (RECIPES / recipe).read_text() + json.dumps(hashed, sort_keys=True)
     if spec["arm"] == "static_kd":
         settings["distill"] = DISTILL
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
@@ -161,7 +173,7 @@ def _fine_tune(model, data, objective, args, spec) -> None:
 
 
 def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
-    recipe, loss = MANIDP_ARMS[spec["arm"]]
+    recipe, changes = MANIDP_ARMS[spec["arm"]]
     overrides = {
         "data": args.data,
         "epochs": 3,
@@ -170,8 +182,8 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
         "seed": spec["seed"],
         "target_flops": spec["target"],
         "optimizer": {"lr": args.lr},
-        "schedule": {"calibration_images": 1024, "search_steps": 16},
-        "loss": loss,
+        "schedule": {"calibration_images": 1024, "search_steps": 16, **changes.get("schedule", {})},
+        **{section: values for section, values in changes.items() if section != "schedule"},
     }
     job = prepare("prune", MODEL, recipe_path=RECIPES / recipe, weights=start, out_dir=out, overrides=overrides)
     result = run(job)

@@ -59,6 +59,12 @@ class GatePolicy(BaseModel):
         "normalisation); the normalisation's affine is divided by it, so outputs are unchanged",
     )
     init_strength: float = Field(default=1.0, ge=0)
+    inputs: bool = Field(
+        default=False,
+        description="also gate the input channels of each gated convolution that reads a tensor no gated "
+        "convolution produces (a ResNet's residual stream), so that it skips per image the channels a "
+        "static pruner would remove from the stream (not the paper; the executor runs such models masked)",
+    )
 
 
 class CodebookConfig(BaseModel):
@@ -158,6 +164,11 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _codebook_fits_schedule(self) -> Recipe:
+        if self.codebook.enabled and self.gates.inputs:
+            raise ValueError(
+                f"codebook.entries ({self.codebook.entries}) needs gates.inputs: false: input gates have no "
+                f"codebook executor yet (use codebook.entries: 0 with input gates)"
+            )
         if self.codebook.enabled and self.codebook.epochs > self.schedule.hold_epochs:
             raise ValueError(
                 f"codebook.epochs ({self.codebook.epochs}) must be at most schedule.hold_epochs "

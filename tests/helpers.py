@@ -27,6 +27,7 @@ from torch import nn
 from manidp_cli.api.jobs import prepare, run
 from manidp_cli.core.gating import gates_of
 from manidp_cli.runtime.decisions import decision_flip_bounds, reference_run, run_with_decisions
+from manidp_cli.runtime.execute import deciding_layers
 
 FAMILIES = [  # one model per timm family the gates must support (tests/test_gating.py's contract)
     "resnet18",
@@ -62,9 +63,10 @@ def check_execution(model: nn.Module, fast: nn.Module, images: torch.Tensor) -> 
     assert difference <= OUTPUT_TOLERANCE, f"outputs differ by {difference:.2e} given equal decisions"
     assert set(own) == set(reference.decisions), "a gated layer did not decide"
     bounds = decision_flip_bounds(fast, reference, gates)
+    layers = deciding_layers(fast)
     disagreements = 0
     for name, expected in reference.decisions.items():
-        layer = fast.get_submodule(name)
+        layer = layers[name]
         saliency, reference_saliency = layer.last_saliency.double(), reference.saliency[name].double()
         drift = float((saliency - reference_saliency).abs().max())
         scale = 1.0 + float(reference_saliency.abs().max())

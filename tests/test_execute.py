@@ -6,6 +6,7 @@ import torch
 from helpers import check_execution, randomize_norms
 from torch import nn
 
+from manidp_cli.config import GatePolicy
 from manidp_cli.core.gating import insert_gates
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.runtime.decisions import reference_run
@@ -139,3 +140,34 @@ def test_bench_measures_every_variant():
     as_json = result.to_dict()  # what `manidp bench --json` prints
     assert as_json["variants"][result.best_dynamic]["throughput_per_image_loop"] > 0
     assert "model" not in as_json and "tuned_entries" not in as_json["variants"]["dense"]
+
+
+def test_input_gated_model_runs_folded_and_dynamic_with_the_masked_models_outputs():
+    """Input gates (``GatePolicy.inputs``) stay hooks on the folded and dynamic convolutions: they
+    mask the same input channels (in float64, so that no decision is a near-tie)."""
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    randomize_norms(model)
+    model.double()
+    gates = insert_gates(model, GatePolicy(inputs=True), input_shape=(3, 64, 64))
+    for gate in gates.values():
+        nn.init.normal_(gate.fc2.weight, std=0.01)
+        nn.init.uniform_(gate.fc2.bias, 0.5, 1.5)
+    images = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        model(images)
+    # halfway between the two middle saliencies: no image's saliency is the threshold itself
+    middle = {n: s.flatten().sort().values[s.numel() // 2 - 1 : s.numel() // 2 + 1] for n, s in rec.saliency.items()}
+    gates.set_thresholds({n: float(pair.mean()) for n, pair in middle.items()})
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        expected = model(images)
+    kept = rec.active_outputs()["layer2.0.conv1:in"].double().mean()
+    assert 0.1 < kept < 0.9  # the input gates really mask
+    masked, dynamic = folded_model(model, (3, 64, 64)), dynamic_model(model, (3, 64, 64))
+    with torch.no_grad():
+        assert (masked(images) - expected).abs().max() < 1e-9
+        for i in range(len(images)):
+            assert (dynamic(images[i : i + 1]) - expected[i : i + 1]).abs().max() < 1e-9
+    # in float32, decision by decision (input gates decide, and take forced decisions, too)
+    model.float()
+    check = check_execution(model, dynamic_model(model, (3, 64, 64)), images[:1].float())
+    assert check.decisions == len(gates)

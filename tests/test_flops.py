@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from manidp_cli.config import GatePolicy
 from manidp_cli.core.flops import CostTable, LayerCost, conv_dynamic_flops, count_flops, measure_flops
 from manidp_cli.core.gating import insert_gates
 
@@ -101,11 +102,11 @@ def test_unpruned_gated_network_measures_exactly_dense_plus_gates(name):
     each image costs exactly the dense FLOPs plus the gates' own, on every family."""
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
     randomize_norms(model)  # realistic activations: many channels are entirely zero after ReLU
-    insert_gates(model, input_shape=(3, 64, 64))
+    insert_gates(model, GatePolicy(inputs=True), input_shape=(3, 64, 64))  # output and input gates
     table = count_flops(model, (3, 64, 64))
     stats = measure_flops(model, table, [torch.randn(2, 3, 64, 64)])
     assert stats.per_image == [float(table.total_flops)] * 2
-    assert stats.mean_ratio == 1 + table.gate_flops / table.dense_flops
+    assert stats.mean_ratio == pytest.approx(1 + table.gate_flops / table.dense_flops, rel=1e-12)
     assert all(layer.keep_ratio_in == 1.0 and layer.keep_ratio_out == 1.0 for layer in stats.layers)
 
 
@@ -154,3 +155,27 @@ def test_channels_a_relu_zeroes_count_as_computed():
     layers = {layer.name: layer for layer in stats.layers}
     assert layers["conv1"].keep_ratio_out == 0.5 and layers["conv2"].keep_ratio_in == 0.5
     assert layers["conv2"].dynamic_flops == conv2_dense / 2
+
+
+def test_an_input_gate_skips_its_convolutions_inputs_and_nothing_else():
+    """resnet18's layer1.0.conv1 reads the residual stream: its input gate switching off half of the
+    stream's channels halves that convolution's FLOPs; the shortcut and the next block still read all."""
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    gates = insert_gates(model, GatePolicy(inputs=True), input_shape=(3, 32, 32))
+    table = count_flops(model, (3, 32, 32))
+    producers = {layer.name: layer.input_producer for layer in table.convs()}
+    assert producers["layer1.0.conv1"] == "layer1.0.conv1:in"
+    assert producers["layer1.0.conv2"] == "layer1.0.conv1"
+    assert producers["conv1"] is None and producers["layer2.0.downsample.0"] is None
+    assert "conv1:in" not in gates.by_conv()  # the stem reads the image
+    gate = gates.by_conv()["layer1.0.conv1:in"]
+    with torch.no_grad():
+        gate.fc2.bias.copy_(torch.tensor([1.0] * 32 + [0.5] * 32))  # saliency = bias (zero weights)
+    gates.set_thresholds({"layer1.0.conv1:in": 0.75})
+    stats = measure_flops(model, table, [torch.randn(2, 3, 32, 32)])
+    layers = {layer.name: layer for layer in stats.layers}
+    dense = {layer.name: layer.dense_flops for layer in table.convs()}
+    assert layers["layer1.0.conv1"].keep_ratio_in == 0.5
+    assert layers["layer1.0.conv1"].dynamic_flops == dense["layer1.0.conv1"] / 2
+    assert all(layers[n].dynamic_flops == dense[n] for n in dense if n != "layer1.0.conv1")
+    assert stats.per_image[0] == table.total_flops - dense["layer1.0.conv1"] / 2

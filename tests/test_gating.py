@@ -139,14 +139,21 @@ def test_importance_init_keeps_the_function_and_ranks_channels_by_importance(nam
     with torch.no_grad():
         expected = model(images)
     kind = "bn_scale" if name in ("resnet50", "efficientnet_b0", "ghostnet_100") else "l1_norm"
-    l1 = {n: m.weight.detach().abs().flatten(1).sum(1) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    gates = insert_gates(model, GatePolicy(init=kind, init_strength=1.0, activation="softplus"), input_shape=INPUT)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    l1 = {n: m.weight.detach().abs().flatten(1).sum(1) for n, m in convs.items()}
+    l1_in = {f"{n}:in": m.weight.detach().abs().sum(dim=(0, 2, 3)) for n, m in convs.items() if m.groups == 1}
+    # input gates too: their convolution's weights absorb the initial saliency
+    policy = GatePolicy(init=kind, init_strength=1.0, activation="softplus", inputs=True)
+    gates = insert_gates(model, policy, input_shape=INPUT)
     assert len(gates) > 0
     with torch.no_grad(), GateRecorder(model, detach=True) as rec:
         got = model(images)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), float((got - expected).abs().max())
-    for conv_name, saliency in rec.saliency.items():
+    for name, saliency in rec.saliency.items():
         assert torch.allclose(saliency[0], saliency[1])  # constant per channel at insertion
-        if kind == "l1_norm":
-            expected_scale = (l1[conv_name] / l1[conv_name].mean()).clamp(min=1e-2)
+        if name in l1_in:
+            expected_scale = (l1_in[name] / l1_in[name].mean()).clamp(min=1e-2)
+            assert torch.allclose(saliency[0], expected_scale, rtol=1e-4, atol=1e-5)
+        elif kind == "l1_norm":
+            expected_scale = (l1[name] / l1[name].mean()).clamp(min=1e-2)
             assert torch.allclose(saliency[0], expected_scale, rtol=1e-4, atol=1e-5)

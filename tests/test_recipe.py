@@ -65,3 +65,10 @@ def test_yaml_round_trip():
     import yaml
 
     assert Recipe.model_validate(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+def test_input_gates_with_a_codebook_is_a_clear_error(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("epochs: 3\nschedule:\n  hold_epochs: 2\ngates:\n  inputs: true\ncodebook:\n  entries: 4\n")
+    with pytest.raises(RecipeError, match=r"codebook.entries \(4\) needs gates.inputs: false"):
+        load_recipe(path)

@@ -71,7 +71,8 @@ class LayerCost:
     groups: int = 1
     kernel: tuple[int, ...] = ()
     gated: bool = False
-    input_producer: str | None = None  # the gated conv whose kept outputs are this conv's only active inputs
+    # the gate whose keep-set is this conv's active inputs: a gated producer conv's name, or this conv's input gate
+    input_producer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,10 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTabl
             .tracer_warnings("none")
         )
         by_module = analysis.by_module()
-    gated = set(gates_of(model).by_conv()) if has_gates(model) else set()
-    producers = _input_producers(model, input_shape, gated)
+    gates = gates_of(model) if has_gates(model) else None
+    gated = gates.output_gated() if gates is not None else set()
+    # an input gate's keep-set is its convolution's active inputs, as a gated producer's would be
+    producers = {**_input_producers(model, input_shape, gated), **(gates.input_gated() if gates is not None else {})}
     layers = []
     for name, module in model.named_modules():
         flops = int(by_module.get(name, 0))

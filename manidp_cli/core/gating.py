@@ -3,7 +3,11 @@
 A gate per gated convolution reads the convolution's input, predicts a non-negative saliency per
 output channel, and multiplies the convolution's normalised output by
 ``mask = saliency * [saliency >= threshold]``. A gate with a codebook (``manidp_cli.core.codebook``)
-keeps one of a few fixed channel sets instead: ``mask = saliency * codebook[entry]``. The model's
+keeps one of a few fixed channel sets instead: ``mask = saliency * codebook[entry]``. An *input gate*
+(``GatePolicy.inputs``) does the same to the input channels of a convolution that no gated
+convolution feeds (a residual stream): it masks the convolution's input, so that convolution skips
+the channels it does not read for this image, as a static pruner's removed residual channels are
+skipped by every convolution. The model's
 code, its ``forward`` and its state-dict keys are untouched: gates live under the ``manidp_gates.``
 prefix, so a dense checkpoint loads into a gated model with only gate keys missing.
 
@@ -28,6 +32,7 @@ from manidp_cli.core.graph import trace_dataflow
 from manidp_cli.errors import ModelError
 
 GATE_PREFIX = "manidp_gates"
+INPUT_GATE_SUFFIX = ":in"  # an input gate's name: its convolution's name and this
 
 
 def is_gate_key(name: str) -> bool:
@@ -48,9 +53,11 @@ class SaliencyGate(nn.Module):
         reduction: int,
         max_saliency: float,
         activation: Literal["relu", "softplus"] = "relu",
+        side: Literal["output", "input"] = "output",
     ):
         super().__init__()
         self.activation = activation
+        self.side = side
         self.conv_name = conv_name
         self.mask_site = mask_site
         self.mask_site_kind = mask_site_kind
@@ -84,7 +91,14 @@ class SaliencyGate(nn.Module):
         return torch.relu(logits).clamp(max=self.max_saliency)
 
     @property
+    def name(self) -> str:
+        """What the gate's saliencies, masks and thresholds are keyed by: its convolution's name, and
+        for an input gate that name with ``INPUT_GATE_SUFFIX``."""
+        return self.conv_name + INPUT_GATE_SUFFIX if self.side == "input" else self.conv_name
+
+    @property
     def out_channels(self) -> int:
+        """The number of channels the gate masks (an input gate's are its convolution's inputs)."""
         return self.fc2.out_features
 
     def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
@@ -183,13 +197,22 @@ def entry_scores(saliency: torch.Tensor, columns: torch.Tensor, offsets: torch.T
 
 
 class GateSet(nn.ModuleDict):
-    """All gates of a model, keyed by the gated convolution's name with '.' replaced by '_'."""
+    """All gates of a model, keyed by ``gate_key`` of their names."""
 
     def by_conv(self) -> dict[str, SaliencyGate]:
-        return {gate.conv_name: gate for gate in self.values()}
+        """Gate name (``SaliencyGate.name``: the convolution's, ':in' added for an input gate) -> gate."""
+        return {gate.name: gate for gate in self.values()}
+
+    def output_gated(self) -> set[str]:
+        """The convolutions whose output channels are gated."""
+        return {gate.conv_name for gate in self.values() if gate.side == "output"}
+
+    def input_gated(self) -> dict[str, str]:
+        """Convolution -> the name of the gate on its input channels."""
+        return {gate.conv_name: gate.name for gate in self.values() if gate.side == "input"}
 
     def thresholds(self) -> dict[str, float]:
-        return {gate.conv_name: float(gate.threshold) for gate in self.values()}
+        return {gate.name: float(gate.threshold) for gate in self.values()}
 
     def set_thresholds(self, thresholds: dict[str, float]) -> None:
         gates = self.by_conv()
@@ -204,8 +227,8 @@ class GateSet(nn.ModuleDict):
             gate.threshold.fill_(float("-inf"))
 
 
-def gate_key(conv_name: str) -> str:
-    return conv_name.replace(".", "_")
+def gate_key(gate_name: str) -> str:
+    return gate_name.replace(".", "_").replace(INPUT_GATE_SUFFIX, "__in")
 
 
 def _mask_site(model: nn.Module, norm_name: str) -> tuple[str, Literal["input", "output"]]:
@@ -247,6 +270,29 @@ def select_convs(model: nn.Module, policy: GatePolicy, input_shape: tuple[int, i
     return selected
 
 
+def input_gate_convs(model: nn.Module, selected: dict[str, str], input_shape: tuple[int, int, int]) -> list[str]:
+    """The gated convolutions that get an input gate (``GatePolicy.inputs``): those that read a tensor
+    no gated convolution produces through per-channel ops (in a ResNet the residual stream), other
+    than the stem (its input is the image) and grouped convolutions (an input channel there belongs
+    to one group only)."""
+    flow = trace_dataflow(model, input_shape)
+    fed = set(flow.channel_consumers(sorted(selected)).values()) | flow.stem_convs()
+    return [name for name in selected if name not in fed and model.get_submodule(name).groups == 1]
+
+
+def _new_gate(model: nn.Module, policy: GatePolicy, conv_name: str, norm_name: str | None) -> SaliencyGate:
+    """An output gate masking at the normalisation after the convolution, or (``norm_name`` None) an
+    input gate masking the convolution's own input."""
+    conv = model.get_submodule(conv_name)
+    channels = conv.out_channels if norm_name else conv.in_channels
+    reduction = policy.reduction or (2 if channels >= 80 else 1)
+    site, kind = _mask_site(model, norm_name) if norm_name else (conv_name, "input")
+    side = "output" if norm_name else "input"
+    return SaliencyGate(
+        conv_name, site, kind, conv.in_channels, channels, reduction, policy.max_saliency, policy.activation, side
+    )
+
+
 def insert_gates(
     model: nn.Module,
     policy: GatePolicy | None = None,
@@ -262,24 +308,14 @@ def insert_gates(
     if hasattr(model, GATE_PREFIX):
         raise ModelError(f"{type(model).__name__} already has gates")
     selected = select_convs(model, policy, input_shape)
+    inputs = input_gate_convs(model, selected, input_shape) if policy.inputs else []
     gates = GateSet()
-    for conv_name, norm_name in selected.items():
-        conv = model.get_submodule(conv_name)
-        reduction = policy.reduction or (2 if conv.out_channels >= 80 else 1)
-        site, kind = _mask_site(model, norm_name)
-        key = gate_key(conv_name)
+    for gate in [_new_gate(model, policy, c, n) for c, n in selected.items()] + [
+        _new_gate(model, policy, c, None) for c in inputs
+    ]:
+        key = gate_key(gate.name)
         if key in gates:
             raise ModelError(f"two gated convolutions map to the same gate key {key!r}")
-        gate = SaliencyGate(
-            conv_name,
-            site,
-            kind,
-            conv.in_channels,
-            conv.out_channels,
-            reduction,
-            policy.max_saliency,
-            policy.activation,
-        )
         gates[key] = gate
     param = next(model.parameters(), None)
     if param is not None:
@@ -287,7 +323,11 @@ def insert_gates(
     model.add_module(GATE_PREFIX, gates)
     if policy.init != "ones":
         initialise_from_importance(model, gates, selected, policy.init, policy.init_strength)
-    for gate in gates.values():
+    # Input gates first: where a convolution has both, its output gate reads the input it convolves.
+    for gate in sorted(gates.values(), key=lambda g: g.side != "input"):
+        if gate.side == "input":
+            attach_input_gate(model.get_submodule(gate.conv_name), gate)
+            continue
         model.get_submodule(gate.conv_name).register_forward_pre_hook(gate._on_conv_input)
         site = model.get_submodule(gate.mask_site)
         if gate.mask_site_kind == "input":
@@ -295,6 +335,13 @@ def insert_gates(
         else:
             site.register_forward_hook(gate._on_site_output)
     return gates
+
+
+def attach_input_gate(conv: nn.Module, gate: SaliencyGate) -> None:
+    """Hook an input gate onto its convolution (or the module that replaced it) ahead of any other
+    pre-hook: the saliency from the input, then the masked input."""
+    conv.register_forward_pre_hook(gate._on_site_input, prepend=True)
+    conv.register_forward_pre_hook(gate._on_conv_input, prepend=True)
 
 
 def channel_importance(conv: nn.Module, norm: nn.Module, kind: str) -> torch.Tensor:
@@ -316,24 +363,40 @@ def initialise_from_importance(
     layer's mean importance, minus 1 (clamped so that b_k >= 0.01), and the normalisation after the
     convolution has its affine weight and bias divided by b_k; the mask multiplies that normalised
     output by b_k, so the output is unchanged. A layer's first threshold cut then removes its least
-    important channels, as a static pruner would. Returns b per gated convolution."""
+    important channels, as a static pruner would. An input gate's channel j gets the L1 norm of the
+    convolution's weights that read it, and those weights are divided by b_j instead. Returns b per
+    gate name."""
     initial = {}
     for gate in gates.values():
+        if gate.side == "input":
+            initial[gate.name] = _initialise_input_gate(model.get_submodule(gate.conv_name), gate, strength)
+            continue
         norm = model.get_submodule(norms[gate.conv_name])
         if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is None:
             raise ModelError(
                 f"{norms[gate.conv_name]} has no affine weight and bias to absorb the gates' initial saliency; "
                 f"use gates.init: ones"
             )
-        importance = channel_importance(model.get_submodule(gate.conv_name), norm, kind)
-        z = importance / importance.mean().clamp(min=1e-12) - 1.0
-        scale = (1.0 + strength * z).clamp(min=1e-2).float()
+        scale = _initial_saliency(channel_importance(model.get_submodule(gate.conv_name), norm, kind), strength)
         gate.set_initial_saliency(scale)
         with torch.no_grad():
             norm.weight.div_(scale.to(norm.weight))
             norm.bias.div_(scale.to(norm.bias))
-        initial[gate.conv_name] = scale
+        initial[gate.name] = scale
     return initial
+
+
+def _initial_saliency(importance: torch.Tensor, strength: float) -> torch.Tensor:
+    z = importance / importance.mean().clamp(min=1e-12) - 1.0
+    return (1.0 + strength * z).clamp(min=1e-2).float()
+
+
+def _initialise_input_gate(conv: nn.Module, gate: SaliencyGate, strength: float) -> torch.Tensor:
+    scale = _initial_saliency(conv.weight.detach().abs().double().sum(dim=(0, 2, 3)), strength)
+    gate.set_initial_saliency(scale)
+    with torch.no_grad():
+        conv.weight.div_(scale.to(conv.weight)[None, :, None, None])
+    return scale
 
 
 def has_gates(model: nn.Module) -> bool:

@@ -19,9 +19,9 @@ from manidp_cli.core.gating import gates_of
 class GateRecorder:
     """Owns hook handles; each forward pass overwrites what the previous one recorded.
 
-    - ``saliency``: gated conv name -> B x C_out saliency (with grad unless ``detach``).
-    - ``features``: gated conv name -> B x C_out global-average-pooled normalised output *before*
-      masking (method.md, similarity term); only with ``features=True``.
+    - ``saliency``: gate name (``SaliencyGate.name``) -> B x C saliency (with grad unless ``detach``).
+    - ``features``: gate name -> B x C global-average-pooled normalised output *before* masking
+      (method.md, similarity term; an input gate's: its convolution's input); only with ``features=True``.
     """
 
     def __init__(
@@ -44,7 +44,7 @@ class GateRecorder:
 
     def __enter__(self) -> GateRecorder:
         for gate in self.gates.values():
-            name = gate.conv_name
+            name = gate.name
             self._handles.append(gate.register_forward_hook(self._saliency_hook(name)))
             if self.record_features:
                 site = self.model.get_submodule(gate.mask_site)

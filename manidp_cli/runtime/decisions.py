@@ -15,13 +15,13 @@ from torch import nn
 
 from manidp_cli.core.gating import SaliencyGate, gates_of
 from manidp_cli.core.recorder import GateRecorder
-from manidp_cli.runtime.execute import dynamic_layers
+from manidp_cli.runtime.execute import deciding_layers
 
 
 def force_decisions(model: nn.Module, decisions: dict[str, torch.Tensor]) -> None:
     """Make each named layer of a dynamic model take ``decisions[name]`` (``SaliencyGate.decide``'s
     form, one row per image) on its next call instead of deciding itself; it still records its own."""
-    layers = dynamic_layers(model)
+    layers = deciding_layers(model)
     unknown = sorted(set(decisions) - set(layers))
     if unknown:
         raise KeyError(f"no dynamic layer named {unknown[0]!r}")
@@ -32,7 +32,7 @@ def force_decisions(model: nn.Module, decisions: dict[str, torch.Tensor]) -> Non
 def executed_decisions(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each layer's own decision in the dynamic model's last call (forced or not)."""
     return {
-        name: layer.last_decision for name, layer in dynamic_layers(model).items() if layer.last_decision is not None
+        name: layer.last_decision for name, layer in deciding_layers(model).items() if layer.last_decision is not None
     }
 
 
@@ -42,7 +42,7 @@ def run_with_decisions(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One call of a dynamic model: its output and the decisions its layers made themselves in
     that call (``forced``, if given, is what they then took; see ``force_decisions``)."""
-    for layer in dynamic_layers(model).values():
+    for layer in deciding_layers(model).values():
         layer.last_decision = layer.last_saliency = layer.forced_decision = None
     if forced:
         force_decisions(model, forced)
@@ -85,7 +85,7 @@ def decision_flip_bounds(
     its last call: 2 * sum_j |d pi_j| for a codebook entry (each score moves by at most sum |d pi|),
     max_j |d pi_j| for a free mask, d pi being its saliencies minus the masked model's."""
     bounds = {}
-    for name, layer in dynamic_layers(fast).items():
+    for name, layer in deciding_layers(fast).items():
         if layer.last_saliency is None or name not in reference.saliency:
             continue
         drift = (layer.last_saliency.double() - reference.saliency[name].double()).abs()

@@ -38,7 +38,9 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from manidp_cli.core.gating import (
+    INPUT_GATE_SUFFIX,
     SaliencyGate,
+    attach_input_gate,
     entry_score_terms,
     entry_scores,
     gates_of,
@@ -77,6 +79,27 @@ def _copy_with_weights(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor
     conv.bias = nn.Parameter(bias, requires_grad=False)
     conv._forward_pre_hooks.clear()
     return conv
+
+
+class DecidingInput(nn.Module):
+    """An input gate (``GatePolicy.inputs``) in an inference copy: a pre-hook of its convolution that
+    masks the input channels the gate switches off, recording its decision and taking a forced one
+    like ``DynamicConv`` (``runtime.decisions``). The convolution still reads every input channel:
+    the executor does not skip masked inputs yet."""
+
+    def __init__(self, gate: SaliencyGate):
+        super().__init__()
+        self.gate = gate
+        self.last_decision: torch.Tensor | None = None
+        self.last_saliency: torch.Tensor | None = None
+        self.forced_decision: torch.Tensor | None = None
+
+    def mask_input(self, module: nn.Module, args: tuple) -> tuple:
+        saliency = self.gate(args[0])
+        own = self.gate.keep(saliency)
+        self.last_decision, self.last_saliency = own, saliency
+        keep, self.forced_decision = (own if self.forced_decision is None else self.forced_decision), None
+        return (args[0] * (saliency * keep).to(args[0].dtype)[:, :, None, None],) + tuple(args[1:])
 
 
 class FoldedConv(nn.Module):
@@ -513,7 +536,8 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
     pairs = flow.conv_norm_pairs()
     chains = {}
     if dynamic and gates:
-        chains = {p: c for p, c in removable_consumers(plain, flow, list(gates)).items() if c in gates}
+        outputs = sorted(gates_of(model).output_gated())
+        chains = {p: c for p, c in removable_consumers(plain, flow, outputs).items() if c in gates}
     for conv_name, norm_name in pairs.items():
         norm = model.get_submodule(norm_name)
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
@@ -530,6 +554,13 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
                 folded = model.get_submodule(conv_name)
                 folded.register_forward_pre_hook(gate._on_conv_input)
                 folded.register_forward_hook(gate._on_site_output)
+        input_gate = gates.get(conv_name + INPUT_GATE_SUFFIX)
+        if input_gate is not None and dynamic:
+            replaced = model.get_submodule(conv_name)
+            replaced.input_gate = DecidingInput(input_gate)
+            replaced.register_forward_pre_hook(replaced.input_gate.mask_input, prepend=True)
+        elif input_gate is not None:
+            attach_input_gate(model.get_submodule(conv_name), input_gate)
         _replace(model, norm_name, after)
     for producer_name, consumer_name in chains.items():
         producer, consumer = model.get_submodule(producer_name), model.get_submodule(consumer_name)
@@ -641,3 +672,13 @@ def dynamic_model(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Mod
 def dynamic_layers(model: nn.Module) -> dict[str, DynamicConv]:
     """The gated convolutions of a dynamic model, by name (the gated model's conv names)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, DynamicConv)}
+
+
+def deciding_layers(model: nn.Module) -> dict[str, DynamicConv | DecidingInput]:
+    """Everything in a dynamic model that decides per image, by its gate's name: the gated
+    convolutions and the input gates."""
+    layers: dict[str, DynamicConv | DecidingInput] = dict(dynamic_layers(model))
+    for name, module in model.named_modules():
+        if isinstance(module, DecidingInput):
+            layers[module.gate.name] = module
+    return layers
