@@ -58,6 +58,7 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "input_gates": ("default.yaml", {"gates": {"inputs": True}}),
     "input_gates_r8": ("default.yaml", {"gates": {"inputs": True, "reduction": 8}}),
     "gate_reduction8": ("default.yaml", {"gates": {"reduction": 8}}),
+    "gate_reduction16": ("default.yaml", {"gates": {"reduction": 16}}),
     "feedback_every1": ("default.yaml", {"schedule": {"feedback_every": 1}}),
     "no_sparsity": ("default.yaml", {"loss": {"lambda_sparse": 0.0}}),
     "distill_only": ("default.yaml", {"loss": {"lambda_sparse": 0.0, "lambda_sim": 0.0}}),

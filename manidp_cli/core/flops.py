@@ -193,11 +193,14 @@ def conv_dynamic_flops(
 
 
 def dynamic_flops(
-    table: CostTable, active_outputs: dict[str, torch.Tensor], batch: int
+    table: CostTable,
+    active_outputs: dict[str, torch.Tensor],
+    batch: int,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-image total FLOPs and per-conv per-image FLOPs for one batch, from the gated layers'
-    active outputs (``GateRecorder.active_outputs``)."""
-    inputs = active_inputs(table, active_outputs)
+    """Per-image total FLOPs and per-conv per-image FLOPs for one batch, from the gates' active
+    outputs (``GateRecorder.active_outputs``); ``inputs``: their ``active_inputs``, if already derived."""
+    inputs = active_inputs(table, active_outputs) if inputs is None else inputs
     total = torch.full((batch,), float(table.total_flops), dtype=torch.float64)
     per_conv = {}
     for layer in table.convs():
@@ -267,7 +270,7 @@ class FlopsMeter:
         """Add one recorded batch; return its per-image FLOPs."""
         active_out = recorder.active_outputs()
         active_in = active_inputs(self.table, active_out)
-        total, per_conv = dynamic_flops(self.table, active_out, batch)
+        total, per_conv = dynamic_flops(self.table, active_out, batch, active_in)
         self.per_image.append(total)
         self.images += batch
         for layer in self.table.convs():
