@@ -66,7 +66,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
-MAIN_ARMS = ("manidp", "static", "static_kd")  # 3 seeds in every cell
+MAIN_ARMS = ("manidp", "static", "static_kd")
+DEFAULT_LR = 0.05  # 3 seeds in every cell
 
 
 def parse_args() -> argparse.Namespace:
@@ -82,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=["dense", *MAIN_ARMS, "paper", "no_similarity", "no_complexity"])
     parser.add_argument("--dense-epochs", type=int, default=3)
     parser.add_argument("--dense-images", type=int, default=None, help="images per dense epoch (default: all)")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--max-arms", type=int, default=None, help="stop after this many new arms")
     parser.add_argument("--quick", action="store_true", help="one target, one seed, small budgets")
     parser.add_argument("--report-only", action="store_true", help="rebuild JSON, plot and table from finished arms")
@@ -286,7 +287,25 @@ def _stats(rows: list[dict]) -> dict:
     }
 
 
-def summarise(args, arms: list[dict], dense_history: list[dict], wall: float) -> dict:
+def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Finished arms -> (current at ``--lr``, current at another learning rate, superseded). An arm is
+    superseded when its key no longer matches its settings (e.g. the default recipe changed since it
+    ran): it is reported apart, never pooled with the current arms of the same name."""
+    current, other_lr, superseded = [], [], []
+    for row in rows:
+        lr = row.get("lr", DEFAULT_LR)
+        spec = {name: row[name] for name in ("arm", "target", "seed", "budget")}
+        if row["arm"] not in MANIDP_ARMS and row["arm"] not in (*STATIC_ARMS, "dense"):
+            superseded.append(row)
+        elif row["key"] != arm_key(spec, argparse.Namespace(**{**vars(args), "lr": lr})):
+            superseded.append(row)
+        else:
+            (current if lr == args.lr else other_lr).append(row)
+    return current, other_lr, superseded
+
+
+def summarise(args, rows: list[dict], dense_history: list[dict], wall: float) -> dict:
+    arms, other_lr, superseded = split_rows(args, rows)
     cells = {f"{arm}|{budget}|{target}": _stats(rows) for (arm, budget, target), rows in _cells(arms).items()}
     verdicts = []
     for budget in sorted({r["budget"] for r in arms}):
@@ -326,6 +345,8 @@ def summarise(args, arms: list[dict], dense_history: list[dict], wall: float) ->
         },
         "arms": arms,
         "cells": cells,
+        "other_learning_rates": other_lr,
+        "superseded_arms": superseded,
         "manidp_vs_best_static": verdicts,
         "wall_seconds": wall,
         "torch_threads": torch.get_num_threads(),
@@ -369,13 +390,18 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _table(done: list[dict]) -> None:
-    print(f"\n{'arm':14s} {'budget':>7s} {'target':>6s} {'seed':>4s} {'top1':>7s} {'FLOPs':>6s} {'spearman':>8s}")
+def _table(done: list[dict], title: str) -> None:
+    if not done:
+        return
+    print(f"\n{title}")
+    print(f"{'arm':18s} {'budget':>7s} {'lr':>5s} {'target':>6s} {'seed':>4s}", end="")
+    print(f" {'top1':>7s} {'FLOPs':>6s} {'spearman':>8s}")
     for d in sorted(done, key=lambda d: (d["budget"], -d["target"], d["arm"], d["seed"])):
         rho = d["spearman_loss_flops"]
         rho_text = "" if rho is None else f"{rho:+.3f}"
         print(
-            f"{d['arm']:14s} {d['budget']:7d} {d['target']:6.2f} {d['seed']:4d} {d['top1']:7.4f}"
+            f"{d['arm']:18s} {d['budget']:7d} {d.get('lr', DEFAULT_LR):5.3f} {d['target']:6.2f} {d['seed']:4d}"
+            f" {d['top1']:7.4f}"
             f" {d['flops_ratio']:6.3f} {rho_text:>8s}"
         )
 
@@ -401,7 +427,7 @@ def main() -> None:
             metrics = run_static_arm(args, spec, start, data)
         else:
             metrics = run_manidp_arm(args, spec, start, out)
-        row = {"key": key, **spec, **metrics, "seconds": time.perf_counter() - t0}
+        row = {"key": key, **spec, "lr": args.lr, **metrics, "seconds": time.perf_counter() - t0}
         atomic_write_text(folder / f"{key}.json", json.dumps(row, indent=1))
         new += 1
         print(f"{key:48s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
@@ -409,7 +435,9 @@ def main() -> None:
     summary = summarise(args, done, dense_history, sum(d["seconds"] for d in done))
     atomic_write_text(args.out, json.dumps(summary, indent=1))
     plot(summary, args.plot)
-    _table(done)
+    _table(summary["arms"], "current arms")
+    _table(summary["other_learning_rates"], "other learning rates")
+    _table(summary["superseded_arms"], "superseded (settings changed since they ran; not pooled)")
     for v in summary["manidp_vs_best_static"]:
         print(
             f"budget {v['budget']:>7,} target {v['target']:.2f}: manidp {v['manidp']:.4f} vs best static "
