@@ -133,7 +133,7 @@ class ScheduleConfig(_Section):
         description="feedback mode: fraction of the steps the target "
         "takes to fall from 1 to its final value (0: prune from the first step)",
     )
-    feedback_every: int = Field(4, ge=1, description="feedback mode: steps between threshold updates")
+    feedback_every: int = Field(1, ge=1, description="feedback mode: steps between threshold updates")
     feedback_smoothing: float = Field(
         0.9, ge=0, lt=1, description="feedback mode: moving-average weight of the old mean saliencies at each update"
     )
@@ -159,7 +159,8 @@ class Recipe(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    gates: GatePolicy = GatePolicy(init="l1_norm")  # the paper's all-ones start: recipes/paper.yaml
+    # the paper's all-ones start and gate width: recipes/paper.yaml
+    gates: GatePolicy = GatePolicy(init="l1_norm", reduction=8)
     codebook: CodebookConfig = CodebookConfig()
 
     @model_validator(mode="after")

@@ -17,6 +17,13 @@ def test_default_recipe_file_matches_built_in_defaults():
     assert load_recipe(RECIPES / "default.yaml") == load_recipe(None) == Recipe()
 
 
+def test_default_and_paper_recipes_differ_where_documented():
+    default, paper = load_recipe(RECIPES / "default.yaml"), load_recipe(RECIPES / "paper.yaml")
+    assert (default.gates.init, default.gates.reduction, default.schedule.feedback_every) == ("l1_norm", 8, 1)
+    assert (paper.gates.init, paper.gates.reduction, paper.schedule.mode) == ("ones", None, "epoch")
+    assert (paper.loss.lambda_sparse, paper.loss.lambda_sim, paper.loss.distill_weight) == (0.1, 0.1, 0.0)
+
+
 def test_paper_settings():
     cifar = load_recipe(RECIPES / "resnet56-cifar10.yaml")
     assert (cifar.loss.lambda_sparse, cifar.loss.lambda_sim) == (5e-3, 1.0)
