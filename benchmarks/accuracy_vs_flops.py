@@ -266,6 +266,31 @@ def iso_accuracy_flops(points: list[tuple[float, float]], accuracy: float) -> fl
     return None
 
 
+def iso_accuracy(cells: dict[str, dict]) -> list[dict]:
+    """Per budget: the best static arm's mean top-1 at 0.45 of the FLOPs, the FLOPs at which the
+    default's curve of means reaches it (None: not at any measured budget), and whether the default
+    at 0.30 is at least as accurate (the issue's iso-accuracy target)."""
+    out = []
+    for budget in sorted({int(key.split("|")[1]) for key in cells}):
+        statics = [cells[f"{arm}|{budget}|0.45"] for arm in STATIC_ARMS if f"{arm}|{budget}|0.45" in cells]
+        mine = [cell for key, cell in cells.items() if key.startswith(f"manidp|{budget}|")]
+        curve = [(cell["flops_ratio_mean"], cell["mean"]) for cell in mine]
+        if not statics or not curve:
+            continue
+        reference = max(cell["mean"] for cell in statics)
+        at_030 = cells.get(f"manidp|{budget}|0.3")
+        out.append(
+            {
+                "budget": budget,
+                "best_static_top1_at_0.45": reference,
+                "manidp_flops_at_that_top1": iso_accuracy_flops(curve, reference),
+                "manidp_top1_at_0.30": at_030["mean"] if at_030 else None,
+                "manidp_at_0.30_matches_static_at_0.45": bool(at_030 and at_030["mean"] >= reference),
+            }
+        )
+    return out
+
+
 def _cells(arms: list[dict]) -> dict[tuple[str, int, float], list[dict]]:
     cells: dict[tuple[str, int, float], list[dict]] = {}
     for row in arms:
@@ -327,6 +352,7 @@ def summarise(args, rows: list[dict], dense_history: list[dict], wall: float) ->
                     }
                 )
     return {
+        "iso_accuracy": iso_accuracy(cells),
         "benchmark": "accuracy_vs_flops",
         "model": MODEL,
         "data": args.data,
