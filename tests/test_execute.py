@@ -171,3 +171,24 @@ def test_input_gated_model_runs_folded_and_dynamic_with_the_masked_models_output
     model.float()
     check = check_execution(model, dynamic_model(model, (3, 64, 64)), images[:1].float())
     assert check.decisions == len(gates)
+
+
+def test_slimming_is_exact_when_every_mask_is_the_same_for_every_image():
+    """With fc2's weights zero each gate's mask is one constant per channel: folding the mean masks
+    (output gates into BatchNorm, input gates into the weights that read each channel) then gives
+    the gated model's function exactly."""
+    from manidp_cli.runtime.slimming import mask_statistics, slim
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval().double()
+    randomize_norms(model)
+    gates = insert_gates(model, GatePolicy(inputs=True, init="l1_norm"), input_shape=(3, 32, 32))
+    batches = [torch.randn(4, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        model(batches[0])
+    middle = {n: s[0].sort().values[s.shape[1] // 2 - 1 : s.shape[1] // 2 + 1] for n, s in rec.saliency.items()}
+    gates.set_thresholds({n: float(pair.mean()) for n, pair in middle.items()})
+    frequency, mean_mask = mask_statistics(model, batches)
+    assert 0.3 < float(frequency["layer2.0.conv1:in"].mean()) < 0.7
+    result = slim(model, frequency, mean_mask, 0.0, (3, 32, 32))
+    with torch.no_grad():
+        assert (result.model(batches[1]) - model(batches[1])).abs().max() < 1e-9

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from manidp_cli.core.gating import strip_gates
+from manidp_cli.core.gating import INPUT_GATE_SUFFIX, strip_gates
 from manidp_cli.core.graph import NORM_TYPES, removable_consumers, trace_dataflow
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
@@ -87,9 +87,15 @@ def slim(
     slim_model = copy.deepcopy(model).eval()
     strip_gates(slim_model)
     flow = trace_dataflow(slim_model, input_shape)
+    # an input gate's mean mask scales the weights that read each input channel; none is removed
+    input_means = {n.removesuffix(INPUT_GATE_SUFFIX): m for n, m in mean_mask.items() if n.endswith(INPUT_GATE_SUFFIX)}
+    mean_mask = {n: m for n, m in mean_mask.items() if not n.endswith(INPUT_GATE_SUFFIX)}
     consumers = removable_consumers(slim_model, flow, list(mean_mask))
     flow_pairs = flow.conv_norm_pairs()
     with torch.no_grad():
+        for conv_name, scale in input_means.items():
+            weight = slim_model.get_submodule(conv_name).weight
+            weight.mul_(scale.to(weight.dtype)[None, :, None, None])
         for conv_name, scale in mean_mask.items():
             norm = slim_model.get_submodule(flow_pairs[conv_name])
             norm.weight.mul_(scale.to(norm.weight.dtype))
