@@ -340,6 +340,8 @@ def summarise(args, rows: list[dict], dense_history: list[dict], wall: float) ->
             if mine and statics:
                 best = max(statics, key=lambda s: s["mean"])
                 sd = max(s["stdev"] or 0.0 for s in (mine, best))
+                theirs = dict(zip(best["seeds"], best["top1"]))
+                paired = {seed: acc - theirs[seed] for seed, acc in zip(mine["seeds"], mine["top1"]) if seed in theirs}
                 verdicts.append(
                     {
                         "budget": budget,
@@ -348,6 +350,7 @@ def summarise(args, rows: list[dict], dense_history: list[dict], wall: float) ->
                         "best_static": best["mean"],
                         "difference": mine["mean"] - best["mean"],
                         "larger_seed_sd": sd,
+                        "paired_differences": paired,  # seed -> manidp minus the best static arm, same seed
                         "seeds": [len(mine["seeds"]), len(best["seeds"])],
                     }
                 )
@@ -468,7 +471,8 @@ def main() -> None:
         print(
             f"budget {v['budget']:>7,} target {v['target']:.2f}: manidp {v['manidp']:.4f} vs best static "
             f"{v['best_static']:.4f} ({v['difference']:+.4f}; larger seed sd {v['larger_seed_sd']:.4f}; "
-            f"seeds {v['seeds']})"
+            f"seeds {v['seeds']}; same-seed differences "
+            f"{', '.join(f'{d:+.4f}' for d in v['paired_differences'].values())})"
         )
 
 
