@@ -1,14 +1,14 @@
 """Creating timm models and loading starting weights, with errors that say what would work.
 
-Weights come only from safetensors files, torch files read with ``weights_only=True``, or timm's
-hub (when no file is given and the network is reachable). Nothing is ever unpickled.
+Weights come only from safetensors files, torch files read with ``weights_only=True`` (timm's
+checkpoints included), or timm's pretrained weights through huggingface_hub (its cache when
+offline). Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -20,13 +20,22 @@ from manidp_cli.errors import ModelError, WeightsError
 from manidp_cli.inputs import capped, exception_text, is_file
 from manidp_cli.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 
-HUB_HOST = "huggingface.co"
+HUB_PREFIXES = ("hf-hub:", "local-dir:")  # timm's model names that carry their own source
 
 
 def check_model_name(name: str) -> None:
-    """Raise ModelError with close matches when ``name`` is not a timm model."""
+    """Raise ModelError with close matches when ``name`` is not a timm model (``hf-hub:org/repo``
+    and ``local-dir:PATH`` names are timm's own and are checked when the model is built)."""
     import timm
 
+    if name.startswith(HUB_PREFIXES):
+        prefix, _, rest = name.partition(":")
+        if not rest or (prefix == "hf-hub" and "/" not in rest):
+            raise ModelError(
+                f"model name {capped(repr(name))} is incomplete: use hf-hub:ORG/REPO or local-dir:PATH "
+                f"(a folder with timm's config.json and weights)"
+            )
+        return
     if timm.is_model(name):
         return
     matches = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6) if len(name) <= 100 else []
@@ -34,37 +43,63 @@ def check_model_name(name: str) -> None:
     raise ModelError(f"unknown model {capped(repr(name))}{hint}")
 
 
+_CHECKPOINT_KEYS = ("model_state_dict",)  # read by manidp besides timm's own (state_dict, model, EMA)
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or a torch file loaded with ``weights_only=True``."""
+    """Tensors from weights the way ``timm.models.load_state_dict`` reads them: safetensors, or a torch
+    file (.pth, .pth.tar, .bin) loaded with ``weights_only=True`` and timm's allow-list (the
+    ``argparse.Namespace`` of its train.py checkpoints); the EMA weights when the checkpoint has them,
+    else ``state_dict`` / ``model``; DDP and torch.compile prefixes removed. Nothing is unpickled."""
+    from timm.models import load_state_dict
+
     path = Path(path).expanduser()
     if not is_file(path, "weights file"):
         raise WeightsError(f"weights file {capped(path)} not found")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        data = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as exc:  # any reader failure means the file is not usable weights
         raise WeightsError(f"cannot read weights {capped(path)}: {exception_text(exc)}") from exc
-    for key in ("state_dict", "model", "model_state_dict"):
+    for key in _CHECKPOINT_KEYS:
         if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-            break
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightsError(f"{path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in data.items()}
+            data = {k.removeprefix("module."): v for k, v in data[key].items()}
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightsError(f"{capped(path)} holds no state dict of tensors")
+    return data
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False when offline mode is set or the hub does not answer within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
-        return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _hub_error(name: str, exc: Exception) -> WeightsError:
+    """One line for failed pretrained weights, saying why and what would work instead."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    causes = _causes(exc)
+    if any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in causes):
+        why = (
+            "HF_HUB_OFFLINE is set and they are not in the Hugging Face cache"
+            if _offline()
+            else "the hub could not be reached and they are not in the Hugging Face cache"
+        )
+    elif any(isinstance(e, RepositoryNotFoundError) for e in causes):
+        why = "the hub has no such repository (or it is private: log in with `hf auth login`)"
+    else:
+        why = exception_text(exc)
+    return WeightsError(
+        f"cannot get pretrained weights for {capped(name)}: {why}; pass a local file with "
+        f"--weights FILE (safetensors or a torch/timm checkpoint), or train a starting point with "
+        f"`manidp train {capped(name)}`"
+    )
 
 
 def _adapt(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -103,17 +138,18 @@ def create_model(
 
     check_model_name(name)
     if weights is None and pretrained:
-        if not hub_reachable():
-            raise WeightsError(
-                f"no --weights given and timm's hub is unreachable (offline or HF_HUB_OFFLINE set): "
-                f"pass a local file with --weights FILE.safetensors (or a torch file), or train a "
-                f"starting point with `manidp train {name}`"
-            )
+        # huggingface_hub decides: its cache when offline (HF_HUB_OFFLINE), else the hub, a mirror
+        # (HF_ENDPOINT) or a proxy as configured
         try:
             return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
         except Exception as exc:
-            raise WeightsError(f"cannot fetch pretrained weights for {name}: {exception_text(exc)}") from exc
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+            raise _hub_error(name, exc) from exc
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    except Exception as exc:
+        if not name.startswith(HUB_PREFIXES):
+            raise
+        raise ModelError(f"cannot build {capped(name)}: {exception_text(exc)}") from exc
     if weights is not None:
         load_weights(model, weights)
     return model
