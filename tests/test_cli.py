@@ -28,7 +28,12 @@ def test_version_and_help():
         (["prune", "resnet343", "--target-flops", "0.5"], ModelError, "did you mean"),
         (["prune", "resnet18", "--target-flops", "1.5"], TargetError, "between 0 and 1"),
         (["prune", "resnet18", "--target-flops", "0.5", "--data", "cifar10:/no/dir"], DataError, "does not exist"),
-        (["prune", "resnet18", "--target-flops", "0.5"], WeightsError, "pass a local file with --weights"),
+        (["prune", "resnet34", "--target-flops", "0.45"], DataError, "give the data to fine-tune on with --data"),
+        (
+            ["prune", "resnet18", "--target-flops", "0.5", "--data", "embedded"],
+            WeightsError,
+            "pass a local file with --weights",
+        ),
         (["train", "resnet18", "--weights", "/no/file.safetensors"], WeightsError, "not found"),
         (["prune", "resnet18", "--resume", "--out", "/no/run"], ManidpError, "nothing to resume"),
     ],

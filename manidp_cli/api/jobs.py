@@ -29,8 +29,8 @@ from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops
 from manidp_cli.core.gating import GateSet, insert_gates
 from manidp_cli.core.losses import ManiDPLoss
 from manidp_cli.core.schedule import FeedbackThresholds
-from manidp_cli.data import ImageData, load_data
-from manidp_cli.errors import ManidpError, OutputError, TargetError
+from manidp_cli.data import SPEC_FORMS, ImageData, load_data
+from manidp_cli.errors import DataError, ManidpError, OutputError, TargetError
 from manidp_cli.files import atomic_write_text, remove_stale_temporaries, run_folder_lock
 from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
 from manidp_cli.io import MODEL_FILE, save_model
@@ -104,6 +104,13 @@ def prepare(
     else:
         settings = _new_run(command, model_name, recipe_path, overrides, weights, out_dir)
     recipe = settings.recipe
+    pretrained = command == "prune" and settings.weights is None and not resume
+    if pretrained and recipe.data == "embedded" and overrides.get("data") != "embedded":
+        raise DataError(
+            f"{capped(settings.model_name)} starts from timm's pretrained weights, which the embedded "
+            f"demo data (1,000 Fashion-MNIST images, 32 px, 1 channel) does not suit: give the data to "
+            f"fine-tune on with --data ({SPEC_FORMS}), or --data embedded to use the demo data anyway"
+        )
     data = load_data(recipe.data, settings.model_name)
     torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
     model = create_model(
@@ -111,7 +118,7 @@ def prepare(
         num_classes=data.num_classes,
         in_chans=data.in_chans,
         weights=settings.weights,
-        pretrained=(command == "prune" and settings.weights is None and not resume),
+        pretrained=pretrained,
     )
     # the dense start, frozen: the teacher of distillation (loss.distill_weight)
     teacher = copy.deepcopy(model).eval() if command == "prune" and recipe.loss.distill_weight > 0 else None
