@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -105,6 +106,11 @@ def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
     for text in ("dense cost", "gated convolutions", "target", "before", "after"):
         assert text in result.output
     assert (pruned / "report.json").is_file()
+    # not a terminal (as under nohup or SLURM): plain progress lines instead of a silent bar
+    lines = re.findall(
+        r"^epoch 1/1 step (\d+)/(\d+) .*flops_ratio [\d.]+ .*images/s, \d+:\d\d:\d\d left$", result.output, re.M
+    )
+    assert lines and lines[-1][0] == lines[-1][1], result.output
 
 
 def test_eval_and_report_commands(pruned, tmp_path):

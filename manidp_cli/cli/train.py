@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -59,10 +60,63 @@ def _print_plan(job) -> None:
     console.print(table)
 
 
+def _step_terms(info) -> str:
+    terms = " ".join(f"{k} {v:.3f}" for k, v in info.terms.items() if k != "loss")
+    return terms + f" acc {info.running_accuracy:.3f}"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class _LogLines:
+    """Progress where stdout is not a terminal (nohup, SLURM, CI logs), where a progress bar prints
+    nothing: a plain, flushed line every ``every`` steps and at each epoch's last, with the loss
+    terms, images per second and the time left."""
+
+    def __init__(self, batch_size: int, every: int):
+        self.batch_size = batch_size
+        self.every = every
+        self.started: tuple[int, int, float] | None = None  # (epoch, step, time) of the first step seen
+
+    def on_step(self, info) -> None:
+        now = time.perf_counter()
+        if self.started is None or self.started[0] != info.epoch:
+            self.started = (info.epoch, info.step - 1, now)
+            return
+        if info.step % self.every and info.step != info.steps:
+            return
+        done = info.step - self.started[1]
+        per_step = (now - self.started[2]) / max(done - 1, 1)  # the first step of the epoch is the clock's start
+        left = (info.steps - info.step) + (info.epochs - info.epoch - 1) * info.steps
+        _log(
+            f"epoch {info.epoch + 1}/{info.epochs} step {info.step}/{info.steps} {_step_terms(info)} "
+            f"lr {info.lr:.4g} {self.batch_size / per_step:.0f} images/s, {_clock(per_step * left)} left"
+        )
+
+
+def _log(line: str) -> None:
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+    console.file.flush()
+
+
 def _run_with_progress(job):
     from manidp_cli.api import run
 
+    def on_epoch(metrics) -> None:
+        parts = [f"train acc {metrics.get('train_top1', 0):.3f}", f"eval acc {metrics.get('eval_top1', 0):.3f}"]
+        if "eval_flops_ratio" in metrics:
+            parts.append(f"eval FLOPs {metrics['eval_flops_ratio']:.3f} of dense")
+        if "next_target" in metrics:
+            parts.append(f"next target {metrics['next_target']:.3f}")
+        _log(f"epoch {int(metrics['epoch']) + 1}: " + ", ".join(parts))
+
     steps = job.data.train.num_batches(job.recipe.batch_size, job.recipe.train_images)
+    if not console.is_terminal:
+        lines = _LogLines(job.recipe.batch_size, max(1, min(50, steps // 10)))
+        return run(job, on_step=lines.on_step, on_epoch=on_epoch)
     progress = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -80,17 +134,7 @@ def _run_with_progress(job):
             tasks[info.epoch] = progress.add_task(
                 "", total=steps, completed=info.step - 1, epoch=f"{info.epoch + 1}/{info.epochs}", terms=""
             )
-        terms = " ".join(f"{k} {v:.3f}" for k, v in info.terms.items() if k != "loss")
-        terms += f" acc {info.running_accuracy:.3f}"
-        progress.update(tasks[info.epoch], completed=info.step, terms=terms)
-
-    def on_epoch(metrics) -> None:
-        parts = [f"train acc {metrics.get('train_top1', 0):.3f}", f"eval acc {metrics.get('eval_top1', 0):.3f}"]
-        if "eval_flops_ratio" in metrics:
-            parts.append(f"eval FLOPs {metrics['eval_flops_ratio']:.3f} of dense")
-        if "next_target" in metrics:
-            parts.append(f"next target {metrics['next_target']:.3f}")
-        progress.console.print(f"epoch {int(metrics['epoch']) + 1}: " + ", ".join(parts))
+        progress.update(tasks[info.epoch], completed=info.step, terms=_step_terms(info))
 
     with progress:
         return run(job, on_step=on_step, on_epoch=on_epoch)
