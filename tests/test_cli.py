@@ -19,6 +19,10 @@ runner = CliRunner()
 def test_version_and_help():
     result = runner.invoke(app, ["version"])
     assert result.exit_code == 0 and "manidp 0.1.0" in result.output
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == "manidp 0.1.0\n"
+    result = runner.invoke(app, ["version", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"version": "0.1.0"}
     result = runner.invoke(app, ["prune", "--help"])
     assert result.exit_code == 0 and "--target-flops" in result.output
 
@@ -74,10 +78,12 @@ def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
     dense = tmp_path / "dense"
     result = runner.invoke(
         app,
-        ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", str(dense)],
+        ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "-b", "32", "--out", str(dense), "--json"],
     )
     assert result.exit_code == 0, result.output
-    assert "wrote" in result.output and (dense / "model.safetensors").is_file()
+    trained = json.loads(result.stdout)  # --json: nothing but the JSON on stdout, the progress on stderr
+    assert trained["out_dir"] == str(dense) and len(trained["history"]) == 1 and "dense cost" in result.stderr
+    assert (dense / "model.safetensors").is_file() and str(dense / "model.safetensors") in trained["files"]
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("schedule:\n  calibration_images: 64\n  search_steps: 10\n")
     pruned = tmp_path / "pruned"
@@ -116,7 +122,7 @@ def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
 def test_eval_and_report_commands(pruned, tmp_path):
     result = runner.invoke(app, ["eval", str(pruned.out_dir), "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["images"] == 64 and "signature" in data
     result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "16"])
     assert result.exit_code == 0 and "Spearman(loss, FLOPs)" in result.output and "dynamic p90" in result.output
@@ -135,6 +141,9 @@ def test_eval_and_report_commands(pruned, tmp_path):
     result = runner.invoke(app, ["report", str(pruned.out_dir), "--plots", str(tmp_path / "p")])
     assert result.exit_code == 0 and "total" in result.output and "fvcore" in result.output
     assert len(list((tmp_path / "p").glob("*.png"))) == 4
+    result = runner.invoke(app, ["report", str(pruned.out_dir), "--json", "--plots", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"] and "wrote" in result.stderr  # pipes into jq
     for fmt in ("json", "csv", "markdown"):
         out = tmp_path / f"report.{fmt}"
         result = runner.invoke(app, ["report", str(pruned.out_dir), "--format", fmt, "--out", str(out)])

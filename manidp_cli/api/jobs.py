@@ -79,6 +79,21 @@ class RunResult:
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        """``manidp train/prune --json``: where the run is, before and after, and each epoch's metrics."""
+        after = None
+        if self.after is not None:
+            after = {**self.after.summary(), "signature": dict(self.after.signature)}
+        return {
+            "out_dir": str(self.out_dir),
+            "interrupted": self.interrupted,
+            "seconds": self.seconds,
+            "files": [str(f) for f in self.files],
+            "before": self.before,
+            "after": after,
+            "history": self.history,
+        }
+
 
 def default_out_dir(command: Command, model_name: str) -> Path:
     return Path("runs") / f"{command}-{model_name}"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Annotated
+
 import typer
 
 from manidp_cli import __version__
-from manidp_cli.cli.render import console
+from manidp_cli.cli.options import JsonOpt
+from manidp_cli.cli.render import console, print_json
 
 app = typer.Typer(
     name="manidp",
@@ -16,12 +20,34 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"manidp {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """Dynamic channel pruning (ManiDP) for timm CNNs."""
 
 
 @app.command()
-def version() -> None:
+def version(as_json: JsonOpt = False) -> None:
     """Print the manidp version."""
+    if as_json:
+        print_json(VersionInfo(__version__))
+        return
     console.print(f"manidp {__version__}")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"version": self.version}

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from manidp_cli.cli.app import app
-from manidp_cli.cli.options import DataOpt
+from manidp_cli.cli.options import DataOpt, JsonOpt
 from manidp_cli.cli.render import console, print_json
 
 
@@ -25,7 +25,7 @@ def export_static_command(
     ] = 0.0,
     data: DataOpt = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=1)] = 1024,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Physically remove (almost) never-kept channels; write a gate-free model that runs on torch alone."""
     from manidp_cli.api import export_static
@@ -55,7 +55,7 @@ def bench(
     static: Annotated[
         Optional[Path], typer.Option("--static", help="A folder written by export-static, timed too.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Time dense vs masked vs dynamic execution (and static-slimmed) of an export, in one run."""
     from manidp_cli.api import bench_export

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from manidp_cli.cli.app import app
-from manidp_cli.cli.options import DataOpt, WeightsOpt
+from manidp_cli.cli.options import DataOpt, JsonOpt, WeightsOpt
 from manidp_cli.cli.render import console, print_json
 from manidp_cli.errors import ManidpError
 
@@ -84,7 +84,7 @@ def eval_command(
             "and report its accuracy.",
         ),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Measure accuracy and real dynamic FLOPs of an export (or of a dense baseline)."""
     from manidp_cli.api import evaluate_dense, evaluate_export

@@ -18,7 +18,7 @@ WeightsOpt = Annotated[
 ]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: runs/<command>-<model>].")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1)]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1)]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its checkpoint.")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Initial learning rate.")]
@@ -31,3 +31,4 @@ AmpOpt = Annotated[
 ChannelsLastOpt = Annotated[
     Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels-last memory layout.")
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout; progress and notices go to stderr.")]

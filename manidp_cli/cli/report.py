@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from manidp_cli.cli.app import app
-from manidp_cli.cli.options import DataOpt
-from manidp_cli.cli.render import console
+from manidp_cli.cli.options import DataOpt, JsonOpt
+from manidp_cli.cli.render import console, err_console
 from manidp_cli.errors import ManidpError
 from manidp_cli.files import atomic_write_text, check_output_file
 from manidp_cli.inputs import check_writable_folder, exists
@@ -88,6 +88,7 @@ def report(
     target: Annotated[str, typer.Argument(help="Export folder / model.safetensors, or a timm model name.")],
     data: DataOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="table | json | csv | markdown")] = "table",
+    as_json: JsonOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the json/csv/markdown rendering to FILE.")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Write PNG figures into DIR.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="With --data: first N images only.")] = None,
@@ -100,6 +101,10 @@ def report(
 
     if fmt not in ("table", "json", "csv", "markdown"):
         raise ManidpError(f"unknown --format {fmt!r}; valid: table, json, csv, markdown")
+    if as_json:
+        if fmt not in ("table", "json"):
+            raise ManidpError(f"--json and --format {fmt} ask for two renderings: give one")
+        fmt = "json"
     if out is not None:  # checked before the report is computed, which can take minutes with --data
         out = check_output_file(out, "--out")
     if plots is not None:
@@ -129,11 +134,11 @@ def report(
             typer.echo(text, nl=False)
     if out is not None:
         atomic_write_text(out, result.render("json" if fmt == "table" else fmt))
-        console.print(f"wrote {out}")
+        err_console.print(f"wrote {out}")  # notices on stderr: stdout holds only the rendering
     if plots is not None:
         if not result.per_image_ratio:
             raise ManidpError("plots need a pruned export (a timm model name has no measured statistics)")
         from manidp_cli.api import write_plots
 
         for path in write_plots(result, plots):
-            console.print(f"wrote {path}")
+            err_console.print(f"wrote {path}")

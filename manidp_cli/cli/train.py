@@ -7,6 +7,7 @@ import time
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -18,6 +19,7 @@ from manidp_cli.cli.options import (
     DataOpt,
     DeviceOpt,
     EpochsOpt,
+    JsonOpt,
     LrOpt,
     OutOpt,
     RecipeOpt,
@@ -25,10 +27,10 @@ from manidp_cli.cli.options import (
     SeedOpt,
     WeightsOpt,
 )
-from manidp_cli.cli.render import console, err_console
+from manidp_cli.cli.render import console, err_console, print_json
 
 
-def _print_plan(job) -> None:
+def _print_plan(job, to: Console) -> None:
     recipe = job.recipe
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("model", job.model_name)
@@ -57,7 +59,7 @@ def _print_plan(job) -> None:
         f", channels-last {'on' if recipe.channels_last else 'off'}",
     )
     table.add_row("output", str(job.out_dir))
-    console.print(table)
+    to.print(table)
 
 
 def _step_terms(info) -> str:
@@ -76,7 +78,8 @@ class _LogLines:
     nothing: a plain, flushed line every ``every`` steps and at each epoch's last, with the loss
     terms, images per second and the time left."""
 
-    def __init__(self, batch_size: int, every: int):
+    def __init__(self, batch_size: int, every: int, to: Console):
+        self.to = to
         self.batch_size = batch_size
         self.every = every
         self.started: tuple[int, int, float] | None = None  # (epoch, step, time) of the first step seen
@@ -92,17 +95,19 @@ class _LogLines:
         per_step = (now - self.started[2]) / max(done - 1, 1)  # the first step of the epoch is the clock's start
         left = (info.steps - info.step) + (info.epochs - info.epoch - 1) * info.steps
         _log(
+            self.to,
             f"epoch {info.epoch + 1}/{info.epochs} step {info.step}/{info.steps} {_step_terms(info)} "
-            f"lr {info.lr:.4g} {self.batch_size / per_step:.0f} images/s, {_clock(per_step * left)} left"
+            f"lr {info.lr:.4g} {self.batch_size / per_step:.0f} images/s, {_clock(per_step * left)} left",
         )
 
 
-def _log(line: str) -> None:
-    console.print(line, highlight=False, markup=False, soft_wrap=True)
-    console.file.flush()
+def _log(to: Console, line: str) -> None:
+    to.print(line, highlight=False, markup=False, soft_wrap=True)
+    to.file.flush()
 
 
-def _run_with_progress(job):
+def _run_with_progress(job, to: Console):
+    """Progress on ``to`` (stdout; stderr under --json): a bar on a terminal, plain lines in a log."""
     from manidp_cli.api import run
 
     def on_epoch(metrics) -> None:
@@ -111,11 +116,11 @@ def _run_with_progress(job):
             parts.append(f"eval FLOPs {metrics['eval_flops_ratio']:.3f} of dense")
         if "next_target" in metrics:
             parts.append(f"next target {metrics['next_target']:.3f}")
-        _log(f"epoch {int(metrics['epoch']) + 1}: " + ", ".join(parts))
+        _log(to, f"epoch {int(metrics['epoch']) + 1}: " + ", ".join(parts))
 
     steps = job.data.train.num_batches(job.recipe.batch_size, job.recipe.train_images)
-    if not console.is_terminal:
-        lines = _LogLines(job.recipe.batch_size, max(1, min(50, steps // 10)))
+    if not to.is_terminal:
+        lines = _LogLines(job.recipe.batch_size, max(1, min(50, steps // 10)), to)
         return run(job, on_step=lines.on_step, on_epoch=on_epoch)
     progress = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -124,7 +129,7 @@ def _run_with_progress(job):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[terms]}"),
-        console=console,
+        console=to,
         transient=False,
     )
     tasks: dict[int, int] = {}
@@ -140,13 +145,17 @@ def _run_with_progress(job):
         return run(job, on_step=on_step, on_epoch=on_epoch)
 
 
-def _print_result(result) -> None:
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        print_json(result)
     if result.interrupted:
-        console.print(
+        err_console.print(
             f"[yellow]interrupted[/]: checkpoint saved in {result.out_dir}"
             f"; continue with --resume --out {result.out_dir}"
         )
         raise typer.Exit(130)
+    if as_json:
+        return
     table = Table(title="result")
     table.add_column("")
     table.add_column("top-1", justify="right")
@@ -185,6 +194,7 @@ def train(
     amp: AmpOpt = None,
     channels_last: ChannelsLastOpt = None,
     resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train a dense starting point (plain cross-entropy) and export it as safetensors."""
     _train_or_prune(
@@ -194,6 +204,7 @@ def train(
         weights,
         out,
         resume,
+        as_json,
         data=data,
         epochs=epochs,
         batch_size=batch_size,
@@ -205,20 +216,21 @@ def train(
     )
 
 
-def _train_or_prune(command, model, recipe, weights, out, resume, **overrides) -> None:
+def _train_or_prune(command, model, recipe, weights, out, resume, as_json, **overrides) -> None:
     from manidp_cli.api import prepare
 
+    to = err_console if as_json else console
     job = None
     try:
         job = prepare(
             command, model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume
         )
-        _print_plan(job)
-        result = _run_with_progress(job)
+        _print_plan(job, to)
+        result = _run_with_progress(job, to)
     except KeyboardInterrupt:  # before the first step, or a second Ctrl-C: say what is left
         _print_abort(job)
         raise typer.Exit(130) from None
-    _print_result(result)
+    _print_result(result, as_json)
 
 
 def _print_abort(job) -> None:
@@ -259,6 +271,7 @@ def prune(
     amp: AmpOpt = None,
     channels_last: ChannelsLastOpt = None,
     resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Insert ManiDP gates, fine-tune to a FLOPs target and export safetensors plus reports.
 
@@ -271,6 +284,7 @@ def prune(
         weights,
         out,
         resume,
+        as_json,
         target_flops=target_flops,
         data=data,
         epochs=epochs,
