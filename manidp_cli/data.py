@@ -389,17 +389,23 @@ def load_cifar(directory: Path, classes_count: int) -> ImageData:
     )
 
 
+# the split folder names timm's ImageFolder datasets accept, in the order they are looked for
+FOLDER_SPLITS = {"train": ("train", "training"), "val": ("val", "validation", "valid", "eval", "evaluation", "test")}
+
+
 def load_image_folder(directory: Path, model_name: str | None, workers: int = 2) -> ImageData:
-    """``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` with timm's transforms for ``model_name``."""
+    """``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or another of ``FOLDER_SPLITS``' names) with
+    timm's transforms for ``model_name``."""
     from timm.data import create_transform, resolve_data_config
     from timm.models import get_pretrained_cfg
 
     splits = {}
-    for split in ("train", "val"):
-        path = directory / split
-        if not is_dir(path, "image folder"):
+    for split, names in FOLDER_SPLITS.items():
+        path = next((directory / name for name in names if is_dir(directory / name, "image folder")), None)
+        if path is None:
             raise DataError(
-                f"image folder {directory} has no {split}/ subfolder (expected {directory}/{split}/<class>/*.jpg)"
+                f"image folder {directory} has no {'/, '.join(names)}/ subfolder "
+                f"(expected {directory}/{names[0]}/<class>/*.jpg)"
             )
         splits[split] = path
     cfg = get_pretrained_cfg(model_name) if model_name else None
@@ -424,7 +430,7 @@ def load_image_folder(directory: Path, model_name: str | None, workers: int = 2)
     _, h, w = config["input_size"]
     return ImageData(
         f"imagefolder:{directory}",
-        f"image folder {directory} ({len(train)} train / {len(val)} val, {h} px)",
+        f"image folder {directory} ({len(train)} {splits['train'].name} / {len(val)} {splits['val'].name}, {h} px)",
         train,
         val,
         train.classes,

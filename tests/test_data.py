@@ -102,8 +102,19 @@ def test_bad_specs_are_clear_errors(spec, message):
 
 def test_image_folder_without_val(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="has no val/ subfolder"):
+    with pytest.raises(DataError, match="has no val/, validation/, valid/, eval/, evaluation/, test/ subfolder"):
         load_data(f"imagefolder:{tmp_path}")
+
+
+def test_image_folder_split_names_as_timm_accepts_them(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "0.png")
+    data = load_data(f"imagefolder:{tmp_path}", model_name="resnet18")
+    assert data.classes == ["cat", "dog"] and "2 train / 2 validation" in data.description
 
 
 def test_limit_takes_a_fresh_random_subset_each_epoch():
