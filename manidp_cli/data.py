@@ -7,8 +7,9 @@
 - ``fashion-mnist`` or ``fashion-mnist:DIR``: the full Fashion-MNIST from Debian's
   ``dataset-fashion-mnist`` package (or IDX files in DIR);
 - ``cifar10:DIR`` / ``cifar100:DIR``: CIFAR in its binary (non-pickle) distribution format;
-- ``imagefolder:DIR`` or just ``DIR``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` read with
-  timm's transforms for the model's pretrained configuration.
+- ``imagefolder:DIR`` or just ``DIR``: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or
+  ``validation/``, ``test/`` and timm's other split names: ``FOLDER_SPLITS``) read with timm's
+  transforms for the model's pretrained configuration.
 
 Batches come from ``ImageSet.batches(...)``; the order and augmentation of a training epoch are a
 pure function of (seed, epoch), which is what makes an interrupted run resumable exactly.
@@ -421,7 +422,7 @@ def load_image_folder(directory: Path, model_name: str | None, workers: int = 2)
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"cannot read image folder {directory}: {exc}") from exc
     if train.classes != val.classes:
-        raise DataError(f"{directory}: train/ and val/ have different class folders")
+        raise DataError(f"{directory}: {splits['train'].name}/ and {splits['val'].name}/ have different class folders")
     if len(train.classes) < 2:  # one class trains to "top-1 1.0" and learns nothing
         raise DataError(
             f"image folder {directory} has {len(train.classes)} class folder ({capped(train.classes[0])})"
