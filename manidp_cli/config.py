@@ -306,6 +306,25 @@ def explicit_settings(path: str | Path | None = None, overrides: dict[str, Any] 
     return _merge(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
 
 
+def with_dotted_overrides(flags: dict[str, Any], pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``flags`` (named command-line options; None = not given) merged over ``KEY=VALUE`` pairs whose
+    dotted keys name any recipe setting (``loss.lambda_sim=0.2``); values are YAML (``0.2``, ``true``,
+    ``[a, b]``). A named flag wins over a pair that sets the same key."""
+    dotted: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise RecipeError(
+                f"-o {capped(repr(pair))}: expected KEY=VALUE with a dotted recipe key, e.g. -o loss.lambda_sim=0.2"
+            )
+        nested: Any = parse_yaml(text, f"-o {capped(key)}")
+        for part in reversed(parts):
+            nested = {part: nested}
+        dotted = _merge(dotted, nested)
+    return _merge(dotted, {k: v for k, v in flags.items() if v is not None})
+
+
 def validate_recipe(raw: Any, source: str) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source} must be a mapping of keys to values, got {type(raw).__name__}")

@@ -104,11 +104,14 @@ def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
             str(dense / "model.safetensors"),
             "--recipe",
             str(recipe),
+            "-o",
+            "loss.lambda_sim=0.02",
             "--out",
             str(pruned),
         ],
     )
     assert result.exit_code == 0, result.output
+    assert "lambda_sim: 0.02" in (pruned / "recipe.yaml").read_text()
     for text in ("dense cost", "gated convolutions", "target", "before", "after"):
         assert text in result.output
     assert (pruned / "report.json").is_file()

@@ -79,3 +79,19 @@ def test_input_gates_with_a_codebook_is_a_clear_error(tmp_path):
     path.write_text("epochs: 3\nschedule:\n  hold_epochs: 2\ngates:\n  inputs: true\ncodebook:\n  entries: 4\n")
     with pytest.raises(RecipeError, match=r"codebook.entries \(4\) needs gates.inputs: false"):
         load_recipe(path)
+
+
+def test_dotted_overrides_reach_any_key_and_named_flags_win():
+    from manidp_cli.config import with_dotted_overrides
+
+    overrides = with_dotted_overrides(
+        {"epochs": 2, "optimizer": {"lr": 0.2}, "seed": None},
+        ["loss.lambda_sim=0.2", "gates.exclude=[layer4.*]", "optimizer.lr=0.5", "optimizer.nesterov=false"],
+    )
+    recipe = load_recipe(None, overrides)
+    assert recipe.loss.lambda_sim == 0.2 and recipe.gates.exclude == ("layer4.*",)
+    assert recipe.optimizer.lr == 0.2 and recipe.optimizer.nesterov is False and recipe.epochs == 2
+    with pytest.raises(RecipeError, match=r"-o 'lambda_sim': expected KEY=VALUE"):
+        with_dotted_overrides({}, ["lambda_sim"])
+    with pytest.raises(RecipeError, match=r"unknown key 'loss.lamda_sim'"):
+        load_recipe(None, with_dotted_overrides({}, ["loss.lamda_sim=1"]))

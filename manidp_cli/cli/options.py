@@ -32,3 +32,9 @@ ChannelsLastOpt = Annotated[
     Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels-last memory layout.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout; progress and notices go to stderr.")]
+OverrideOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--override", "-o", help="KEY=VALUE for any recipe setting, dotted (-o loss.lambda_sim=0.2); repeatable."
+    ),
+]

@@ -22,6 +22,7 @@ from manidp_cli.cli.options import (
     JsonOpt,
     LrOpt,
     OutOpt,
+    OverrideOpt,
     RecipeOpt,
     ResumeOpt,
     SeedOpt,
@@ -194,6 +195,7 @@ def train(
     amp: AmpOpt = None,
     channels_last: ChannelsLastOpt = None,
     resume: ResumeOpt = False,
+    override: OverrideOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a dense starting point (plain cross-entropy) and export it as safetensors."""
@@ -205,6 +207,7 @@ def train(
         out,
         resume,
         as_json,
+        override,
         data=data,
         epochs=epochs,
         batch_size=batch_size,
@@ -216,11 +219,13 @@ def train(
     )
 
 
-def _train_or_prune(command, model, recipe, weights, out, resume, as_json, **overrides) -> None:
+def _train_or_prune(command, model, recipe, weights, out, resume, as_json, pairs, **flags) -> None:
     from manidp_cli.api import prepare
+    from manidp_cli.config import with_dotted_overrides
 
     to = err_console if as_json else console
     job = None
+    overrides = with_dotted_overrides(flags, pairs or [])
     try:
         job = prepare(
             command, model, recipe_path=recipe, overrides=overrides, weights=weights, out_dir=out, resume=resume
@@ -271,6 +276,7 @@ def prune(
     amp: AmpOpt = None,
     channels_last: ChannelsLastOpt = None,
     resume: ResumeOpt = False,
+    override: OverrideOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Insert ManiDP gates, fine-tune to a FLOPs target and export safetensors plus reports.
@@ -285,6 +291,7 @@ def prune(
         out,
         resume,
         as_json,
+        override,
         target_flops=target_flops,
         data=data,
         epochs=epochs,
