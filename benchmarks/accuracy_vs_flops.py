@@ -118,26 +118,23 @@ def plan(args) -> list[dict]:
     """Every arm to run, most important first: the main arms' seeds at the smallest budget, then the
     other arms, then the larger budgets."""
     specs = []
-    budgets = sorted(args.budgets)
-    for budget in budgets:
+    for budget in sorted(args.budgets):
         targets = sorted(args.targets, key=lambda t: abs(t - 0.3))  # 0.30 first: the issue's key cell
-        for seed in args.seeds:
-            for target in targets:
-                specs += [
-                    {"arm": arm, "target": target, "seed": seed, "budget": budget}
-                    for arm in MAIN_ARMS
-                    if arm in args.arms
-                ]
+        specs += _specs([a for a in MAIN_ARMS if a in args.arms], args.seeds, targets, budget)
         if "dense" in args.arms:
             specs.append({"arm": "dense", "target": 1.0, "seed": 0, "budget": budget})
-        for seed in args.ablation_seeds:
-            for target in targets:
-                specs += [
-                    {"arm": arm, "target": target, "seed": seed, "budget": budget}
-                    for arm in ABLATION_ARMS
-                    if arm in args.arms
-                ]
+        specs += _specs([a for a in ABLATION_ARMS if a in args.arms], args.ablation_seeds, targets, budget)
     return specs
+
+
+def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int) -> list[dict]:
+    """Seed by seed, target by target, every arm."""
+    return [
+        {"arm": arm, "target": target, "seed": seed, "budget": budget}
+        for seed in seeds
+        for target in targets
+        for arm in arms
+    ]
 
 
 def arm_key(spec: dict, args) -> str:
