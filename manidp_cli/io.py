@@ -177,7 +177,7 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, LoadedExport]:
     if metadata.get("kind") == "pruned":
         policy = GatePolicy.model_validate(metadata["gate_policy"])
         gates = insert_gates(model, policy, input_shape=tuple(metadata["input_shape"]))
-        if sorted(gates.by_conv()) != sorted(metadata["gated_layers"]):
+        if sorted(gates.by_name()) != sorted(metadata["gated_layers"]):
             raise WeightsError(f"{file}: the gate policy no longer selects the exported layers")
     try:
         state = load_file(str(file))

@@ -56,7 +56,7 @@ class ExecutionCheck:
 
 def check_execution(model: nn.Module, fast: nn.Module, images: torch.Tensor) -> ExecutionCheck:
     """Assert 1-3 above for ``images`` (one image, or a batch) run through ``fast`` at once."""
-    gates = gates_of(model).by_conv()
+    gates = gates_of(model).by_name()
     reference = reference_run(model, images)
     output, own = run_with_decisions(fast, images, forced=reference.decisions)
     difference = float((output - reference.logits).abs().max())

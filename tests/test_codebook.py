@@ -171,7 +171,7 @@ def test_entry_scores_are_the_same_numbers_for_a_batch_and_for_each_image():
 
 def test_a_producer_entry_of_every_channel_still_selects_the_packed_weights():
     model = _snapped("resnet18")
-    gate = gates_of(model).by_conv()["layer1.0.conv1"]
+    gate = gates_of(model).by_name()["layer1.0.conv1"]
     half = torch.zeros(gate.out_channels)
     half[::2] = 1
     gate.codebook = torch.stack([torch.ones(gate.out_channels), half])
@@ -184,7 +184,7 @@ def test_a_producer_entry_of_every_channel_still_selects_the_packed_weights():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_a_codebook_layer_after_a_free_mask_producer_gathers_its_entry_to_the_narrow_input(channels_last):
     model = _snapped("resnet18")
-    producer = gates_of(model).by_conv()["layer1.0.conv1"]
+    producer = gates_of(model).by_name()["layer1.0.conv1"]
     producer.codebook = torch.zeros(0, producer.out_channels)  # free masks again: its output is narrow per image
     fast = dynamic_model(model, (3, 64, 64))
     consumer = fast.get_submodule("layer1.0.conv2")
@@ -212,7 +212,7 @@ def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense
     assert result.history[0]["codebook_entries"] > 1 and "codebook_entries" not in result.history[1]
     assert abs(result.after.flops.mean_ratio - 0.5) < 0.1
     model, _ = load_pruned(tmp_path / "cb")
-    gates = gates_of(model).by_conv()
+    gates = gates_of(model).by_name()
     assert all(g.snaps and 1 <= g.codebook.shape[0] <= 3 for g in gates.values())
     assert all(int(w) % 4 == 0 or int(w) == g.out_channels for g in gates.values() for w in g.codebook.sum(1))
     fast = dynamic_model(model, (1, 32, 32))

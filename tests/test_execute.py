@@ -101,7 +101,7 @@ def test_static_slimming_removes_never_kept_channels(tmp_path):
     from manidp_cli.runtime.slimming import mask_statistics, save_static, slim
 
     model, gates = _pruned("resnet18")
-    gate = gates.by_conv()["layer1.0.conv1"]
+    gate = gates.by_name()["layer1.0.conv1"]
     with torch.no_grad():
         gate.fc2.bias[:16] = -1.0  # saliency 0: these channels are never kept
     batches = [torch.randn(4, 3, 64, 64) for _ in range(2)]

@@ -43,7 +43,7 @@ def test_unpruned_dynamic_flops_equal_dense_plus_gates(resnet18):
 
 def test_halving_one_layer_halves_it_and_the_next_layers_inputs(resnet18):
     model, gates, table = resnet18
-    gate = gates.by_conv()["layer1.0.conv1"]
+    gate = gates.by_name()["layer1.0.conv1"]
     original_bias = gate.fc2.bias.detach().clone()
     with torch.no_grad():
         gate.fc2.bias.copy_(torch.tensor([1.0, 0.5] * 32))  # saliency = bias (zero weights)
@@ -132,7 +132,7 @@ class _ReluZeroes(nn.Module):
 def test_channels_a_relu_zeroes_count_as_computed():
     model = _ReluZeroes().eval()
     gates = insert_gates(model, input_shape=(3, 8, 8))
-    assert set(gates.by_conv()) == {"conv1", "conv2"}
+    assert set(gates.by_name()) == {"conv1", "conv2"}
     table = count_flops(model, (3, 8, 8))
     assert {layer.name: layer.input_producer for layer in table.convs()} == {
         "stem.0": None,
@@ -147,7 +147,7 @@ def test_channels_a_relu_zeroes_count_as_computed():
     assert stats.per_image == [float(table.total_flops)] * 4
     # a gate that switches off conv1's channels 4..7 removes them from conv2's inputs as well
     conv2_dense = {layer.name: layer for layer in table.convs()}["conv2"].dense_flops
-    gate = gates.by_conv()["conv1"]
+    gate = gates.by_name()["conv1"]
     with torch.no_grad():
         gate.fc2.bias.copy_(torch.tensor([1.0] * 4 + [0.5] * 4))  # saliency = bias (zero weights)
     gates.set_thresholds({"conv1": 0.75})
@@ -167,8 +167,8 @@ def test_an_input_gate_skips_its_convolutions_inputs_and_nothing_else():
     assert producers["layer1.0.conv1"] == "layer1.0.conv1:in"
     assert producers["layer1.0.conv2"] == "layer1.0.conv1"
     assert producers["conv1"] is None and producers["layer2.0.downsample.0"] is None
-    assert "conv1:in" not in gates.by_conv()  # the stem reads the image
-    gate = gates.by_conv()["layer1.0.conv1:in"]
+    assert "conv1:in" not in gates.by_name()  # the stem reads the image
+    gate = gates.by_name()["layer1.0.conv1:in"]
     with torch.no_grad():
         gate.fc2.bias.copy_(torch.tensor([1.0] * 32 + [0.5] * 32))  # saliency = bias (zero weights)
     gates.set_thresholds({"layer1.0.conv1:in": 0.75})

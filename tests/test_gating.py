@@ -46,7 +46,7 @@ def test_family_contract(name):
         gates.set_thresholds(medians)
         pruned = dense(images)
         kept = rec.active_outputs()
-    assert set(kept) == set(gates.by_conv())
+    assert set(kept) == set(gates.by_name())
     fractions = torch.stack([k.float().mean() for k in kept.values()])
     assert 0.2 < float(fractions.mean()) < 0.8
     assert (pruned - expected).abs().max() > 1e-3 * expected.abs().max()
@@ -55,13 +55,13 @@ def test_family_contract(name):
 def test_default_policy_on_resnet18():
     model = timm.create_model("resnet18", pretrained=False)
     gates = insert_gates(model, input_shape=(3, 32, 32))
-    names = set(gates.by_conv())
+    names = set(gates.by_name())
     assert "conv1" not in names
     assert not any("downsample" in n for n in names)
     assert len(names) == 16
-    gate = gates.by_conv()["layer1.0.conv1"]
+    gate = gates.by_name()["layer1.0.conv1"]
     assert gate.fc1.out_features == 64  # r = 1 below 80 output channels
-    assert gates.by_conv()["layer2.0.conv1"].fc1.out_features == 64  # 128 / r=2
+    assert gates.by_name()["layer2.0.conv1"].fc1.out_features == 64  # 128 / r=2
     assert float(gate.threshold) == float("-inf")
     assert gates_of(model) is gates
 
@@ -69,14 +69,14 @@ def test_default_policy_on_resnet18():
 def test_policy_include_exclude_and_depthwise():
     model = timm.create_model("resnet18", pretrained=False)
     policy = GatePolicy(include=("layer1.*", "layer2.*"), exclude=("*.conv2",))
-    names = set(insert_gates(model, policy, input_shape=(3, 32, 32)).by_conv())
+    names = set(insert_gates(model, policy, input_shape=(3, 32, 32)).by_name())
     assert names == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.1.conv1"}
 
-    kept = set(insert_gates(timm.create_model("mobilenetv2_050"), input_shape=(3, 32, 32)).by_conv())
+    kept = set(insert_gates(timm.create_model("mobilenetv2_050"), input_shape=(3, 32, 32)).by_name())
     skipped = set(
         insert_gates(
             timm.create_model("mobilenetv2_050"), GatePolicy(depthwise="skip"), input_shape=(3, 32, 32)
-        ).by_conv()
+        ).by_name()
     )
     assert "blocks.1.0.conv_dw" in kept and "blocks.1.0.conv_dw" not in skipped
     assert skipped < kept
@@ -89,7 +89,7 @@ def test_policy_rejects_unknown_keys():
 
 def test_mask_goes_before_a_fused_activation():
     model = timm.create_model("efficientnet_b0", pretrained=False)
-    gate = insert_gates(model, input_shape=(3, 32, 32)).by_conv()["blocks.1.0.conv_pw"]
+    gate = insert_gates(model, input_shape=(3, 32, 32)).by_name()["blocks.1.0.conv_pw"]
     assert gate.mask_site == "blocks.1.0.bn1.act" and gate.mask_site_kind == "input"
 
 
@@ -114,7 +114,7 @@ def test_gates_twice_is_an_error():
 
 def test_saliency_formula_and_mask():
     model = timm.create_model("resnet18", pretrained=False)
-    gate = insert_gates(model, input_shape=(3, 32, 32)).by_conv()["layer1.0.conv1"]
+    gate = insert_gates(model, input_shape=(3, 32, 32)).by_name()["layer1.0.conv1"]
     nn.init.normal_(gate.fc2.weight)
     x = torch.randn(2, 64, 8, 8)
     hand = torch.relu(gate.fc2(torch.relu(gate.fc1(x.mean((2, 3)))))).clamp(max=1000.0)

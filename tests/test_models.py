@@ -182,6 +182,6 @@ def test_cifar_resnet_gates_both_convolutions_of_every_block():
     with torch.no_grad():
         expected = model(images)
     gates = insert_gates(model, input_shape=(1, 32, 32))
-    assert len(gates) == 18 and "conv1" not in gates.by_conv()  # 9 blocks x 2, stem skipped
+    assert len(gates) == 18 and "conv1" not in gates.by_name()  # 9 blocks x 2, stem skipped
     with torch.no_grad():
         assert torch.allclose(model(images), expected, atol=1e-5)

@@ -18,7 +18,7 @@ def test_records_saliency_and_features_and_removes_hooks():
     with GateRecorder(model, features=True) as rec:
         logits = model(images)
     assert logits.shape == (2, 4)  # forward still returns logits only
-    assert set(rec.saliency) == set(gates.by_conv()) == set(rec.features)
+    assert set(rec.saliency) == set(gates.by_name()) == set(rec.features)
     assert rec.saliency["layer3.0.conv1"].shape == (2, 256)
     assert rec.features["layer3.0.conv1"].shape == (2, 256)
     assert rec.saliency["layer1.0.conv1"].requires_grad

@@ -361,7 +361,7 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
         meta["baseline"] = before
     if job.command == "prune":
         meta["gate_policy"] = job.recipe.gates.model_dump(mode="json")
-        meta["gated_layers"] = sorted(job.gates.by_conv())
+        meta["gated_layers"] = sorted(job.gates.by_name())
         stats = after.flops
         meta["signature"] = after.signature
         meta["flops"] = {

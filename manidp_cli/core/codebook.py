@@ -88,7 +88,7 @@ def build_codebook(
 def build_codebooks(model: nn.Module, batches, config: CodebookConfig, world: World = World()) -> dict[str, int]:
     """Learn and install a codebook in every gate of ``model`` from its saliencies on ``batches``
     under the current thresholds (eval mode); return the number of entries per layer."""
-    gates = gates_of(model).by_conv()
+    gates = gates_of(model).by_name()
     unset = [name for name, gate in gates.items() if not torch.isfinite(gate.threshold)]
     if unset:
         raise ManidpError(

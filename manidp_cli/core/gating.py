@@ -199,7 +199,7 @@ def entry_scores(saliency: torch.Tensor, columns: torch.Tensor, offsets: torch.T
 class GateSet(nn.ModuleDict):
     """All gates of a model, keyed by ``gate_key`` of their names."""
 
-    def by_conv(self) -> dict[str, SaliencyGate]:
+    def by_name(self) -> dict[str, SaliencyGate]:
         """Gate name (``SaliencyGate.name``: the convolution's, ':in' added for an input gate) -> gate."""
         return {gate.name: gate for gate in self.values()}
 
@@ -215,7 +215,7 @@ class GateSet(nn.ModuleDict):
         return {gate.name: float(gate.threshold) for gate in self.values()}
 
     def set_thresholds(self, thresholds: dict[str, float]) -> None:
-        gates = self.by_conv()
+        gates = self.by_name()
         unknown = set(thresholds) - set(gates)
         if unknown:
             raise KeyError(f"no gate for {sorted(unknown)}")

@@ -84,10 +84,10 @@ class GateRecorder:
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Gated conv name -> B x C_out mask (saliency where kept, 0 elsewhere)."""
-        gates = self.gates.by_conv()
+        gates = self.gates.by_name()
         return {name: gates[name].mask(s) for name, s in self.saliency.items()}
 
     def active_outputs(self) -> dict[str, torch.Tensor]:
         """Gated conv name -> B x C_out bool, True where the convolution computes the channel."""
-        gates = self.gates.by_conv()
+        gates = self.gates.by_name()
         return {name: gates[name].keep(s.detach()) for name, s in self.saliency.items()}

@@ -69,7 +69,7 @@ class ReferenceRun:
 def reference_run(model: nn.Module, images: torch.Tensor) -> ReferenceRun:
     """Run the masked model (eval mode) and record what each of its gates decided."""
 
-    gates = gates_of(model).by_conv()
+    gates = gates_of(model).by_name()
     with GateRecorder(model, detach=True) as recorder:
         logits = model(images)
     saliency = dict(recorder.saliency)
@@ -135,7 +135,7 @@ class DecisionAgreement:
             self.images_agreeing += 1
             return output, reference.logits
         _, forced_own = run_with_decisions(fast, image, forced=reference.image(0))
-        bounds = decision_flip_bounds(fast, reference, gates_of(model).by_conv())
+        bounds = decision_flip_bounds(fast, reference, gates_of(model).by_name())
         if near_tie_only(reference, 0, forced_own, bounds):
             self.images_at_near_ties += 1
         else:

@@ -525,7 +525,7 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
     a gated model's gates still mask (the masked path) and a dense model simply runs folded.
     """
     model = copy.deepcopy(model).eval()
-    gates = gates_of(model).by_conv() if has_gates(model) else {}
+    gates = gates_of(model).by_name() if has_gates(model) else {}
     # Trace the network without its gates: their own ops read the same tensors and would hide
     # single-consumer chains (the conv -> norm pairs are the same either way).
     plain = model

@@ -129,7 +129,7 @@ class ManiDPObjective:
 
     def _zero_sums(self) -> dict[str, torch.Tensor]:
         """Per gated layer, a float64 zero per output channel: the start of every saliency sum."""
-        return {name: torch.zeros(g.out_channels, dtype=torch.float64) for name, g in self.gates.by_conv().items()}
+        return {name: torch.zeros(g.out_channels, dtype=torch.float64) for name, g in self.gates.by_name().items()}
 
     def _reset_window(self) -> None:
         self.window_sums = self._zero_sums()
