@@ -83,11 +83,11 @@ class GateRecorder:
         return hook
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """Gated conv name -> B x C_out mask (saliency where kept, 0 elsewhere)."""
+        """Gate name -> B x C mask (saliency where kept, 0 elsewhere)."""
         gates = self.gates.by_name()
         return {name: gates[name].mask(s) for name, s in self.saliency.items()}
 
     def active_outputs(self) -> dict[str, torch.Tensor]:
-        """Gated conv name -> B x C_out bool, True where the convolution computes the channel."""
+        """Gate name -> B x C bool, True where the channel is computed (an input gate's: read)."""
         gates = self.gates.by_name()
         return {name: gates[name].keep(s.detach()) for name, s in self.saliency.items()}

@@ -94,7 +94,8 @@ class FeedbackThresholds:
     sqrt(target / measured): FLOPs grow roughly with the square of the rate (a layer's kept outputs
     times the next layer's kept inputs). Thresholds come from exponential moving averages of each
     layer's per-channel mean saliency (``smoothing`` per update), so they follow the gates as they
-    learn. ``observe`` takes sums over all processes, so every process derives the same thresholds.
+    learn. ``update`` takes a window's means summed over all processes (the caller reduces them), so
+    every process derives the same thresholds.
     """
 
     target: float
