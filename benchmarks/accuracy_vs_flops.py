@@ -62,6 +62,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "feedback_every1": ("default.yaml", {"schedule": {"feedback_every": 1}}),
     "no_sparsity": ("default.yaml", {"loss": {"lambda_sparse": 0.0}}),
     "distill_only": ("default.yaml", {"loss": {"lambda_sparse": 0.0, "lambda_sim": 0.0}}),
+    "gate_lr10": ("default.yaml", {"optimizer": {"gate_lr_scale": 10.0}}),
+    "ramp30": ("default.yaml", {"schedule": {"ramp": 0.3}}),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd")
@@ -180,9 +182,9 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
         "train_images": spec["budget"] // 3,
         "seed": spec["seed"],
         "target_flops": spec["target"],
-        "optimizer": {"lr": args.lr},
+        **{section: values for section, values in changes.items() if section not in ("schedule", "optimizer")},
+        "optimizer": {"lr": args.lr, **changes.get("optimizer", {})},
         "schedule": {"calibration_images": 1024, "search_steps": 16, **changes.get("schedule", {})},
-        **{section: values for section, values in changes.items() if section != "schedule"},
     }
     job = prepare("prune", MODEL, recipe_path=RECIPES / recipe, weights=start, out_dir=out, overrides=overrides)
     result = run(job)
