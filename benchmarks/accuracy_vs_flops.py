@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import statistics
 import time
@@ -64,6 +65,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "distill_only": ("default.yaml", {"loss": {"lambda_sparse": 0.0, "lambda_sim": 0.0}}),
     "gate_lr10": ("default.yaml", {"optimizer": {"gate_lr_scale": 10.0}}),
     "ramp30": ("default.yaml", {"schedule": {"ramp": 0.3}}),
+    "allocation05": ("default.yaml", {"schedule": {"allocation": 0.5}}),
+    "allocation1": ("default.yaml", {"schedule": {"allocation": 1.0}}),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd")
@@ -139,6 +142,15 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
     ]
 
 
+# recipe lines added after arms were cached, whose shown value reproduces the earlier behaviour
+# exactly: left out of the key so that those arms stay current
+NO_OP_RECIPE_LINES = re.compile(r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0)\b.*\n", re.MULTILINE)
+
+
+def _recipe_identity(path: Path) -> str:
+    return NO_OP_RECIPE_LINES.sub("", path.read_text())
+
+
 def arm_key(spec: dict, args) -> str:
     settings = {
         **spec,
@@ -153,7 +165,7 @@ def arm_key(spec: dict, args) -> str:
         recipe, changes = MANIDP_ARMS[spec["arm"]]
         # the loss-only overrides of the first arms were hashed bare; keep their keys (cached arms)
         hashed = changes.get("loss", {}) if set(changes) <= {"loss"} else changes
-        settings["recipe"] = (RECIPES / recipe).read_text() + json.dumps(hashed, sort_keys=True)
+        settings["recipe"] = _recipe_identity(RECIPES / recipe) + json.dumps(hashed, sort_keys=True)
     if spec["arm"] == "static_kd":
         settings["distill"] = DISTILL
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

@@ -97,6 +97,14 @@ class OptimizerConfig(_Section):
     gate_weight_decay: float = Field(0.0, ge=0)
     gate_lr_scale: float = Field(1.0, gt=0, description="the gates' learning rate over the network's")
     min_lr: float = Field(0.0, ge=0)
+    # linear warm-up, then the cosine over the remaining steps (large global batches need it)
+    warmup_epochs: float = Field(0.0, ge=0)
+    lr_batch: int | None = Field(
+        None,
+        gt=0,
+        description="the global batch that lr is meant for; lr scales linearly with the actual global batch "
+        "(batch_size x processes). null: lr as it is, whatever the batch",
+    )
 
 
 class LossConfig(_Section):
@@ -139,6 +147,13 @@ class ScheduleConfig(_Section):
     )
     calibration_images: int = Field(1024, ge=1)
     search_steps: int = Field(24, ge=1)
+    allocation: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="per-layer remain rates proportional to (FLOPs a layer's gate decides) ** -allocation: "
+        "layers whose channels decide more FLOPs keep a smaller share (0: one rate for every layer, method.md)",
+    )
 
 
 class Recipe(_Section):

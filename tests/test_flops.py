@@ -7,7 +7,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from manidp_cli.config import GatePolicy
-from manidp_cli.core.flops import CostTable, LayerCost, conv_dynamic_flops, count_flops, measure_flops
+from manidp_cli.core.flops import (
+    CostTable,
+    LayerCost,
+    conv_dynamic_flops,
+    count_flops,
+    decided_flops,
+    measure_flops,
+)
 from manidp_cli.core.gating import insert_gates
 
 
@@ -63,6 +70,15 @@ def test_halving_one_layer_halves_it_and_the_next_layers_inputs(resnet18):
     assert layers["layer1.1.conv1"].dynamic_flops == dense  # the residual add refills the channels
     assert stats.mean_flops == table.total_flops - dense
     assert stats.channel_keep_frequency["layer1.0.conv1"][:4] == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_a_gate_decides_its_convolution_and_the_inputs_it_feeds(resnet18):
+    model, gates, table = resnet18
+    decided = decided_flops(table)
+    conv = 3 * 3 * 16 * 16 * 64 * 64
+    assert decided["layer1.0.conv1"] == 2 * conv  # its outputs, and conv2's inputs
+    assert decided["layer1.0.conv2"] == conv  # the residual add: nothing downstream follows its mask
+    assert set(decided) == set(gates.by_name())
 
 
 def test_cost_table_round_trips_through_a_dict(resnet18):

@@ -3,7 +3,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from manidp_cli.core.schedule import flops_target, search_remain_rate, thresholds_for_remain_rate
+from manidp_cli.core.schedule import (
+    cost_weighted_scales,
+    flops_target,
+    search_remain_rate,
+    thresholds_for_remain_rate,
+)
 
 
 def test_flops_target_runs_a_cosine_from_one_to_final_and_holds():
@@ -29,6 +34,21 @@ def test_thresholds_for_remain_rate():
     # beyond 1 the threshold moves from the smallest mean down to 0
     assert thresholds_for_remain_rate(means, 1.5) == pytest.approx({"a": 0.05, "b": 0.5})
     assert thresholds_for_remain_rate(means, 2.0) == pytest.approx({"a": 0.0, "b": 0.0})
+
+
+def test_layer_scales_set_each_layers_own_rate():
+    means = {"a": torch.tensor([0.1, 0.4, 0.3, 0.2]), "b": torch.tensor([5.0, 1.0])}
+    # a at 0.5 * 0.5 keeps its top channel; b at 0.5 * 3 = 1.5 continues below its smallest mean
+    assert thresholds_for_remain_rate(means, 0.5, {"a": 0.5, "b": 3.0}) == pytest.approx({"a": 0.4, "b": 0.5})
+    assert thresholds_for_remain_rate(means, 0.5, {"a": 1.0}) == thresholds_for_remain_rate(means, 0.5)
+
+
+def test_cost_weighted_scales_give_costlier_layers_smaller_shares():
+    flops = {"cheap": 100.0, "middle": 400.0, "dear": 1600.0}
+    assert cost_weighted_scales(flops, 0.0) == {"cheap": 1.0, "middle": 1.0, "dear": 1.0}
+    scales = cost_weighted_scales(flops, 0.5)
+    assert scales == pytest.approx({"cheap": 2.0, "middle": 1.0, "dear": 0.5})  # around the geometric mean
+    assert cost_weighted_scales(flops, 1.0)["dear"] == pytest.approx(0.25)
 
 
 def test_search_finds_the_rate_of_a_monotone_measure():

@@ -7,8 +7,9 @@ from helpers import prune_tiny
 from safetensors.torch import load_file, save_file
 
 from manidp_cli.api.jobs import prepare, run
+from manidp_cli.config import OptimizerConfig
 from manidp_cli.io import load_pruned, read_metadata
-from manidp_cli.training.engine import cosine_lr
+from manidp_cli.training.engine import cosine_lr, peak_lr, scheduled_lr
 
 
 def test_cosine_lr():
@@ -115,3 +116,88 @@ def test_input_gated_prune_exports_loads_and_runs_dynamically(tiny_fashion, dens
     evaluated = evaluate_export(result.out_dir, dynamic=True)
     assert evaluated.flops.mean / evaluated.flops.dense == pytest.approx(result.after.flops.mean_ratio)
     assert evaluated.dynamic_execution.prediction_agreement >= 0.95
+
+
+def test_warmup_rises_linearly_then_follows_the_cosine():
+    lrs = [scheduled_lr(step, 10, 0.4, warmup=4) for step in range(11)]
+    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert lrs[4] == pytest.approx(0.4) and lrs[7] == pytest.approx(0.2) and lrs[10] == pytest.approx(0.0)
+    assert scheduled_lr(3, 10, 0.4) == cosine_lr(3, 10, 0.4)
+
+
+@pytest.mark.parametrize(
+    ("lr_batch", "batch", "processes", "expected"),
+    [(None, 128, 1, 0.1), (None, 128, 8, 0.1), (256, 128, 1, 0.05), (256, 128, 4, 0.2), (256, 256, 8, 0.8)],
+)
+def test_peak_lr_scales_with_the_global_batch(lr_batch, batch, processes, expected):
+    assert peak_lr(OptimizerConfig(lr=0.1, lr_batch=lr_batch), batch, processes) == pytest.approx(expected)
+
+
+def _tiny_fit(tiny_fashion, config: OptimizerConfig, **kwargs):
+    from manidp_cli.data import load_data
+    from manidp_cli.training.engine import fit
+    from manidp_cli.training.objectives import CrossEntropyObjective
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, stride=4), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(10)
+    )
+    data = load_data(tiny_fashion)
+    lrs = []
+    model(next(data.train.batches(2))[0])  # materialise the lazy layer
+    result = fit(
+        model,
+        data,
+        CrossEntropyObjective(),
+        epochs=2,
+        batch_size=16,
+        optimizer_config=config,
+        on_step=lambda info: lrs.append(info.lr),
+        **kwargs,
+    )
+    return model, result, lrs
+
+
+def test_fit_warms_up_over_the_first_epoch(tiny_fashion):
+    _, _, lrs = _tiny_fit(tiny_fashion, OptimizerConfig(lr=0.1, warmup_epochs=1.0))
+    half = len(lrs) // 2
+    assert lrs[:half] == sorted(lrs[:half]) and lrs[0] < 0.1 / half + 1e-9
+    assert lrs[half - 1] == pytest.approx(0.1) and lrs[half:] == sorted(lrs[half:], reverse=True)
+
+
+def test_fp16_autocast_trains_with_loss_scaling(tiny_fashion, tmp_path, monkeypatch):
+    """Where a GPU has no bf16, autocast runs in fp16 and the engine scales the loss (the scaler's
+    state is checkpointed, so a resumed run keeps its scale)."""
+    from manidp_cli.training import engine
+    from manidp_cli.training.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(engine, "autocast_dtype", lambda device: torch.float16)
+    checkpoint = tmp_path / "checkpoint.pt"
+    model, result, _ = _tiny_fit(
+        tiny_fashion, OptimizerConfig(lr=0.05), amp=True, checkpoint_path=checkpoint, extra_state=_RUN
+    )
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.history[-1]["train_ce"] < result.history[0]["train_ce"] * 1.5
+    assert load_checkpoint(checkpoint)["scaler"]["scale"] > 0
+
+
+_RUN = {"kind": "train", "recipe": "", "model": "tiny", "weights": ""}
+
+
+def test_cost_weighted_allocation_keeps_fewer_of_the_dearer_channels(tiny_fashion, dense_weights, tmp_path):
+    """schedule.allocation > 0: the layer whose gate decides the most FLOPs keeps a smaller share of
+    its channels, relative to the one that decides the least, than with one rate for all; the
+    target is met either way."""
+    from manidp_cli.core.flops import count_flops, decided_flops
+
+    shares = {}
+    for allocation in (0.0, 1.0):
+        out = tmp_path / f"allocation-{allocation}"
+        schedule = {"schedule": {"allocation": allocation}}
+        result = prune_tiny(out, tiny_fashion, weights=dense_weights, overrides=schedule)
+        assert abs(result.after.flops.mean_ratio - 0.5) / 0.5 < 0.05
+        model, info = load_pruned(out)
+        decided = decided_flops(count_flops(model, info.input_shape))
+        dearest, cheapest = max(decided, key=decided.get), min(decided, key=decided.get)
+        keep = {layer.name: layer.keep_ratio_out for layer in result.after.flops.layers}
+        shares[allocation] = keep[dearest] / keep[cheapest]
+    assert shares[1.0] < 0.8 * shares[0.0], shares

@@ -25,10 +25,10 @@ from torch import nn
 from manidp_cli.analysis.evaluation import Evaluation, evaluate
 from manidp_cli.config import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
 from manidp_cli.core.distributed import World, joined
-from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops
+from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops, decided_flops
 from manidp_cli.core.gating import GateSet, insert_gates
 from manidp_cli.core.losses import ManiDPLoss
-from manidp_cli.core.schedule import FeedbackThresholds
+from manidp_cli.core.schedule import FeedbackThresholds, cost_weighted_scales
 from manidp_cli.data import SPEC_FORMS, ImageData, load_data
 from manidp_cli.errors import DataError, ManidpError, OutputError, TargetError
 from manidp_cli.files import atomic_write_text, remove_stale_temporaries, run_folder_lock
@@ -310,11 +310,16 @@ def _objective(job: Job, world: World):
         )
     ]
     schedule = recipe.schedule
+    layer_scales = cost_weighted_scales(decided_flops(job.table), schedule.allocation)
     feedback = None
     if schedule.mode == "feedback":
         steps = recipe.epochs * job.data.train.num_batches(recipe.batch_size, recipe.train_images, shard)
         feedback = FeedbackThresholds(
-            recipe.target_flops, round(schedule.ramp * steps), schedule.feedback_every, schedule.feedback_smoothing
+            recipe.target_flops,
+            round(schedule.ramp * steps),
+            schedule.feedback_every,
+            schedule.feedback_smoothing,
+            layer_scales,
         )
     objective = ManiDPObjective(
         job.gates,
@@ -329,6 +334,7 @@ def _objective(job: Job, world: World):
         codebook=recipe.codebook,
         world=world,
         feedback=feedback,
+        layer_scales=layer_scales,
     )
     if recipe.loss.distill_weight > 0:
         teacher = job.teacher.to(world.device)

@@ -43,15 +43,17 @@ def calibrate_thresholds(
     target: float,
     steps: int = 24,
     world: World | None = None,
+    layer_scales: dict[str, float] | None = None,
 ) -> RateSearch:
     """Set the gates' thresholds so that the measured mean FLOPs on ``batches`` meet ``target``
-    (bisection on a common remain rate, schedule.search_remain_rate); return the search result."""
+    (bisection on a common remain rate, schedule.search_remain_rate, each layer's rate scaled by
+    ``layer_scales``); return the search result."""
     gates = gates_of(model)
 
     def measure(rate: float) -> float:
-        gates.set_thresholds(thresholds_for_remain_rate(saliency_means, rate))
+        gates.set_thresholds(thresholds_for_remain_rate(saliency_means, rate, layer_scales))
         return measure_flops(model, table, batches, world).mean_ratio
 
     search = search_remain_rate(measure, target, steps=steps)
-    gates.set_thresholds(thresholds_for_remain_rate(saliency_means, search.remain_rate))
+    gates.set_thresholds(thresholds_for_remain_rate(saliency_means, search.remain_rate, layer_scales))
     return search

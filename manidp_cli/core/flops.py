@@ -109,6 +109,18 @@ class CostTable:
         return cls(tuple(data["input_shape"]), layers, data["total_flops"])
 
 
+def decided_flops(table: CostTable) -> dict[str, int]:
+    """Per gate, the dense FLOPs of the convolutions whose channels it decides: its own
+    convolution's (outputs), and those of every convolution whose active inputs it sets."""
+    decided: dict[str, int] = {}
+    for layer in table.convs():
+        if layer.gated:
+            decided[layer.name] = decided.get(layer.name, 0) + layer.dense_flops
+        if layer.input_producer is not None:
+            decided[layer.input_producer] = decided.get(layer.input_producer, 0) + layer.dense_flops
+    return decided
+
+
 def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTable:
     """Dense per-layer FLOPs of ``model`` (gated or not) for one C x H x W image, via fvcore."""
     param = next(model.parameters())

@@ -31,8 +31,11 @@ def flops_target(epoch: int, epochs: int, final: float, hold_epochs: int = 1) ->
     return final + (1.0 - final) * (1.0 + math.cos(math.pi * progress)) / 2.0
 
 
-def thresholds_for_remain_rate(mean_saliency: dict[str, torch.Tensor], remain_rate: float) -> dict[str, float]:
-    """Per-layer thresholds for a common remain rate r in [0, MAX_REMAIN_RATE].
+def thresholds_for_remain_rate(
+    mean_saliency: dict[str, torch.Tensor], remain_rate: float, layer_scales: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Per-layer thresholds for a common remain rate r in [0, MAX_REMAIN_RATE], layer l's rate
+    being r * ``layer_scales[l]`` (1 where not given: method.md's one rate for every layer).
 
     For r <= 1: tau_l = the k-th largest mean saliency of layer l, k = ceil(r * C_out), at least 1
     (method.md). Saliencies vary per image, so even r = 1 drops the channels an image rates below the
@@ -44,13 +47,24 @@ def thresholds_for_remain_rate(mean_saliency: dict[str, torch.Tensor], remain_ra
     for name, mean in mean_saliency.items():
         values = mean.float()
         channels = values.numel()
-        if remain_rate > 1:
-            fraction = min(remain_rate, MAX_REMAIN_RATE) - 1.0
+        rate = remain_rate * (layer_scales or {}).get(name, 1.0)
+        if rate > 1:
+            fraction = min(rate, MAX_REMAIN_RATE) - 1.0
             thresholds[name] = float(values.min()) * (1.0 - fraction)
             continue
-        k = min(channels, max(1, math.ceil(remain_rate * channels - 1e-9)))
+        k = min(channels, max(1, math.ceil(rate * channels - 1e-9)))
         thresholds[name] = float(torch.topk(values, k).values[-1])
     return thresholds
+
+
+def cost_weighted_scales(decided_flops: dict[str, float], exponent: float) -> dict[str, float]:
+    """Per-layer remain-rate scales (F_l / geometric mean of F) ** -exponent, F_l the FLOPs that
+    layer l's gate decides (``flops.decided_flops``): with exponent > 0 a layer whose channels
+    decide more FLOPs keeps a smaller share of them (0: one rate for every layer)."""
+    if exponent == 0 or not decided_flops:
+        return {name: 1.0 for name in decided_flops}
+    log_mean = sum(math.log(f) for f in decided_flops.values()) / len(decided_flops)
+    return {name: math.exp(-exponent * (math.log(f) - log_mean)) for name, f in decided_flops.items()}
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class FeedbackThresholds:
     ramp_steps: int
     every: int
     smoothing: float = 0.9
+    layer_scales: dict[str, float] | None = None  # thresholds_for_remain_rate's
     rate: float = 1.0
     means: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
@@ -127,7 +142,7 @@ class FeedbackThresholds:
             )
         target = self.target_at(self.steps)
         self.rate = min(MAX_REMAIN_RATE, max(1e-3, self.rate * math.sqrt(target / max(measured, 1e-6))))
-        return thresholds_for_remain_rate(self.means, self.rate)
+        return thresholds_for_remain_rate(self.means, self.rate, self.layer_scales)
 
     def state_dict(self) -> dict:
         return {"rate": self.rate, "means": dict(self.means), "steps": self.steps}

@@ -66,6 +66,7 @@ class Checkpointer:
         objective,
         world: World,
         extra_state: dict[str, Any] | None,
+        scaler: torch.amp.GradScaler | None = None,
     ):
         self.path = path
         self.model = model
@@ -73,6 +74,7 @@ class Checkpointer:
         self.objective = objective
         self.world = world
         self.extra_state = extra_state or {}
+        self.scaler = scaler  # fp16 loss scaling (the engine's; disabled under bf16 and fp32)
 
     def save(
         self,
@@ -98,6 +100,7 @@ class Checkpointer:
                 "global_step": global_step,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else {},
                 "per_rank": ranks,
                 "history": history,
                 "setup": setup_metrics,

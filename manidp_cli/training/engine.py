@@ -76,6 +76,27 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float = 0.0) -> float:
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+def scheduled_lr(step: int, total: int, peak: float, min_lr: float = 0.0, warmup: int = 0) -> float:
+    """Linear warm-up from peak / warmup to ``peak`` over the first ``warmup`` steps, then the cosine
+    from ``peak`` to ``min_lr`` over the remaining ones."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine_lr(step - warmup, total - warmup, peak, min_lr)
+
+
+def peak_lr(config: OptimizerConfig, batch_size: int, world_size: int) -> float:
+    """``config.lr`` scaled linearly from the global batch it is meant for (``lr_batch``) to the real
+    one, batch_size x processes (Goyal et al., 2017); without ``lr_batch``, ``lr`` as it is."""
+    if config.lr_batch is None:
+        return config.lr
+    return config.lr * batch_size * world_size / config.lr_batch
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device has it (every CPU, Ampere and later GPUs), fp16 elsewhere."""
+    return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+
 def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.SGD:
     """SGD with Nesterov momentum; weight decay on the network, ``gate_weight_decay`` on gates."""
     network, gates = [], []
@@ -181,22 +202,24 @@ class _Trainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model, self.config)
+        device = world.device
+        self.autocast_dtype = autocast_dtype(device)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and self.autocast_dtype == torch.float16)
         self.checkpointer = Checkpointer(
-            self.checkpoint_path, model, self.optimizer, objective, world, settings["extra_state"]
+            self.checkpoint_path, model, self.optimizer, objective, world, settings["extra_state"], self.scaler
         )
         self.shard = (world.rank, world.size)
         self.steps_per_epoch = data.train.num_batches(self.batch_size, self.train_limit, self.shard)
         self.total_steps = self.epochs * self.steps_per_epoch
+        self.peak_lr = peak_lr(self.config, self.batch_size, world.size)
+        self.warmup_steps = min(self.total_steps, round(self.config.warmup_epochs * self.steps_per_epoch))
         self.position = _Position()
         self.history: list[dict[str, float]] = []
         self.running = _new_running()
         self.setup_metrics: dict[str, float] = {}
-        self.lr = self.config.lr
+        self.lr = self.peak_lr
         self.trained: nn.Module = model
-        device = world.device
-        self.autocast_dtype = (
-            torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-        )
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a loaded checkpoint (``checkpoint.load_checkpoint``)."""
@@ -209,6 +232,8 @@ class _Trainer:
         mine = ranks[self.world.rank]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(mine["objective"])
         torch.set_rng_state(mine["rng"])
         self.position = _Position(state["epoch"], state["step"], state["global_step"])
@@ -248,15 +273,18 @@ class _Trainer:
         targets = targets.to(device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        self.lr = cosine_lr(self.position.global_step, self.total_steps, self.config.lr, self.config.min_lr)
+        self.lr = scheduled_lr(
+            self.position.global_step, self.total_steps, self.peak_lr, self.config.min_lr, self.warmup_steps
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
         with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.amp):
             logits, terms = self.objective.step(self.trained, images, targets)
         _check_loss(terms["loss"], self.world, f"epoch {epoch + 1}, step {step + 1}", self.lr, self.checkpoint_path)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        self.optimizer.step()
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.position.global_step += 1
         running = self.running
         running["seen"] += images.shape[0]

@@ -110,8 +110,10 @@ class ManiDPObjective:
         codebook: CodebookConfig = CodebookConfig(),
         world: World = World(),
         feedback: FeedbackThresholds | None = None,
+        layer_scales: dict[str, float] | None = None,
     ):
         self.gates = gates
+        self.layer_scales = layer_scales  # per-layer remain-rate scales (schedule.cost_weighted_scales)
         self.feedback = feedback
         self.table = table
         self.loss = loss
@@ -210,7 +212,14 @@ class ManiDPObjective:
 
     def calibrate(self, model: nn.Module, target: float, mean_saliency: dict[str, torch.Tensor]):
         return calibrate_thresholds(
-            model, self.table, mean_saliency, self.calibration_batches, target, self.search_steps, self.world
+            model,
+            self.table,
+            mean_saliency,
+            self.calibration_batches,
+            target,
+            self.search_steps,
+            self.world,
+            self.layer_scales,
         )
 
     def _reduce_epoch(self) -> None:
