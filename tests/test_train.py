@@ -201,3 +201,12 @@ def test_cost_weighted_allocation_keeps_fewer_of_the_dearer_channels(tiny_fashio
         keep = {layer.name: layer.keep_ratio_out for layer in result.after.flops.layers}
         shares[allocation] = keep[dearest] / keep[cheapest]
     assert shares[1.0] < 0.8 * shares[0.0], shares
+
+
+def test_the_teacher_is_checkpointed_once_not_per_process(pruned):
+    from manidp_cli.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(pruned.out_dir / "checkpoint.pt")
+    assert pruned.out_dir.joinpath("recipe.yaml").read_text().count("distill_weight: 1.0") == 1
+    assert set(state["shared"]["teacher"]) == set(timm.create_model("test_resnet", in_chans=1).state_dict())
+    assert all("teacher" not in rank["objective"] for rank in state["per_rank"])

@@ -102,6 +102,7 @@ class Checkpointer:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else {},
                 "per_rank": ranks,
+                "shared": self.objective.shared_state_dict(),
                 "history": history,
                 "setup": setup_metrics,
                 "extra": self.extra_state,

@@ -51,6 +51,11 @@ class Objective(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def shared_state_dict(self) -> dict[str, Any]:
+        """State that every process holds alike (a teacher): checkpointed once, not per process."""
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 @dataclass
 class StepInfo:
@@ -235,6 +240,7 @@ class _Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(mine["objective"])
+        self.objective.load_shared_state_dict(state.get("shared", {}))
         torch.set_rng_state(mine["rng"])
         self.position = _Position(state["epoch"], state["step"], state["global_step"])
         self.history = list(state["history"])

@@ -48,6 +48,12 @@ class CrossEntropyObjective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def shared_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
 
 class Distilled:
     """Any objective plus ``weight`` x distillation from a frozen ``teacher`` (the dense start):
@@ -78,13 +84,21 @@ class Distilled:
         return self.objective.end_epoch(model, epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        # the teacher travels with the checkpoint: a resumed run rebuilds its model from the
-        # checkpoint alone, not from the starting weights
-        return {"objective": self.objective.state_dict(), "teacher": self.teacher.state_dict()}
+        return {"objective": self.objective.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.teacher.load_state_dict(state["teacher"])
+        if "teacher" in state:  # checkpoints of 0.1.0 kept it with every process's state
+            self.teacher.load_state_dict(state["teacher"])
         self.objective.load_state_dict(state["objective"])
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        # the teacher travels with the checkpoint (a resumed run rebuilds its model from the
+        # checkpoint alone, not from the starting weights), once: every process holds the same one
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        if "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
 
 
 class ManiDPObjective:
@@ -285,3 +299,9 @@ class ManiDPObjective:
                 window["count"],
                 window["flops"],
             )
+
+    def shared_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_shared_state_dict(self, state: dict[str, Any]) -> None:
+        pass
