@@ -9,31 +9,21 @@ import re
 import shutil
 import signal
 import struct
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import write_cifar, write_fashion_mnist_idx
+from helpers import run_main, write_cifar, write_fashion_mnist_idx
 from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
 from manidp_cli.cli import app
-from manidp_cli.cli import main as cli_main
 from manidp_cli.cli.render import one_line
 from manidp_cli.errors import DataError, ManidpError, RecipeError, TrainingError, WeightsError
 
 runner = CliRunner()
 LONG = "x" * 300  # one path component longer than NAME_MAX: stat() raises ENAMETOOLONG
-
-
-def run_main(monkeypatch, capsys, *args):
-    """``manidp ARGS`` through the real entry point; returns (exit code, stderr lines)."""
-    monkeypatch.setattr(sys, "argv", ["manidp", *args])
-    with pytest.raises(SystemExit) as stop:
-        cli_main()
-    return stop.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def tiny_train(data, out, **overrides):
