@@ -230,7 +230,7 @@ def test_image_folder_with_img_size_workers_and_progress(tmp_path):
         (["export-static", "{dir}", "--out", "{dir}/s", "--device", "gpu"], "error: --device must be auto, cpu or"),
         (["bench", "{dir}", "--device", "gpu"], "error: --device must be auto, cpu or cuda, got 'gpu'"),
         (["train", "test_resnet", "--device", "gpu"], "'device': Input should be 'auto', 'cpu' or 'cuda' (got 'gpu')"),
-        (["eval", "{dir}", "--img-size", "0"], "Invalid value for '--img-size': Input should be greater than or equal to 8"),
+        (["eval", "{dir}", "--img-size", "0"], "'--img-size': Input should be greater than or equal to 8"),
         (["bench", "{dir}", "--img-size", "abc"], "Invalid value for '--img-size'"),
         (["prune", "test_resnet", "--img-size", "5000"], "Invalid value for '--img-size'"),
         (["train", "test_resnet", "-o", "img_size=4"], "'img_size': Input should be greater than or equal to 8"),
