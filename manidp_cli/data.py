@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -219,13 +219,14 @@ class FolderImages:
         root: Path,
         classes: list[str],
         samples: list[tuple[str, int]],
-        transforms: tuple,
+        train_transform: Callable,
+        eval_transform: Callable,
         loader: LoaderSettings = LoaderSettings(),
     ):
         self.root = root
         self.classes = classes
-        self.train_set = _Transformed(samples, transforms[0])
-        self.eval_set = _Transformed(samples, transforms[1])
+        self.train_set = _Transformed(samples, train_transform)
+        self.eval_set = _Transformed(samples, eval_transform)
         self.loader = loader
         # (augment, batch size) -> a DataLoader not being iterated now, kept for its workers
         self._idle: dict[tuple[bool, int], tuple[torch.utils.data.DataLoader, _PassOrder]] = {}
@@ -526,7 +527,7 @@ def load_image_folder(
 
     splits = _split_folders(directory)
     config = folder_data_config(model_name, image_size)
-    transforms = (create_transform(**config, is_training=True), create_transform(**config, is_training=False))
+    transforms = create_transform(**config, is_training=True), create_transform(**config, is_training=False)
     (train_classes, train_samples), (val_classes, val_samples) = _scan(splits["train"]), _scan(splits["val"])
     if train_classes != val_classes:
         raise DataError(f"{directory}: {splits['train'].name}/ and {splits['val'].name}/ have different class folders")
@@ -535,8 +536,8 @@ def load_image_folder(
             f"image folder {directory} has {len(train_classes)} class folder ({capped(train_classes[0])})"
             f"; classification needs at least 2"
         )
-    train = FolderImages(splits["train"], train_classes, train_samples, transforms, loader)
-    val = FolderImages(splits["val"], val_classes, val_samples, transforms, loader)
+    train = FolderImages(splits["train"], train_classes, train_samples, *transforms, loader)
+    val = FolderImages(splits["val"], val_classes, val_samples, *transforms, loader)
     _, h, w = config["input_size"]
     return ImageData(
         f"imagefolder:{directory}",

@@ -149,7 +149,10 @@ class LoadedExport:
         return tuple(self.metadata["input_shape"])
 
     def load_data(
-        self, spec: str | None = None, image_size: int | None = None, loader: LoaderSettings = LoaderSettings()
+        self,
+        spec: str | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        loader: LoaderSettings = LoaderSettings(),
     ):
         """``spec``'s data, or the data recorded in the export when None, checked to fit the model;
         returns the data and where its specification came from. Images come at the export's input

@@ -149,6 +149,11 @@ def test_eval_and_report_commands(pruned, tmp_path):
     result = runner.invoke(app, ["report", str(pruned.out_dir), "--json", "--plots", str(tmp_path / "q")])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["rows"] and "wrote" in result.stderr  # pipes into jq
+    result = runner.invoke(app, ["report", str(pruned.out_dir), "--img-size", "48", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output  # --img-size re-measures, on the export's data
+    report = json.loads(result.stdout)
+    assert report["input_shape"] == [1, 48, 48] and report["measured_on"].startswith("measured now on 64")
+    assert re.search(r"^evaluating 1/1 batches, .* left$", result.stderr, re.M), result.stderr
     for fmt in ("json", "csv", "markdown"):
         out = tmp_path / f"report.{fmt}"
         result = runner.invoke(app, ["report", str(pruned.out_dir), "--format", fmt, "--out", str(out)])
@@ -195,6 +200,10 @@ def test_export_static_and_bench_commands(pruned, tmp_path):
     assert {"dense", "masked", "dynamic", "static"} <= set(bench["variants"]) and bench["device"] == "cpu"
     assert re.search(r"^timing batch 1 4/4 rounds, .* left$", result.stderr, re.M), result.stderr
     assert re.search(r"^timing batch 4 (\d+)/\1 variants, .* left$", result.stderr, re.M), result.stderr
+    result = runner.invoke(app, ["bench", str(pruned.out_dir), "--static", str(out), "--img-size", "48"])
+    assert isinstance(result.exception, ManidpError) and "takes (1, 32, 32) images, not (1, 48, 48)" in str(
+        result.exception
+    )
     result = runner.invoke(
         app, ["export-static", str(pruned.out_dir), "--out", str(tmp_path / "x"), "--min-keep-rate", "1.5"]
     )

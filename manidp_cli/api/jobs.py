@@ -183,6 +183,10 @@ def _new_run(command: Command, model_name, recipe_path, overrides, weights, out_
     return _RunSettings(recipe, model_name, out_dir, weights, weights_source)
 
 
+# how a run reads its images, not what it computes: a resumed run may change them (another machine)
+_FREE_ON_RESUME = ("workers",)
+
+
 def _stored_run(command: Command, model_name, recipe_path, overrides, weights, out_dir) -> _RunSettings:
     """The run in ``out_dir`` as its checkpoint stores it; given settings must match it."""
     if out_dir is None:
@@ -211,10 +215,6 @@ def _stored_run(command: Command, model_name, recipe_path, overrides, weights, o
     if changed:
         recipe = validate_recipe({**recipe.model_dump(mode="json"), **changed}, "settings")
     return _RunSettings(recipe, extra["model"], out_dir, None, extra["weights"], resumed, identity)
-
-
-# how a run reads its images, not what it computes: a resumed run may change them (another machine)
-_FREE_ON_RESUME = ("workers",)
 
 
 # recipe keys that have a flag, named as the flag in messages
