@@ -144,7 +144,9 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
 
 # recipe lines added after arms were cached, whose shown value reproduces the earlier behaviour
 # exactly: left out of the key so that those arms stay current
-NO_OP_RECIPE_LINES = re.compile(r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0)\b.*\n", re.MULTILINE)
+NO_OP_RECIPE_LINES = re.compile(
+    r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2)\b.*\n", re.MULTILINE
+)
 
 
 def _recipe_identity(path: Path) -> str:

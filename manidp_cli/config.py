@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from manidp_cli.errors import RecipeError
-from manidp_cli.inputs import capped, exception_text, is_file
+from manidp_cli.inputs import DEFAULT_WORKERS, IMAGE_SIZE_RANGE, capped, exception_text, is_file
 
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a few hundred bytes; anything this big is not one
 MAX_ALIASES = 32  # YAML aliases (*name) per document
@@ -160,6 +160,16 @@ class Recipe(_Section):
     """Everything a ``manidp train`` or ``manidp prune`` run needs besides the model and weights."""
 
     data: str = "embedded"
+    img_size: int | None = Field(
+        None,
+        ge=IMAGE_SIZE_RANGE[0],
+        le=IMAGE_SIZE_RANGE[1],
+        description="image side in px (timm's --img-size); None: the model's pretrained_cfg for image "
+        "folders, the native size of in-memory data",
+    )
+    workers: int = Field(
+        DEFAULT_WORKERS, ge=0, description="loader processes for image folders (timm's -j); in-memory data ignores it"
+    )
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1)
     train_images: int | None = Field(

@@ -14,6 +14,11 @@
 Batches come from ``ImageSet.batches(...)``; the order and augmentation of a training epoch are a
 pure function of (seed, epoch), which is what makes an interrupted run resumable exactly.
 
+``image_size`` (timm's ``--img-size``) sets the side of the images: image folders otherwise take it,
+with the interpolation, mean, std and crop_pct, from the model's ``pretrained_cfg`` as timm's
+``resolve_data_config`` does; in-memory data keeps its native size unless given one. ``loader``
+(``LoaderSettings``) says how many worker processes read an image folder.
+
 Example::
 
     data = load_data("embedded")
@@ -23,20 +28,21 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from manidp_cli.errors import DataError
-from manidp_cli.inputs import capped, exception_text, exists, is_dir
+from manidp_cli.inputs import DEFAULT_WORKERS, IMAGE_SIZE_RANGE, capped, exception_text, exists, is_dir
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -103,9 +109,25 @@ class ImageSet(Protocol):
     def num_batches(self, batch_size: int, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> int: ...
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How an image folder's batches are read: ``workers`` processes decode and transform images
+    (0: the main process does), kept alive between passes; ``pin_memory`` for quicker copies to a
+    CUDA device. In-memory data ignores both: its batches are slices of a tensor, which a worker
+    would only copy between processes."""
+
+    workers: int = DEFAULT_WORKERS
+    pin_memory: bool = False
+
+    @classmethod
+    def for_device(cls, workers: int, device: torch.device) -> LoaderSettings:
+        return cls(workers, pin_memory=device.type == "cuda")
+
+
 @dataclass
 class TensorImages:
-    """An in-memory split: uint8 images N x C x H x W and int64 labels."""
+    """An in-memory split: uint8 images N x C x H x W and int64 labels, resized per batch to
+    ``size`` when one is given."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -113,6 +135,7 @@ class TensorImages:
     std: tuple[float, ...]
     pad: int = 4  # random-crop padding for augmentation
     flip: bool = True
+    size: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -120,7 +143,14 @@ class TensorImages:
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        normalised = (images.float() / 255.0 - mean) / std
+        if self.size is None or tuple(images.shape[-2:]) == self.size:
+            return normalised
+        # resized per batch, not once: the whole of Fashion-MNIST at 224 px would take 3 GB. The
+        # normalisation is affine per channel, so resizing after it gives the same images.
+        return torch.nn.functional.interpolate(
+            normalised, size=self.size, mode="bilinear", align_corners=False, antialias=True
+        )
 
     def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
@@ -152,20 +182,54 @@ class TensorImages:
         return math.ceil(_count(len(self), limit, shard) / batch_size)
 
 
+class _Transformed(torch.utils.data.Dataset):
+    """A split's scanned (path, class index) samples read through one transform."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return self.transform(_load_image(path)), target
+
+
+class _PassOrder(torch.utils.data.Sampler):
+    """The image indices of the current pass, set before each one: a DataLoader keeps its sampler,
+    so one loader (and its persistent workers) serves every epoch in its own order."""
+
+    def __init__(self):
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
 class FolderImages:
-    """An ImageFolder split read with timm's transforms (training or evaluation ones)."""
+    """An ImageFolder split, scanned once, read with timm's training or evaluation transforms."""
 
-    def __init__(self, root: Path, train_transform, eval_transform, workers: int = 2):
-        from torchvision.datasets import ImageFolder
-
+    def __init__(
+        self,
+        root: Path,
+        classes: list[str],
+        samples: list[tuple[str, int]],
+        train_transform: Callable,
+        eval_transform: Callable,
+        loader: LoaderSettings = LoaderSettings(),
+    ):
         self.root = root
-        self.train_set = ImageFolder(str(root), transform=train_transform, loader=_load_image)
-        self.eval_set = ImageFolder(str(root), transform=eval_transform, loader=_load_image)
-        self.workers = workers
-
-    @property
-    def classes(self) -> list[str]:
-        return self.train_set.classes
+        self.classes = classes
+        self.train_set = _Transformed(samples, train_transform)
+        self.eval_set = _Transformed(samples, eval_transform)
+        self.loader = loader
+        # (augment, batch size) -> a DataLoader not being iterated now, kept for its workers
+        self._idle: dict[tuple[bool, int], tuple[torch.utils.data.DataLoader, _PassOrder]] = {}
 
     def __len__(self) -> int:
         return len(self.train_set)
@@ -173,21 +237,39 @@ class FolderImages:
     def num_batches(self, batch_size: int, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> int:
         return math.ceil(_count(len(self), limit, shard) / batch_size)
 
-    def batches(self, batch_size, *, shuffle=False, augment=False, seed=0, epoch=0, skip=0, limit=None, shard=(0, 1)):
-        order = _epoch_order(len(self), shuffle, _epoch_generator(seed, epoch), limit, shard)
-        # timm's random transforms draw from Python's RNG in the workers: exact resume is not
-        # guaranteed for folders, only the order of images.
-        order = order[skip * batch_size :].tolist()
+    def _new_loader(self, augment: bool, batch_size: int) -> tuple[torch.utils.data.DataLoader, _PassOrder]:
+        order = _PassOrder()
         loader = torch.utils.data.DataLoader(
             self.train_set if augment else self.eval_set,
             batch_size=batch_size,
             sampler=order,
-            num_workers=self.workers,
+            num_workers=self.loader.workers,
+            pin_memory=self.loader.pin_memory,
+            persistent_workers=self.loader.workers > 0,  # starting workers every epoch costs seconds
         )
+        return loader, order
+
+    @contextlib.contextmanager
+    def _loader_for(self, augment: bool, batch_size: int):
+        """A loader of its own for one pass: the idle one of this kind, or a new one when that is
+        in use (a pass inside another pass must not reset the outer one's iterator)."""
+        key = (augment, batch_size)
+        loader = self._idle.pop(key, None) or self._new_loader(augment, batch_size)
         try:
-            yield from loader
-        except DataError as exc:  # from a worker, its message is the worker's whole traceback
-            raise DataError(_last_error_line(exc)) from None
+            yield loader
+        finally:
+            self._idle[key] = loader
+
+    def batches(self, batch_size, *, shuffle=False, augment=False, seed=0, epoch=0, skip=0, limit=None, shard=(0, 1)):
+        order = _epoch_order(len(self), shuffle, _epoch_generator(seed, epoch), limit, shard)
+        # timm's random transforms draw from Python's RNG in the workers: exact resume is not
+        # guaranteed for folders, only the order of images.
+        with self._loader_for(augment, batch_size) as (loader, sampler):
+            sampler.order = order[skip * batch_size :].tolist()
+            try:
+                yield from loader
+            except DataError as exc:  # from a worker, its message is the worker's whole traceback
+                raise DataError(_last_error_line(exc)) from None
 
 
 def _load_image(path: str):
@@ -394,12 +476,21 @@ def load_cifar(directory: Path, classes_count: int) -> ImageData:
 FOLDER_SPLITS = {"train": ("train", "training"), "val": ("val", "validation", "valid", "eval", "evaluation", "test")}
 
 
-def load_image_folder(directory: Path, model_name: str | None, workers: int = 2) -> ImageData:
-    """``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or another of ``FOLDER_SPLITS``' names) with
-    timm's transforms for ``model_name``."""
-    from timm.data import create_transform, resolve_data_config
+def folder_data_config(model_name: str | None, image_size: tuple[int, int] | None = None) -> dict:
+    """timm's data configuration for ``model_name``, as timm's train.py resolves it: input size,
+    interpolation, mean, std and crop_pct from the model's ``pretrained_cfg``, the size replaced by
+    ``image_size`` when given. A model timm does not know (``hf-hub:``, ``local-dir:``) gets timm's
+    defaults (224 px, bicubic, ImageNet mean and std): its configuration is not read from the hub."""
+    from timm.data import resolve_data_config
     from timm.models import get_pretrained_cfg
 
+    cfg = get_pretrained_cfg(model_name) if model_name else None
+    size = image_size or (None if cfg is not None else (224, 224))
+    args = {"input_size": (3, *size)} if size else {}  # folders are read as RGB
+    return resolve_data_config(args, pretrained_cfg=cfg.to_dict() if cfg is not None else None)
+
+
+def _split_folders(directory: Path) -> dict[str, Path]:
     splits = {}
     for split, names in FOLDER_SPLITS.items():
         path = next((directory / name for name in names if is_dir(directory / name, "image folder")), None)
@@ -409,39 +500,95 @@ def load_image_folder(directory: Path, model_name: str | None, workers: int = 2)
                 f"(expected {directory}/{names[0]}/<class>/*.jpg)"
             )
         splits[split] = path
-    cfg = get_pretrained_cfg(model_name) if model_name else None
-    if cfg is not None:
-        config = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
-    else:  # no model to ask: ImageNet's usual 224 px evaluation
-        config = resolve_data_config({"input_size": (3, 224, 224)})
-    train_tf = create_transform(**config, is_training=True)
-    eval_tf = create_transform(**config, is_training=False)
+    return splits
+
+
+def _scan(split: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class folders and (image, class index) samples of one split, in torchvision's order; each
+    folder is listed once (a second ImageFolder per transform used to walk every split twice)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     try:
-        train = FolderImages(splits["train"], train_tf, eval_tf, workers)
-        val = FolderImages(splits["val"], train_tf, eval_tf, workers)
+        classes, class_to_index = find_classes(str(split))
+        return classes, make_dataset(str(split), class_to_index, IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"cannot read image folder {directory}: {exc}") from exc
-    if train.classes != val.classes:
+        raise DataError(f"cannot read image folder {split.parent}: {exc}") from exc
+
+
+def load_image_folder(
+    directory: Path,
+    model_name: str | None,
+    image_size: tuple[int, int] | None = None,
+    loader: LoaderSettings = LoaderSettings(),
+) -> ImageData:
+    """``DIR/train/<class>/*`` and ``DIR/val/<class>/*`` (or another of ``FOLDER_SPLITS``' names) with
+    timm's transforms for ``model_name`` (``folder_data_config``)."""
+    from timm.data import create_transform
+
+    splits = _split_folders(directory)
+    config = folder_data_config(model_name, image_size)
+    transforms = create_transform(**config, is_training=True), create_transform(**config, is_training=False)
+    (train_classes, train_samples), (val_classes, val_samples) = _scan(splits["train"]), _scan(splits["val"])
+    if train_classes != val_classes:
         raise DataError(f"{directory}: {splits['train'].name}/ and {splits['val'].name}/ have different class folders")
-    if len(train.classes) < 2:  # one class trains to "top-1 1.0" and learns nothing
+    if len(train_classes) < 2:  # one class trains to "top-1 1.0" and learns nothing
         raise DataError(
-            f"image folder {directory} has {len(train.classes)} class folder ({capped(train.classes[0])})"
+            f"image folder {directory} has {len(train_classes)} class folder ({capped(train_classes[0])})"
             f"; classification needs at least 2"
         )
+    train = FolderImages(splits["train"], train_classes, train_samples, *transforms, loader)
+    val = FolderImages(splits["val"], val_classes, val_samples, *transforms, loader)
     _, h, w = config["input_size"]
     return ImageData(
         f"imagefolder:{directory}",
-        f"image folder {directory} ({len(train)} {splits['train'].name} / {len(val)} {splits['val'].name}, {h} px)",
+        f"image folder {directory} ({len(train)} {splits['train'].name} / {len(val)} {splits['val'].name}, "
+        f"{h} px, {config['interpolation']})",
         train,
         val,
-        train.classes,
+        train_classes,
         3,
         (h, w),
     )
 
 
-def load_data(spec: str = "embedded", model_name: str | None = None) -> ImageData:
-    """Parse a data specification (see the module docstring) and load it."""
+def _image_size(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``value`` as (height, width), checked against ``IMAGE_SIZE_RANGE``."""
+    if value is None:
+        return None
+    size = (value, value) if isinstance(value, int) else tuple(value)
+    low, high = IMAGE_SIZE_RANGE
+    if len(size) != 2 or not all(isinstance(v, int) and low <= v <= high for v in size):
+        raise DataError(f"image size must be {low} to {high} px per side, got {capped(value)}")
+    return size
+
+
+def _resized(data: ImageData, size: tuple[int, int] | None) -> ImageData:
+    """In-memory ``data`` whose batches come at ``size`` (None: its native size)."""
+    if size is None or size == data.image_size:
+        return data
+    return replace(
+        data,
+        description=f"{data.description}, resized to {size[0]} px" + (f" x {size[1]}" if size[1] != size[0] else ""),
+        train=replace(data.train, size=size),
+        eval=replace(data.eval, size=size),
+        image_size=size,
+    )
+
+
+def _folder_spec(spec: str) -> Path | None:
+    """The folder of an ``imagefolder:DIR`` or ``DIR`` specification; None for the other forms."""
+    kind, _, arg = spec.partition(":")
+    if spec == "embedded" or kind in ("fashion-mnist", "cifar10", "cifar100"):
+        return None
+    if kind == "imagefolder" or (not arg and is_dir(Path(spec), "data folder")):
+        directory = Path(arg if kind == "imagefolder" else spec).expanduser()
+        if not is_dir(directory, "data folder"):
+            raise DataError(f"data folder {capped(directory)} does not exist")
+        return directory
+    return None
+
+
+def _load_in_memory(spec: str) -> ImageData:
     kind, _, arg = spec.partition(":")
     if spec == "embedded":
         return load_embedded()
@@ -454,11 +601,22 @@ def load_data(spec: str = "embedded", model_name: str | None = None) -> ImageDat
         if not is_dir(directory, "data folder"):
             raise DataError(f"data folder {capped(directory)} does not exist")
         return load_cifar(directory, 10 if kind == "cifar10" else 100)
-    if kind == "imagefolder" or (not arg and is_dir(Path(spec), "data folder")):
-        directory = Path(arg if kind == "imagefolder" else spec).expanduser()
-        if not is_dir(directory, "data folder"):
-            raise DataError(f"data folder {capped(directory)} does not exist")
-        return load_image_folder(directory, model_name)
     if "/" in spec or spec.startswith("."):
         raise DataError(f"data folder {capped(spec)} does not exist")
     raise DataError(f"unknown data specification {capped(repr(spec))}; valid forms: {SPEC_FORMS}")
+
+
+def load_data(
+    spec: str = "embedded",
+    model_name: str | None = None,
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    loader: LoaderSettings = LoaderSettings(),
+) -> ImageData:
+    """Parse a data specification (see the module docstring) and load it, at ``image_size`` (one side,
+    or height and width) when given."""
+    size = _image_size(image_size)
+    folder = _folder_spec(spec)
+    if folder is not None:
+        return load_image_folder(folder, model_name, size, loader)
+    return _resized(_load_in_memory(spec), size)

@@ -20,6 +20,10 @@ from pathlib import Path
 from manidp_cli.errors import ManidpError
 
 ECHO_LIMIT = 200  # characters of a user value quoted in an error message
+# --img-size, in pixels per side: most CNNs still run at 8 px; above 4096 a typo (22400) would
+# allocate gigabytes per image before anything failed
+IMAGE_SIZE_RANGE = (8, 4096)
+DEFAULT_WORKERS = 2  # loader processes for image folders (timm's -j): enough to feed a CPU run on 2 cores
 
 
 def capped(value: object, limit: int = ECHO_LIMIT) -> str:

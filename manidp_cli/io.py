@@ -19,7 +19,7 @@ from torch import nn
 from manidp_cli import __version__
 from manidp_cli.config import GatePolicy
 from manidp_cli.core.gating import insert_gates
-from manidp_cli.data import load_data
+from manidp_cli.data import LoaderSettings, load_data
 from manidp_cli.errors import DataError, ModelError, WeightsError
 from manidp_cli.files import atomic_write_bytes
 from manidp_cli.inputs import capped, exception_text, is_dir, is_file
@@ -148,15 +148,22 @@ class LoadedExport:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.metadata["input_shape"])
 
-    def load_data(self, spec: str | None = None):
+    def load_data(
+        self,
+        spec: str | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        loader: LoaderSettings = LoaderSettings(),
+    ):
         """``spec``'s data, or the data recorded in the export when None, checked to fit the model;
-        returns the data and where its specification came from."""
+        returns the data and where its specification came from. Images come at the export's input
+        size unless ``image_size`` asks for another."""
 
         chosen = spec or self.metadata.get("data", {}).get("spec")
         if chosen is None:
             raise DataError("no --data given and none recorded in the export's metadata")
-        images = load_data(chosen, self.metadata["model"])
-        if images.input_shape != self.input_shape:
+        size = image_size or self.input_shape[1:]
+        images = load_data(chosen, self.metadata["model"], image_size=size, loader=loader)
+        if images.in_chans != self.input_shape[0]:
             raise DataError(
                 f"data {images.spec} gives {images.input_shape} images, the export expects {self.input_shape}"
             )

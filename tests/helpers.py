@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from manidp_cli.api.jobs import prepare, run
+from manidp_cli.cli import main as cli_main
 from manidp_cli.core.gating import gates_of
 from manidp_cli.runtime.decisions import decision_flip_bounds, reference_run, run_with_decisions
 from manidp_cli.runtime.execute import deciding_layers
@@ -109,6 +112,29 @@ def write_fashion_mnist_idx(directory, images, labels, split: str) -> None:
         handle.write(struct.pack(">IIII", 2051, len(images), 28, 28) + np.asarray(images, dtype=np.uint8).tobytes())
     with gzip.open(directory / f"{split}-labels-idx1-ubyte.gz", "wb") as handle:
         handle.write(struct.pack(">II", 2049, len(labels)) + np.asarray(labels, dtype=np.uint8).tobytes())
+
+
+def write_image_folder(root, splits=("train", "val"), classes=("cat", "dog"), images: int = 3, size=(40, 30)):
+    """A tiny ImageFolder tree (``root/<split>/<class>/<i>.png``) of random RGB images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(images):
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def run_main(monkeypatch, capsys, *args):
+    """``manidp ARGS`` through the real entry point; returns (exit code, stderr lines)."""
+    monkeypatch.setattr(sys, "argv", ["manidp", *map(str, args)])
+    with pytest.raises(SystemExit) as stop:
+        cli_main()
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def write_cifar(directory, names, label_bytes: int, count: int, classes: int):

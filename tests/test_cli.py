@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from helpers import run_main, write_image_folder
 from typer.testing import CliRunner
 
 from manidp_cli.cli import app
@@ -131,7 +133,7 @@ def test_eval_and_report_commands(pruned, tmp_path):
     assert result.exit_code == 0 and "Spearman(loss, FLOPs)" in result.output and "dynamic p90" in result.output
     result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "16", "--dynamic", "--json"])
     assert result.exit_code == 0, result.output
-    fast = json.loads(result.output)["dynamic_execution"]
+    fast = json.loads(result.stdout)["dynamic_execution"]
     assert fast["images"] == 16 and fast["codebook"] is False  # free masks: the executor gathers per image
     # every image decides as the masked model did, or diverges only at a tie within rounding (a CPU
     # with other kernels may break such a tie the other way: the outputs are then not compared)
@@ -147,6 +149,11 @@ def test_eval_and_report_commands(pruned, tmp_path):
     result = runner.invoke(app, ["report", str(pruned.out_dir), "--json", "--plots", str(tmp_path / "q")])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["rows"] and "wrote" in result.stderr  # pipes into jq
+    result = runner.invoke(app, ["report", str(pruned.out_dir), "--img-size", "48", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output  # --img-size re-measures, on the export's data
+    report = json.loads(result.stdout)
+    assert report["input_shape"] == [1, 48, 48] and report["measured_on"].startswith("measured now on 64")
+    assert re.search(r"^evaluating 1/1 batches, .* left$", result.stderr, re.M), result.stderr
     for fmt in ("json", "csv", "markdown"):
         out = tmp_path / f"report.{fmt}"
         result = runner.invoke(app, ["report", str(pruned.out_dir), "--format", fmt, "--out", str(out)])
@@ -163,8 +170,10 @@ def test_export_static_and_bench_commands(pruned, tmp_path):
         app, ["export-static", str(pruned.out_dir), "--out", str(out), "--calibration-images", "64", "--json"]
     )
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert (out / "model.pt2").is_file() and (out / "config.json").is_file()
+    assert re.search(r"^calibrating 1/1 batches, .* left$", result.stderr, re.M), result.stderr
+    assert re.search(r"^evaluating 1/1 batches, .* left$", result.stderr, re.M), result.stderr
     assert 0 < data["flops_ratio_to_original"] <= 1 and 0 <= data["accuracy"]["top1"] <= 1
     import torch
 
@@ -187,9 +196,68 @@ def test_export_static_and_bench_commands(pruned, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    bench = json.loads(result.output)
-    assert {"dense", "masked", "dynamic", "static"} <= set(bench["variants"])
+    bench = json.loads(result.stdout)
+    assert {"dense", "masked", "dynamic", "static"} <= set(bench["variants"]) and bench["device"] == "cpu"
+    assert re.search(r"^timing batch 1 4/4 rounds, .* left$", result.stderr, re.M), result.stderr
+    assert re.search(r"^timing batch 4 (\d+)/\1 variants, .* left$", result.stderr, re.M), result.stderr
+    result = runner.invoke(app, ["bench", str(pruned.out_dir), "--static", str(out), "--img-size", "48"])
+    assert isinstance(result.exception, ManidpError) and "takes (1, 32, 32) images, not (1, 48, 48)" in str(
+        result.exception
+    )
     result = runner.invoke(
         app, ["export-static", str(pruned.out_dir), "--out", str(tmp_path / "x"), "--min-keep-rate", "1.5"]
     )
     assert isinstance(result.exception, ManidpError) and "[0, 1)" in str(result.exception)
+
+
+def test_image_folder_with_img_size_workers_and_progress(tmp_path):
+    folder = write_image_folder(tmp_path / "images")
+    out = tmp_path / "dense"
+    args = ["--data", str(folder), "--img-size", "32", "-j", "0", "--epochs", "1", "-b", "4", "--out", str(out)]
+    result = runner.invoke(app, ["train", "test_resnet", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    metadata = load_pruned(out)[1].metadata  # test_resnet's pretrained_cfg says 160 px; --img-size wins
+    assert metadata["input_shape"] == [3, 32, 32] and metadata["recipe"]["img_size"] == 32
+    # the export is evaluated at its own size; progress goes to stderr, stdout holds the JSON alone
+    result = runner.invoke(app, ["eval", str(out), "--json", "-j", "0", "-b", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    serial = json.loads(result.stdout)
+    assert serial["input_shape"] == [3, 32, 32] and serial["images"] == 6
+    done = re.findall(r"^evaluating (\d)/3 batches, [\d.e+]+ batches/s, \d+:\d\d:\d\d left$", result.stderr, re.M)
+    assert done == ["1", "2", "3"], result.stderr
+    result = runner.invoke(app, ["eval", str(out), "--json", "-j", "2", "-b", "2"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == serial  # same images, same order
+    result = runner.invoke(app, ["eval", str(out), "--json", "-j", "0", "--img-size", "48"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["input_shape"] == [3, 48, 48]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "{dir}", "--device", "gpu"], "error: --device must be auto, cpu or cuda, got 'gpu'"),
+        (["report", "{dir}", "--device", "tpu"], "error: --device must be auto, cpu or cuda, got 'tpu'"),
+        (["export-static", "{dir}", "--out", "{dir}/s", "--device", "gpu"], "error: --device must be auto, cpu or"),
+        (["bench", "{dir}", "--device", "gpu"], "error: --device must be auto, cpu or cuda, got 'gpu'"),
+        (["train", "test_resnet", "--device", "gpu"], "'device': Input should be 'auto', 'cpu' or 'cuda' (got 'gpu')"),
+        (["eval", "{dir}", "--img-size", "0"], "'--img-size': Input should be greater than or equal to 8"),
+        (["bench", "{dir}", "--img-size", "abc"], "Invalid value for '--img-size'"),
+        (["prune", "test_resnet", "--img-size", "5000"], "Invalid value for '--img-size'"),
+        (["train", "test_resnet", "-o", "img_size=4"], "'img_size': Input should be greater than or equal to 8"),
+        (["eval", "{dir}", "-j", "-1"], "Invalid value for '--workers' / '-j'"),
+        (["report", "{dir}", "--workers", "two"], "Invalid value for '--workers' / '-j'"),
+        (["train", "test_resnet", "-o", "workers=-2"], "'workers': Input should be greater than or equal to 0"),
+    ],
+)
+def test_bad_device_img_size_and_workers_are_one_line_errors(monkeypatch, capsys, tmp_path, args, message):
+    code, lines = run_main(monkeypatch, capsys, *(a.replace("{dir}", str(tmp_path)) for a in args))
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["eval", "report", "bench", "train"])
+def test_cuda_without_a_cuda_device_is_one_line(monkeypatch, capsys, tmp_path, command):
+    target = "test_resnet" if command == "train" else str(tmp_path)
+    extra = ["--out", str(tmp_path / "out")] if command == "train" else []
+    code, lines = run_main(monkeypatch, capsys, command, target, "--device", "cuda", *extra)
+    assert code == 2 and lines == ["error: --device cuda asked for, but torch sees no CUDA device"]

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from helpers import write_cifar
+from helpers import write_cifar, write_image_folder
 
-from manidp_cli.data import FASHION_MNIST_DIR, load_data
+from manidp_cli.data import FASHION_MNIST_DIR, LoaderSettings, folder_data_config, load_data
 from manidp_cli.errors import DataError
 
 
@@ -76,9 +76,8 @@ def test_image_folder(tmp_path):
             folder.mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(folder / f"{i}.png")
-    data = load_data(f"imagefolder:{tmp_path}", model_name="resnet18")
+    data = load_data(f"imagefolder:{tmp_path}", model_name="resnet18", loader=LoaderSettings(workers=0))
     assert data.classes == ["cat", "dog"] and data.input_shape == (3, 224, 224)
-    data.train.workers = 0
     x, y = next(iter(data.train.batches(4, shuffle=True, augment=True)))
     assert x.shape == (4, 3, 224, 224) and y.shape == (4,)
     assert load_data(str(tmp_path)).num_classes == 2
@@ -123,3 +122,80 @@ def test_limit_takes_a_fresh_random_subset_each_epoch():
     second = torch.cat([y for _, y in data.train.batches(100, shuffle=True, seed=0, epoch=1, limit=300)])
     assert len(first) == len(second) == 300 and not torch.equal(first, second)
     assert data.train.num_batches(100, limit=300) == 3
+
+
+def test_image_folder_lists_each_folder_once(tmp_path, monkeypatch):
+    import collections
+    import os
+
+    write_image_folder(tmp_path)
+    listed = collections.Counter()
+    scandir = os.scandir
+
+    def counting_scandir(path="."):
+        listed[os.path.realpath(path)] += 1
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)  # os.walk lists folders through it too
+    data = load_data(str(tmp_path), model_name="test_resnet", loader=LoaderSettings(workers=0))
+    folders = [str(tmp_path / split / name) for split in ("train", "val") for name in ("", "cat", "dog")]
+    assert sorted(listed) == sorted(os.path.realpath(f) for f in folders)
+    assert set(listed.values()) == {1}, listed  # each split used to be scanned twice (once per transform)
+    assert (len(data.train), len(data.eval)) == (6, 6)
+
+
+def test_image_folder_takes_timm_data_config_from_the_pretrained_cfg(tmp_path):
+    write_image_folder(tmp_path)
+    # test_resnet's pretrained_cfg: 160 px, bilinear, mean = std = 0.5; resnet18's: 224 px, bicubic
+    config = folder_data_config("test_resnet")
+    assert (config["input_size"], config["interpolation"], config["mean"]) == ((3, 160, 160), "bilinear", (0.5,) * 3)
+    resized = folder_data_config("test_resnet", (48, 48))
+    assert resized == {**config, "input_size": (3, 48, 48)}  # interpolation, mean, std, crop_pct kept
+    assert folder_data_config(None)["input_size"] == (3, 224, 224)  # no model to ask: timm's default
+    data = load_data(str(tmp_path), model_name="test_resnet", loader=LoaderSettings(workers=0))
+    assert data.input_shape == (3, 160, 160) and "160 px, bilinear" in data.description
+    data = load_data(str(tmp_path), model_name="test_resnet", image_size=48, loader=LoaderSettings(workers=0))
+    x, _ = next(iter(data.eval.batches(4)))
+    assert data.input_shape == (3, 48, 48) and x.shape == (4, 3, 48, 48)
+    x, _ = next(iter(data.train.batches(4, shuffle=True, augment=True)))
+    assert x.shape == (4, 3, 48, 48)
+
+
+def test_img_size_resizes_in_memory_data_and_keeps_its_default():
+    data = load_data("embedded")
+    assert data.input_shape == (1, 32, 32)
+    resized = load_data("embedded", image_size=48)
+    assert resized.input_shape == (1, 48, 48) and "resized to 48 px" in resized.description
+    x, y = next(iter(resized.train.batches(8, shuffle=True, augment=True, seed=1)))
+    assert x.shape == (8, 1, 48, 48)
+    _, native_y = next(iter(data.train.batches(8, shuffle=True, augment=True, seed=1)))
+    assert torch.equal(y, native_y)  # the same images, in the same order
+    assert load_data("embedded", image_size=(32, 32)).eval.size is None  # the native size: no resizing
+    with pytest.raises(DataError, match="image size must be 8 to 4096 px per side, got 4"):
+        load_data("embedded", image_size=4)
+
+
+def test_worker_processes_load_the_same_batches(tmp_path):
+    write_image_folder(tmp_path, images=5)
+    spec = str(tmp_path)
+    serial = load_data(spec, model_name="test_resnet", image_size=32, loader=LoaderSettings(workers=0))
+    parallel = load_data(spec, model_name="test_resnet", image_size=32, loader=LoaderSettings(workers=2))
+    for epoch in (0, 1):  # the second pass reuses the first one's worker processes
+        one = list(serial.train.batches(3, shuffle=True, seed=4, epoch=epoch))
+        two = list(parallel.train.batches(3, shuffle=True, seed=4, epoch=epoch))
+        assert len(one) == len(two) == 4
+        for (x1, y1), (x2, y2) in zip(one, two):
+            assert torch.equal(y1, y2) and torch.equal(x1, x2)
+    loader, _ = parallel.train._idle[(False, 3)]
+    assert loader.num_workers == 2 and loader.persistent_workers and not loader.pin_memory
+    assert LoaderSettings.for_device(2, torch.device("cuda")).pin_memory
+
+
+def test_a_pass_inside_another_gets_its_own_loader(tmp_path):
+    write_image_folder(tmp_path, images=4)
+    data = load_data(str(tmp_path), model_name="test_resnet", image_size=32, loader=LoaderSettings(workers=1))
+    outer = data.eval.batches(2)
+    first = next(outer)
+    inner = [y for _, y in data.eval.batches(2)]  # the same kind of pass, while the outer one is open
+    rest = [y for _, y in outer]
+    assert torch.equal(torch.cat([first[1], *rest]), torch.cat(inner))

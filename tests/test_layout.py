@@ -97,6 +97,7 @@ EVAL_KEYS = {
     "source",
     "pruned",
     "data",
+    "input_shape",
     "images",
     "top1",
     "top5",
@@ -120,6 +121,6 @@ def test_eval_of_a_dense_export_is_a_typed_result(dense_weights):
 
 def test_eval_of_a_pruned_export_has_the_same_keys(pruned):
     out = evaluate_export(pruned.out_dir, limit=16).to_dict()
-    assert set(out) == EVAL_KEYS and out["pruned"]
+    assert set(out) == EVAL_KEYS and out["pruned"] and out["input_shape"] == [1, 32, 32]
     assert set(out["signature"]) == {"spearman_loss_flops", "gram_correlation", "gram_batches"}
     assert 0 < out["flops"]["mean_ratio"] <= 1.01

@@ -4,7 +4,9 @@ All variants have BatchNorm folded. The dense reference is the faster of NCHW an
 Latency is batch 1 (median and p90 over ``runs`` after ``warmup``, the variants taking turns call by
 call so that a shared machine's drift falls on all alike); throughput is images per second
 at ``batch_size``; peak memory is the process's largest resident set sampled while the variant runs
-(Linux), so it includes the Python process and the models built before it.
+(Linux), so it includes the Python process and the models built before it (on CUDA it is still the
+host's memory, not the GPU's). On CUDA every timed call ends with a synchronisation, so that a
+time is the work's and not its launch's.
 
 Example::
 
@@ -32,6 +34,7 @@ from manidp_cli.core.calibration import calibrate_thresholds, mean_saliency
 from manidp_cli.core.codebook import build_codebooks
 from manidp_cli.core.flops import count_flops
 from manidp_cli.core.gating import gates_of, insert_gates, is_gate_key
+from manidp_cli.core.progress import ProgressCallback, reported
 from manidp_cli.runtime.execute import dynamic_model, folded_model, tune_entries
 
 
@@ -71,13 +74,24 @@ class _RssSampler:
         return None if self.peak is None else self.peak / 2**20
 
 
-def _times(fn: Callable[[], object], runs: int, warmup: int) -> list[float]:
+def _no_sync() -> None:
+    pass
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device`` to finish the work queued on it: CUDA runs asynchronously."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else _no_sync
+
+
+def _times(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[], None] = _no_sync) -> list[float]:
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
@@ -87,9 +101,10 @@ def _p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
-def _prepared(model: nn.Module, input_shape, batch_size: int, channels_last: bool):
-    single = torch.randn(1, *input_shape)
-    batch = torch.randn(batch_size, *input_shape)
+def _prepared(model: nn.Module, input_shape, batch_size: int, channels_last: bool, device: torch.device):
+    model = model.to(device)
+    single = torch.randn(1, *input_shape).to(device)
+    batch = torch.randn(batch_size, *input_shape).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         single = single.contiguous(memory_format=torch.channels_last)
@@ -98,22 +113,30 @@ def _prepared(model: nn.Module, input_shape, batch_size: int, channels_last: boo
 
 
 def interleaved_latency(
-    models: dict[str, tuple[nn.Module, torch.Tensor]], runs: int, warmup: int
+    models: dict[str, tuple[nn.Module, torch.Tensor]],
+    runs: int,
+    warmup: int,
+    sync: Callable[[], None] = _no_sync,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, list[float]]:
     """Batch-1 latencies, the variants taking turns call by call so that a shared machine's drift
-    falls on all of them alike."""
+    falls on all of them alike; ``on_progress`` hears of each round (warm-up rounds included)."""
     times: dict[str, list[float]] = {name: [] for name in models}
+    rounds = reported(range(warmup + runs), "timing batch 1", warmup + runs, on_progress, unit="rounds")
     with torch.inference_mode():
-        for _ in range(warmup):
-            for model, single in models.values():
-                model(single)
-        for round_index in range(runs):
+        for round_index in rounds:
+            if round_index < warmup:
+                for model, single in models.values():
+                    model(single)
+                sync()
+                continue
             order = list(models.items())
-            if round_index % 2:
+            if (round_index - warmup) % 2:
                 order.reverse()
             for name, (model, single) in order:
                 start = time.perf_counter()
                 model(single)
+                sync()
                 times[name].append(time.perf_counter() - start)
     return times
 
@@ -152,6 +175,7 @@ class BenchResult:
     model: str | None = None  # set for an export (``manidp bench``)
     export: str | None = None
     flops_ratio: float | None = None
+    device: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         out = {key: value for key, value in self.__dict__.items() if key not in ("model", "export", "flops_ratio")}
@@ -161,10 +185,12 @@ class BenchResult:
         return out
 
 
-def _throughput(model: nn.Module, batch: torch.Tensor, runs: int) -> tuple[float, float | None]:
+def _throughput(
+    model: nn.Module, batch: torch.Tensor, runs: int, sync: Callable[[], None]
+) -> tuple[float, float | None]:
     """Images per second at the batch's size, and the peak memory while running it."""
     with torch.inference_mode(), _RssSampler() as rss:
-        batch_times = _times(lambda: model(batch), max(3, runs // 10), 1)
+        batch_times = _times(lambda: model(batch), max(3, runs // 10), 1, sync)
     return batch.shape[0] / statistics.median(batch_times), rss.peak_mb
 
 
@@ -188,9 +214,15 @@ def _candidates(gated, dense, input_shape, static, extra_dynamic) -> dict[str, t
 
 
 def _timing(
-    latencies: list[float], model: nn.Module, batch: torch.Tensor, channels_last: bool, runs: int, tuned: dict | None
+    latencies: list[float],
+    model: nn.Module,
+    batch: torch.Tensor,
+    channels_last: bool,
+    runs: int,
+    tuned: dict | None,
+    sync: Callable[[], None],
 ) -> VariantTiming:
-    throughput, peak = _throughput(model, batch, runs)
+    throughput, peak = _throughput(model, batch, runs, sync)
     timing = VariantTiming(
         "channels_last" if channels_last else "nchw",
         1e3 * statistics.median(latencies),
@@ -235,31 +267,39 @@ def bench_models(
     threads: int | None = None,
     static: nn.Module | None = None,
     extra_dynamic: dict[str, nn.Module] | None = None,
+    device: torch.device = torch.device("cpu"),
+    on_progress: ProgressCallback | None = None,
 ) -> BenchResult:
-    """Measure every variant in one run and give ratios to the dense reference.
+    """Measure every variant in one run, on ``device``, and give ratios to the dense reference.
 
     ``extra_dynamic`` adds other gated versions of the same network (say, one with codebooks),
-    each executed dynamically in both layouts under its name."""
+    each executed dynamically in both layouts under its name. ``on_progress`` hears of each
+    latency round and each variant's throughput."""
     if threads:
         torch.set_num_threads(threads)
+    sync = synchronizer(device)
     candidates = _candidates(gated, dense, input_shape, static, extra_dynamic)
-    prepared = {name: (*_prepared(model, input_shape, batch_size, cl), cl) for name, (model, cl) in candidates.items()}
+    prepared = {
+        name: (*_prepared(model, input_shape, batch_size, cl, device), cl) for name, (model, cl) in candidates.items()
+    }
     dynamic_names = ["dynamic", "dynamic_channels_last"] + [
         f"{name}{suffix}" for name in (extra_dynamic or {}) for suffix in ("", "_channels_last")
     ]
     # codebook entries get their fastest convolution (width, kernel) in the layout they run in
     tuned = {name: tune_entries(prepared[name][0], [prepared[name][1]]) for name in dynamic_names}
-    latencies = interleaved_latency({name: (m, single) for name, (m, single, _, _) in prepared.items()}, runs, warmup)
+    singles = {name: (m, single) for name, (m, single, _, _) in prepared.items()}
+    latencies = interleaved_latency(singles, runs, warmup, sync, on_progress)
+    variants = reported(prepared.items(), f"timing batch {batch_size}", len(prepared), on_progress, unit="variants")
     measured = {
-        name: _timing(latencies[name], model, batch, cl, runs, tuned.get(name))
-        for name, (model, _, batch, cl) in prepared.items()
+        name: _timing(latencies[name], model, batch, cl, runs, tuned.get(name), sync)
+        for name, (model, _, batch, cl) in variants
     }
     best_dynamic = min(dynamic_names, key=lambda n: measured[n].latency_ms_median)
     # Batches: the dynamic model runs them through the masked path; this is the alternative it was
     # measured against (each image alone through the dynamic path).
     dynamic, _, batch, _ = prepared[best_dynamic]
     with torch.inference_mode():
-        loop = _times(lambda: [dynamic(image[None]) for image in batch], max(3, runs // 10), 1)
+        loop = _times(lambda: [dynamic(image[None]) for image in batch], max(3, runs // 10), 1, sync)
     measured[best_dynamic].throughput_per_image_loop = batch_size / statistics.median(loop)
     reference_name = min(("dense", "dense_channels_last"), key=lambda n: measured[n].latency_ms_median)
     reference = measured[reference_name]
@@ -276,6 +316,7 @@ def bench_models(
         best_dynamic=best_dynamic,
         verdict=_verdict(measured[best_dynamic].latency_ratio, best_dynamic, input_shape, gated),
         variants=measured,
+        device=str(device),
     )
 
 

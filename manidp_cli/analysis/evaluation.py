@@ -26,6 +26,7 @@ from torch import nn
 from manidp_cli.core.distributed import World
 from manidp_cli.core.flops import CostTable, FlopsMeter, FlopsStats
 from manidp_cli.core.modes import eval_mode
+from manidp_cli.core.progress import ProgressCallback, reported
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.data import ImageSet
 from manidp_cli.runtime.decisions import DecisionAgreement
@@ -197,18 +198,27 @@ def evaluate(
     limit: int | None = None,
     signature_batches: int = 0,
     world: World = World(),
+    on_progress: ProgressCallback | None = None,
 ) -> Evaluation:
     """Top-1/top-5 accuracy and mean loss; with ``table`` (a gated model) also its dynamic FLOPs
     and, for ``signature_batches`` > 0, the ManiDP signature (module docstring). With a distributed
-    ``world`` each rank evaluates its share and every rank returns the result over all images."""
+    ``world`` each rank evaluates its share and every rank returns the result over all images. The
+    model must be on ``world.device``; ``on_progress`` hears of each batch."""
     tally = _Tally(FlopsMeter(table) if table is not None else None, signature_batches)
+    shard = (world.rank, world.size)
+    batches = reported(
+        images.batches(batch_size, limit=limit, shard=shard),
+        "evaluating",
+        images.num_batches(batch_size, limit, shard),
+        on_progress,
+    )
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         stack.enter_context(eval_mode(model))
         recorder = None
         if table is not None:
             recorder = stack.enter_context(GateRecorder(model, features=signature_batches > 0, detach=True))
-        for index, (x, y) in enumerate(images.batches(batch_size, limit=limit, shard=(world.rank, world.size))):
+        for index, (x, y) in enumerate(batches):
             x, y = x.to(world.device), y.to(world.device)
             tally.add(index, model(x), y, recorder)
     return tally.result(world)
@@ -234,18 +244,26 @@ class DynamicExecution:
 
 @torch.no_grad()
 def evaluate_dynamic_execution(
-    model: nn.Module, images: ImageSet, input_shape: tuple[int, int, int], limit: int | None = None
+    model: nn.Module,
+    images: ImageSet,
+    input_shape: tuple[int, int, int],
+    limit: int | None = None,
+    device: torch.device = torch.device("cpu"),
+    on_progress: ProgressCallback | None = None,
 ) -> DynamicExecution:
     """Accuracy of the dynamic executor (``runtime.execute.dynamic_model``, the one ``manidp bench``
     times), every image run alone, how far its logits are from the masked model's, and how often it
-    took the masked model's decisions (``runtime.decisions.DecisionAgreement``)."""
+    took the masked model's decisions (``runtime.decisions.DecisionAgreement``). The model must be
+    on ``device``; ``on_progress`` hears of each batch of 64 images."""
     model.eval()
     fast = dynamic_model(model, input_shape)
     agreement = DecisionAgreement()
     correct1 = correct5 = agree = count = 0
     loss = 0.0
     largest_difference = 0.0
-    for x, y in images.batches(64, limit=limit):
+    batches = reported(images.batches(64, limit=limit), "dynamic executor", images.num_batches(64, limit), on_progress)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
         runs = (agreement.add(model, fast, image[None]) for image in x)
         logits, reference = (torch.cat(outputs) for outputs in zip(*runs))
         largest_difference = max(largest_difference, float((logits - reference).abs().max()))

@@ -19,10 +19,13 @@ from typing import Any
 
 from manidp_cli.analysis.evaluation import evaluate
 from manidp_cli.config import GatePolicy
+from manidp_cli.core.distributed import World, resolve_device
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, FlopsStats, LayerStats, count_flops
 from manidp_cli.core.gating import select_convs
+from manidp_cli.core.progress import ProgressCallback
+from manidp_cli.data import LoaderSettings
 from manidp_cli.errors import ManidpError
-from manidp_cli.inputs import capped, exception_text, is_dir
+from manidp_cli.inputs import DEFAULT_WORKERS, capped, exception_text, is_dir
 from manidp_cli.io import load_pruned, read_metadata
 from manidp_cli.models.factory import check_model_name
 
@@ -216,14 +219,25 @@ def _stored_report(stored: Path, path: Path) -> FlopsReport | None:
 
 
 def flops_report(
-    export: str | Path, data: str | None = None, limit: int | None = None, batch_size: int = 256
+    export: str | Path,
+    data: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 256,
+    *,
+    img_size: int | None = None,
+    workers: int = DEFAULT_WORKERS,
+    device: str = "auto",
+    on_progress: ProgressCallback | None = None,
 ) -> FlopsReport:
-    """Report of an export: the statistics stored beside it, or re-measured on ``data``."""
+    """Report of an export: the statistics stored beside it, or re-measured on ``data`` (the
+    export's own data when only ``img_size`` is given), on ``device``; ``on_progress`` hears of
+    each batch measured."""
 
     path = Path(export).expanduser()
     folder = path if is_dir(path, "export") else path.parent
     stored = folder / "report.json"
-    if data is None and stored.is_file():
+    target = resolve_device(device)
+    if data is None and img_size is None and stored.is_file():
         report = _stored_report(stored, path)
         if report is not None:
             return report
@@ -231,20 +245,29 @@ def flops_report(
     if not info.gated:
         raise ManidpError(f"{path} is a dense export: nothing is pruned (use `manidp report {info.metadata['model']}`)")
 
-    images, _ = info.load_data(data)
-    table = count_flops(model, info.input_shape)
-    result = evaluate(model, images.eval, batch_size, table=table, limit=limit)
+    images, _ = info.load_data(data, img_size, LoaderSettings.for_device(workers, target))
+    model.to(target)
+    table = count_flops(model, images.input_shape)
+    result = evaluate(
+        model, images.eval, batch_size, table=table, limit=limit, world=World(device=target), on_progress=on_progress
+    )
     where = f"measured now on {result.images} evaluation images of {images.spec}"
     return build_report(info.metadata["model"], str(path), table, result.flops, where, result.per_image_loss)
 
 
-def model_report(model_name: str, input_shape: tuple[int, int, int] | None = None, policy=None) -> FlopsReport:
-    """Dense fvcore report of a timm model plus the convolutions the gate policy would gate."""
+def model_report(
+    model_name: str, input_shape: tuple[int, int, int] | None = None, policy=None, img_size: int | None = None
+) -> FlopsReport:
+    """Dense fvcore report of a timm model plus the convolutions the gate policy would gate, at
+    ``input_shape``, else at ``img_size`` px with the channels of its pretrained configuration, else
+    at that configuration's input size."""
     import timm
 
     check_model_name(model_name)
     model = timm.create_model(model_name, pretrained=False).eval()
     shape = tuple(input_shape or model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    if input_shape is None and img_size is not None:
+        shape = (shape[0], img_size, img_size)
     would_gate = sorted(select_convs(model, policy or GatePolicy(), shape))
     table = count_flops(model, shape)
     gated = set(would_gate)

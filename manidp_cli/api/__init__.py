@@ -2,7 +2,8 @@
 
 ``prepare``/``run`` are ``manidp train`` and ``manidp prune``; ``evaluate_export``/``evaluate_dense``
 are ``manidp eval``; ``flops_report``/``model_report``/``write_plots`` are ``manidp report``;
-``export_static`` and ``bench_export`` are ``manidp export-static`` and ``manidp bench``.
+``export_static`` and ``bench_export`` are ``manidp export-static`` and ``manidp bench``. Their long
+loops tell an ``on_progress`` callback of each ``ProgressUpdate``.
 """
 
 from manidp_cli.analysis.evaluation import DynamicExecution
@@ -12,12 +13,15 @@ from manidp_cli.api.bench import bench_export
 from manidp_cli.api.evaluate import EvalResult, evaluate_dense, evaluate_export
 from manidp_cli.api.jobs import Job, RunResult, prepare, run
 from manidp_cli.api.static import StaticExport, export_static
+from manidp_cli.core.progress import ProgressCallback, ProgressUpdate
 
 __all__ = [
     "DynamicExecution",
     "EvalResult",
     "FlopsReport",
     "Job",
+    "ProgressCallback",
+    "ProgressUpdate",
     "RunResult",
     "StaticExport",
     "bench_export",

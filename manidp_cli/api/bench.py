@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from manidp_cli.analysis.bench import BenchResult, bench_models, dense_twin
+from manidp_cli.core.distributed import resolve_device
+from manidp_cli.core.progress import ProgressCallback
 from manidp_cli.errors import WeightsError
 from manidp_cli.io import load_pruned
 from manidp_cli.runtime.execute import folded_model
@@ -19,19 +21,32 @@ def bench_export(
     batch_size: int = 32,
     threads: int | None = None,
     static_dir: str | Path | None = None,
+    img_size: int | None = None,
+    device: str = "cpu",
+    on_progress: ProgressCallback | None = None,
 ) -> BenchResult:
-    """``manidp bench`` of an export at the input size recorded in it."""
+    """``manidp bench`` of an export at the input size recorded in it, or at ``img_size`` px, on
+    ``device`` (cpu by default: the speed the project measures is the CPU's, docs/speed.md)."""
+    target = resolve_device(device)
     # the static network is rebuilt from its weights and config, never unpickled from model.pt2
     static, static_config = load_static(static_dir) if static_dir else (None, None)
     gated, info = load_pruned(path)
-    if static_config is not None and static_config["input_shape"] != info.input_shape:
-        raise WeightsError(
-            f"--static {static_dir} takes {static_config['input_shape']} images, {info.path} {info.input_shape}"
-        )
+    shape = (info.input_shape[0], img_size, img_size) if img_size else info.input_shape
+    if static_config is not None and static_config["input_shape"] != shape:
+        raise WeightsError(f"--static {static_dir} takes {static_config['input_shape']} images, not {shape}")
     dense = dense_twin(gated, info.metadata["model"], info.metadata["model_kwargs"])
-    static = folded_model(static, info.input_shape) if static is not None else None
+    static = folded_model(static, shape) if static is not None else None
     result = bench_models(
-        gated, dense, info.input_shape, runs=runs, warmup=warmup, batch_size=batch_size, threads=threads, static=static
+        gated,
+        dense,
+        shape,
+        runs=runs,
+        warmup=warmup,
+        batch_size=batch_size,
+        threads=threads,
+        static=static,
+        device=target,
+        on_progress=on_progress,
     )
     result.model = info.metadata["model"]
     result.export = str(info.path)

@@ -13,9 +13,12 @@ from manidp_cli.analysis.evaluation import (
     evaluate,
     evaluate_dynamic_execution,
 )
+from manidp_cli.core.distributed import World, resolve_device
 from manidp_cli.core.flops import FLOP_CONVENTION, count_flops
-from manidp_cli.data import ImageData, load_data
+from manidp_cli.core.progress import ProgressCallback
+from manidp_cli.data import ImageData, LoaderSettings, load_data
 from manidp_cli.errors import ManidpError
+from manidp_cli.inputs import DEFAULT_WORKERS
 from manidp_cli.io import load_pruned
 from manidp_cli.models.factory import create_model
 
@@ -41,6 +44,7 @@ class EvalResult:
     source: str
     pruned: bool
     data: DataSource
+    input_shape: tuple[int, int, int]  # C, H, W of the evaluated images (FLOPs are counted at it)
     images: int
     top1: float
     top5: float
@@ -56,6 +60,7 @@ class EvalResult:
             "source": self.source,
             "pruned": self.pruned,
             "data": self.data.to_dict(),
+            "input_shape": list(self.input_shape),
             "images": self.images,
             "top1": self.top1,
             "top5": self.top5,
@@ -84,6 +89,7 @@ def _result(
         source=source,
         pruned=distribution is not None,
         data=DataSource(images.spec, images.description, "eval", given_by),
+        input_shape=images.input_shape,
         images=result.images,
         top1=result.top1,
         top5=result.top5,
@@ -101,17 +107,26 @@ def evaluate_export(
     limit: int | None = None,
     signature_batches: int = 4,
     dynamic: bool = False,
+    *,
+    img_size: int | None = None,
+    workers: int = DEFAULT_WORKERS,
+    device: str = "auto",
+    on_progress: ProgressCallback | None = None,
 ) -> EvalResult:
     """``manidp eval`` of an export: accuracy, FLOPs distribution and signature.
 
-    Without ``data`` the evaluation split of the data recorded in the export is used. ``dynamic``
-    adds the accuracy of the dynamic executor (``dynamic_execution``).
+    Without ``data`` the evaluation split of the data recorded in the export is used, at the
+    export's input size unless ``img_size`` asks for another (FLOPs are then counted at that size).
+    ``dynamic`` adds the accuracy of the dynamic executor (``dynamic_execution``). ``device`` is
+    auto, cpu or cuda; ``on_progress`` hears of each batch.
     """
+    target = resolve_device(device)
     model, info = load_pruned(path)
     if dynamic and not info.gated:
         raise ManidpError(f"{info.path} is a dense export: --dynamic needs a pruned one")
-    images, data_from = info.load_data(data)
-    table = count_flops(model, info.input_shape)
+    images, data_from = info.load_data(data, img_size, LoaderSettings.for_device(workers, target))
+    model.to(target)
+    table = count_flops(model, images.input_shape)
     result = evaluate(
         model,
         images.eval,
@@ -119,8 +134,12 @@ def evaluate_export(
         table=table if info.gated else None,
         limit=limit,
         signature_batches=signature_batches,
+        world=World(device=target),
+        on_progress=on_progress,
     )
-    fast = evaluate_dynamic_execution(model, images.eval, info.input_shape, limit) if dynamic else None
+    fast = None
+    if dynamic:
+        fast = evaluate_dynamic_execution(model, images.eval, images.input_shape, limit, target, on_progress)
     return _result(info.metadata["model"], str(info.path), images, data_from, result, table.total_flops, fast)
 
 
@@ -130,16 +149,22 @@ def evaluate_dense(
     data: str,
     batch_size: int = 256,
     limit: int | None = None,
+    *,
+    img_size: int | None = None,
+    workers: int = DEFAULT_WORKERS,
+    device: str = "auto",
+    on_progress: ProgressCallback | None = None,
 ) -> EvalResult:
     """``manidp eval --dense MODEL --weights FILE``: the unpruned baseline row (dense execution)."""
-    images = load_data(data, model_name)
+    target = resolve_device(device)
+    images = load_data(data, model_name, image_size=img_size, loader=LoaderSettings.for_device(workers, target))
     model = create_model(
         model_name,
         num_classes=images.num_classes,
         in_chans=images.in_chans,
         weights=Path(weights) if weights else None,
         pretrained=weights is None,
-    )
+    ).to(target)
     table = count_flops(model, images.input_shape)
-    result = evaluate(model, images.eval, batch_size, limit=limit)
+    result = evaluate(model, images.eval, batch_size, limit=limit, world=World(device=target), on_progress=on_progress)
     return _result(model_name, str(weights or "timm hub"), images, "--data", result, table.total_flops)

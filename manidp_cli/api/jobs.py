@@ -14,6 +14,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,12 @@ from torch import nn
 
 from manidp_cli.analysis.evaluation import Evaluation, evaluate
 from manidp_cli.config import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
-from manidp_cli.core.distributed import World, joined
+from manidp_cli.core.distributed import World, joined, resolve_device
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops, decided_flops
 from manidp_cli.core.gating import GateSet, insert_gates
 from manidp_cli.core.losses import ManiDPLoss
 from manidp_cli.core.schedule import FeedbackThresholds, cost_weighted_scales
-from manidp_cli.data import SPEC_FORMS, ImageData, load_data
+from manidp_cli.data import SPEC_FORMS, ImageData, LoaderSettings, load_data
 from manidp_cli.errors import DataError, ManidpError, OutputError, TargetError
 from manidp_cli.files import atomic_write_text, remove_stale_temporaries, run_folder_lock
 from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
@@ -126,7 +127,10 @@ def prepare(
             f"demo data (1,000 Fashion-MNIST images, 32 px, 1 channel) does not suit: give the data to "
             f"fine-tune on with --data ({SPEC_FORMS}), or --data embedded to use the demo data anyway"
         )
-    data = load_data(recipe.data, settings.model_name)
+    # resolved now: a missing CUDA device is an error before the data is read, and pinned memory needs to know
+    device = resolve_device(recipe.device, int(os.environ.get("LOCAL_RANK", "0")))
+    loader = LoaderSettings.for_device(recipe.workers, device)
+    data = load_data(recipe.data, settings.model_name, image_size=recipe.img_size, loader=loader)
     torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
     model = create_model(
         settings.model_name,
@@ -179,6 +183,10 @@ def _new_run(command: Command, model_name, recipe_path, overrides, weights, out_
     return _RunSettings(recipe, model_name, out_dir, weights, weights_source)
 
 
+# how a run reads its images, not what it computes: a resumed run may change them (another machine)
+_FREE_ON_RESUME = ("workers",)
+
+
 def _stored_run(command: Command, model_name, recipe_path, overrides, weights, out_dir) -> _RunSettings:
     """The run in ``out_dir`` as its checkpoint stores it; given settings must match it."""
     if out_dir is None:
@@ -202,6 +210,10 @@ def _stored_run(command: Command, model_name, recipe_path, overrides, weights, o
             f"--resume continues the run in {out_dir} with the settings it started with, but these differ: "
             f"{'; '.join(conflicts)}. Leave them out, or start a new run with another --out"
         )
+    given = explicit_settings(recipe_path, overrides)
+    changed = {key: given[key] for key in _FREE_ON_RESUME if key in given}
+    if changed:
+        recipe = validate_recipe({**recipe.model_dump(mode="json"), **changed}, "settings")
     return _RunSettings(recipe, extra["model"], out_dir, None, extra["weights"], resumed, identity)
 
 
@@ -211,6 +223,8 @@ _FLAGS = {
     "target_flops": "--target-flops",
     "optimizer.lr": "--lr",
     "data": "--data",
+    "img_size": "--img-size",
+    "workers": "--workers",
     "batch_size": "--batch-size",
     "seed": "--seed",
     "device": "--device",
@@ -232,6 +246,8 @@ def _resume_conflicts(extra, recipe: Recipe, model_name, recipe_path, overrides,
     wanted = load_recipe(recipe_path, overrides).model_dump(mode="json")  # validated and normalised
     stored = recipe.model_dump(mode="json")
     for key in _setting_keys(given):
+        if key in _FREE_ON_RESUME:
+            continue
         mine, theirs = _setting(stored, key), _setting(wanted, key)
         if mine != theirs:
             conflicts.append(f"{_FLAGS.get(key, key)} (run: {capped(mine)}, given: {capped(theirs)})")

@@ -7,9 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from manidp_cli.analysis.evaluation import evaluate
+from manidp_cli.core.distributed import World, resolve_device
 from manidp_cli.core.flops import count_flops
+from manidp_cli.core.progress import ProgressCallback, reported
+from manidp_cli.data import LoaderSettings
 from manidp_cli.errors import ManidpError, TargetError
 from manidp_cli.files import check_new_folder
+from manidp_cli.inputs import DEFAULT_WORKERS
 from manidp_cli.io import load_pruned
 from manidp_cli.runtime.slimming import mask_statistics, save_static, slim
 
@@ -51,35 +55,49 @@ def export_static(
     data: str | None = None,
     calibration_images: int = 1024,
     batch_size: int = 256,
+    *,
+    img_size: int | None = None,
+    workers: int = DEFAULT_WORKERS,
+    device: str = "auto",
+    on_progress: ProgressCallback | None = None,
 ) -> StaticExport:
     """Slim the export at ``path`` (channels kept by at most ``min_keep_rate`` of the calibration
-    images removed, masks folded into BatchNorm), measure it, and write it into ``out_dir``."""
+    images removed, masks folded into BatchNorm), measure it, and write it into ``out_dir``.
+    Images come at the export's input size unless ``img_size`` asks for another (the static model
+    is then written for that size); calibration and evaluation run on ``device``."""
     if not 0 <= min_keep_rate < 1:
         raise TargetError(f"--min-keep-rate must be in [0, 1), got {min_keep_rate}")
+    target = resolve_device(device)
     out_dir = check_new_folder(Path(out_dir), "--out", source=Path(path).expanduser())
     model, info = load_pruned(path)
     if not info.gated:
         raise ManidpError(f"{path} is a dense export: nothing to slim")
     meta = info.metadata
-    images, _ = info.load_data(data)
-    batches = [x for x, _ in images.train.batches(batch_size, limit=calibration_images)]
+    images, _ = info.load_data(data, img_size, LoaderSettings.for_device(workers, target))
+    shape = images.input_shape
+    model.to(target)
+    calibration = images.train.batches(batch_size, limit=calibration_images)
+    total = images.train.num_batches(batch_size, calibration_images)
+    batches = (x.to(target) for x, _ in reported(calibration, "calibrating", total, on_progress))
     frequency, mean_mask = mask_statistics(model, batches)
-    result = slim(model, frequency, mean_mask, min_keep_rate, info.input_shape)
-    flops = count_flops(result.model, info.input_shape).total_flops
-    accuracy = evaluate(result.model, images.eval, batch_size)
+    result = slim(model, frequency, mean_mask, min_keep_rate, shape)
+    flops = count_flops(result.model, shape).total_flops
+    original = meta["dense_flops"] if shape == info.input_shape else count_flops(model, shape).dense_flops
+    accuracy = evaluate(result.model, images.eval, batch_size, world=World(device=target), on_progress=on_progress)
+    result.model.cpu()  # the program is exported for the CPU, whatever measured it
     measured = StaticExport(
         model=meta["model"],
         model_kwargs=meta["model_kwargs"],
-        input_shape=list(info.input_shape),
+        input_shape=list(shape),
         source_export=str(info.path),
         min_keep_rate=min_keep_rate,
-        calibration={"data": images.spec, "split": "train", "images": sum(len(b) for b in batches)},
+        calibration={"data": images.spec, "split": "train", "images": min(calibration_images, len(images.train))},
         channels_removed=result.removed,
         channels_kept=result.kept_channels,
         dense_flops=flops,
-        flops_ratio_to_original=flops / meta["dense_flops"],
+        flops_ratio_to_original=flops / original,
         accuracy=accuracy.summary(),
         gated_accuracy=meta.get("accuracy"),
     )
-    written = save_static(out_dir, result, info.input_shape, measured.config())
+    written = save_static(out_dir, result, shape, measured.config())
     return replace(measured, program_batch=written.program_batch, files=tuple(str(f) for f in written.files))

@@ -9,8 +9,10 @@ import typer
 from rich.table import Table
 
 from manidp_cli.cli.app import app
-from manidp_cli.cli.options import DataOpt, JsonOpt
-from manidp_cli.cli.render import console, print_json
+from manidp_cli.cli.options import DataOpt, ImgSizeOpt, JsonOpt, MeasureDeviceOpt, MeasureWorkersOpt
+from manidp_cli.cli.progress import task_progress
+from manidp_cli.cli.render import console, err_console, print_json
+from manidp_cli.inputs import DEFAULT_WORKERS
 
 
 @app.command("export-static")
@@ -25,12 +27,26 @@ def export_static_command(
     ] = 0.0,
     data: DataOpt = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=1)] = 1024,
+    img_size: ImgSizeOpt = None,
+    workers: MeasureWorkersOpt = DEFAULT_WORKERS,
+    device: MeasureDeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Physically remove (almost) never-kept channels; write a gate-free model that runs on torch alone."""
     from manidp_cli.api import export_static
 
-    result = export_static(export, out, min_keep_rate, data, calibration_images)
+    with task_progress(err_console) as on_progress:
+        result = export_static(
+            export,
+            out,
+            min_keep_rate,
+            data,
+            calibration_images,
+            img_size=img_size,
+            workers=workers,
+            device=device,
+            on_progress=on_progress,
+        )
     if as_json:
         print_json(result)
         return
@@ -50,21 +66,36 @@ def bench(
     export: Annotated[Path, typer.Argument(help="Export folder or its model.safetensors.")],
     runs: Annotated[int, typer.Option("--runs", min=3)] = 50,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch for the throughput figure.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch for the throughput figure.")] = 32,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
     static: Annotated[
         Optional[Path], typer.Option("--static", help="A folder written by export-static, timed too.")
     ] = None,
+    img_size: ImgSizeOpt = None,
+    device: MeasureDeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Time dense vs masked vs dynamic execution (and static-slimmed) of an export, in one run."""
     from manidp_cli.api import bench_export
 
-    result = bench_export(export, runs=runs, warmup=warmup, batch_size=batch_size, threads=threads, static_dir=static)
+    with task_progress(err_console) as on_progress:
+        result = bench_export(
+            export,
+            runs=runs,
+            warmup=warmup,
+            batch_size=batch_size,
+            threads=threads,
+            static_dir=static,
+            img_size=img_size,
+            device=device,
+            on_progress=on_progress,
+        )
     if as_json:
         print_json(result)
         return
-    table = Table(title=f"{result.model} at {'x'.join(map(str, result.input_shape))}, {result.threads} threads")
+    table = Table(
+        title=f"{result.model} at {'x'.join(map(str, result.input_shape))} on {result.device}, {result.threads} threads"
+    )
     for column in (
         "variant",
         "layout",

@@ -9,9 +9,11 @@ import typer
 from rich.table import Table
 
 from manidp_cli.cli.app import app
-from manidp_cli.cli.options import DataOpt, JsonOpt, WeightsOpt
-from manidp_cli.cli.render import console, print_json
+from manidp_cli.cli.options import DataOpt, ImgSizeOpt, JsonOpt, MeasureDeviceOpt, MeasureWorkersOpt, WeightsOpt
+from manidp_cli.cli.progress import task_progress
+from manidp_cli.cli.render import console, err_console, print_json
 from manidp_cli.errors import ManidpError
+from manidp_cli.inputs import DEFAULT_WORKERS
 
 if TYPE_CHECKING:
     from manidp_cli.api import DynamicExecution, EvalResult
@@ -21,6 +23,7 @@ def _print_eval(result: EvalResult) -> None:
     flops = result.flops
     console.print(f"[bold]{result.model}[/] from {result.source}")
     console.print(f"data: {result.data.description} (evaluation split, from {result.data.given_by})")
+    console.print(f"input: {'x'.join(map(str, result.input_shape))}")
     table = Table(show_header=False, box=None)
     table.add_row("images", str(result.images))
     table.add_row("top-1 / top-5", f"{result.top1:.4f} / {result.top5:.4f}")
@@ -74,7 +77,7 @@ def eval_command(
         Optional[str], typer.Option("--dense", help="Evaluate this timm model unpruned instead (baseline row).")
     ] = None,
     weights: WeightsOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 256,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N images only.")] = None,
     dynamic: Annotated[
         bool,
@@ -84,19 +87,24 @@ def eval_command(
             "and report its accuracy.",
         ),
     ] = False,
+    img_size: ImgSizeOpt = None,
+    workers: MeasureWorkersOpt = DEFAULT_WORKERS,
+    device: MeasureDeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Measure accuracy and real dynamic FLOPs of an export (or of a dense baseline)."""
     from manidp_cli.api import evaluate_dense, evaluate_export
 
-    if dense is not None:
-        if data is None:
-            raise ManidpError("--dense needs --data")
-        result = evaluate_dense(dense, weights, data, batch_size, limit)
-    elif export is not None:
-        result = evaluate_export(export, data, batch_size, limit, dynamic=dynamic)
-    else:
+    if dense is None and export is None:
         raise ManidpError("give an EXPORT folder, or --dense MODEL --weights FILE --data SPEC")
+    if dense is not None and data is None:
+        raise ManidpError("--dense needs --data")
+    with task_progress(err_console) as on_progress:  # stderr: stdout holds the result alone
+        run = {"img_size": img_size, "workers": workers, "device": device, "on_progress": on_progress}
+        if dense is not None:
+            result = evaluate_dense(dense, weights, data, batch_size, limit, **run)
+        else:
+            result = evaluate_export(export, data, batch_size, limit, dynamic=dynamic, **run)
     if as_json:
         print_json(result)
     else:

@@ -7,11 +7,29 @@ from typing import Annotated, Optional
 
 import typer
 
+from manidp_cli.inputs import DEFAULT_WORKERS, IMAGE_SIZE_RANGE
+
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="Recipe YAML (see recipes/); flags override it.")]
 DataOpt = Annotated[
     Optional[str],
     typer.Option("--data", help="embedded | fashion-mnist[:DIR] | cifar10:DIR | cifar100:DIR | imagefolder:DIR"),
 ]
+ImgSizeOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--img-size",
+        min=IMAGE_SIZE_RANGE[0],
+        max=IMAGE_SIZE_RANGE[1],
+        help="Image side in px [default: an export's own size; for image folders the model's pretrained_cfg; "
+        "otherwise the data's native size].",
+    ),
+]
+_WORKERS_HELP = "Loader processes for image folders; in-memory data ignores it"
+WorkersOpt = Annotated[
+    Optional[int],
+    typer.Option("--workers", "-j", min=0, help=f"{_WORKERS_HELP} [default: the recipe's, {DEFAULT_WORKERS}]."),
+]
+MeasureWorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help=f"{_WORKERS_HELP}.")]
 WeightsOpt = Annotated[
     Optional[Path],
     typer.Option("--weights", help="Starting weights: .safetensors or a torch file (read with weights_only=True)."),
@@ -25,6 +43,7 @@ LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Initial learning r
 DeviceOpt = Annotated[
     Optional[str], typer.Option("--device", help="auto | cpu | cuda (under torchrun: the local GPU).")
 ]
+MeasureDeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 AmpOpt = Annotated[
     Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast for the forward pass (loss terms stay fp32).")
 ]

@@ -9,11 +9,12 @@ import typer
 from rich.table import Table
 
 from manidp_cli.cli.app import app
-from manidp_cli.cli.options import DataOpt, JsonOpt
+from manidp_cli.cli.options import DataOpt, ImgSizeOpt, JsonOpt, MeasureDeviceOpt, MeasureWorkersOpt
+from manidp_cli.cli.progress import task_progress
 from manidp_cli.cli.render import console, err_console
 from manidp_cli.errors import ManidpError
 from manidp_cli.files import atomic_write_text, check_output_file
-from manidp_cli.inputs import check_writable_folder, exists
+from manidp_cli.inputs import DEFAULT_WORKERS, check_writable_folder, exists
 
 
 def _rich_report(report) -> Table:
@@ -83,6 +84,17 @@ def _rich_report(report) -> Table:
     return table
 
 
+def _input_shape(text: str | None) -> tuple[int, int, int] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+        assert len(shape) == 3
+    except (ValueError, AssertionError):
+        raise ManidpError(f"--input-size must be C,H,W (e.g. 3,224,224), got {text!r}") from None
+    return shape
+
+
 @app.command()
 def report(
     target: Annotated[str, typer.Argument(help="Export folder / model.safetensors, or a timm model name.")],
@@ -95,6 +107,9 @@ def report(
     input_size: Annotated[
         Optional[str], typer.Option("--input-size", help="For a timm model: C,H,W [default: its pretrained config].")
     ] = None,
+    img_size: ImgSizeOpt = None,
+    workers: MeasureWorkersOpt = DEFAULT_WORKERS,
+    device: MeasureDeviceOpt = "auto",
 ) -> None:
     """Per-layer FLOPs and keep ratios of an export, or the dense table and gate coverage of a model."""
     from manidp_cli.api import flops_report, model_report
@@ -110,16 +125,12 @@ def report(
     if plots is not None:
         plots = check_writable_folder(plots, "--plots")
     if exists(Path(target), "TARGET"):
-        result = flops_report(target, data=data, limit=limit)
+        with task_progress(err_console) as on_progress:
+            result = flops_report(
+                target, data, limit, img_size=img_size, workers=workers, device=device, on_progress=on_progress
+            )
     else:
-        shape = None
-        if input_size:
-            try:
-                shape = tuple(int(v) for v in input_size.split(","))
-                assert len(shape) == 3
-            except (ValueError, AssertionError):
-                raise ManidpError(f"--input-size must be C,H,W (e.g. 3,224,224), got {input_size!r}") from None
-        result = model_report(target, shape)
+        result = model_report(target, _input_shape(input_size), img_size=img_size)
     if fmt == "table":
         console.print(_rich_report(result))
         console.print("FLOPs: 1 FLOP = 1 fused multiply-add (fvcore's convention)")

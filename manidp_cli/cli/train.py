@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import TextColumn
 from rich.table import Table
 
 from manidp_cli.cli.app import app
@@ -19,6 +19,7 @@ from manidp_cli.cli.options import (
     DataOpt,
     DeviceOpt,
     EpochsOpt,
+    ImgSizeOpt,
     JsonOpt,
     LrOpt,
     OutOpt,
@@ -27,7 +28,9 @@ from manidp_cli.cli.options import (
     ResumeOpt,
     SeedOpt,
     WeightsOpt,
+    WorkersOpt,
 )
+from manidp_cli.cli.progress import bar, clock, line_every, log_line
 from manidp_cli.cli.render import console, err_console, print_json
 
 
@@ -68,12 +71,6 @@ def _step_terms(info) -> str:
     return terms + f" acc {info.running_accuracy:.3f}"
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
 class _LogLines:
     """Progress where stdout is not a terminal (nohup, SLURM, CI logs), where a progress bar prints
     nothing: a plain, flushed line every ``every`` steps and at each epoch's last, with the loss
@@ -95,16 +92,11 @@ class _LogLines:
         done = info.step - self.started[1]
         per_step = (now - self.started[2]) / max(done - 1, 1)  # the first step of the epoch is the clock's start
         left = (info.steps - info.step) + (info.epochs - info.epoch - 1) * info.steps
-        _log(
+        log_line(
             self.to,
             f"epoch {info.epoch + 1}/{info.epochs} step {info.step}/{info.steps} {_step_terms(info)} "
-            f"lr {info.lr:.4g} {self.batch_size / per_step:.0f} images/s, {_clock(per_step * left)} left",
+            f"lr {info.lr:.4g} {self.batch_size / per_step:.0f} images/s, {clock(per_step * left)} left",
         )
-
-
-def _log(to: Console, line: str) -> None:
-    to.print(line, highlight=False, markup=False, soft_wrap=True)
-    to.file.flush()
 
 
 def _run_with_progress(job, to: Console):
@@ -117,22 +109,13 @@ def _run_with_progress(job, to: Console):
             parts.append(f"eval FLOPs {metrics['eval_flops_ratio']:.3f} of dense")
         if "next_target" in metrics:
             parts.append(f"next target {metrics['next_target']:.3f}")
-        _log(to, f"epoch {int(metrics['epoch']) + 1}: " + ", ".join(parts))
+        log_line(to, f"epoch {int(metrics['epoch']) + 1}: " + ", ".join(parts))
 
     steps = job.data.train.num_batches(job.recipe.batch_size, job.recipe.train_images)
     if not to.is_terminal:
-        lines = _LogLines(job.recipe.batch_size, max(1, min(50, steps // 10)), to)
+        lines = _LogLines(job.recipe.batch_size, line_every(steps), to)
         return run(job, on_step=lines.on_step, on_epoch=on_epoch)
-    progress = Progress(
-        TextColumn("[bold]epoch {task.fields[epoch]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[terms]}"),
-        console=to,
-        transient=False,
-    )
+    progress = bar(to, TextColumn("[bold]epoch {task.fields[epoch]}"), TextColumn("{task.fields[terms]}"))
     tasks: dict[int, int] = {}
 
     def on_step(info) -> None:
@@ -185,6 +168,8 @@ def train(
     ] = None,
     recipe: RecipeOpt = None,
     data: DataOpt = None,
+    img_size: ImgSizeOpt = None,
+    workers: WorkersOpt = None,
     weights: WeightsOpt = None,
     out: OutOpt = None,
     epochs: EpochsOpt = None,
@@ -209,6 +194,8 @@ def train(
         as_json,
         override,
         data=data,
+        img_size=img_size,
+        workers=workers,
         epochs=epochs,
         batch_size=batch_size,
         seed=seed,
@@ -266,6 +253,8 @@ def prune(
     ] = None,
     recipe: RecipeOpt = None,
     data: DataOpt = None,
+    img_size: ImgSizeOpt = None,
+    workers: WorkersOpt = None,
     weights: WeightsOpt = None,
     out: OutOpt = None,
     epochs: EpochsOpt = None,
@@ -294,6 +283,8 @@ def prune(
         override,
         target_flops=target_flops,
         data=data,
+        img_size=img_size,
+        workers=workers,
         epochs=epochs,
         batch_size=batch_size,
         seed=seed,
