@@ -164,7 +164,7 @@ def test_export_static_and_bench_commands(pruned, tmp_path):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert (out / "model.pt2").is_file() and (out / "config.json").is_file()
+    assert all((out / name).is_file() for name in ("model.pt2", "model.safetensors", "config.json", "manidp.json"))
     assert 0 < data["flops_ratio_to_original"] <= 1 and 0 <= data["accuracy"]["top1"] <= 1
     import torch
 

@@ -16,7 +16,14 @@ from manidp_cli.cli.render import console, print_json
 @app.command("export-static")
 def export_static_command(
     export: Annotated[Path, typer.Argument(help="Export folder or its model.safetensors.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for model.pt2, model.safetensors, config.json.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Output folder: model.pt2, model_slim.safetensors, model.safetensors (timm's shapes), "
+            "config.json (timm's), manidp.json.",
+        ),
+    ],
     min_keep_rate: Annotated[
         float,
         typer.Option(
@@ -25,12 +32,18 @@ def export_static_command(
     ] = 0.0,
     data: DataOpt = None,
     calibration_images: Annotated[int, typer.Option("--calibration-images", min=1)] = 1024,
+    onnx: Annotated[
+        bool,
+        typer.Option(
+            "--onnx", help="Also write model.onnx, checked with onnxruntime (needs: pip install 'manidp[onnx]')."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Physically remove (almost) never-kept channels; write a gate-free model that runs on torch alone."""
     from manidp_cli.api import export_static
 
-    result = export_static(export, out, min_keep_rate, data, calibration_images)
+    result = export_static(export, out, min_keep_rate, data, calibration_images, onnx=onnx)
     if as_json:
         print_json(result)
         return
@@ -42,7 +55,14 @@ def export_static_command(
     gated_top1 = (result.gated_accuracy or {}).get("top1", float("nan"))
     console.print(f"top-1 {result.accuracy['top1']:.4f} (gated model: {gated_top1:.4f})")
     console.print(f"wrote {', '.join(result.files)}; load with {result.load}")
+    console.print(f"or with timm alone: {result.timm_load.replace('FOLDER', str(out))}")
     console.print(f"model.pt2 batch size: {result.program_batch}")
+    if result.onnx is not None:
+        check = result.onnx
+        console.print(
+            f"model.onnx (opset {check.opset}) agrees with PyTorch on {check.images} images: "
+            f"max |difference| {check.max_abs_diff:.2e} (tolerance {check.tolerance:.2e})"
+        )
 
 
 @app.command()
