@@ -50,8 +50,8 @@ def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
 
 def timm_config(model: nn.Module, data_config: dict[str, Any], label_names: Sequence[str] = ()) -> dict[str, Any]:
     """config.json as timm's ``save_for_hf`` / ``push_to_hf_hub`` write it for ``model`` (architecture,
-    num_classes, num_features, global_pool, model_args, pretrained_cfg), its preprocessing the one
-    manidp used (``data_config``: input_size, interpolation, mean, std, crop_pct, crop_mode)."""
+    num_classes, num_features, global_pool, model_args, pretrained_cfg), with the preprocessing manidp
+    used (``data_config``: input_size, interpolation, mean, std, crop_pct, crop_mode)."""
     import tempfile
 
     from timm.models import filter_pretrained_cfg
@@ -303,6 +303,6 @@ def manidp_gated(
     model.pretrained_cfg = model.default_cfg = cfg
     if pretrained:
         kwargs = metadata["model_kwargs"]
-        where = {"cache_dir": cache_dir} if cache_dir is not None else {}  # older timm has no cache_dir
-        load_pretrained(model, cfg, kwargs["num_classes"], kwargs["in_chans"], strict=True, **where)
+        cache = {"cache_dir": cache_dir} if cache_dir is not None else {}  # older timm has no cache_dir
+        load_pretrained(model, cfg, kwargs["num_classes"], kwargs["in_chans"], strict=True, **cache)
     return model

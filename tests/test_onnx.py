@@ -84,6 +84,13 @@ def test_an_onnx_file_that_disagrees_is_refused(tmp_path):
         check_onnx(exported, result.model, images, batch_dynamic=False)
 
 
+def test_a_failed_check_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("manidp_cli.runtime.onnx_export.RELATIVE_TOLERANCE", -1.0)  # no file can pass
+    with pytest.raises(ExportError, match="nothing was written"):
+        save_static(tmp_path / "s", tiny_result(), (1, 8, 8), {}, {}, onnx_images=torch.randn(2, 1, 8, 8))
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a staging folder
+
+
 def test_missing_onnxruntime_is_one_line_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
     out = tmp_path / "out"
