@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ FASHION_MNIST_CLASSES = [
 EMBEDDED_FILE = "fashion_mnist_subset.npz"
 SPEC_FORMS = "embedded, fashion-mnist[:DIR], cifar10:DIR, cifar100:DIR, imagefolder:DIR or DIR"
 
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # Per-channel statistics of the training sets, used to normalise inputs.
 _FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
 _CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -301,6 +302,9 @@ class ImageData:
     classes: list[str]
     in_chans: int
     image_size: tuple[int, int]
+    # the evaluation preprocessing in timm's data-config form (input_size, interpolation, mean, std,
+    # crop_pct, crop_mode): what an export's config.json tells timm and the hub
+    data_config: dict[str, Any]
 
     @property
     def num_classes(self) -> int:
@@ -309,6 +313,19 @@ class ImageData:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_chans, *self.image_size)
+
+
+def _tensor_data_config(in_chans: int, size: int, stats) -> dict[str, Any]:
+    """In-memory images are already at ``size``: no resize, no crop, only the normalisation."""
+    mean, std = stats
+    return {
+        "input_size": (in_chans, size, size),
+        "interpolation": "bilinear",
+        "mean": mean,
+        "std": std,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
 
 
 def _pad_to_32(images: np.ndarray) -> torch.Tensor:
@@ -320,7 +337,8 @@ def _fashion_mnist(train_x, train_y, test_x, test_y, spec, description) -> Image
     mean, std = _FASHION_MNIST_STATS
     train = TensorImages(_pad_to_32(train_x), torch.from_numpy(train_y.astype(np.int64)), mean, std, pad=2)
     test = TensorImages(_pad_to_32(test_x), torch.from_numpy(test_y.astype(np.int64)), mean, std, pad=2)
-    return ImageData(spec, description, train, test, list(FASHION_MNIST_CLASSES), 1, (32, 32))
+    config = _tensor_data_config(1, 32, _FASHION_MNIST_STATS)
+    return ImageData(spec, description, train, test, list(FASHION_MNIST_CLASSES), 1, (32, 32), config)
 
 
 def load_embedded() -> ImageData:
@@ -469,6 +487,7 @@ def load_cifar(directory: Path, classes_count: int) -> ImageData:
         classes,
         3,
         (32, 32),
+        _tensor_data_config(3, 32, _CIFAR_STATS),
     )
 
 
@@ -548,6 +567,7 @@ def load_image_folder(
         train_classes,
         3,
         (h, w),
+        {key: config[key] for key in DATA_CONFIG_KEYS if key in config},
     )
 
 
@@ -572,6 +592,8 @@ def _resized(data: ImageData, size: tuple[int, int] | None) -> ImageData:
         train=replace(data.train, size=size),
         eval=replace(data.eval, size=size),
         image_size=size,
+        # resized with bilinear interpolation (TensorImages._normalise)
+        data_config={**data.data_config, "input_size": (data.in_chans, *size), "interpolation": "bilinear"},
     )
 
 

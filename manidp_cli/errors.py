@@ -32,3 +32,8 @@ class OutputError(ManidpError):
 class TrainingError(ManidpError):
     """A run that cannot go on: its loss or weights became NaN or infinite (learning rate too high,
     broken starting weights). Nothing from the failing step is saved."""
+
+
+class ExportError(ManidpError):
+    """An artifact that cannot be made, or not faithfully: a missing optional package (named with
+    the extra that installs it), or an ONNX file whose outputs disagree with PyTorch's."""

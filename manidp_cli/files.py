@@ -30,7 +30,16 @@ from manidp_cli.inputs import capped, check_writable_folder, is_dir
 LOCK_FILE = ".manidp.lock"
 # what a manidp run or export folder holds; such files are never overwritten by another command
 RUN_MARKERS = ("model.safetensors", "checkpoint.pt", "model.pt2")
-RUN_FILES = (*RUN_MARKERS, "recipe.yaml", "metrics.jsonl", "report.json", "config.json")
+RUN_FILES = (
+    *RUN_MARKERS,
+    "recipe.yaml",
+    "metrics.jsonl",
+    "report.json",
+    "config.json",
+    "manidp.json",
+    "model_slim.safetensors",
+    "model.onnx",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pt2", ".pth", ".ckpt", ".bin")
 _NAMES = "|".join(re.escape(name) for name in RUN_FILES)
 # ".NAME.<12 hex>.tmp" from atomic_write, and the fixed "NAME.tmp" of versions before it

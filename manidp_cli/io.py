@@ -1,5 +1,11 @@
 """Exports: one safetensors file holding all weights (gates and thresholds included) and, in its
-metadata, everything needed to rebuild the model without the run that made it.
+metadata, everything needed to rebuild the model without the run that made it; beside it timm's
+config.json (``export_config``), so that the hub and timm know the architecture and preprocessing.
+
+A gated export's config.json names the architecture ``manidp_gated``, registered with timm here:
+``timm.create_model("local-dir:EXPORT", pretrained=True)`` builds the gated model once this module
+is imported, and plain timm stops with "Unknown model (manidp_gated)" instead of quietly loading the
+dense weights without their gates.
 
 Example::
 
@@ -12,8 +18,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from timm.models import register_model
 from torch import nn
 
 from manidp_cli import __version__
@@ -24,10 +31,12 @@ from manidp_cli.errors import DataError, ModelError, WeightsError
 from manidp_cli.files import atomic_write_bytes
 from manidp_cli.inputs import capped, exception_text, is_dir, is_file
 from manidp_cli.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
-from manidp_cli.models.factory import check_model_name
+from manidp_cli.models.factory import HUB_PREFIXES, check_model_name
 
 MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"  # timm's and the Hugging Face hub's
 METADATA_KEY = "manidp"
+GATED_ARCHITECTURE = "manidp_gated"  # config.json's architecture for a gated export (see manidp_gated)
 
 
 def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
@@ -37,6 +46,54 @@ def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     meta = {METADATA_KEY: json.dumps({**metadata, "manidp_version": __version__}), "format": "pt"}
     return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def timm_config(model: nn.Module, data_config: dict[str, Any], label_names: Sequence[str] = ()) -> dict[str, Any]:
+    """config.json as timm's ``save_for_hf`` / ``push_to_hf_hub`` write it for ``model`` (architecture,
+    num_classes, num_features, global_pool, model_args, pretrained_cfg), with the preprocessing manidp
+    used (``data_config``: input_size, interpolation, mean, std, crop_pct, crop_mode)."""
+    import tempfile
+
+    from timm.models import filter_pretrained_cfg
+    from timm.models._hub import save_config_for_hf  # timm's own layout; it writes a path, not atomically
+
+    source = filter_pretrained_cfg(dict(model.pretrained_cfg), remove_source=True)
+    # a complete pretrained_cfg: timm versions that replace it rather than update it write the same
+    pretrained_cfg = {**source, **data_config, "num_classes": model.num_classes}
+    model_config: dict[str, Any] = {"pretrained_cfg": pretrained_cfg}
+    if label_names:
+        model_config["label_names"] = list(label_names)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CONFIG_FILE
+        save_config_for_hf(model, str(path), model_config=model_config)
+        config = json.loads(path.read_text())
+    config["pretrained_cfg"].pop("tag", None)  # the source weights' tag (e.g. "a1_in1k") does not describe these
+    return config
+
+
+def export_config(
+    model: nn.Module, metadata: dict[str, Any], data_config: dict[str, Any], label_names: Sequence[str] = ()
+) -> dict[str, Any]:
+    """config.json of a ``train`` or ``prune`` export. A dense one is timm's own. A gated one names the
+    architecture ``manidp_gated`` (only manidp builds it, see ``manidp_gated``: plain timm cannot
+    load the weights without their gates) with the base architecture and its gates as model_args."""
+    config = timm_config(model, data_config, label_names)
+    if metadata["kind"] != "pruned":
+        return config
+    config["model_args"] = {
+        "base_architecture": config["architecture"],
+        **metadata["model_kwargs"],
+        "input_shape": list(metadata["input_shape"]),
+        "gate_policy": metadata["gate_policy"],
+        "gated_layers": list(metadata["gated_layers"]),
+    }
+    config["architecture"] = GATED_ARCHITECTURE
+    return config
+
+
+def save_timm_config(folder: Path, config: dict[str, Any]) -> Path:
+    """Write ``config`` as ``folder``/config.json, atomically."""
+    return atomic_write_bytes(Path(folder) / CONFIG_FILE, json.dumps(config, indent=2).encode())
 
 
 def _model_file(path: Path) -> Path:
@@ -173,19 +230,26 @@ class LoadedExport:
         return images, ("--data" if spec else "the export's metadata")
 
 
-def load_pruned(path: str | Path) -> tuple[nn.Module, LoadedExport]:
-    """Rebuild the (gated) model of an export from the export alone, in eval mode."""
+def _build(metadata: dict[str, Any], file: Path) -> nn.Module:
+    """The model that ``metadata`` (checked by ``check_metadata``) describes, gates inserted, untrained."""
     import timm
-    from safetensors.torch import load_file
 
-    metadata = read_metadata(path)
-    file = _model_file(Path(path))
     model = timm.create_model(metadata["model"], pretrained=False, **metadata["model_kwargs"])
     if metadata.get("kind") == "pruned":
         policy = GatePolicy.model_validate(metadata["gate_policy"])
         gates = insert_gates(model, policy, input_shape=tuple(metadata["input_shape"]))
         if sorted(gates.by_name()) != sorted(metadata["gated_layers"]):
             raise WeightsError(f"{file}: the gate policy no longer selects the exported layers")
+    return model
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, LoadedExport]:
+    """Rebuild the (gated) model of an export from the export alone, in eval mode."""
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    file = _model_file(Path(path))
+    model = _build(metadata, file)
     try:
         state = load_file(str(file))
     except Exception as exc:
@@ -197,3 +261,55 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, LoadedExport]:
         raise WeightsError(f"{file} does not fit {metadata['model']}: {capped(detail[0])}") from exc
     model.eval()
     return model, LoadedExport(file, metadata)
+
+
+_GATED_ARGS = ("base_architecture", "num_classes", "in_chans", "input_shape", "gate_policy", "gated_layers")
+
+
+def _gated_metadata(model_args: dict[str, Any]) -> dict[str, Any]:
+    """The metadata ``_build`` needs, from a gated export's config.json model_args, checked like an
+    export's own (a config.json from the hub is as untrusted as a safetensors header)."""
+    where = Path(f"{GATED_ARCHITECTURE} model_args")
+    missing = [key for key in _GATED_ARGS if key not in model_args]
+    unknown = sorted(set(model_args) - set(_GATED_ARGS))
+    if missing or unknown:
+        raise WeightsError(
+            f"{GATED_ARCHITECTURE} is built from the config.json of a gated manidp export "
+            f"(timm.create_model('local-dir:EXPORT')); model_args "
+            + (f"lack {', '.join(missing)}" if missing else f"has unknown {capped(unknown)}")
+        )
+    base = model_args["base_architecture"]
+    if not isinstance(base, str) or base.startswith(HUB_PREFIXES):
+        raise WeightsError(f"{where}: base_architecture must be a timm model name, got {capped(base)!r}")
+    metadata = {
+        "kind": "pruned",
+        "model": base,
+        "model_kwargs": {"num_classes": model_args["num_classes"], "in_chans": model_args["in_chans"]},
+        **{key: model_args[key] for key in ("input_shape", "gate_policy", "gated_layers")},
+    }
+    return check_metadata(metadata, where)
+
+
+@register_model
+def manidp_gated(
+    pretrained: bool = False,
+    pretrained_cfg: dict[str, Any] | None = None,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    **model_args: Any,
+) -> nn.Module:
+    """A gated export as a timm model, built from its config.json: ``timm.create_model(
+    "local-dir:EXPORT", pretrained=True)`` (or ``"hf-hub:ORG/REPO"``) gives ``load_pruned``'s model
+    (in train mode, as timm's models are). Its weights load strictly: gates and thresholds included."""
+    from timm.models import load_pretrained
+
+    model_args.pop("pretrained_model_args", None)  # timm's copy of the same arguments
+    metadata = _gated_metadata(model_args)
+    model = _build(metadata, Path(f"{GATED_ARCHITECTURE} model_args"))
+    cfg = {**(pretrained_cfg if isinstance(pretrained_cfg, dict) else {}), **(pretrained_cfg_overlay or {})}
+    model.pretrained_cfg = model.default_cfg = cfg
+    if pretrained:
+        kwargs = metadata["model_kwargs"]
+        cache = {"cache_dir": cache_dir} if cache_dir is not None else {}  # older timm has no cache_dir
+        load_pretrained(model, cfg, kwargs["num_classes"], kwargs["in_chans"], strict=True, **cache)
+    return model

@@ -17,7 +17,9 @@ decision close to a tie can go either way, and then the outputs differ by far mo
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -172,3 +174,34 @@ def prune_tiny(out, data: str, resume: bool = False, overrides=None, **extra):
         resume=resume,
     )
     return run(job, **extra)
+
+
+CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+
+
+def run_manidp(args, *, preamble: str = "", cwd=None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``manidp ARGS`` in a fresh process through ``cli.main`` (exit codes, stdout and stderr as a user
+    sees them), after ``preamble`` (Python run first: a patch, a resource limit)."""
+    argv = f"sys.argv = ['manidp', *{list(map(str, args))!r}]"
+    script = f"import sys\n{preamble}\nfrom manidp_cli.cli import main\n{argv}\nmain()\n"
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**CLI_ENV, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def refuse_symbolic_batches(monkeypatch) -> None:
+    """Make torch.export refuse a symbolic batch, as it does for some models: static exports then
+    fall back to a program of batch 1."""
+    real_export = torch.export.export
+
+    def export(module, args, *rest, dynamic_shapes=None, **kwargs):
+        if dynamic_shapes is not None:
+            raise RuntimeError("cannot trace a symbolic batch")
+        return real_export(module, args, *rest, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", export)

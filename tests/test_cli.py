@@ -171,7 +171,7 @@ def test_export_static_and_bench_commands(pruned, tmp_path):
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert (out / "model.pt2").is_file() and (out / "config.json").is_file()
+    assert all((out / name).is_file() for name in ("model.pt2", "model.safetensors", "config.json", "manidp.json"))
     assert re.search(r"^calibrating 1/1 batches, .* left$", result.stderr, re.M), result.stderr
     assert re.search(r"^evaluating 1/1 batches, .* left$", result.stderr, re.M), result.stderr
     assert 0 < data["flops_ratio_to_original"] <= 1 and 0 <= data["accuracy"]["top1"] <= 1

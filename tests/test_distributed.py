@@ -72,6 +72,7 @@ def test_ranks_agree_and_rank_zero_alone_writes(runs):
     assert meta["state_sha256"] == _digest(model)
     assert sorted(p.name for p in two.iterdir()) == [
         "checkpoint.pt",
+        "config.json",
         "metrics.jsonl",
         "model.safetensors",
         "recipe.yaml",

@@ -117,7 +117,7 @@ def test_static_slimming_removes_never_kept_channels(tmp_path):
     )
     assert "layer1.0.conv2" not in result.removed  # feeds the residual addition: kept in place
     assert not hasattr(slimmed, "manidp_gates")
-    files = save_static(tmp_path, result, (3, 64, 64), {"model": "resnet18"})
+    files = save_static(tmp_path, result, (3, 64, 64), {"model": "resnet18"}, {})
     loaded = torch.export.load(str(files.files[0])).module()
     assert files.program_batch == "any from 1 to 4096"
     image = torch.randn(2, 3, 64, 64)

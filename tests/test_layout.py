@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-import torch
+from helpers import refuse_symbolic_batches, run_manidp
 from torch import nn
 
 from manidp_cli.api import evaluate_export
 from manidp_cli.core.gating import GATE_PREFIX, is_gate_key
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.runtime.slimming import SlimResult, save_static
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-
-
-def run_cli(*args: str, preamble: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
-    script = (
-        f"import sys\n{preamble}\nfrom manidp_cli.cli import main\nsys.argv = ['manidp', *{list(args)!r}]\nmain()\n"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=300
-    )
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1():
@@ -34,7 +20,7 @@ def test_a_bug_keeps_its_traceback_and_exits_1():
         "def broken(*args, **kwargs):\n    raise RuntimeError('a bug in the library')\n"
         "manidp_cli.api.prepare = broken\n"
     )
-    proc = run_cli("train", "test_resnet", preamble=preamble)
+    proc = run_manidp(["train", "test_resnet"], preamble=preamble)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "RuntimeError: a bug in the library" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: internal error: this is a bug in manidp")
@@ -42,7 +28,7 @@ def test_a_bug_keeps_its_traceback_and_exits_1():
 
 @pytest.mark.parametrize("debug", ["", "1"])
 def test_a_user_error_is_one_line_unless_debugging(debug):
-    proc = run_cli("prune", "resnet343", "--target-flops", "0.5", env={"MANIDP_DEBUG": debug})
+    proc = run_manidp(["prune", "resnet343", "--target-flops", "0.5"], env={"MANIDP_DEBUG": debug})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: unknown model 'resnet343'")
@@ -73,23 +59,22 @@ def test_gate_keys():
 def test_static_export_says_which_batch_sizes_its_program_takes(tmp_path, monkeypatch, symbolic_fails):
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()).eval()
     if symbolic_fails:
-        real_export = torch.export.export
-
-        def export(module, args, *rest, dynamic_shapes=None, **kwargs):
-            if dynamic_shapes is not None:
-                raise RuntimeError("cannot trace a symbolic batch")
-            return real_export(module, args, *rest, **kwargs)
-
-        monkeypatch.setattr(torch.export, "export", export)
-    written = save_static(tmp_path / "static", SlimResult(model, {}, {}), (1, 8, 8), {"model": "test"})
-    config = json.loads((tmp_path / "static" / "config.json").read_text())
-    assert config["program_batch"] == written.program_batch
+        refuse_symbolic_batches(monkeypatch)
+    written = save_static(tmp_path / "static", SlimResult(model, {}, {}), (1, 8, 8), {"model": "test"}, {})
+    metadata = json.loads((tmp_path / "static" / "manidp.json").read_text())
+    assert metadata["program_batch"] == written.program_batch
     if symbolic_fails:
         assert written.program_batch.startswith("1 only (a symbolic batch did not export: ")
         assert "cannot trace a symbolic batch" in written.program_batch
     else:
         assert written.program_batch == "any from 1 to 4096"
-    assert [p.name for p in written.files] == ["model.pt2", "model.safetensors", "config.json"]
+    assert [p.name for p in written.files] == [
+        "model.pt2",
+        "model_slim.safetensors",
+        "model.safetensors",
+        "config.json",
+        "manidp.json",
+    ]
 
 
 EVAL_KEYS = {

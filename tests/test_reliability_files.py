@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLI_ENV, run_manidp
 
 from manidp_cli.api import export_static
 from manidp_cli.api.jobs import prepare, run
@@ -21,15 +22,6 @@ from manidp_cli.cli import app
 from manidp_cli.errors import ManidpError, OutputError, WeightsError
 from manidp_cli.files import atomic_write, atomic_write_text, run_folder_lock, staged_folder
 from manidp_cli.runtime.slimming import load_static, verify_static_program
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-
-
-def manidp(args, cwd, preamble=""):
-    """``manidp ARGS`` in a fresh process, through ``cli.main`` (exit codes and stderr as a user sees them)."""
-    argv = f"sys.argv = ['manidp', *{list(map(str, args))!r}]"
-    script = f"import sys\n{preamble}\nfrom manidp_cli.cli import main\n{argv}\nmain()\n"
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
 
 
 def train_tiny(out, data, **overrides):
@@ -77,7 +69,7 @@ def test_bench_static_refuses_a_pickle_that_runs_code(pruned, static_export, tmp
     shutil.copytree(static_export, crafted)
     marker = tmp_path / "payload-ran"
     rewrite_member(crafted / "model.pt2", "data/sample_inputs/model.pt", pickle.dumps(RunsShell(marker), protocol=2))
-    proc = manidp(["bench", pruned.out_dir, "--runs", "3", "--warmup", "0", "--static", crafted], cwd=tmp_path)
+    proc = run_manidp(["bench", pruned.out_dir, "--runs", "3", "--warmup", "0", "--static", crafted], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "refusing" in lines[0] and "sample_inputs" in lines[0], proc.stderr
@@ -132,8 +124,8 @@ def test_extra_members_are_refused(static_export, tmp_path):
 
 
 def test_static_network_is_rebuilt_from_weights_alone(static_export):
-    config = json.loads((static_export / "config.json").read_text())
-    assert sum(config["channels_removed"].values()) > 0  # narrowed layers are exercised
+    metadata = json.loads((static_export / "manidp.json").read_text())
+    assert sum(metadata["channels_removed"].values()) > 0  # narrowed layers are exercised
     rebuilt, _ = load_static(static_export)
     program = torch.export.load(str(static_export / "model.pt2")).module()  # our own, trusted file
     images = torch.randn(3, 1, 32, 32)
@@ -247,7 +239,7 @@ def test_second_run_on_a_locked_folder_fails_at_once(tiny_fashion, tmp_path):
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=CLI_ENV,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -309,9 +301,9 @@ def test_full_disk_keeps_the_old_file_and_no_temporary(tmp_path):
 
 def test_checkpoint_that_does_not_fit_is_one_line_and_the_rerun_works(tiny_fashion, tmp_path):
     limit = 2_000_000  # the 1.5 MB export fits, the 3 MB checkpoint does not
-    proc = manidp(
+    proc = run_manidp(
         ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"],
-        tmp_path,
+        cwd=tmp_path,
         preamble=f"import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))",
     )
@@ -321,8 +313,9 @@ def test_checkpoint_that_does_not_fit_is_one_line_and_the_rerun_works(tiny_fashi
         proc.stderr
     )
     assert list(tmp_path.rglob("*.tmp")) == [] and not (tmp_path / "o" / "checkpoint.pt").exists()
-    proc = manidp(
-        ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"], tmp_path
+    proc = run_manidp(
+        ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"],
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "model.safetensors").is_file()
@@ -361,13 +354,13 @@ def test_export_that_does_not_fit_is_one_line_and_resume_writes_it(tiny_fashion,
         "pipeline.save_model = save_model"
     )
     args = ["train", "test_resnet", "--data", tiny_fashion, "--epochs", "1", "--batch-size", "32", "--out", "o"]
-    proc = manidp(args, tmp_path, preamble=fill_at_export)
+    proc = run_manidp(args, cwd=tmp_path, preamble=fill_at_export)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write o/model.safetensors" in lines[0] and "--resume --out o" in lines[0], (
         proc.stderr
     )
     assert temporaries(tmp_path / "o") == [] and not (tmp_path / "o" / "model.safetensors").exists()
-    proc = manidp(["train", "--resume", "--out", "o"], tmp_path)
+    proc = run_manidp(["train", "--resume", "--out", "o"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "model.safetensors").is_file()

@@ -34,7 +34,7 @@ from manidp_cli.data import SPEC_FORMS, ImageData, LoaderSettings, load_data
 from manidp_cli.errors import DataError, ManidpError, OutputError, TargetError
 from manidp_cli.files import atomic_write_text, remove_stale_temporaries, run_folder_lock
 from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
-from manidp_cli.io import MODEL_FILE, save_model
+from manidp_cli.io import CONFIG_FILE, MODEL_FILE, export_config, save_model, save_timm_config
 from manidp_cli.models.factory import check_model_name, create_model
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import FitResult, StepInfo, fit
@@ -521,7 +521,7 @@ def _export(job: Job, world: World, fitted: FitResult, before: dict[str, Any] | 
         signature_batches=4 if table else 0,
         world=world,
     )
-    files = [job.out_dir / name for name in (MODEL_FILE, "recipe.yaml", "metrics.jsonl", "report.json")]
+    files = [job.out_dir / name for name in (MODEL_FILE, CONFIG_FILE, "recipe.yaml", "metrics.jsonl", "report.json")]
     if world.is_main:
         metadata = {
             **_metadata(job, after, before),
@@ -531,6 +531,8 @@ def _export(job: Job, world: World, fitted: FitResult, before: dict[str, Any] | 
             "state_sha256": digests[0],
         }
         save_model(job.out_dir / MODEL_FILE, job.model, metadata)
+        config = export_config(job.model, metadata, job.data.data_config, job.data.classes)
+        save_timm_config(job.out_dir, config)
         atomic_write_text(job.out_dir / "report.json", json.dumps(_report(job, after), indent=1))
     world.barrier()
     return after, files

@@ -14,15 +14,18 @@ from manidp_cli.data import LoaderSettings
 from manidp_cli.errors import ManidpError, TargetError
 from manidp_cli.files import check_new_folder
 from manidp_cli.inputs import DEFAULT_WORKERS
-from manidp_cli.io import load_pruned
+from manidp_cli.io import load_pruned, timm_config
+from manidp_cli.runtime.onnx_export import OnnxCheck, require_onnx
 from manidp_cli.runtime.slimming import mask_statistics, save_static, slim
 
 LOAD_HINT = "torch.export.load('model.pt2').module()"
+TIMM_LOAD_HINT = "timm.create_model('local-dir:FOLDER', pretrained=True)"
+ONNX_CHECK_IMAGES = 8  # evaluation images run through onnxruntime and PyTorch
 
 
 @dataclass(frozen=True)
 class StaticExport:
-    """What ``export-static`` wrote and measured; ``to_dict()`` is config.json plus ``files``."""
+    """What ``export-static`` wrote and measured; ``to_dict()`` is manidp.json plus ``files``."""
 
     model: str
     model_kwargs: dict[str, Any]
@@ -37,15 +40,22 @@ class StaticExport:
     accuracy: dict[str, Any]
     gated_accuracy: dict[str, Any] | None
     load: str = LOAD_HINT
+    timm_load: str = TIMM_LOAD_HINT
     program_batch: str = ""
+    onnx: OnnxCheck | None = None
     files: tuple[str, ...] = ()
 
-    def config(self) -> dict[str, Any]:
-        """The fields written to config.json (everything but the file list)."""
-        return {key: value for key, value in asdict(self).items() if key not in ("files", "program_batch")}
+    def metadata(self) -> dict[str, Any]:
+        """The fields written to manidp.json (``save_static`` adds program_batch and onnx)."""
+        return {key: value for key, value in asdict(self).items() if key not in ("files", "program_batch", "onnx")}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.config(), "program_batch": self.program_batch, "files": list(self.files)}
+        return {
+            **self.metadata(),
+            "program_batch": self.program_batch,
+            "onnx": self.onnx.to_dict() if self.onnx else None,
+            "files": list(self.files),
+        }
 
 
 def export_static(
@@ -55,6 +65,7 @@ def export_static(
     data: str | None = None,
     calibration_images: int = 1024,
     batch_size: int = 256,
+    onnx: bool = False,
     *,
     img_size: int | None = None,
     workers: int = DEFAULT_WORKERS,
@@ -62,9 +73,12 @@ def export_static(
     on_progress: ProgressCallback | None = None,
 ) -> StaticExport:
     """Slim the export at ``path`` (channels kept by at most ``min_keep_rate`` of the calibration
-    images removed, masks folded into BatchNorm), measure it, and write it into ``out_dir``.
-    Images come at the export's input size unless ``img_size`` asks for another (the static model
-    is then written for that size); calibration and evaluation run on ``device``."""
+    images removed, masks folded into BatchNorm), measure it, and write it into ``out_dir``; with
+    ``onnx`` also model.onnx, checked against PyTorch on a few evaluation images. Images come at
+    the export's input size unless ``img_size`` asks for another (the static model is then written
+    for that size); calibration and evaluation run on ``device``."""
+    if onnx:
+        require_onnx()  # a missing package is said before any work
     if not 0 <= min_keep_rate < 1:
         raise TargetError(f"--min-keep-rate must be in [0, 1), got {min_keep_rate}")
     target = resolve_device(device)
@@ -99,5 +113,12 @@ def export_static(
         accuracy=accuracy.summary(),
         gated_accuracy=meta.get("accuracy"),
     )
-    written = save_static(out_dir, result, shape, measured.config())
-    return replace(measured, program_batch=written.program_batch, files=tuple(str(f) for f in written.files))
+    onnx_images = next(iter(images.eval.batches(ONNX_CHECK_IMAGES)))[0] if onnx else None
+    config = timm_config(result.model, images.data_config, images.classes)
+    written = save_static(out_dir, result, shape, measured.metadata(), config, onnx_images)
+    return replace(
+        measured,
+        program_batch=written.program_batch,
+        onnx=written.onnx,
+        files=tuple(str(f) for f in written.files),
+    )

@@ -18,7 +18,14 @@ from manidp_cli.inputs import DEFAULT_WORKERS
 @app.command("export-static")
 def export_static_command(
     export: Annotated[Path, typer.Argument(help="Export folder or its model.safetensors.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder for model.pt2, model.safetensors, config.json.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Output folder: model.pt2, model_slim.safetensors, model.safetensors (timm's shapes), "
+            "config.json (timm's), manidp.json.",
+        ),
+    ],
     min_keep_rate: Annotated[
         float,
         typer.Option(
@@ -30,6 +37,12 @@ def export_static_command(
     img_size: ImgSizeOpt = None,
     workers: MeasureWorkersOpt = DEFAULT_WORKERS,
     device: MeasureDeviceOpt = "auto",
+    onnx: Annotated[
+        bool,
+        typer.Option(
+            "--onnx", help="Also write model.onnx, checked with onnxruntime (needs: pip install 'manidp[onnx]')."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Physically remove (almost) never-kept channels; write a gate-free model that runs on torch alone."""
@@ -42,6 +55,7 @@ def export_static_command(
             min_keep_rate,
             data,
             calibration_images,
+            onnx=onnx,
             img_size=img_size,
             workers=workers,
             device=device,
@@ -58,7 +72,14 @@ def export_static_command(
     gated_top1 = (result.gated_accuracy or {}).get("top1", float("nan"))
     console.print(f"top-1 {result.accuracy['top1']:.4f} (gated model: {gated_top1:.4f})")
     console.print(f"wrote {', '.join(result.files)}; load with {result.load}")
+    console.print(f"or with timm alone: {result.timm_load.replace('FOLDER', str(out))}")
     console.print(f"model.pt2 batch size: {result.program_batch}")
+    if result.onnx is not None:
+        check = result.onnx
+        console.print(
+            f"model.onnx (opset {check.opset}) agrees with PyTorch on {check.images} images: "
+            f"max |difference| {check.max_abs_diff:.2e} (tolerance {check.tolerance:.2e})"
+        )
 
 
 @app.command()

@@ -47,7 +47,9 @@ class CifarResNet(nn.Module):
         super().__init__()
         blocks = _DEPTHS[depth]
         self.num_classes = num_classes
-        self.pretrained_cfg = {
+        self.num_features = 64
+        self.pretrained_cfg = {  # what timm's config.json writer and weight loader read
+            "architecture": f"cifar_resnet{depth}",
             "first_conv": "conv1",
             "classifier": "fc",
             "input_size": (in_chans, 32, 32),

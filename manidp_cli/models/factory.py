@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from manidp_cli.core.gating import is_gate_key
+from manidp_cli.core.gating import has_gates, is_gate_key
 from manidp_cli.core.state import non_finite_tensors
 from manidp_cli.errors import ModelError, WeightsError
 from manidp_cli.inputs import capped, exception_text, is_file
@@ -141,17 +141,29 @@ def create_model(
         # huggingface_hub decides: its cache when offline (HF_HUB_OFFLINE), else the hub, a mirror
         # (HF_ENDPOINT) or a proxy as configured
         try:
-            return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
         except Exception as exc:
             raise _hub_error(name, exc) from exc
+        return _not_gated(model, name)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     except Exception as exc:
         if not name.startswith(HUB_PREFIXES):
             raise
         raise ModelError(f"cannot build {capped(name)}: {exception_text(exc)}") from exc
+    _not_gated(model, name)
     if weights is not None:
         load_weights(model, weights)
+    return model
+
+
+def _not_gated(model: nn.Module, name: str) -> nn.Module:
+    """A gated export (``local-dir:`` / ``hf-hub:`` with architecture manidp_gated) is no starting point."""
+    if has_gates(model):
+        raise ModelError(
+            f"{capped(name)} is a gated manidp export: evaluate it with `manidp eval`, or start from its "
+            f"weights with its base architecture and --weights (the gates are dropped)"
+        )
     return model
 
 

@@ -9,10 +9,15 @@ convolution keep their place (the layout of the network must not change there).
 The result has no gates. Each gated channel's BatchNorm is scaled by the channel's mean mask value
 over the calibration images (E[saliency x kept]), the best static stand-in for the per-image scaling
 (exact for channels that are never kept: they output zero). It is an approximation of the dynamic
-network, so its accuracy is measured again rather than assumed. timm cannot build per-layer widths
-from a model name, so the runnable artifact is a ``torch.export`` program (``model.pt2``:
-``torch.export.load(path).module()`` needs torch alone), written beside the slimmed weights
-(``model.safetensors``) and ``config.json``.
+network, so its accuracy is measured again rather than assumed.
+
+timm cannot build per-layer widths from a model name, so the slimmed network is written three ways:
+a ``torch.export`` program (``model.pt2``: ``torch.export.load(path).module()`` needs torch alone,
+optionally ``model.onnx`` too), its own weights (``model_slim.safetensors``, which ``load_static``
+narrows a timm model to), and the same network at timm's shapes (``model.safetensors``: every
+removed channel exactly zero where it is made and where it is read, so plain timm loads it and
+computes the same function, without the speed). ``config.json`` is timm's; manidp's own description
+is ``manidp.json`` (static exports before it kept that in ``config.json``: still read).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,19 +38,39 @@ from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.errors import WeightsError
 from manidp_cli.files import staged_folder, write_new_file
-from manidp_cli.inputs import capped, exception_text
+from manidp_cli.inputs import capped, exception_text, is_file
+from manidp_cli.io import CONFIG_FILE, MODEL_FILE
 from manidp_cli.models.factory import check_model_name
+from manidp_cli.runtime.onnx_export import ONNX_FILE, OnnxCheck, check_onnx, export_onnx
 
 PROGRAM_FILE = "model.pt2"
-CONFIG_FILE = "config.json"
+SLIM_WEIGHTS_FILE = "model_slim.safetensors"  # the narrower network; model.safetensors has timm's shapes
+METADATA_FILE = "manidp.json"
 MAX_BATCH = 4096  # the largest batch the exported program accepts
 
 
-def _keep_rows(module: nn.Module, keep: torch.Tensor, dim: int, names: tuple[str, ...]) -> None:
+@dataclass(frozen=True)
+class ChannelSelection:
+    """The positions ``keep`` along ``dim`` that slimming kept of a tensor ``size`` wide there."""
+
+    dim: int
+    keep: torch.Tensor
+    size: int
+
+
+def _keep_rows(
+    module: nn.Module,
+    keep: torch.Tensor,
+    dim: int,
+    names: tuple[str, ...],
+    prefix: str,
+    selections: dict[str, list[ChannelSelection]],
+) -> None:
     for name in names:
         tensor = getattr(module, name, None)
         if tensor is None:
             continue
+        selections.setdefault(f"{prefix}.{name}", []).append(ChannelSelection(dim, keep, tensor.shape[dim]))
         sliced = tensor.detach().index_select(dim, keep).clone()
         if isinstance(tensor, nn.Parameter):
             setattr(module, name, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
@@ -58,6 +83,8 @@ class SlimResult:
     model: nn.Module
     removed: dict[str, int]  # gated conv -> output channels removed
     kept_channels: dict[str, int]
+    # state-dict key -> how it was narrowed (a convolution can lose outputs and inputs)
+    selections: dict[str, list[ChannelSelection]] = field(default_factory=dict)
 
 
 def mask_statistics(model: nn.Module, batches) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -100,7 +127,7 @@ def slim(
             norm = slim_model.get_submodule(flow_pairs[conv_name])
             norm.weight.mul_(scale.to(norm.weight.dtype))
             norm.bias.mul_(scale.to(norm.bias.dtype))
-    removed, kept_channels = {}, {}
+    removed, kept_channels, selections = {}, {}, {}
     for conv_name, consumer_name in consumers.items():
         frequency = keep_frequency.get(conv_name)
         if frequency is None:
@@ -113,44 +140,91 @@ def slim(
         conv = slim_model.get_submodule(conv_name)
         norm = slim_model.get_submodule(flow_pairs[conv_name])
         consumer = slim_model.get_submodule(consumer_name)
-        _keep_rows(conv, keep, 0, ("weight", "bias"))
+        _keep_rows(conv, keep, 0, ("weight", "bias"), conv_name, selections)
         conv.out_channels = len(keep)
         assert isinstance(norm, NORM_TYPES)
-        _keep_rows(norm, keep, 0, ("weight", "bias", "running_mean", "running_var"))
+        norm_tensors = ("weight", "bias", "running_mean", "running_var")
+        _keep_rows(norm, keep, 0, norm_tensors, flow_pairs[conv_name], selections)
         norm.num_features = len(keep)
-        _keep_rows(consumer, keep, 1, ("weight",))
+        _keep_rows(consumer, keep, 1, ("weight",), consumer_name, selections)
         consumer.in_channels = len(keep)
         removed[conv_name] = len(frequency) - len(keep)
         kept_channels[conv_name] = len(keep)
-    return SlimResult(slim_model, removed, kept_channels)
+    return SlimResult(slim_model, removed, kept_channels, selections)
+
+
+def full_width_state_dict(result: SlimResult) -> dict[str, torch.Tensor]:
+    """The slimmed network's weights at the original (timm) shapes, the kept channels in their
+    places: a removed channel is zero in its convolution and in the one that reads it, and its
+    BatchNorm outputs zero (running_var 1 keeps it finite), so the network computes what the
+    slimmed one does and loads into ``timm.create_model`` of the same name."""
+    state = {}
+    for key, tensor in result.model.state_dict().items():
+        tensor = tensor.detach()
+        for selection in result.selections.get(key, []):
+            shape = list(tensor.shape)
+            shape[selection.dim] = selection.size
+            fill = torch.ones if key.endswith("running_var") else torch.zeros
+            tensor = fill(shape, dtype=tensor.dtype).index_copy_(selection.dim, selection.keep, tensor)
+        state[key] = tensor.contiguous().clone()
+    return state
 
 
 @dataclass(frozen=True)
 class StaticFiles:
     files: tuple[Path, ...]
     program_batch: str  # the batch sizes model.pt2 accepts, and why when only 1
+    onnx: OnnxCheck | None = None  # how model.onnx agreed with PyTorch, when written
 
 
-def save_static(out_dir: Path, result: SlimResult, input_shape, config: dict) -> StaticFiles:
-    """Write model.pt2 (torch.export), model.safetensors and config.json into ``out_dir`` (missing or
-    empty): all three appear together, or none (a full disk leaves nothing behind)."""
+def _export_program(model: nn.Module, input_shape) -> tuple[torch.export.ExportedProgram, bool, str]:
+    """``model`` as a torch.export program; whether its batch is symbolic, and in words."""
     example = (torch.zeros(2, *input_shape),)  # a batch of 1 would specialise the batch size
     try:
         program = torch.export.export(
-            result.model, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+            model, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
         )
-        program_batch = f"any from 1 to {MAX_BATCH}"
+        return program, True, f"any from 1 to {MAX_BATCH}"
     except Exception as exc:  # some models do not export with a symbolic batch: batch 1 then
-        program = torch.export.export(result.model, (torch.zeros(1, *input_shape),))
-        program_batch = f"1 only (a symbolic batch did not export: {capped(exception_text(exc))})"
-    config = {**config, "program_batch": program_batch}
-    tensors = {k: v.detach().contiguous().clone() for k, v in result.model.state_dict().items()}
+        program = torch.export.export(model, (torch.zeros(1, *input_shape),))
+        return program, False, f"1 only (a symbolic batch did not export: {capped(exception_text(exc))})"
+
+
+def _json_bytes(value: dict) -> bytes:
+    return json.dumps(value, indent=2).encode()
+
+
+def save_static(
+    out_dir: Path,
+    result: SlimResult,
+    input_shape,
+    metadata: dict,
+    config: dict,
+    onnx_images: torch.Tensor | None = None,
+) -> StaticFiles:
+    """Write into ``out_dir`` (missing or empty) model.pt2 (torch.export), model_slim.safetensors,
+    model.safetensors (timm's shapes, see ``full_width_state_dict``), config.json (``config``, timm's)
+    and manidp.json (``metadata``); with ``onnx_images`` also model.onnx, checked on those images
+    first. Everything is made before anything is written; then all files appear together, or none
+    (a full disk leaves nothing behind)."""
+    program, batch_dynamic, program_batch = _export_program(result.model, input_shape)
+    onnx_model = export_onnx(program) if onnx_images is not None else None
+    onnx_check = check_onnx(onnx_model, result.model, onnx_images, batch_dynamic) if onnx_model else None
+    metadata = {**metadata, "program_batch": program_batch, "onnx": onnx_check.to_dict() if onnx_check else None}
+    slim_tensors = {k: v.detach().contiguous().clone() for k, v in result.model.state_dict().items()}
+    contents = {
+        SLIM_WEIGHTS_FILE: save(slim_tensors, metadata={"format": "pt"}),
+        MODEL_FILE: save(full_width_state_dict(result), metadata={"format": "pt"}),
+        CONFIG_FILE: _json_bytes(config),
+        METADATA_FILE: _json_bytes(metadata),
+    }
+    if onnx_model is not None:
+        contents[ONNX_FILE] = onnx_model.data
     with staged_folder(out_dir) as stage:
         write_new_file(stage / PROGRAM_FILE, lambda handle: torch.export.save(program, handle))
-        weights = save(tensors, metadata={"format": "pt"})
-        write_new_file(stage / "model.safetensors", lambda handle: handle.write(weights))
-        write_new_file(stage / CONFIG_FILE, lambda handle: handle.write(json.dumps(config, indent=1).encode()))
-    return StaticFiles((out_dir / PROGRAM_FILE, out_dir / "model.safetensors", out_dir / CONFIG_FILE), program_batch)
+        for name, data in contents.items():
+            write_new_file(stage / name, lambda handle, data=data: handle.write(data))
+    return StaticFiles(tuple(out_dir / name for name in (PROGRAM_FILE, *contents)), program_batch, onnx_check)
 
 
 # What torch.export.save writes for one plain program, under the archive's root folder. Anything
@@ -250,22 +324,25 @@ def verify_static_program(path: Path) -> None:
         raise WeightsError(f"refusing {path}: {problem}; never load it with torch.export.load")
 
 
-def _read_static_config(folder: Path) -> dict:
-
-    file = folder / CONFIG_FILE
+def _read_static_metadata(folder: Path) -> tuple[dict, Path]:
+    """What load_static needs from manidp.json, and the slimmed weights file. A static export written
+    before manidp.json kept the same fields in config.json and its slimmed weights in model.safetensors."""
+    file, weights = folder / METADATA_FILE, folder / SLIM_WEIGHTS_FILE
+    if not is_file(file, "static export") and is_file(folder / CONFIG_FILE, "static export"):
+        file, weights = folder / CONFIG_FILE, folder / MODEL_FILE
     try:
-        config = json.loads(file.read_text())
-        model_name = config["model"]
-        kwargs = {key: int(config["model_kwargs"][key]) for key in ("num_classes", "in_chans")}
-        shape = tuple(int(v) for v in config["input_shape"])
+        metadata = json.loads(file.read_text())
+        model_name = metadata["model"]
+        kwargs = {key: int(metadata["model_kwargs"][key]) for key in ("num_classes", "in_chans")}
+        shape = tuple(int(v) for v in metadata["input_shape"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise WeightsError(
-            f"{file} is not the config.json of `manidp export-static` ({type(exc).__name__}: {exc})"
+            f"{file} is not the {METADATA_FILE} of `manidp export-static` ({type(exc).__name__}: {capped(exc)})"
         ) from exc
     if len(shape) != 3 or min(shape) < 1 or not isinstance(model_name, str):
         raise WeightsError(f"{file}: input_shape must be 3 positive sizes and model a name")
     check_model_name(model_name)
-    return {"model": model_name, "model_kwargs": kwargs, "input_shape": shape}
+    return {"model": model_name, "model_kwargs": kwargs, "input_shape": shape}, weights
 
 
 def _narrow(module: nn.Module, attribute: str, shape: torch.Size) -> bool:
@@ -292,16 +369,15 @@ def _narrow(module: nn.Module, attribute: str, shape: torch.Size) -> bool:
 
 
 def load_static(folder: str | Path) -> tuple[nn.Module, dict]:
-    """The slimmed network of an export-static folder, rebuilt from config.json (the timm name) and
-    model.safetensors (the narrower widths come from the tensors' shapes): data only, so nothing in
-    the folder can run code. model.pt2 is checked (``verify_static_program``), never loaded."""
+    """The slimmed network of an export-static folder, rebuilt from manidp.json (the timm name) and
+    model_slim.safetensors (the narrower widths come from the tensors' shapes): data only, so nothing
+    in the folder can run code. model.pt2 is checked (``verify_static_program``), never loaded."""
     import timm
     from safetensors.torch import load_file
 
     folder = Path(folder).expanduser()
     verify_static_program(folder / PROGRAM_FILE)
-    config = _read_static_config(folder)
-    file = folder / "model.safetensors"
+    config, file = _read_static_metadata(folder)
     try:
         tensors = load_file(str(file))
     except Exception as exc:
