@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from manidp_cli.cli import app
 from manidp_cli.errors import DataError, ManidpError, ModelError, RecipeError, TargetError, WeightsError
-from manidp_cli.io import load_pruned
+from manidp_cli.io import MODEL_FILE, load_pruned
 
 runner = CliRunner()
 
@@ -261,3 +261,27 @@ def test_cuda_without_a_cuda_device_is_one_line(monkeypatch, capsys, tmp_path, c
     extra = ["--out", str(tmp_path / "out")] if command == "train" else []
     code, lines = run_main(monkeypatch, capsys, command, target, "--device", "cuda", *extra)
     assert code == 2 and lines == ["error: --device cuda asked for, but torch sees no CUDA device"]
+
+
+def test_every_command_json_pipes_into_json_tool(pruned, tiny_fashion, tmp_path):
+    """`manidp COMMAND --json | python -m json.tool` for every command: nothing but the JSON on stdout
+    (progress, plans and notices go to stderr). A command added without a case here fails the test."""
+    dense, static = tmp_path / "dense", tmp_path / "static"
+    tiny = ["--data", tiny_fashion, "--epochs", "1", "-b", "32", "-o", "train_images=64"]
+    commands = {
+        "version": ["version"],
+        "train": ["train", "test_resnet", *tiny, "--out", str(dense)],
+        "prune": ["prune", "test_resnet", "--target-flops", "0.6", *tiny, "--weights", str(dense / MODEL_FILE)],
+        "eval": ["eval", str(pruned.out_dir), "--limit", "16"],
+        "report": ["report", str(pruned.out_dir)],
+        "export-static": ["export-static", str(pruned.out_dir), "--out", str(static), "--calibration-images", "32"],
+        "bench": ["bench", str(pruned.out_dir), "--runs", "3", "--warmup", "1", "--batch-size", "2"],
+    }
+    commands["prune"] += ["--out", str(tmp_path / "pruned")]
+    registered = {command.name or command.callback.__name__ for command in app.registered_commands}
+    assert registered == set(commands), registered ^ set(commands)
+    for name, args in commands.items():
+        result = runner.invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, (name, result.output)
+        piped = subprocess.run([sys.executable, "-m", "json.tool"], input=result.stdout, capture_output=True, text=True)
+        assert piped.returncode == 0 and result.stdout.strip(), (name, result.stdout[:300], piped.stderr)
