@@ -137,6 +137,18 @@ def test_safetensors_and_torch_files_load_and_adapt(tmp_path):
         assert torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
 
 
+def test_a_model_folder_gives_its_weights_file(tmp_path):
+    """--weights DIR: a manidp export, timm's local-dir or a hub snapshot folder reads its weights file."""
+    state = timm.create_model("resnet18", pretrained=False, num_classes=10).state_dict()
+    folder = tmp_path / "export"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    model = create_model("resnet18", num_classes=10, in_chans=3, weights=folder)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(WeightsError, match=r"holds none of model.safetensors, pytorch_model.bin"):
+        read_state_dict(tmp_path)
+
+
 def test_weights_that_do_not_fit_name_the_key(tmp_path):
     other = timm.create_model("resnet34", pretrained=False).state_dict()
     save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "r34.safetensors"))

@@ -32,7 +32,11 @@ WorkersOpt = Annotated[
 MeasureWorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help=f"{_WORKERS_HELP}.")]
 WeightsOpt = Annotated[
     Optional[Path],
-    typer.Option("--weights", help="Starting weights: .safetensors or a torch file (read with weights_only=True)."),
+    typer.Option(
+        "--weights",
+        help="Starting weights: .safetensors, a torch file (read with weights_only=True), or a folder holding "
+        "model.safetensors (a train export, a timm or hub folder).",
+    ),
 ]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Output folder [default: runs/<command>-<model>].")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1)]

@@ -17,7 +17,7 @@ from torch import nn
 from manidp_cli.core.gating import has_gates, is_gate_key
 from manidp_cli.core.state import non_finite_tensors
 from manidp_cli.errors import ModelError, WeightsError
-from manidp_cli.inputs import capped, exception_text, is_file
+from manidp_cli.inputs import capped, exception_text, is_dir, is_file
 from manidp_cli.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 
 HUB_PREFIXES = ("hf-hub:", "local-dir:")  # timm's model names that carry their own source
@@ -46,6 +46,19 @@ def check_model_name(name: str) -> None:
 _CHECKPOINT_KEYS = ("model_state_dict",)  # read by manidp besides timm's own (state_dict, model, EMA)
 
 
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's local-dir: and the hub look for
+
+
+def _weights_in(path: Path) -> Path:
+    """The weights file of a model folder (a manidp export, a timm or hub folder); other paths as given."""
+    if not is_dir(path, "weights folder"):
+        return path
+    found = next((path / name for name in FOLDER_WEIGHTS if is_file(path / name, "weights file")), None)
+    if found is None:
+        raise WeightsError(f"folder {capped(path)} holds none of {', '.join(FOLDER_WEIGHTS)}; give the weights file")
+    return found
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from weights the way ``timm.models.load_state_dict`` reads them: safetensors, or a torch
     file (.pth, .pth.tar, .bin) loaded with ``weights_only=True`` and timm's allow-list (the
@@ -53,7 +66,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     else ``state_dict`` / ``model``; DDP and torch.compile prefixes removed. Nothing is unpickled."""
     from timm.models import load_state_dict
 
-    path = Path(path).expanduser()
+    path = _weights_in(Path(path).expanduser())
     if not is_file(path, "weights file"):
         raise WeightsError(f"weights file {capped(path)} not found")
     try:
