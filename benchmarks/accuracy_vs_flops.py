@@ -38,12 +38,13 @@ from pathlib import Path
 import torch
 
 from manidp_cli.analysis.evaluation import evaluate
-from manidp_cli.api.jobs import prepare, run
+from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
 from manidp_cli.config import OptimizerConfig
 from manidp_cli.core.flops import count_flops
 from manidp_cli.data import load_data
 from manidp_cli.files import atomic_write_text
 from manidp_cli.models.factory import create_model
+from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
 
@@ -174,8 +175,16 @@ def arm_key(spec: dict, args) -> str:
     return f"{spec['arm']}-t{spec['target']}-b{spec['budget']}-s{spec['seed']}-{digest}"
 
 
-def _fine_tune(model, data, objective, args, spec) -> None:
-    fit(
+class ArmInterrupted(Exception):
+    """An arm stopped part-way (Ctrl-C, the end of a session): its checkpoint resumes on the next run."""
+
+
+def _fine_tune(model, data, objective, args, spec, out: Path) -> None:
+    """The shared fine-tune, checkpointed in ``out`` at every epoch end (and on Ctrl-C), and continued
+    from that checkpoint when an earlier run of this arm stopped part-way."""
+    checkpoint = out / CHECKPOINT_FILE
+    resumed = load_checkpoint(checkpoint) if checkpoint.is_file() else None
+    fitted = fit(
         model,
         data,
         objective,
@@ -184,7 +193,12 @@ def _fine_tune(model, data, objective, args, spec) -> None:
         optimizer_config=OptimizerConfig(lr=args.lr),
         seed=spec["seed"],
         train_limit=spec["budget"] // 3,
+        checkpoint_path=checkpoint,
+        resume_state=resumed,
+        extra_state={"kind": spec["arm"], "recipe": json.dumps(spec), "model": MODEL, "weights": "dense start"},
     )
+    if fitted.interrupted:
+        raise ArmInterrupted(f"{spec['arm']} stopped part-way; {checkpoint} continues it on the next run")
 
 
 def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
@@ -200,8 +214,13 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
         "optimizer": {"lr": args.lr, **changes.get("optimizer", {})},
         "schedule": {"calibration_images": 1024, "search_steps": 16, **changes.get("schedule", {})},
     }
-    job = prepare("prune", MODEL, recipe_path=RECIPES / recipe, weights=start, out_dir=out, overrides=overrides)
+    if (out / CHECKPOINT_FILE).is_file():  # stopped part-way before: continue where it stopped
+        job = prepare("prune", MODEL, out_dir=out, resume=True)
+    else:
+        job = prepare("prune", MODEL, recipe_path=RECIPES / recipe, weights=start, out_dir=out, overrides=overrides)
     result = run(job)
+    if result.interrupted:
+        raise ArmInterrupted(f"{spec['arm']} stopped part-way; {job.checkpoint} continues it on the next run")
     return {
         "top1": result.after.top1,
         "flops_ratio": result.after.flops.mean_ratio,
@@ -245,7 +264,7 @@ def static_prune(model: torch.nn.Module, target: float, input_shape) -> tuple[to
     return best
 
 
-def run_static_arm(args, spec: dict, start: Path, data) -> dict:
+def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
     torch.manual_seed(spec["seed"])
     model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
     model, flops = static_prune(model, spec["target"], data.input_shape)
@@ -253,15 +272,15 @@ def run_static_arm(args, spec: dict, start: Path, data) -> dict:
     if spec["arm"] == "static_kd":
         teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
         objective = Distilled(objective, teacher, DISTILL["weight"], DISTILL["temperature"])
-    _fine_tune(model, data, objective, args, spec)
+    _fine_tune(model, data, objective, args, spec, out)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": flops, "spearman_loss_flops": None, "gram_correlation": None}
 
 
-def run_dense_arm(args, spec: dict, start: Path, data) -> dict:
+def run_dense_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
     torch.manual_seed(0)
     model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    _fine_tune(model, data, CrossEntropyObjective(), args, spec)
+    _fine_tune(model, data, CrossEntropyObjective(), args, spec, out)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": 1.0, "spearman_loss_flops": None, "gram_correlation": None}
 
@@ -449,7 +468,14 @@ def _table(done: list[dict], title: str) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    try:
+        run_plan(parse_args())
+    except ArmInterrupted as exc:
+        print(exc, flush=True)
+        raise SystemExit(130) from None
+
+
+def run_plan(args: argparse.Namespace) -> None:
     folder = args.work / "arms"
     folder.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -461,15 +487,18 @@ def main() -> None:
         if (folder / f"{key}.json").exists() or (args.max_arms is not None and new >= args.max_arms):
             continue
         out = args.work / "runs" / key
-        shutil.rmtree(out, ignore_errors=True)
+        if not (out / CHECKPOINT_FILE).is_file():  # a checkpoint: the arm stopped part-way, resume it
+            shutil.rmtree(out, ignore_errors=True)
+        resumed = (out / CHECKPOINT_FILE).is_file()
         t0 = time.perf_counter()
         if spec["arm"] == "dense":
-            metrics = run_dense_arm(args, spec, start, data)
+            metrics = run_dense_arm(args, spec, start, data, out)
         elif spec["arm"] in STATIC_ARMS:
-            metrics = run_static_arm(args, spec, start, data)
+            metrics = run_static_arm(args, spec, start, data, out)
         else:
             metrics = run_manidp_arm(args, spec, start, out)
-        row = {"key": key, **spec, "lr": args.lr, **metrics, "seconds": time.perf_counter() - t0}
+        # seconds: this run's share only, when the arm resumed a checkpoint
+        row = {"key": key, **spec, "lr": args.lr, **metrics, "seconds": time.perf_counter() - t0, "resumed": resumed}
         atomic_write_text(folder / f"{key}.json", json.dumps(row, indent=1))
         new += 1
         print(f"{key:48s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
