@@ -14,8 +14,9 @@ Nesterov, cosine learning rate from ``--lr``. Arms:
 
 FLOPs are honest for every arm: fvcore on the slimmed model (static), manidp's count with the gates'
 own cost included (dynamic; docs/gating.md). Each finished arm is written to
-``<work>/arms/<key>.json`` (key = every setting of the arm), so an interrupted run resumes; arms run
-in order of importance (``plan``). The summary JSON, plot and table are rebuilt from whatever has
+``<work>/arms/<key>.json`` (key = every setting of the arm), so an interrupted run resumes; an arm
+stopped part-way (Ctrl-C) continues from ``<work>/runs/<key>/checkpoint.pt``; arms run in order of
+importance (``plan``). The summary JSON, plot and table are rebuilt from whatever has
 finished. Needs Debian's dataset-fashion-mnist and ``pip install torch-pruning``::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py            # everything (many hours)
