@@ -14,7 +14,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 from manidp_cli.analysis.evaluation import Evaluation, evaluate
 from manidp_cli.config import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
-from manidp_cli.core.distributed import World, joined, resolve_device
+from manidp_cli.core.distributed import World, joined
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops, decided_flops
 from manidp_cli.core.gating import GateSet, insert_gates
 from manidp_cli.core.losses import ManiDPLoss
@@ -128,8 +127,7 @@ def prepare(
             f"fine-tune on with --data ({SPEC_FORMS}), or --data embedded to use the demo data anyway"
         )
     # resolved now: a missing CUDA device is an error before the data is read, and pinned memory needs to know
-    device = resolve_device(recipe.device, int(os.environ.get("LOCAL_RANK", "0")))
-    loader = LoaderSettings.for_device(recipe.workers, device)
+    loader = LoaderSettings.for_device(recipe.workers, World.from_env(recipe.device).device)
     data = load_data(recipe.data, settings.model_name, image_size=recipe.img_size, loader=loader)
     torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
     model = create_model(
