@@ -69,6 +69,7 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "ramp30": ("default.yaml", {"schedule": {"ramp": 0.3}}),
     "allocation05": ("default.yaml", {"schedule": {"allocation": 0.5}}),
     "allocation1": ("default.yaml", {"schedule": {"allocation": 1.0}}),
+    "no_distill": ("default.yaml", {"loss": {"distill_weight": 0.0}}),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd")
