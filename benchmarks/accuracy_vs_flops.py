@@ -7,8 +7,9 @@ Nesterov, cosine learning rate from ``--lr``. Arms:
 - ``manidp``: the default recipe (recipes/default.yaml); ``paper``: recipes/paper.yaml (method.md's
   procedure); ``no_similarity`` / ``no_complexity``: the default without the similarity term /
   with uniform sparsity weights (plain L1 gating);
-- ``static``: torch-pruning's L1-norm structured pruning to the same FLOPs (global ratio bisected,
-  classifier kept), then the same fine-tune with cross-entropy; ``static_kd``: the same fine-tune
+- ``static``: torch-pruning's L1-norm structured pruning to the same FLOPs
+  (``manidp_cli.runtime.static_l1``: one ratio for every group, bisected; classifier kept), then
+  the same fine-tune with cross-entropy; ``static_kd``: the same fine-tune
   with the default's distillation (weight 1, T = 4), so that the comparison stays fair;
 - ``dense``: the start fine-tuned without pruning, the ceiling.
 
@@ -41,10 +42,10 @@ import torch
 from manidp_cli.analysis.evaluation import evaluate
 from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
 from manidp_cli.config import OptimizerConfig
-from manidp_cli.core.flops import count_flops
 from manidp_cli.data import load_data
 from manidp_cli.files import atomic_write_text
 from manidp_cli.models.factory import create_model
+from manidp_cli.runtime.static_l1 import static_l1
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
@@ -231,45 +232,11 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
     }
 
 
-def static_prune(model: torch.nn.Module, target: float, input_shape) -> tuple[torch.nn.Module, float]:
-    """L1-norm structured pruning with torch-pruning, bisecting its global ratio to the FLOPs target."""
-    import copy
-
-    import torch_pruning as tp
-
-    dense = count_flops(model, input_shape).total_flops
-    example = torch.zeros(1, *input_shape)
-
-    def pruned_at(ratio: float):
-        candidate = copy.deepcopy(model).eval()
-        pruner = tp.pruner.MetaPruner(
-            candidate,
-            example,
-            importance=tp.importance.MagnitudeImportance(p=1),
-            pruning_ratio=ratio,
-            ignored_layers=[candidate.fc],
-        )
-        pruner.step()
-        return candidate, count_flops(candidate, input_shape).total_flops / dense
-
-    low, high = 0.0, 0.95
-    best = None
-    for _ in range(14):
-        ratio = (low + high) / 2
-        candidate, flops = pruned_at(ratio)
-        if best is None or abs(flops - target) < abs(best[1] - target):
-            best = (candidate, flops)
-        if flops > target:
-            low = ratio
-        else:
-            high = ratio
-    return best
-
-
 def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
     torch.manual_seed(spec["seed"])
     model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    model, flops = static_prune(model, spec["target"], data.input_shape)
+    baseline = static_l1(model, spec["target"], data.input_shape)
+    model, flops = baseline.model, baseline.flops_ratio
     objective = CrossEntropyObjective()
     if spec["arm"] == "static_kd":
         teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)

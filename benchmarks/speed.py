@@ -6,8 +6,10 @@ folded, NCHW and channels-last; the faster is the reference), masked, dynamic wi
 (per-image gathers), dynamic with codebooks of ``--entries`` keep-sets per layer (gather-free;
 random gates of reduction ``--gate-reduction`` with codebooks learned on the random images and
 thresholds calibrated again; entries tuned by measurement; with ``--gate-reduction`` also a codebook
-network with the reference gates), each in both layouts, and a statically slimmed network with the
-mean channel counts the gates keep.
+network with the reference gates), each in both layouts, a statically slimmed network with the
+mean channel counts the gates keep, and the real static peer: Torch-Pruning's L1 network at the
+gated network's measured FLOPs (``torch_pruning``; it also narrows the residual streams). Every
+case records the CPU it ran on (model, ISA flags, torch's kernels).
 It also profiles the codebook path (where the time goes) and writes
 ``benchmarks/results/speed.json``. Run on an otherwise idle machine:
 
@@ -24,9 +26,11 @@ from pathlib import Path
 import torch
 
 from manidp_cli.analysis.bench import bench_models, timing_model
+from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.core.flops import count_flops, measure_flops
-from manidp_cli.runtime.execute import dynamic_model, tune_entries
+from manidp_cli.runtime.execute import dynamic_model, folded_model, tune_entries
 from manidp_cli.runtime.slimming import slim
+from manidp_cli.runtime.static_l1 import static_l1
 
 ROOT = Path(__file__).resolve().parent
 CASES = [("resnet34", 224), ("resnet18", 32), ("resnet18", 64), ("resnet18", 128), ("resnet18", 224)]
@@ -136,8 +140,9 @@ def main() -> None:
             reference = codebooks["codebook_reference_gates"]
             measured_ref = measure_flops(reference, count_flops(reference, shape), batches).mean_ratio
             reference_gates = {"flops_ratio_calibrated": calibrated_ref, "flops_ratio_measured": measured_ref}
-        static = static_equivalent(gated, shape, batches)
+        static = folded_model(static_equivalent(gated, shape, batches), shape)
         static_ratio = count_flops(static, shape).total_flops / count_flops(dense, shape).total_flops
+        peer = static_l1(dense, measured, shape)
         result = bench_models(
             gated,
             dense,
@@ -148,6 +153,7 @@ def main() -> None:
             threads=args.threads,
             static=static,
             extra_dynamic=codebooks,
+            extra_static={"torch_pruning": folded_model(peer.model, shape)},
         ).to_dict()
         result.update(
             model=name,
@@ -162,6 +168,7 @@ def main() -> None:
                 "reference_gates": reference_gates,
             },
             static_flops_ratio=static_ratio,
+            torch_pruning_flops_ratio=peer.flops_ratio,
             profile_codebook=profile_dynamic(snapped, shape),
             seconds=time.perf_counter() - started,
         )
@@ -172,8 +179,9 @@ def main() -> None:
             f"masked {v['masked']['latency_ratio']:.2f}x, dynamic {_best(v, 'dynamic')[1]:.2f}x, "
             f"codebook {_best(v, 'codebook')[1]:.2f}x"
             + (f" (reference gates {_best(v, 'codebook_reference_gates')[1]:.2f}x)" if reference_gates else "")
-            + f", static {_best(v, 'static')[1]:.2f}x "
-            f"(FLOPs: gated {measured:.3f}, codebook {snapped_measured:.3f}, static {static_ratio:.3f})",
+            + f", static {_best(v, 'static')[1]:.2f}x, torch-pruning {_best(v, 'torch_pruning')[1]:.2f}x "
+            f"(FLOPs: gated {measured:.3f}, codebook {snapped_measured:.3f}, static {static_ratio:.3f}, "
+            f"torch-pruning {peer.flops_ratio:.3f})",
             flush=True,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,12 +189,27 @@ def main() -> None:
     if args.cases and not args.quick and args.out == parser.get_default("out"):
         out = args.out.with_name("speed_" + "_".join(f"{m}-{s}" for m, s in cases) + ".json")
     out.write_text(
-        json.dumps({"benchmark": "speed", "target": args.target, "threads": args.threads, "cases": results}, indent=1)
+        json.dumps(
+            {
+                "benchmark": "speed",
+                "target": args.target,
+                "threads": args.threads,
+                "cpu": cpu_info().to_dict(),
+                "cases": results,
+            },
+            indent=1,
+        )
     )
     columns = (
-        ["dynamic", "codebook"] + (["codebook_reference_gates"] if gate_reduction is not None else []) + ["static"]
+        ["dynamic", "codebook"]
+        + (["codebook_reference_gates"] if gate_reduction is not None else [])
+        + ["static", "torch_pruning"]
     )
-    titles = {"codebook": f"codebook r={gate_reduction or 'ref'}", "codebook_reference_gates": "codebook r=ref"}
+    titles = {
+        "codebook": f"codebook r={gate_reduction or 'ref'}",
+        "codebook_reference_gates": "codebook r=ref",
+        "torch_pruning": "torch-pruning",
+    }
     print(f"\n{'case':16s} {'dense ms':>9s} {'masked':>7s} " + " ".join(f"{titles.get(c, c):>14s}" for c in columns))
     for r in results:
         v = r["variants"]

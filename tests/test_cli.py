@@ -210,6 +210,19 @@ def test_export_static_and_bench_commands(pruned, tmp_path):
     assert isinstance(result.exception, ManidpError) and "[0, 1)" in str(result.exception)
 
 
+def test_bench_times_the_torch_pruning_baseline_and_recommends_a_variant(pruned):
+    args = ["bench", str(pruned.out_dir), "--runs", "3", "--warmup", "1", "--batch-size", "4"]
+    result = runner.invoke(app, [*args, "--baseline", "static-l1", "--json"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    assert {"torch_pruning", "torch_pruning_channels_last", "dynamic"} <= set(bench["variants"])
+    fastest = min(bench["variants"], key=lambda name: bench["variants"][name]["latency_ms_median"])
+    assert bench["recommendation"].endswith(f"{bench['variants'][fastest]['layout']})")
+    assert bench["cpu"]["model"] and bench["cpu"]["torch_capability"]
+    result = runner.invoke(app, [*args, "--baseline", "static-l2"])
+    assert isinstance(result.exception, ManidpError) and "one of static-l1, got 'static-l2'" in str(result.exception)
+
+
 def test_image_folder_with_img_size_workers_and_progress(tmp_path):
     folder = write_image_folder(tmp_path / "images")
     out = tmp_path / "dense"

@@ -29,6 +29,7 @@ import timm
 import torch
 from torch import nn
 
+from manidp_cli.analysis.machine import CpuInfo, cpu_info
 from manidp_cli.config import CodebookConfig, GatePolicy
 from manidp_cli.core.calibration import calibrate_thresholds, mean_saliency
 from manidp_cli.core.codebook import build_codebooks
@@ -176,10 +177,13 @@ class BenchResult:
     export: str | None = None
     flops_ratio: float | None = None
     device: str = "cpu"
+    cpu: CpuInfo | None = None  # the host's CPU: its kernels decide the CPU ratios (docs/portability.md)
+    recommendation: str = ""  # the fastest variant at batch 1, as advice
 
     def to_dict(self) -> dict[str, Any]:
         out = {key: value for key, value in self.__dict__.items() if key not in ("model", "export", "flops_ratio")}
         out["variants"] = {name: timing.to_dict() for name, timing in self.variants.items()}
+        out["cpu"] = self.cpu.to_dict() if self.cpu is not None else None
         if self.model is not None:
             out.update(model=self.model, export=self.export, flops_ratio=self.flops_ratio)
         return out
@@ -194,7 +198,7 @@ def _throughput(
     return batch.shape[0] / statistics.median(batch_times), rss.peak_mb
 
 
-def _candidates(gated, dense, input_shape, static, extra_dynamic) -> dict[str, tuple[nn.Module, bool]]:
+def _candidates(gated, dense, input_shape, statics, extra_dynamic) -> dict[str, tuple[nn.Module, bool]]:
     """Variant name -> (model, channels_last)."""
     dense_folded = folded_model(dense, input_shape)
     candidates = {
@@ -207,9 +211,9 @@ def _candidates(gated, dense, input_shape, static, extra_dynamic) -> dict[str, t
     for name, other in (extra_dynamic or {}).items():
         candidates[name] = (dynamic_model(other, input_shape), False)
         candidates[f"{name}_channels_last"] = (dynamic_model(other, input_shape), True)
-    if static is not None:
-        candidates["static"] = (static, False)
-        candidates["static_channels_last"] = (copy.deepcopy(static), True)
+    for name, model in statics.items():
+        candidates[name] = (model, False)
+        candidates[f"{name}_channels_last"] = (copy.deepcopy(model), True)
     return candidates
 
 
@@ -256,6 +260,30 @@ def _verdict(ratio: float, best_dynamic: str, input_shape, gated: nn.Module) -> 
     return verdict
 
 
+STATIC_ADVICE = {
+    "static": "use the static export (manidp export-static): it is the fastest variant here",
+    "torch_pruning": (
+        "use a static model: Torch-Pruning's L1 network at the same FLOPs is the fastest variant here "
+        "(fine-tune it and compare its accuracy before you switch)"
+    ),
+}
+
+
+def recommendation(measured: dict[str, VariantTiming], input_shape) -> str:
+    """Which variant to deploy at batch 1, for this export at this input size: the fastest measured."""
+    fastest = min(measured, key=lambda name: measured[name].latency_ms_median)
+    timing = measured[fastest]
+    base = fastest.removesuffix("_channels_last")
+    speed = f"{timing.latency_ratio:.2f}x the dense latency, {timing.layout}"
+    if base == "dense":
+        return f"run the dense model: no pruned variant beats it at {input_shape[-1]} px ({timing.layout})"
+    if base in STATIC_ADVICE:
+        return f"{STATIC_ADVICE[base]} ({speed})"
+    if base == "masked":
+        return f"run the masked model (the gated network without dynamic execution, {speed})"
+    return f"run the export dynamically with manidp's executor ({fastest}, {speed})"
+
+
 def bench_models(
     gated: nn.Module,
     dense: nn.Module,
@@ -267,18 +295,22 @@ def bench_models(
     threads: int | None = None,
     static: nn.Module | None = None,
     extra_dynamic: dict[str, nn.Module] | None = None,
+    extra_static: dict[str, nn.Module] | None = None,
     device: torch.device = torch.device("cpu"),
     on_progress: ProgressCallback | None = None,
 ) -> BenchResult:
     """Measure every variant in one run, on ``device``, and give ratios to the dense reference.
 
-    ``extra_dynamic`` adds other gated versions of the same network (say, one with codebooks),
-    each executed dynamically in both layouts under its name. ``on_progress`` hears of each
-    latency round and each variant's throughput."""
+    ``static`` is timed as the variant "static"; ``extra_static`` adds other plain networks under
+    their names (say, Torch-Pruning's at the same FLOPs), each in both layouts. ``extra_dynamic``
+    adds other gated versions of the same network (say, one with codebooks), each executed
+    dynamically in both layouts under its name. ``on_progress`` hears of each latency round and
+    each variant's throughput."""
     if threads:
         torch.set_num_threads(threads)
     sync = synchronizer(device)
-    candidates = _candidates(gated, dense, input_shape, static, extra_dynamic)
+    statics = {**({"static": static} if static is not None else {}), **(extra_static or {})}
+    candidates = _candidates(gated, dense, input_shape, statics, extra_dynamic)
     prepared = {
         name: (*_prepared(model, input_shape, batch_size, cl, device), cl) for name, (model, cl) in candidates.items()
     }
@@ -317,6 +349,8 @@ def bench_models(
         verdict=_verdict(measured[best_dynamic].latency_ratio, best_dynamic, input_shape, gated),
         variants=measured,
         device=str(device),
+        cpu=cpu_info(),
+        recommendation=recommendation(measured, input_shape),
     )
 
 

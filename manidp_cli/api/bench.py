@@ -7,10 +7,13 @@ from pathlib import Path
 from manidp_cli.analysis.bench import BenchResult, bench_models, dense_twin
 from manidp_cli.core.distributed import resolve_device
 from manidp_cli.core.progress import ProgressCallback
-from manidp_cli.errors import WeightsError
+from manidp_cli.errors import ManidpError, WeightsError
 from manidp_cli.io import load_pruned
 from manidp_cli.runtime.execute import folded_model
 from manidp_cli.runtime.slimming import load_static
+from manidp_cli.runtime.static_l1 import require_torch_pruning, static_l1
+
+BASELINES = ("static-l1",)
 
 
 def bench_export(
@@ -23,10 +26,17 @@ def bench_export(
     static_dir: str | Path | None = None,
     img_size: int | None = None,
     device: str = "cpu",
+    baseline: str | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> BenchResult:
     """``manidp bench`` of an export at the input size recorded in it, or at ``img_size`` px, on
-    ``device`` (cpu by default: the speed the project measures is the CPU's, docs/speed.md)."""
+    ``device`` (cpu by default: the speed the project measures is the CPU's, docs/speed.md).
+    ``baseline="static-l1"`` also times Torch-Pruning's L1 network at the export's measured FLOPs
+    ratio, pruned from the export's own weights (variant "torch_pruning"; timing only, not trained)."""
+    if baseline is not None and baseline not in BASELINES:
+        raise ManidpError(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    if baseline is not None:
+        require_torch_pruning()  # a missing package is said before any work
     target = resolve_device(device)
     # the static network is rebuilt from its weights and config, never unpickled from model.pt2
     static, static_config = load_static(static_dir) if static_dir else (None, None)
@@ -36,6 +46,12 @@ def bench_export(
         raise WeightsError(f"--static {static_dir} takes {static_config['input_shape']} images, not {shape}")
     dense = dense_twin(gated, info.metadata["model"], info.metadata["model_kwargs"])
     static = folded_model(static, shape) if static is not None else None
+    extra_static = {}
+    if baseline is not None:
+        ratio = info.metadata.get("flops", {}).get("mean_ratio")
+        if ratio is None:
+            raise WeightsError(f"{info.path} records no measured FLOPs ratio: --baseline needs a pruned export")
+        extra_static["torch_pruning"] = folded_model(static_l1(dense, ratio, shape).model, shape)
     result = bench_models(
         gated,
         dense,
@@ -45,6 +61,7 @@ def bench_export(
         batch_size=batch_size,
         threads=threads,
         static=static,
+        extra_static=extra_static,
         device=target,
         on_progress=on_progress,
     )

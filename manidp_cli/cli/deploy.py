@@ -92,11 +92,19 @@ def bench(
     static: Annotated[
         Optional[Path], typer.Option("--static", help="A folder written by export-static, timed too.")
     ] = None,
+    baseline: Annotated[
+        Optional[str],
+        typer.Option(
+            "--baseline",
+            help="static-l1: also time Torch-Pruning's L1 network at the export's FLOPs "
+            "(needs pip install 'manidp[bench]').",
+        ),
+    ] = None,
     img_size: ImgSizeOpt = None,
     device: MeasureDeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
-    """Time dense vs masked vs dynamic execution (and static-slimmed) of an export, in one run."""
+    """Time dense vs masked vs dynamic execution (and static networks) of an export, in one run."""
     from manidp_cli.api import bench_export
 
     with task_progress(err_console) as on_progress:
@@ -109,6 +117,7 @@ def bench(
             static_dir=static,
             img_size=img_size,
             device=device,
+            baseline=baseline,
             on_progress=on_progress,
         )
     if as_json:
@@ -142,3 +151,7 @@ def bench(
         )
     console.print(table)
     console.print(f"reference: {result.reference}; {result.verdict}")
+    console.print(f"recommendation: {result.recommendation}")
+    if result.cpu is not None:
+        flags = " ".join(result.cpu.isa_flags) or "unknown"
+        console.print(f"CPU: {result.cpu.model} ({flags}; torch kernels {result.cpu.torch_capability})")

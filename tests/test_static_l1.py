@@ -1,0 +1,80 @@
+"""The static peer (Torch-Pruning's L1 network at a FLOPs target), the CPU record, and bench's advice."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import timm
+import torch
+
+from manidp_cli.analysis.bench import VariantTiming, recommendation
+from manidp_cli.analysis.machine import cpu_info
+from manidp_cli.core.flops import count_flops
+from manidp_cli.errors import ManidpError, TargetError
+from manidp_cli.runtime.static_l1 import static_l1
+
+SHAPE = (1, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=10, in_chans=1).eval()
+
+
+@pytest.mark.parametrize("target", [0.45, 0.3])
+def test_static_l1_meets_its_target_and_removes_residual_channels(resnet, target):
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    baseline = static_l1(resnet, target, SHAPE)
+    measured = count_flops(baseline.model, SHAPE).total_flops / count_flops(resnet, SHAPE).total_flops
+    assert measured == pytest.approx(baseline.flops_ratio)
+    assert abs(baseline.flops_ratio - target) / target < 0.02
+    # unlike manidp's own slimming, the residual stream (stem, every block's last conv) is narrower
+    assert baseline.model.conv1.out_channels < 64 and baseline.model.layer1[0].conv2.out_channels < 64
+    assert baseline.model.fc.out_features == 10  # the classifier keeps its classes
+    assert baseline.model(torch.randn(2, *SHAPE)).shape == (2, 10)
+    assert all(torch.equal(v, before[k]) for k, v in resnet.state_dict().items())  # the input is left alone
+
+
+def test_static_l1_refuses_a_target_outside_0_1(resnet):
+    with pytest.raises(TargetError, match="between 0 and 1.*got 1.2"):
+        static_l1(resnet, 1.2, SHAPE)
+
+
+def test_a_missing_torch_pruning_names_the_extra(resnet, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # import fails as if not installed
+    with pytest.raises(ManidpError, match=r"pip install 'manidp\[bench\]'"):
+        static_l1(resnet, 0.45, SHAPE)
+
+
+def test_cpu_info_reads_the_model_and_the_kernel_relevant_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Example Xeon\nflags\t\t: fpu sse avx avx2 fma avx512f amx_tile amx_bf16\n"
+        "processor\t: 1\nmodel name\t: Example Xeon\nflags\t\t: fpu\n"
+    )
+    info = cpu_info(cpuinfo)
+    assert info.model == "Example Xeon"
+    assert info.isa_flags == ("avx", "avx2", "fma", "avx512f", "amx_tile", "amx_bf16")
+    assert info.to_dict()["isa_flags"] == list(info.isa_flags) and info.torch_capability
+    assert cpu_info(tmp_path / "missing").isa_flags == ()  # not Linux: flags unknown, no error
+
+
+def _timing(ms: float, layout: str = "nchw") -> VariantTiming:
+    return VariantTiming(layout, ms, ms, 1.0, None, latency_ratio=ms / 10.0)
+
+
+@pytest.mark.parametrize(
+    ("fastest", "advice"),
+    [
+        ("torch_pruning_channels_last", "use a static model: Torch-Pruning"),
+        ("static", "use the static export"),
+        ("dynamic", "run the export dynamically with manidp's executor (dynamic"),
+        ("dense", "run the dense model: no pruned variant beats it at 32 px"),
+    ],
+)
+def test_bench_recommends_the_fastest_variant(fastest, advice):
+    names = ["dense", "dense_channels_last", "masked", "dynamic", "static", "torch_pruning_channels_last"]
+    measured = {name: _timing(5.0 if name == fastest else 10.0) for name in names}
+    assert recommendation(measured, SHAPE).startswith(advice)
