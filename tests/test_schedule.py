@@ -62,4 +62,27 @@ def test_search_finds_the_rate_of_a_monotone_measure():
 
 def test_search_returns_the_closest_when_the_target_is_out_of_reach():
     found = search_remain_rate(lambda r: 0.5, target=0.2, steps=5)
-    assert found.flops_ratio == 0.5 and found.evaluations == 5
+    assert found.flops_ratio == 0.5 and found.evaluations == 3  # a flat stretch: the bracket's end, then stop
+
+
+def _square_law(r: float) -> float:
+    """FLOPs like a gated network's: an ungated floor plus gated work growing with the rate squared."""
+    return 0.12 + 0.88 * min(r, 1.0) ** 2 / (1 + 0.2 * min(r, 1.0))
+
+
+@pytest.mark.parametrize("target", [0.15, 0.3, 0.45, 0.6, 0.8])
+def test_search_spends_few_measurements_on_a_square_law(target):
+    found = search_remain_rate(_square_law, target)
+    assert abs(found.flops_ratio - target) <= 0.002 * target
+    assert found.evaluations <= 6  # plain bisection over [0, 2] needs about 9 at this tolerance
+
+
+def test_search_stops_on_a_flat_stretch_and_starts_where_asked():
+    steps = lambda r: round(_square_law(r) * 20) / 20  # noqa: E731 - FLOPs move in steps of 0.05
+    found = search_remain_rate(steps, target=0.33)
+    assert found.flops_ratio == pytest.approx(0.35) and found.evaluations < 24  # stopped by the bracket
+    out_of_reach = search_remain_rate(_square_law, target=0.9)  # the top rate keeps 0.853
+    assert out_of_reach.flops_ratio == pytest.approx(_square_law(1.0)) and out_of_reach.evaluations <= 4
+    asked = []
+    search_remain_rate(lambda r: asked.append(r) or _square_law(r), target=0.3, start=0.42)
+    assert asked[0] == 0.42

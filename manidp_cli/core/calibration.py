@@ -1,7 +1,7 @@
 """Calibration: the thresholds that make a gated model's measured mean FLOPs meet a target.
 
 Thresholds come from each layer's mean saliencies over calibration images; a common remain rate is
-bisected (``schedule.search_remain_rate``) until the FLOPs measured on those images meet the target.
+searched (``schedule.search_remain_rate``) until the FLOPs measured on those images meet the target.
 
 Example::
 
@@ -44,16 +44,17 @@ def calibrate_thresholds(
     steps: int = 24,
     world: World | None = None,
     layer_scales: dict[str, float] | None = None,
+    start: float | None = None,
 ) -> RateSearch:
     """Set the gates' thresholds so that the measured mean FLOPs on ``batches`` meet ``target``
-    (bisection on a common remain rate, schedule.search_remain_rate, each layer's rate scaled by
-    ``layer_scales``); return the search result."""
+    (a search on a common remain rate from ``start``, schedule.search_remain_rate, each layer's
+    rate scaled by ``layer_scales``); return the search result."""
     gates = gates_of(model)
 
     def measure(rate: float) -> float:
         gates.set_thresholds(thresholds_for_remain_rate(saliency_means, rate, layer_scales))
         return measure_flops(model, table, batches, world).mean_ratio
 
-    search = search_remain_rate(measure, target, steps=steps)
+    search = search_remain_rate(measure, target, steps=steps, start=start)
     gates.set_thresholds(thresholds_for_remain_rate(saliency_means, search.remain_rate, layer_scales))
     return search

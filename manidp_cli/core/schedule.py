@@ -74,19 +74,33 @@ class RateSearch:
     evaluations: int
 
 
+MIN_BRACKET = 1e-3  # remain-rate interval below which a search stops: thresholds no longer move measurably
+
+
 def search_remain_rate(
-    measure: Callable[[float], float], target: float, steps: int = 24, tolerance: float = 0.002
+    measure: Callable[[float], float],
+    target: float,
+    steps: int = 24,
+    tolerance: float = 0.002,
+    start: float | None = None,
 ) -> RateSearch:
-    """Bisection on the common remain rate r in [0, MAX_REMAIN_RATE] so that ``measure(r)`` (a FLOPs ratio, assumed
-    non-decreasing in r) is as close to ``target`` as possible without exceeding it by more than
-    ``tolerance`` (relative). Returns the best rate found."""
+    """The common remain rate r in [0, MAX_REMAIN_RATE] whose ``measure(r)`` (a FLOPs ratio, assumed
+    non-decreasing in r) is closest to ``target``, stopping once within ``tolerance`` (relative).
+
+    Each measurement runs the network over the calibration images, so the search spends few: FLOPs
+    grow roughly with the square of the rate, so the next rate is a secant step on sqrt(FLOPs),
+    kept inside the bracket of rates measured below and above the target (a bisection when the step
+    would leave it, or when three steps have not halved it; the far end of the bracket on a flat
+    stretch, which stops a search whose target is out of reach). It starts at ``start`` (say, the rate in force) or at
+    sqrt(target), and stops when the bracket is narrower than ``MIN_BRACKET``.
+    """
     low, high = 0.0, MAX_REMAIN_RATE
+    widths = [high - low]
+    measured: dict[float, float] = {}
+    rate = start if start is not None and 0 < start < MAX_REMAIN_RATE else min(1.0, math.sqrt(target))
     best = None
-    evaluations = 0
-    for _ in range(steps):
-        rate = (low + high) / 2
-        ratio = measure(rate)
-        evaluations += 1
+    for evaluations in range(1, steps + 1):
+        ratio = measured[rate] = measure(rate)
         if best is None or abs(ratio - target) < abs(best.flops_ratio - target):
             best = RateSearch(rate, ratio, evaluations)
         if abs(ratio - target) <= tolerance * target:
@@ -95,7 +109,30 @@ def search_remain_rate(
             high = rate
         else:
             low = rate
+        widths.append(high - low)
+        if widths[-1] < MIN_BRACKET:
+            break
+        rate = _next_rate(low, high, measured, target, stalled=len(widths) > 3 and widths[-1] > widths[-4] / 2)
     return RateSearch(best.remain_rate, best.flops_ratio, evaluations)
+
+
+def _next_rate(low: float, high: float, measured: dict[float, float], target: float, stalled: bool) -> float:
+    """A secant step on sqrt(FLOPs) through the last two measurements (a square-law step from the
+    first alone); the bracket's midpoint when the step leaves (low, high) or when steps have
+    stopped halving the bracket (``stalled``); the bracket's far end when the last two
+    measurements are equal on one side of the target (a flat stretch: is the target in reach?)."""
+    points = list(measured.items())[-2:]
+    (r0, f0), (r1, f1) = points if len(points) == 2 else ((0.0, 0.0), points[0])
+    if len(points) == 2 and f1 == f0:
+        far = high if f1 < target else low
+        return (low + high) / 2 if far in measured else far
+    if stalled:
+        return (low + high) / 2
+    if f1 != f0:
+        guess = r1 + (math.sqrt(target) - math.sqrt(f1)) * (r1 - r0) / (math.sqrt(f1) - math.sqrt(f0))
+    else:
+        guess = (low + high) / 2
+    return guess if low < guess < high else (low + high) / 2
 
 
 @dataclass

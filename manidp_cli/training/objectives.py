@@ -224,7 +224,10 @@ class ManiDPObjective:
         self.gates.set_thresholds(self.feedback.update(float(totals[1]) / count, means))
         self._reset_window()
 
-    def calibrate(self, model: nn.Module, target: float, mean_saliency: dict[str, torch.Tensor]):
+    def calibrate(
+        self, model: nn.Module, target: float, mean_saliency: dict[str, torch.Tensor], start: float | None = None
+    ):
+        """Thresholds for ``target``, the rate search starting at ``start`` (None: its own guess)."""
         return calibrate_thresholds(
             model,
             self.table,
@@ -234,6 +237,7 @@ class ManiDPObjective:
             self.search_steps,
             self.world,
             self.layer_scales,
+            start,
         )
 
     def _reduce_epoch(self) -> None:
@@ -259,12 +263,14 @@ class ManiDPObjective:
             next_target = self.target
         means = {name: s / count for name, s in self.saliency_sums.items()}
         calibrate = self.feedback is None or epoch + 1 == self.epochs or build_codebook
+        # the feedback controller has held the training FLOPs near the target: its rate is a close start
+        start = self.feedback.rate if self.feedback is not None else None
         if next_target < 1.0 and calibrate:
-            search = self.calibrate(model, next_target, means)
+            search = self.calibrate(model, next_target, means, start)
             if build_codebook:
                 # learned under the final thresholds; snapping moves FLOPs, so calibrate again
                 sizes = build_codebooks(model, self.calibration_batches, self.codebook, self.world)
-                search = self.calibrate(model, next_target, means)
+                search = self.calibrate(model, next_target, means, search.remain_rate)
                 metrics["codebook_entries"] = sum(sizes.values()) / len(sizes)
             metrics.update(
                 next_target=next_target,
