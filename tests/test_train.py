@@ -210,3 +210,20 @@ def test_the_teacher_is_checkpointed_once_not_per_process(pruned):
     assert pruned.out_dir.joinpath("recipe.yaml").read_text().count("distill_weight: 1.0") == 1
     assert set(state["shared"]["teacher"]) == set(timm.create_model("test_resnet", in_chans=1).state_dict())
     assert all("teacher" not in rank["objective"] for rank in state["per_rank"])
+
+
+@pytest.mark.parametrize(("train_images", "expected"), [(None, 48), (32, 32)])
+def test_the_starting_mean_loss_reads_only_the_calibration_images(
+    tiny_fashion, dense_weights, tmp_path, train_images, expected
+):
+    """L_bar before epoch 0 is estimated on schedule.calibration_images training images (at most the
+    epoch's), not on a pass over the whole training set."""
+    from manidp_cli.api.jobs import _objective
+    from manidp_cli.core.distributed import World
+
+    overrides = {"data": tiny_fashion, "train_images": train_images, "schedule": {"calibration_images": 48}}
+    job = prepare("prune", "test_resnet", weights=dense_weights, out_dir=tmp_path / "run", overrides=overrides)
+    objective = _objective(job, World())
+    inner = getattr(objective, "objective", objective)  # the ManiDP objective inside distillation
+    assert sum(images.shape[0] for images, _ in inner.training_batches()) == expected
+    assert len(job.data.train) > 48

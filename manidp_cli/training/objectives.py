@@ -160,7 +160,7 @@ class ManiDPObjective:
         self.flops_sum = 0.0
 
     def setup(self, model: nn.Module) -> dict[str, float]:
-        """L_bar before epoch 0: one evaluation pass of the starting model over the training set."""
+        """L_bar before epoch 0: the starting model's mean loss over ``training_batches`` (eval mode)."""
         total, count = 0.0, 0
         device = self.world.device
         with torch.no_grad(), eval_mode(model):
