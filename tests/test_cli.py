@@ -219,6 +219,7 @@ def test_bench_times_the_torch_pruning_baseline_and_recommends_a_variant(pruned)
     fastest = min(bench["variants"], key=lambda name: bench["variants"][name]["latency_ms_median"])
     assert bench["recommendation"].endswith(f"{bench['variants'][fastest]['layout']})")
     assert bench["cpu"]["model"] and bench["cpu"]["torch_capability"]
+    assert bench["inputs"].startswith("32 evaluation images of ")  # a trained network's decisions need real images
     result = runner.invoke(app, [*args, "--baseline", "static-l2"])
     assert isinstance(result.exception, ManidpError) and "one of static-l1, got 'static-l2'" in str(result.exception)
 

@@ -102,15 +102,34 @@ def _p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
-def _prepared(model: nn.Module, input_shape, batch_size: int, channels_last: bool, device: torch.device):
+class _CyclingImages:
+    """Runs the model on the next image at every call: a trained dynamic network's decisions, and
+    so its time, depend on the image."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor):
+        self.model = model
+        self.images = [image[None] for image in images]
+        self.calls = 0
+
+    def __call__(self, _ignored: torch.Tensor) -> torch.Tensor:
+        image = self.images[self.calls % len(self.images)]
+        self.calls += 1
+        return self.model(image)
+
+
+def _prepared(
+    model: nn.Module, images: torch.Tensor, batch_size: int, channels_last: bool, device: torch.device
+) -> tuple[nn.Module, _CyclingImages, torch.Tensor]:
+    """The model on ``device`` in its layout, a batch-1 caller cycling through ``images``, and a
+    batch of ``batch_size`` of them (repeated when there are fewer)."""
     model = model.to(device)
-    single = torch.randn(1, *input_shape).to(device)
-    batch = torch.randn(batch_size, *input_shape).to(device)
+    images = images.to(device)
+    batch = images.repeat(-(-batch_size // len(images)), 1, 1, 1)[:batch_size]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        single = single.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
         batch = batch.contiguous(memory_format=torch.channels_last)
-    return model, single, batch
+    return model, _CyclingImages(model, images), batch
 
 
 def interleaved_latency(
@@ -179,6 +198,7 @@ class BenchResult:
     device: str = "cpu"
     cpu: CpuInfo | None = None  # the host's CPU: its kernels decide the CPU ratios (docs/portability.md)
     recommendation: str = ""  # the fastest variant at batch 1, as advice
+    inputs: str = "random images"  # what the variants ran on
 
     def to_dict(self) -> dict[str, Any]:
         out = {key: value for key, value in self.__dict__.items() if key not in ("model", "export", "flops_ratio")}
@@ -296,10 +316,15 @@ def bench_models(
     static: nn.Module | None = None,
     extra_dynamic: dict[str, nn.Module] | None = None,
     extra_static: dict[str, nn.Module] | None = None,
+    images: torch.Tensor | None = None,
     device: torch.device = torch.device("cpu"),
     on_progress: ProgressCallback | None = None,
 ) -> BenchResult:
     """Measure every variant in one run, on ``device``, and give ratios to the dense reference.
+
+    Batch-1 calls cycle through ``images`` (N, C, H, W), the batch is their first ``batch_size``
+    (repeated when fewer): a trained dynamic network needs real images, whose decisions it times
+    (None: random images, enough for random gates).
 
     ``static`` is timed as the variant "static"; ``extra_static`` adds other plain networks under
     their names (say, Torch-Pruning's at the same FLOPs), each in both layouts. ``extra_dynamic``
@@ -311,15 +336,17 @@ def bench_models(
     sync = synchronizer(device)
     statics = {**({"static": static} if static is not None else {}), **(extra_static or {})}
     candidates = _candidates(gated, dense, input_shape, statics, extra_dynamic)
+    if images is None:
+        images = torch.randn(batch_size, *input_shape)
     prepared = {
-        name: (*_prepared(model, input_shape, batch_size, cl, device), cl) for name, (model, cl) in candidates.items()
+        name: (*_prepared(model, images, batch_size, cl, device), cl) for name, (model, cl) in candidates.items()
     }
     dynamic_names = ["dynamic", "dynamic_channels_last"] + [
         f"{name}{suffix}" for name in (extra_dynamic or {}) for suffix in ("", "_channels_last")
     ]
     # codebook entries get their fastest convolution (width, kernel) in the layout they run in
-    tuned = {name: tune_entries(prepared[name][0], [prepared[name][1]]) for name in dynamic_names}
-    singles = {name: (m, single) for name, (m, single, _, _) in prepared.items()}
+    tuned = {name: tune_entries(prepared[name][0], prepared[name][1].images[:4]) for name in dynamic_names}
+    singles = {name: (cycling, cycling.images[0]) for name, (_, cycling, _, _) in prepared.items()}
     latencies = interleaved_latency(singles, runs, warmup, sync, on_progress)
     variants = reported(prepared.items(), f"timing batch {batch_size}", len(prepared), on_progress, unit="variants")
     measured = {

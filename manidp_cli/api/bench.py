@@ -4,16 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from manidp_cli.analysis.bench import BenchResult, bench_models, dense_twin
 from manidp_cli.core.distributed import resolve_device
 from manidp_cli.core.progress import ProgressCallback
-from manidp_cli.errors import ManidpError, WeightsError
-from manidp_cli.io import load_pruned
+from manidp_cli.errors import DataError, ManidpError, WeightsError
+from manidp_cli.io import LoadedExport, load_pruned
 from manidp_cli.runtime.execute import folded_model
 from manidp_cli.runtime.slimming import load_static
 from manidp_cli.runtime.static_l1 import require_torch_pruning, static_l1
 
 BASELINES = ("static-l1",)
+BENCH_IMAGES = 32  # evaluation images the batch-1 calls cycle through
+
+
+def _evaluation_images(info: LoadedExport, img_size: int | None, count: int) -> tuple[torch.Tensor | None, str]:
+    """Real images for a trained network's decisions: the export's evaluation images, or None
+    (random images) when its data cannot be read here, with what was used."""
+    try:
+        data, _ = info.load_data(None, img_size)
+    except DataError as exc:
+        return None, f"random images (the export's data is not readable here: {exc})"
+    images = next(iter(data.eval.batches(count)))[0]
+    return images, f"{len(images)} evaluation images of {data.spec}"
 
 
 def bench_export(
@@ -52,6 +66,7 @@ def bench_export(
         if ratio is None:
             raise WeightsError(f"{info.path} records no measured FLOPs ratio: --baseline needs a pruned export")
         extra_static["torch_pruning"] = folded_model(static_l1(dense, ratio, shape).model, shape)
+    images, inputs = _evaluation_images(info, img_size, max(batch_size, BENCH_IMAGES))
     result = bench_models(
         gated,
         dense,
@@ -62,9 +77,11 @@ def bench_export(
         threads=threads,
         static=static,
         extra_static=extra_static,
+        images=images,
         device=target,
         on_progress=on_progress,
     )
+    result.inputs = inputs
     result.model = info.metadata["model"]
     result.export = str(info.path)
     result.flops_ratio = info.metadata.get("flops", {}).get("mean_ratio")

@@ -152,6 +152,7 @@ def bench(
     console.print(table)
     console.print(f"reference: {result.reference}; {result.verdict}")
     console.print(f"recommendation: {result.recommendation}")
+    console.print(f"inputs: {result.inputs}")
     if result.cpu is not None:
         flags = " ".join(result.cpu.isa_flags) or "unknown"
         console.print(f"CPU: {result.cpu.model} ({flags}; torch kernels {result.cpu.torch_capability})")
