@@ -1,0 +1,190 @@
+"""End-to-end speed of trained models: manidp at iso-accuracy against Torch-Pruning's static networks.
+
+The models are the accuracy benchmark's (benchmarks/accuracy_vs_flops.py: resnet18, full
+Fashion-MNIST, one dense start): the dense start, Torch-Pruning's L1 networks at 0.45 and 0.30 of
+the FLOPs, and the manidp default at the FLOPs where its accuracy matches the best static arm's at
+0.45 (``--iso-target``, an arm of that benchmark). Static networks are timed with the dense start's
+weights pruned by ``static_l1`` (the trained arms' architecture exactly; their weights do not change
+a dense kernel's time); the manidp export is the trained one, run on real evaluation images (its
+decisions depend on them). At 224 px the 32 px images are resized (timing only; accuracies are the
+32 px ones). Each input size is timed in ``--repeats`` interleaved runs (``bench_models``: batch-1
+latency median and p90, batch-64 throughput, peak memory), and the medians of the runs' figures are
+reported. The JSON's ``iso_accuracy`` holds, per model and input size,
+``latency_ratio_vs_torch_pruning`` (manidp's fastest dynamic variant over the fastest layout of
+Torch-Pruning's 0.45 network, batch 1) and ``throughput_ratio_vs_torch_pruning`` (batch 64)::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed_trained.py --threads 2   # quiet machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from manidp_cli.analysis.bench import bench_models, dense_twin
+from manidp_cli.analysis.machine import cpu_info
+from manidp_cli.core.flops import count_flops
+from manidp_cli.files import atomic_write_text
+from manidp_cli.io import load_pruned
+from manidp_cli.runtime.execute import folded_model
+from manidp_cli.runtime.static_l1 import static_l1
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import accuracy_vs_flops as accuracy  # noqa: E402 - the sibling benchmark names the arms
+
+STATIC_TARGETS = (0.45, 0.3)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-accuracy-vs-flops"))
+    parser.add_argument("--summary", type=Path, default=ROOT / "results" / "accuracy_vs_flops.json")
+    parser.add_argument("--budget", type=int, default=18000)
+    parser.add_argument("--iso-target", type=float, default=0.39, help="the manidp arm at iso-accuracy")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "speed_trained.json")
+    return parser.parse_args()
+
+
+def _arm_args(args) -> argparse.Namespace:
+    return argparse.Namespace(
+        lr=accuracy.DEFAULT_LR, data="fashion-mnist", dense_epochs=3, dense_images=None, work=args.work
+    )
+
+
+def _cell(summary: dict, arm: str, budget: int, target: float) -> dict | None:
+    return summary["cells"].get(f"{arm}|{budget}|{target}")
+
+
+def _best_static(summary: dict, budget: int, target: float) -> dict:
+    cells = {arm: _cell(summary, arm, budget, target) for arm in accuracy.STATIC_ARMS}
+    arm, cell = max(((a, c) for a, c in cells.items() if c), key=lambda item: item[1]["mean"])
+    return {"arm": arm, "top1_mean": cell["mean"], "top1_sd": cell["stdev"], "flops_ratio": cell["flops_ratio_mean"]}
+
+
+def _fastest(variants: dict, prefix: str) -> tuple[str, dict]:
+    names = [name for name in variants if name == prefix or name == f"{prefix}_channels_last"]
+    name = min(names, key=lambda n: variants[n]["latency_ms_median"])
+    return name, variants[name]
+
+
+def _fastest_throughput(variants: dict, prefixes: tuple[str, ...]) -> float:
+    return max(
+        v["throughput_images_per_s"] for name, v in variants.items() if name.removesuffix("_channels_last") in prefixes
+    )
+
+
+def time_size(gated, dense, statics: dict, eval_images: torch.Tensor, size: int, args) -> dict:
+    shape = (eval_images.shape[1], size, size)
+    images = eval_images if size == eval_images.shape[-1] else F.interpolate(eval_images, size=size, mode="bilinear")
+    folded = {f"torch_pruning_{target}": folded_model(model, shape) for target, model in statics.items()}
+    runs = []
+    for _ in range(args.repeats):
+        result = bench_models(
+            gated,
+            dense,
+            shape,
+            runs=args.runs,
+            warmup=max(2, args.runs // 5),
+            batch_size=args.batch_size,
+            threads=args.threads,
+            extra_static=folded,
+            images=images,
+        ).to_dict()
+        runs.append(result)
+    latency, throughput = [], []
+    for result in runs:
+        variants = result["variants"]
+        _, manidp = _fastest(variants, result["best_dynamic"].removesuffix("_channels_last"))
+        _, peer = _fastest(variants, "torch_pruning_0.45")
+        latency.append(manidp["latency_ms_median"] / peer["latency_ms_median"])
+        mine = _fastest_throughput(variants, ("dynamic", "masked"))
+        theirs = _fastest_throughput(variants, ("torch_pruning_0.45",))
+        throughput.append(mine / theirs)
+    return {
+        "input_shape": list(shape),
+        "runs": runs,
+        "latency_ratio_vs_torch_pruning": statistics.median(latency),
+        "latency_ratio_vs_torch_pruning_per_run": latency,
+        "throughput_ratio_vs_torch_pruning": statistics.median(throughput),
+        "throughput_ratio_vs_torch_pruning_per_run": throughput,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    summary = json.loads(args.summary.read_text())
+    spec = {"arm": "manidp", "target": args.iso_target, "seed": 0, "budget": args.budget}
+    export = args.work / "runs" / accuracy.arm_key(spec, _arm_args(args))
+    if not (export / "model.safetensors").is_file():
+        raise SystemExit(
+            f"no manidp export at {export}: run benchmarks/accuracy_vs_flops.py --budgets {args.budget} "
+            f"--targets {args.iso_target} --seeds 0 --arms manidp first"
+        )
+    gated, info = load_pruned(export)
+    dense = dense_twin(gated, info.metadata["model"], info.metadata["model_kwargs"])
+    shape = tuple(info.input_shape)
+    statics = {target: static_l1(dense, target, shape).model for target in STATIC_TARGETS}
+    data, _ = info.load_data(None)
+    eval_images = next(iter(data.eval.batches(args.batch_size)))[0]
+    arm_rows = [json.loads(p.read_text()) for p in (args.work / "arms").glob("manidp-*.json")]
+    mine = next(r for r in arm_rows if r["key"] == export.name)
+    models = {
+        "dense": {"top1": summary["dense_start"]["eval_top1_per_epoch"][-1], "flops_ratio": 1.0},
+        **{f"torch_pruning_{t}": _best_static(summary, args.budget, t) for t in STATIC_TARGETS},
+        "manidp": {"top1": mine["top1"], "flops_ratio": mine["flops_ratio"], "seed": 0, "export": str(export)},
+    }
+    sizes = {}
+    for size in args.sizes:
+        sizes[str(size)] = time_size(gated, dense, statics, eval_images, size, args)
+        s = sizes[str(size)]
+        print(
+            f"resnet18 {size} px: manidp / torch-pruning 0.45 latency {s['latency_ratio_vs_torch_pruning']:.2f}x, "
+            f"batch-{args.batch_size} throughput {s['throughput_ratio_vs_torch_pruning']:.2f}x",
+            flush=True,
+        )
+    result = {
+        "benchmark": "speed_trained",
+        "model": "resnet18",
+        "data": "fashion-mnist",
+        "budget": args.budget,
+        "threads": args.threads,
+        "cpu": cpu_info().to_dict(),
+        "models": models,
+        "static_flops_ratio": {
+            str(t): count_flops(m, shape).total_flops / info.metadata["dense_flops"] for t, m in statics.items()
+        },
+        "iso_accuracy": {"resnet18": {size: {k: v for k, v in s.items() if k != "runs"} for size, s in sizes.items()}},
+        "sizes": sizes,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=1))
+    print(f"\n{'model':22s} {'top1':>7s} {'FLOPs':>6s}")
+    for name, row in models.items():
+        top1 = row.get("top1", row.get("top1_mean"))
+        print(f"{name:22s} {100 * top1:7.2f} {row['flops_ratio']:6.3f}")
+    for size, s in sizes.items():
+        variants = s["runs"][0]["variants"]
+        print(
+            f"\n{size} px (first run): "
+            + ", ".join(f"{n} {v['latency_ms_median']:.2f} ms" for n, v in variants.items())
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
