@@ -3,7 +3,8 @@
 The models are the accuracy benchmark's (benchmarks/accuracy_vs_flops.py: resnet18, full
 Fashion-MNIST, one dense start): the dense start, Torch-Pruning's L1 networks at 0.45 and 0.30 of
 the FLOPs, and the manidp default at the FLOPs where its accuracy matches the best static arm's at
-0.45 (``--iso-target``, an arm of that benchmark). Static networks are timed with the dense start's
+0.45 (``--iso-target``, an arm of that benchmark), with the default's codebook variant at the same
+target (``codebook4``: 4 keep-sets per layer, gather-free execution) timed beside it. Static networks are timed with the dense start's
 weights pruned by ``static_l1`` (the trained arms' architecture exactly; their weights do not change
 a dense kernel's time); the manidp export is the trained one, run on real evaluation images (its
 decisions depend on them). At 224 px the 32 px images are resized (timing only; accuracies are the
@@ -48,7 +49,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-accuracy-vs-flops"))
     parser.add_argument("--summary", type=Path, default=ROOT / "results" / "accuracy_vs_flops.json")
     parser.add_argument("--budget", type=int, default=18000)
-    parser.add_argument("--iso-target", type=float, default=0.39, help="the manidp arm at iso-accuracy")
+    parser.add_argument("--iso-target", type=float, default=0.39, help="the manidp arms' FLOPs target")
+    parser.add_argument(
+        "--arms", nargs="+", default=["manidp", "codebook4"], help="dynamic arms at --iso-target (first: the default)"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=40)
@@ -86,14 +90,25 @@ def _fastest_throughput(variants: dict, prefixes: tuple[str, ...]) -> float:
     )
 
 
-def time_size(gated, dense, statics: dict, eval_images: torch.Tensor, size: int, args) -> dict:
+def _ratios(result: dict, prefix: str) -> tuple[float, float]:
+    """(batch-1 latency, batch throughput) of variant ``prefix`` (its faster layout) over Torch-Pruning's 0.45."""
+    variants = result["variants"]
+    _, mine = _fastest(variants, prefix)
+    _, peer = _fastest(variants, "torch_pruning_0.45")
+    prefixes = (prefix, "masked") if prefix == "dynamic" else (prefix,)  # free masks batch through the masked path
+    throughput = _fastest_throughput(variants, prefixes) / _fastest_throughput(variants, ("torch_pruning_0.45",))
+    return mine["latency_ms_median"] / peer["latency_ms_median"], throughput
+
+
+def time_size(gated: dict, dense, statics: dict, eval_images: torch.Tensor, size: int, args) -> dict:
+    """``gated``: arm -> trained gated model; the first is timed as "dynamic", the others under their names."""
     shape = (eval_images.shape[1], size, size)
     images = eval_images if size == eval_images.shape[-1] else F.interpolate(eval_images, size=size, mode="bilinear")
     folded = {f"torch_pruning_{target}": folded_model(model, shape) for target, model in statics.items()}
-    runs = []
-    for _ in range(args.repeats):
-        result = bench_models(
-            gated,
+    main_arm, *others = gated
+    runs = [
+        bench_models(
+            gated[main_arm],
             dense,
             shape,
             runs=args.runs,
@@ -101,61 +116,59 @@ def time_size(gated, dense, statics: dict, eval_images: torch.Tensor, size: int,
             batch_size=args.batch_size,
             threads=args.threads,
             extra_static=folded,
+            extra_dynamic={arm: gated[arm] for arm in others},
             images=images,
         ).to_dict()
-        runs.append(result)
-    latency, throughput = [], []
-    for result in runs:
-        variants = result["variants"]
-        _, manidp = _fastest(variants, result["best_dynamic"].removesuffix("_channels_last"))
-        _, peer = _fastest(variants, "torch_pruning_0.45")
-        latency.append(manidp["latency_ms_median"] / peer["latency_ms_median"])
-        mine = _fastest_throughput(variants, ("dynamic", "masked"))
-        theirs = _fastest_throughput(variants, ("torch_pruning_0.45",))
-        throughput.append(mine / theirs)
-    return {
-        "input_shape": list(shape),
-        "runs": runs,
-        "latency_ratio_vs_torch_pruning": statistics.median(latency),
-        "latency_ratio_vs_torch_pruning_per_run": latency,
-        "throughput_ratio_vs_torch_pruning": statistics.median(throughput),
-        "throughput_ratio_vs_torch_pruning_per_run": throughput,
-    }
+        for _ in range(args.repeats)
+    ]
+    out = {"input_shape": list(shape), "runs": runs, "arms": {}}
+    for arm in gated:
+        per_run = [_ratios(result, "dynamic" if arm == main_arm else arm) for result in runs]
+        out["arms"][arm] = {
+            "latency_ratio_vs_torch_pruning": statistics.median(r[0] for r in per_run),
+            "throughput_ratio_vs_torch_pruning": statistics.median(r[1] for r in per_run),
+            "per_run": per_run,
+        }
+    return out
 
 
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
     summary = json.loads(args.summary.read_text())
-    spec = {"arm": "manidp", "target": args.iso_target, "seed": 0, "budget": args.budget}
-    export = args.work / "runs" / accuracy.arm_key(spec, _arm_args(args))
-    if not (export / "model.safetensors").is_file():
-        raise SystemExit(
-            f"no manidp export at {export}: run benchmarks/accuracy_vs_flops.py --budgets {args.budget} "
-            f"--targets {args.iso_target} --seeds 0 --arms manidp first"
-        )
-    gated, info = load_pruned(export)
-    dense = dense_twin(gated, info.metadata["model"], info.metadata["model_kwargs"])
+    gated, rows = {}, {}
+    arm_rows = {r["key"]: r for r in (json.loads(p.read_text()) for p in (args.work / "arms").glob("*.json"))}
+    for arm in args.arms:
+        spec = {"arm": arm, "target": args.iso_target, "seed": 0, "budget": args.budget}
+        export = args.work / "runs" / accuracy.arm_key(spec, _arm_args(args))
+        if not (export / "model.safetensors").is_file():
+            print(f"skipping {arm}: no export at {export} (run accuracy_vs_flops.py for it first)", flush=True)
+            continue
+        gated[arm], info = load_pruned(export)
+        row = arm_rows[export.name]
+        rows[arm] = {"top1": row["top1"], "flops_ratio": row["flops_ratio"], "seed": 0, "export": str(export)}
+    if not gated:
+        raise SystemExit(f"no export of {args.arms} at target {args.iso_target}: nothing to time")
+    dense = dense_twin(next(iter(gated.values())), info.metadata["model"], info.metadata["model_kwargs"])
     shape = tuple(info.input_shape)
     statics = {target: static_l1(dense, target, shape).model for target in STATIC_TARGETS}
     data, _ = info.load_data(None)
     eval_images = next(iter(data.eval.batches(args.batch_size)))[0]
-    arm_rows = [json.loads(p.read_text()) for p in (args.work / "arms").glob("manidp-*.json")]
-    mine = next(r for r in arm_rows if r["key"] == export.name)
     models = {
         "dense": {"top1": summary["dense_start"]["eval_top1_per_epoch"][-1], "flops_ratio": 1.0},
         **{f"torch_pruning_{t}": _best_static(summary, args.budget, t) for t in STATIC_TARGETS},
-        "manidp": {"top1": mine["top1"], "flops_ratio": mine["flops_ratio"], "seed": 0, "export": str(export)},
+        **rows,
     }
     sizes = {}
     for size in args.sizes:
         sizes[str(size)] = time_size(gated, dense, statics, eval_images, size, args)
-        s = sizes[str(size)]
-        print(
-            f"resnet18 {size} px: manidp / torch-pruning 0.45 latency {s['latency_ratio_vs_torch_pruning']:.2f}x, "
-            f"batch-{args.batch_size} throughput {s['throughput_ratio_vs_torch_pruning']:.2f}x",
-            flush=True,
-        )
+        for arm, ratios in sizes[str(size)]["arms"].items():
+            print(
+                f"resnet18 {size} px, {arm}: over torch-pruning 0.45, batch-1 latency "
+                f"{ratios['latency_ratio_vs_torch_pruning']:.2f}x, batch-{args.batch_size} throughput "
+                f"{ratios['throughput_ratio_vs_torch_pruning']:.2f}x",
+                flush=True,
+            )
     result = {
         "benchmark": "speed_trained",
         "model": "resnet18",
@@ -167,7 +180,17 @@ def main() -> None:
         "static_flops_ratio": {
             str(t): count_flops(m, shape).total_flops / info.metadata["dense_flops"] for t, m in statics.items()
         },
-        "iso_accuracy": {"resnet18": {size: {k: v for k, v in s.items() if k != "runs"} for size, s in sizes.items()}},
+        # the default's figures where a script looks for them; every arm's under "arms"
+        "iso_accuracy": {
+            "resnet18": {
+                size: {
+                    **{k: v for k, v in s["arms"][args.arms[0]].items() if k != "per_run"},
+                    "arms": s["arms"],
+                }
+                for size, s in sizes.items()
+                if args.arms[0] in s["arms"]
+            }
+        },
         "sizes": sizes,
         "wall_seconds": time.perf_counter() - started,
     }
