@@ -4,12 +4,13 @@ The models are the accuracy benchmark's (benchmarks/accuracy_vs_flops.py: resnet
 Fashion-MNIST, one dense start): the dense start, Torch-Pruning's L1 networks at 0.45 and 0.30 of
 the FLOPs, and the manidp default at the FLOPs where its accuracy matches the best static arm's at
 0.45 (``--iso-target``, an arm of that benchmark), with the default's codebook variant at the same
-target (``codebook4``: 4 keep-sets per layer, gather-free execution) timed beside it. Static networks are timed with the dense start's
-weights pruned by ``static_l1`` (the trained arms' architecture exactly; their weights do not change
-a dense kernel's time); the manidp export is the trained one, run on real evaluation images (its
-decisions depend on them). At 224 px the 32 px images are resized (timing only; accuracies are the
-32 px ones). Each input size is timed in ``--repeats`` interleaved runs (``bench_models``: batch-1
-latency median and p90, batch-64 throughput, peak memory), and the medians of the runs' figures are
+target (``codebook4``: 4 keep-sets per layer, gather-free execution) timed beside it. Static
+networks are timed with the dense start's weights pruned by ``static_l1`` (the trained arms'
+architecture exactly; their weights do not change a dense kernel's time); the manidp exports are
+the trained ones, run on real evaluation images (their decisions depend on them). At 224 px the
+32 px images are resized (timing only; accuracies are the 32 px ones). Each input size is timed in
+``--repeats`` interleaved runs (``bench_models``: batch-1 latency median and p90, batch-64
+throughput, peak memory), and the medians of the runs' figures are
 reported. The JSON's ``iso_accuracy`` holds, per model and input size,
 ``latency_ratio_vs_torch_pruning`` (manidp's fastest dynamic variant over the fastest layout of
 Torch-Pruning's 0.45 network, batch 1) and ``throughput_ratio_vs_torch_pruning`` (batch 64)::
