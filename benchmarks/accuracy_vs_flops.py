@@ -71,6 +71,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "allocation05": ("default.yaml", {"schedule": {"allocation": 0.5}}),
     "allocation1": ("default.yaml", {"schedule": {"allocation": 1.0}}),
     "no_distill": ("default.yaml", {"loss": {"distill_weight": 0.0}}),
+    # a weaker static start: more room for per-image routing (docs/results.md, "How dynamic the default is")
+    "init_strength03": ("default.yaml", {"gates": {"init_strength": 0.3}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }

@@ -129,8 +129,10 @@ def test_eval_and_report_commands(pruned, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["images"] == 64 and "signature" in data
+    assert 0 <= data["flops"]["routed_channel_share"] <= 1
     result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "16"])
     assert result.exit_code == 0 and "Spearman(loss, FLOPs)" in result.output and "dynamic p90" in result.output
+    assert "routed channels" in result.output
     result = runner.invoke(app, ["eval", str(pruned.out_dir), "--limit", "16", "--dynamic", "--json"])
     assert result.exit_code == 0, result.output
     fast = json.loads(result.stdout)["dynamic_execution"]

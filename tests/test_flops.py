@@ -195,3 +195,12 @@ def test_an_input_gate_skips_its_convolutions_inputs_and_nothing_else():
     assert layers["layer1.0.conv1"].dynamic_flops == dense["layer1.0.conv1"] / 2
     assert all(layers[n].dynamic_flops == dense[n] for n in dense if n != "layer1.0.conv1")
     assert stats.per_image[0] == table.total_flops - dense["layer1.0.conv1"] / 2
+
+
+def test_routed_channel_share_counts_the_channels_whose_decision_depends_on_the_image():
+    from manidp_cli.core.flops import FlopsStats
+
+    stats = FlopsStats(10, 0, [5.0], [], {"a": [0.0, 1.0, 0.5, 0.01], "b": [0.99, 0.3, 1.0, 0.0]})
+    assert stats.routed_channel_share() == 2 / 8  # 0.5 and 0.3; 0.01 and 0.99 are within the band
+    assert stats.to_dict()["routed_channel_share"] == 2 / 8
+    assert FlopsStats(10, 0, [10.0], []).routed_channel_share() is None  # no gates

@@ -82,6 +82,7 @@ class FlopsDistribution:
     p90: float
     min: float
     max: float
+    routed_channel_share: float | None = None  # FlopsStats.routed_channel_share
 
     @classmethod
     def of_dense(cls, dense: int) -> FlopsDistribution:
@@ -100,6 +101,7 @@ class FlopsDistribution:
             **{f"{key}_ratio": value / self.dense for key, value in values.items()},
             "mean_gflops": self.mean / 1e9,
             "dense_gflops": self.dense / 1e9,
+            "routed_channel_share": self.routed_channel_share,
         }
 
 
@@ -134,6 +136,7 @@ class Evaluation:
             p90=float(per_image.quantile(0.9)),
             min=float(per_image.min()),
             max=float(per_image.max()),
+            routed_channel_share=self.flops.routed_channel_share(),
         )
 
 

@@ -32,6 +32,11 @@ def _print_eval(result: EvalResult) -> None:
     table.add_row("dynamic mean", f"{flops.mean / 1e9:.4f} GFLOPs per image = {flops.ratio('mean'):.4f} of dense")
     for key in ("median", "p10", "p90", "min", "max"):
         table.add_row(f"dynamic {key}", f"{getattr(flops, key) / 1e9:.4f} GFLOPs = {flops.ratio(key):.4f} of dense")
+    if flops.routed_channel_share is not None:
+        table.add_row(
+            "routed channels",
+            f"{flops.routed_channel_share:.1%} of the gated channels change with the image (near 0: a static mask)",
+        )
     signature = result.signature
     if signature:
         table.add_row(

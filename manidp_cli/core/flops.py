@@ -234,6 +234,11 @@ class LayerStats:
     dynamic_flops: float
 
 
+ROUTING_BAND = 0.02
+"""A gated channel kept by more than this share of the images and by fewer than 1 minus it is routed:
+its decision depends on the image."""
+
+
 @dataclass
 class FlopsStats:
     """Measured dynamic FLOPs over a set of images."""
@@ -252,10 +257,19 @@ class FlopsStats:
     def mean_ratio(self) -> float:
         return self.mean_flops / self.dense_flops
 
+    def routed_channel_share(self) -> float | None:
+        """Share of the gated output channels whose decision depends on the image (``ROUTING_BAND``):
+        near 0 the gates act as one static mask. None without gates."""
+        frequencies = [f for layer in self.channel_keep_frequency.values() for f in layer]
+        if not frequencies:
+            return None
+        return sum(ROUTING_BAND < f < 1 - ROUTING_BAND for f in frequencies) / len(frequencies)
+
     def to_dict(self) -> dict:
         return {
             "convention": FLOP_CONVENTION,
             "images": len(self.per_image),
+            "routed_channel_share": self.routed_channel_share(),
             "dense_flops": self.dense_flops,
             "gate_flops": self.gate_flops,
             "mean_flops": self.mean_flops,
