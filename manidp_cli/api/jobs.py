@@ -343,7 +343,7 @@ def _objective(job: Job, world: World):
         epochs=recipe.epochs,
         hold_epochs=recipe.schedule.hold_epochs,
         # L_bar of the start, estimated on as many training images as calibration uses: a pass over
-        # a whole epoch's images cost 17% of a Fashion-MNIST epoch (benchmarks/training_step.py)
+        # a whole epoch's images cost 12% of a full Fashion-MNIST epoch of `manidp prune` (2 threads)
         training_batches=lambda: job.data.train.batches(
             recipe.eval_batch_size, limit=_mean_loss_images(recipe), shard=shard
         ),
