@@ -91,8 +91,9 @@ def search_remain_rate(
     grow roughly with the square of the rate, so the next rate is a secant step on sqrt(FLOPs),
     kept inside the bracket of rates measured below and above the target (a bisection when the step
     would leave it, or when three steps have not halved it; the far end of the bracket on a flat
-    stretch, which stops a search whose target is out of reach). It starts at ``start`` (say, the rate in force) or at
-    sqrt(target), and stops when the bracket is narrower than ``MIN_BRACKET``.
+    stretch, which stops a search whose target is out of reach). It starts at ``start`` (say, the
+    rate in force) or at sqrt(target), and stops when the bracket is narrower than ``MIN_BRACKET``.
+    Every rate it measures lies strictly inside the bracket of those before, so none repeats.
     """
     low, high = 0.0, MAX_REMAIN_RATE
     widths = [high - low]
