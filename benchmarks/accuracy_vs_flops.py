@@ -73,6 +73,9 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "no_distill": ("default.yaml", {"loss": {"distill_weight": 0.0}}),
     # a weaker static start: more room for per-image routing (docs/results.md, "How dynamic the default is")
     "init_strength03": ("default.yaml", {"gates": {"init_strength": 0.3}}),
+    # gates fitted before training to each channel's per-image response (manidp_cli/core/routing_init.py)
+    "routing_init03": ("default.yaml", {"gates": {"routing_init": 0.3}}),
+    "init03_alloc05": ("default.yaml", {"gates": {"init_strength": 0.3}, "schedule": {"allocation": 0.5}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }
@@ -153,7 +156,9 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
 # recipe lines added after arms were cached, whose shown value reproduces the earlier behaviour
 # exactly: left out of the key so that those arms stay current
 NO_OP_RECIPE_LINES = re.compile(
-    r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2)\b.*\n", re.MULTILINE
+    r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
+    r"|routing_init: 0\.0)\b.*\n",
+    re.MULTILINE,
 )
 
 

@@ -59,6 +59,14 @@ class GatePolicy(BaseModel):
         "normalisation); the normalisation's affine is divided by it, so outputs are unchanged",
     )
     init_strength: float = Field(default=1.0, ge=0)
+    routing_init: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="before training, fit each gate on the calibration images so that its saliencies vary "
+        "per image by up to this fraction, following how strongly each channel responds to the image "
+        "(0: every image starts with the same saliencies, method.md); manidp_cli/core/routing_init.py",
+    )
     inputs: bool = Field(
         default=False,
         description="also gate the input channels of each gated convolution that reads a tensor no gated "

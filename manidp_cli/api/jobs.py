@@ -28,6 +28,7 @@ from manidp_cli.core.distributed import World, joined
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops, decided_flops
 from manidp_cli.core.gating import GateSet, insert_gates
 from manidp_cli.core.losses import ManiDPLoss
+from manidp_cli.core.routing_init import fit_gates_to_responses
 from manidp_cli.core.schedule import FeedbackThresholds, cost_weighted_scales
 from manidp_cli.data import SPEC_FORMS, ImageData, LoaderSettings, load_data
 from manidp_cli.errors import DataError, ManidpError, OutputError, TargetError
@@ -59,6 +60,7 @@ class Job:
     resumed: dict[str, Any] | None  # the checkpoint being resumed, read once
     resumed_identity: tuple[int, int, int] | None = None  # that checkpoint file as it was read (see _check_unchanged)
     teacher: nn.Module | None = None  # the frozen dense start, when the recipe distils from it
+    routing_fit: dict[str, float] | None = None  # gate name -> R^2 of gates.routing_init's fit (this run or resumed)
 
     @property
     def resume(self) -> bool:
@@ -323,6 +325,7 @@ def _objective(job: Job, world: World):
             recipe.eval_batch_size, limit=recipe.schedule.calibration_images, shard=shard
         )
     ]
+    _start_routing(job, world, calibration)
     schedule = recipe.schedule
     layer_scales = cost_weighted_scales(decided_flops(job.table), schedule.allocation)
     feedback = None
@@ -360,6 +363,22 @@ def _objective(job: Job, world: World):
     return objective
 
 
+def _start_routing(job: Job, world: World, calibration: list[torch.Tensor]) -> None:
+    """gates.routing_init: fit the gates' per-image part before the first step (not on resume: the
+    checkpoint holds the fitted and trained gates). Ranks fit on their own shards and average."""
+    if job.resumed is not None:
+        job.routing_fit = job.resumed["extra"].get("routing_fit")
+        return
+    if job.recipe.gates.routing_init <= 0:
+        return
+    fitted = fit_gates_to_responses(job.model, calibration, job.recipe.gates.routing_init)
+    for gate in job.gates.values():
+        for weight in (gate.fc1.weight, gate.fc2.weight):
+            with torch.no_grad():
+                weight.copy_(world.all_reduce_sum(weight).to(weight) / world.size)
+    job.routing_fit = fitted.explained_variance
+
+
 def _mean_loss_images(recipe: Recipe) -> int:
     calibration = recipe.schedule.calibration_images
     return calibration if recipe.train_images is None else min(calibration, recipe.train_images)
@@ -391,6 +410,8 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
     if job.command == "prune":
         meta["gate_policy"] = job.recipe.gates.model_dump(mode="json")
         meta["gated_layers"] = sorted(job.gates.by_name())
+        if job.routing_fit is not None:
+            meta["routing_fit_r2"] = job.routing_fit
         stats = after.flops
         meta["signature"] = after.signature
         meta["flops"] = {
@@ -504,6 +525,7 @@ def _fit(job: Job, world: World, before: dict[str, Any] | None, on_step, on_epoc
             "model": job.model_name,
             "weights": job.weights_source,
             "baseline": before,
+            "routing_fit": job.routing_fit,
         },
         on_step=on_step if world.is_main else None,
         on_epoch=_EpochLog(job, world, on_epoch),
