@@ -75,6 +75,7 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "init_strength03": ("default.yaml", {"gates": {"init_strength": 0.3}}),
     # gates fitted before training to each channel's per-image response (manidp_cli/core/routing_init.py)
     "routing_init03": ("default.yaml", {"gates": {"routing_init": 0.3}}),
+    "routing_init015": ("default.yaml", {"gates": {"routing_init": 0.15}}),
     "init03_alloc05": ("default.yaml", {"gates": {"init_strength": 0.3}, "schedule": {"allocation": 0.5}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
@@ -238,6 +239,8 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
         "flops_ratio": result.after.flops.mean_ratio,
         "spearman_loss_flops": result.after.signature.get("spearman_loss_flops"),
         "gram_correlation": result.after.signature.get("gram_correlation"),
+        # how dynamic it is: the share of gated channels whose decision depends on the image
+        "routed_channel_share": result.after.flops.routed_channel_share(),
     }
 
 
@@ -318,6 +321,9 @@ def _stats(rows: list[dict]) -> dict:
         "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rows),
         "spearman_mean": statistics.mean(r["spearman_loss_flops"] for r in rows)
         if all(r["spearman_loss_flops"] is not None for r in rows)
+        else None,
+        "routed_channel_share_mean": statistics.mean(r["routed_channel_share"] for r in rows)
+        if all(r.get("routed_channel_share") is not None for r in rows)
         else None,
     }
 

@@ -25,14 +25,20 @@ def _saliencies(model, images):
     return dict(recorder.saliency)
 
 
-def test_target_is_bounded_and_centred_on_the_start():
+def test_target_shifts_saliency_between_channels_within_an_image():
     responses = torch.tensor([[0.0, 1.0], [2.0, 1.0], [1.0, 1.0], [5.0, 1.0]])
     start = torch.tensor([2.0, 0.5])
     target = routing_target(responses, start, 0.25)
-    # channel 0: relative responses 0, 1, 0.5, 2.5 -> clipped deviations -1, 0, -0.5, 1
-    assert torch.allclose(target[:, 0], torch.tensor([-0.5, 0.0, -0.25, 0.5]))
-    assert torch.equal(target[:, 1], torch.zeros(4))  # a channel that responds alike to every image
+    # relative responses (over each channel's mean, then each image's mean), minus 1, clipped to [-1, 1]
+    deviation = torch.tensor([[-1.0, 1.0], [0.0, 0.0], [-1 / 3, 1 / 3], [3 / 7, -3 / 7]])
+    assert torch.allclose(target, 0.25 * start * deviation)
     assert target.abs().max() <= 0.25 * start.max()
+
+
+def test_an_image_that_responds_more_overall_gets_no_more_saliency():
+    profile = torch.tensor([1.0, 3.0, 0.5])
+    responses = torch.tensor([[0.2], [1.0], [4.0]]) * profile  # the same channels, scaled per image
+    assert torch.allclose(routing_target(responses, torch.ones(3), 0.3), torch.zeros(3, 3), atol=1e-6)
 
 
 def test_fit_gives_each_image_its_own_saliencies_and_keeps_the_static_start():

@@ -9,9 +9,11 @@ images it fits fc1 and fc2's weights (fc2's bias, the static start, stays) so th
     saliency_k(x) ~ b_k * (1 + strength * clip(r_k(x) - 1, -1, 1)),
 
 with b_k the gate's constant start and r_k(x) = |GAP of channel k's normalised output on x| over its
-mean on the calibration images. A channel that responds weakly to an image then falls below that
-layer's cut first for that image. The masked network's function changes by that per-image scaling
-(|change| <= strength per channel), which the fine-tune absorbs.
+mean on the calibration images, divided by the mean of r over the image's channels (an image
+shifts saliency between channels rather than up or down as a whole). A channel that responds
+weakly to an image, relative to the others, then falls below that layer's cut first for that
+image. The masked network's function changes by that per-image scaling (|change| <= strength per
+channel), which the fine-tune has to absorb.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def _execution_order(model: nn.Module, images: torch.Tensor) -> list[SaliencyGat
 def routing_target(responses: torch.Tensor, start: torch.Tensor, strength: float) -> torch.Tensor:
     """What fc2's weights should add to the constant start ``start`` (C) for each image (N x C)."""
     relative = responses / responses.mean(dim=0).clamp(min=1e-12)
+    # over the image's own mean: which channels this image needs more than others, not how much it
+    # needs overall (absolute responses gave weakly responding, hard images fewer FLOPs: docs/results.md)
+    relative = relative / relative.mean(dim=1, keepdim=True).clamp(min=1e-12)
     return start * strength * (relative - 1).clamp(-1.0, 1.0)
 
 
