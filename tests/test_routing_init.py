@@ -74,3 +74,21 @@ def test_zero_strength_leaves_the_gates_alone():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert fit_gates_to_responses(model, [torch.randn(8, *INPUT)], strength=0.0).explained_variance == {}
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_pruning_run_fits_once_and_keeps_the_fit_through_resume(tiny_fashion, dense_weights, tmp_path):
+    from helpers import prune_tiny
+
+    from manidp_cli.io import load_pruned
+
+    overrides = {"gates": {"routing_init": 0.2}}
+    stopped = prune_tiny(
+        tmp_path, tiny_fashion, weights=dense_weights, overrides=overrides, on_step=lambda info: info.epoch == 1
+    )
+    assert stopped.interrupted
+    assert not prune_tiny(tmp_path, tiny_fashion, resume=True).interrupted
+    _, info = load_pruned(tmp_path)
+    # fitted by the first process, before its first step; the resumed one read it from the checkpoint
+    fitted = info.metadata["routing_fit_r2"]
+    assert set(fitted) == set(info.metadata["gated_layers"])
+    assert all(r2 <= 1 for r2 in fitted.values()) and any(r2 > 0 for r2 in fitted.values())
