@@ -192,3 +192,20 @@ def test_slimming_is_exact_when_every_mask_is_the_same_for_every_image():
     result = slim(model, frequency, mean_mask, 0.0, (3, 32, 32))
     with torch.no_grad():
         assert (result.model(batches[1]) - model(batches[1])).abs().max() < 1e-9
+
+
+def test_a_batch_computes_only_the_channels_its_images_keep():
+    """Gates that agree across images (a trained default's) leave a narrow union per layer: the batch
+    path runs that union, and equals the masked model."""
+    model, gates = _pruned("resnet18", (3, 32, 32))
+    for gate in gates.values():
+        nn.init.zeros_(gate.fc2.weight)  # the same decisions for every image: the union is one keep-set
+    dynamic = dynamic_model(model, (3, 32, 32))
+    masked_calls = []
+    for layer in (m for m in dynamic.modules() if isinstance(m, DynamicConv)):
+        original = layer.conv.forward  # the full-width masked path
+        layer.conv.forward = lambda x, original=original: masked_calls.append(x.shape) or original(x)
+    batch = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(dynamic(batch), folded_model(model, (3, 32, 32))(batch), atol=1e-4)
+    assert masked_calls == []  # every gated layer ran its union, none the full-width masked convolution

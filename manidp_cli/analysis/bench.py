@@ -354,8 +354,8 @@ def bench_models(
         for name, (model, _, batch, cl) in variants
     }
     best_dynamic = min(dynamic_names, key=lambda n: measured[n].latency_ms_median)
-    # Batches: the dynamic model runs them through the masked path; this is the alternative it was
-    # measured against (each image alone through the dynamic path).
+    # Batches: the dynamic model runs them together (the union of the kept channels, or the masked
+    # path); this is the alternative it was measured against (each image alone through the dynamic path).
     dynamic, _, batch, _ = prepared[best_dynamic]
     with torch.inference_mode():
         loop = _times(lambda: [dynamic(image[None]) for image in batch], max(3, runs // 10), 1, sync)

@@ -4,8 +4,10 @@
 convolution it follows, and every gated convolution computes, for a single image, only the output
 channels its gate keeps, reading only the input channels that are not entirely zero; the narrow result
 is scattered back to full width so that the rest of the (unmodified) timm model runs as usual.
-Batches of more than one image take the masked full-width path of the same folded model (measured
-faster on the CPU than running the images one by one; docs/speed.md).
+A batch of more than one image computes the output channels that any of its images keeps, from the
+input channels that any of them has non-zero, and masks each image within them (the full-width
+masked convolution when that union is nearly every channel; batching was measured faster on the
+CPU than running the images one by one; docs/speed.md).
 
 A gate with a codebook (``manidp_cli.core.codebook``) turns its convolution gather-free: the weights of
 every keep-set, and of every pair (producer's keep-set, own keep-set) along narrow chains, are
@@ -50,6 +52,9 @@ from manidp_cli.core.gating import (
 from manidp_cli.core.graph import removable_consumers, trace_dataflow
 
 T = TypeVar("T")
+# a batch runs only the channels some image keeps (or reads) while they are at most this share of
+# the layer; wider, the full-width masked convolution is cheaper than gathering the weights
+UNION_MAX_SHARE = 0.9
 
 
 def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,6 +371,8 @@ class DynamicConv(nn.Module):
         if self.entry_rows and x.shape[0] == 1:
             return self._run_entry_gathered(x, saliency)
         mask = saliency * self._decision_mask(saliency)
+        if x.shape[0] != 1 and self.groups == 1:
+            return self._run_union(x, mask)
         if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
             return self._masked(x, mask)
         return self._run_single(x, mask[0].to(x.dtype), narrow_input)
@@ -469,6 +476,35 @@ class DynamicConv(nn.Module):
                 out = _zeros_in_layout_of(narrow, (x.shape[0], self.out_channels, *narrow.shape[-2:]))
             out[images[:, None], rows] = narrow
         return out
+
+    def _run_union(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A batch without a codebook: only the output channels that some image keeps, from the input
+        channels that are not zero in every image, each image's own mask applied within them; full
+        width out. When images agree on most decisions (a trained default routes 2-9% of its
+        channels, docs/results.md), the batch costs about one image's share of the FLOPs, where the
+        masked path computes every channel. Falls back to it when the union is nearly full width."""
+        union = mask.ne(0).any(dim=0).nonzero().flatten()
+        if len(union) > UNION_MAX_SHARE * self.out_channels:
+            return self._masked(x, mask)
+        height, width = self._output_size(x)
+        out = _zeros_in_layout_of(x, (x.shape[0], self.out_channels, height, width))
+        if len(union) == 0:
+            return out
+        active = x.abs().amax(dim=(0, 2, 3)).nonzero().flatten()
+        source = self._pad(x)
+        columns: torch.Tensor | None = None
+        if 0 < len(active) <= UNION_MAX_SHARE * self.in_channels:
+            source, columns = source.index_select(1, active), active
+        narrow = F.conv2d(
+            source,
+            self._gather_weight(union, columns),
+            self.bias.index_select(0, union),
+            self.stride,
+            self.functional_padding,
+            self.dilation,
+        )
+        narrow.mul_(mask.index_select(1, union).to(narrow.dtype)[:, :, None, None])
+        return out.index_copy_(1, union, narrow)
 
     def _gather_weight(self, rows: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         """weight[rows][:, columns] (all columns when ``columns`` is None)."""
