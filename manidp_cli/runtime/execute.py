@@ -162,6 +162,7 @@ class DynamicConv(nn.Module):
         self.last_saliency: torch.Tensor | None = None  # what the last decision was made from
         self.forced_decision: torch.Tensor | None = None
         self._producer: list[DynamicConv] = []  # a list keeps it out of the module tree
+        self._consumer: list[DynamicConv] = []
         self.entry_rows: list[torch.Tensor] = []  # per codebook entry, its kept output channels
         self.packed_inputs = False  # weights also sliced per producer entry (narrow input)
         self.tuning: EntryTuning | None = None  # set by tune_entries while it runs
@@ -372,15 +373,15 @@ class DynamicConv(nn.Module):
             return self._run_entry_gathered(x, saliency)
         mask = saliency * self._decision_mask(saliency)
         if x.shape[0] != 1 and self.groups == 1:
-            return self._run_union(x, mask)
+            return self._run_union(x, mask, narrow_input)
         if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
             return self._masked(x, mask)
         return self._run_single(x, mask[0].to(x.dtype), narrow_input)
 
     def _narrow_input_saliency(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate's saliency of one image whose input holds only the producer's kept channels."""
-        pooled = x.new_zeros(1, self.in_channels)
-        pooled[0, self._producer[0].last_kept] = x.mean(dim=(2, 3))[0]
+        """The gate's saliency of images whose input holds only the producer's kept channels."""
+        pooled = x.new_zeros(x.shape[0], self.in_channels)
+        pooled[:, self._producer[0].last_kept] = x.mean(dim=(2, 3))
         return self.gate.saliency_from_pooled(pooled)
 
     def _decision_mask(self, saliency: torch.Tensor) -> torch.Tensor:
@@ -477,34 +478,51 @@ class DynamicConv(nn.Module):
             out[images[:, None], rows] = narrow
         return out
 
-    def _run_union(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run_union(self, x: torch.Tensor, mask: torch.Tensor, narrow_input: bool = False) -> torch.Tensor:
         """A batch without a codebook: only the output channels that some image keeps, from the input
-        channels that are not zero in every image, each image's own mask applied within them; full
-        width out. When images agree on most decisions (a trained default routes 2-9% of its
-        channels, docs/results.md), the batch costs about one image's share of the FLOPs, where the
-        masked path computes every channel. Falls back to it when the union is nearly full width."""
+        channels that are not zero in every image, each image's own mask applied within them. When
+        images agree on most decisions (a trained default routes 2-9% of its channels,
+        docs/results.md), the batch costs about one image's share of the FLOPs, where the masked path
+        computes every channel. Full width out, or, along a narrow chain, the union alone (its
+        consumer reads it with the union's index); a layer off a chain takes the masked path when
+        the union is nearly full width."""
         union = mask.ne(0).any(dim=0).nonzero().flatten()
-        if len(union) > UNION_MAX_SHARE * self.out_channels:
+        hands_over = self._hands_over_batches()
+        if not (narrow_input or hands_over) and len(union) > UNION_MAX_SHARE * self.out_channels:
             return self._masked(x, mask)
         height, width = self._output_size(x)
-        out = _zeros_in_layout_of(x, (x.shape[0], self.out_channels, height, width))
-        if len(union) == 0:
-            return out
-        active = x.abs().amax(dim=(0, 2, 3)).nonzero().flatten()
-        source = self._pad(x)
-        columns: torch.Tensor | None = None
-        if 0 < len(active) <= UNION_MAX_SHARE * self.in_channels:
-            source, columns = source.index_select(1, active), active
-        narrow = F.conv2d(
-            source,
-            self._gather_weight(union, columns),
-            self.bias.index_select(0, union),
-            self.stride,
-            self.functional_padding,
-            self.dilation,
-        )
+        narrow = self._union_conv(x, union, narrow_input, (height, width))
         narrow.mul_(mask.index_select(1, union).to(narrow.dtype)[:, :, None, None])
+        if hands_over:
+            self.last_kept = union
+            return narrow
+        out = _zeros_in_layout_of(narrow, (x.shape[0], self.out_channels, height, width))
         return out.index_copy_(1, union, narrow)
+
+    def _hands_over_batches(self) -> bool:
+        if not self.narrow_output:
+            return False
+        consumer = self._consumer[0]
+        return not consumer.entry_rows and consumer.groups == 1
+
+    def _union_conv(
+        self, x: torch.Tensor, union: torch.Tensor, narrow_input: bool, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Output channels ``union`` of every image, from the input channels that carry anything."""
+        bias = self.bias.index_select(0, union)
+        if narrow_input:  # x holds the producer's union only: read it with that index
+            active: torch.Tensor | None = self._producer[0].last_kept
+        else:
+            active = x.abs().amax(dim=(0, 2, 3)).nonzero().flatten()
+        if len(union) == 0 or len(active) == 0:  # nothing to read: every kept channel is its bias
+            return bias[None, :, None, None].expand(x.shape[0], len(union), *size).clone()
+        source, columns = self._pad(x), active
+        if not narrow_input and len(active) > UNION_MAX_SHARE * self.in_channels:
+            columns = None  # nearly every input carries something: no gather
+        elif not narrow_input:
+            source = source.index_select(1, active)
+        weight = self._gather_weight(union, columns)
+        return F.conv2d(source, weight, bias, self.stride, self.functional_padding, self.dilation)
 
     def _gather_weight(self, rows: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
         """weight[rows][:, columns] (all columns when ``columns`` is None)."""
@@ -603,6 +621,7 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
         if isinstance(producer, DynamicConv) and isinstance(consumer, DynamicConv) and not consumer.depthwise:
             producer.narrow_output = True
             consumer._producer.append(producer)
+            producer._consumer.append(consumer)
     for module in model.modules():
         if isinstance(module, DynamicConv):
             module.pack()
