@@ -302,3 +302,21 @@ def test_every_kernel_the_tuner_can_pick_computes_the_same_decisions_and_outputs
         )
         for image in images:
             check_execution(model, fast, image)
+
+
+def test_a_batch_whose_images_share_an_entry_runs_that_entry_alone():
+    """A trained default's codebooks collapse to one entry in most layers: a batch then runs the
+    union of its entries (that one) with narrow hand-overs, not one convolution per entry."""
+    model = _snapped("resnet18")
+    for gate in gates_of(model).values():
+        gate.codebook = gate.codebook[:1].clone()  # one keep-set per layer, about half the channels
+    fast = dynamic_model(model, (3, 64, 64))
+    calls = []
+    for layer in (m for m in fast.modules() if isinstance(m, DynamicConv)):
+        layer._run_grouped = lambda x, saliency: calls.append("grouped")
+        original = layer.conv.forward
+        layer.conv.forward = lambda x, original=original: calls.append("masked") or original(x)
+    batch = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(21))
+    check = check_execution(model, fast, batch)
+    assert check.disagreements <= 0.02 * check.decisions
+    assert calls == []

@@ -11,8 +11,9 @@ CPU than running the images one by one; docs/speed.md).
 
 A gate with a codebook (``manidp_cli.core.codebook``) turns its convolution gather-free: the weights of
 every keep-set, and of every pair (producer's keep-set, own keep-set) along narrow chains, are
-sliced and laid out once, so an image only picks one and runs it. Batches with codebooks are grouped
-by entry instead of masked (faster at 224 px, slower at 32 px; docs/speed.md).
+sliced and laid out once, so an image only picks one and runs it. Batches with codebooks run the
+union of their images' entries too, and are grouped by entry where that union is nearly every
+channel (docs/speed.md).
 
 Every layer decides (entry or keep-set) with the gate's own rule on its own saliencies, which
 differ from the masked model's by rounding only (folded BatchNorm, other kernels); given equal
@@ -366,14 +367,12 @@ class DynamicConv(nn.Module):
         narrow_input = x.shape[1] != self.in_channels  # the producer handed over its kept channels only
         if self.entry_rows and x.shape[0] == 1 and (self.packed_inputs or not narrow_input):
             return self._run_packed(x)  # with packed inputs a single image always arrives as the producer's entry
-        if self.entry_rows and x.shape[0] > 1 and not narrow_input:
-            return self._run_grouped(x)
         saliency = self._narrow_input_saliency(x) if narrow_input else self.gate(x)
         if self.entry_rows and x.shape[0] == 1:
             return self._run_entry_gathered(x, saliency)
         mask = saliency * self._decision_mask(saliency)
         if x.shape[0] != 1 and self.groups == 1:
-            return self._run_union(x, mask, narrow_input)
+            return self._run_union(x, mask, saliency, narrow_input)
         if x.shape[0] != 1 or (self.groups > 1 and not self.depthwise):
             return self._masked(x, mask)
         return self._run_single(x, mask[0].to(x.dtype), narrow_input)
@@ -454,10 +453,9 @@ class DynamicConv(nn.Module):
         self.last_entry = entry
         return self._emit(narrow, rows, narrow.shape[-2], narrow.shape[-1])
 
-    def _run_grouped(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_grouped(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """A batch, grouped by codebook entry: one narrow convolution per entry in use (the weights of
         an entry over all input channels are gathered once per batch); full-width output."""
-        saliency = self.gate(x)
         entries = self._choose_entries(saliency)
         source = self._pad(x)
         out = None
@@ -478,18 +476,21 @@ class DynamicConv(nn.Module):
             out[images[:, None], rows] = narrow
         return out
 
-    def _run_union(self, x: torch.Tensor, mask: torch.Tensor, narrow_input: bool = False) -> torch.Tensor:
-        """A batch without a codebook: only the output channels that some image keeps, from the input
-        channels that are not zero in every image, each image's own mask applied within them. When
-        images agree on most decisions (a trained default routes 2-9% of its channels,
-        docs/results.md), the batch costs about one image's share of the FLOPs, where the masked path
-        computes every channel. Full width out, or, along a narrow chain, the union alone (its
-        consumer reads it with the union's index); a layer off a chain takes the masked path when
-        the union is nearly full width."""
+    def _run_union(
+        self, x: torch.Tensor, mask: torch.Tensor, saliency: torch.Tensor, narrow_input: bool = False
+    ) -> torch.Tensor:
+        """A batch: only the output channels that some image keeps (its free mask or codebook entry),
+        from the input channels that are not zero in every image, each image's own mask applied
+        within them. When images agree on most decisions (a trained default routes 2-9% of its
+        channels, docs/results.md; its codebooks collapse to one entry in most layers), the batch
+        costs about one image's share of the FLOPs, where the masked path computes every channel.
+        Full width out, or, along a narrow chain, the union alone (its consumer reads it with the
+        union's index). Off a chain, a union that is nearly full width takes the masked path, or
+        with a codebook one narrow convolution per entry in use."""
         union = mask.ne(0).any(dim=0).nonzero().flatten()
         hands_over = self._hands_over_batches()
         if not (narrow_input or hands_over) and len(union) > UNION_MAX_SHARE * self.out_channels:
-            return self._masked(x, mask)
+            return self._run_grouped(x, saliency) if self.entry_rows else self._masked(x, mask)
         height, width = self._output_size(x)
         narrow = self._union_conv(x, union, narrow_input, (height, width))
         narrow.mul_(mask.index_select(1, union).to(narrow.dtype)[:, :, None, None])
@@ -502,8 +503,7 @@ class DynamicConv(nn.Module):
     def _hands_over_batches(self) -> bool:
         if not self.narrow_output:
             return False
-        consumer = self._consumer[0]
-        return not consumer.entry_rows and consumer.groups == 1
+        return self._consumer[0].groups == 1
 
     def _union_conv(
         self, x: torch.Tensor, union: torch.Tensor, narrow_input: bool, size: tuple[int, int]
