@@ -1,7 +1,9 @@
-"""Throughput of codebook batches grouped by entry against the masked path and dense, in one run.
+"""Throughput of codebook batches through the dynamic model against the masked path and dense, in one run.
 
 Random gates calibrated to ``--target`` of the dense FLOPs with codebooks learned on random images
-(``bench.timing_model``); all three models channels-last, taking turns batch by batch. Writes
+(``bench.timing_model``); all three models channels-last, taking turns batch by batch. The
+"grouped" variant is ``dynamic_model``: since 2026-12-01 it runs the union of a batch's entries
+where that union is narrow, and groups by entry only where it is nearly every channel. Writes
 ``benchmarks/results/batch_grouping.json``:
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/batch_grouping.py --threads 2
