@@ -511,7 +511,7 @@ class DynamicConv(nn.Module):
         """Output channels ``union`` of every image, from the input channels that carry anything."""
         bias = self.bias.index_select(0, union)
         if narrow_input:  # x holds the producer's union only: read it with that index
-            active: torch.Tensor | None = self._producer[0].last_kept
+            active = self._producer[0].last_kept
         else:
             active = x.abs().amax(dim=(0, 2, 3)).nonzero().flatten()
         if len(union) == 0 or len(active) == 0:  # nothing to read: every kept channel is its bias
