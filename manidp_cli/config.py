@@ -65,7 +65,8 @@ class GatePolicy(BaseModel):
         le=1,
         description="before training, fit each gate on the calibration images so that its saliencies vary "
         "per image by up to this fraction, following how strongly each channel responds to the image "
-        "(0: every image starts with the same saliencies, method.md); manidp_cli/core/routing_init.py",
+        "(0: every image starts with the same saliencies, method.md); measured to cost accuracy with short "
+        "fine-tunes (docs/results.md); manidp_cli/core/routing_init.py",
     )
     inputs: bool = Field(
         default=False,

@@ -14,6 +14,9 @@ shifts saliency between channels rather than up or down as a whole). A channel t
 weakly to an image, relative to the others, then falls below that layer's cut first for that
 image. The masked network's function changes by that per-image scaling (|change| <= strength per
 channel), which the fine-tune has to absorb.
+
+Measured (docs/results.md): with 18,000 fine-tuning images it makes 72-93% of the channels routed
+and costs 0.3 to 1.0 point of top-1 against the constant start, so it is off by default.
 """
 
 from __future__ import annotations
