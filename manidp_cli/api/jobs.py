@@ -372,10 +372,11 @@ def _start_routing(job: Job, world: World, calibration: list[torch.Tensor]) -> N
     if job.recipe.gates.routing_init <= 0:
         return
     fitted = fit_gates_to_responses(job.model, calibration, job.recipe.gates.routing_init)
-    for gate in job.gates.values():
-        for weight in (gate.fc1.weight, gate.fc2.weight):
-            with torch.no_grad():
-                weight.copy_(world.all_reduce_sum(weight).to(weight) / world.size)
+    if world.distributed:
+        for gate in job.gates.values():
+            for weight in (gate.fc1.weight, gate.fc2.weight):
+                with torch.no_grad():
+                    weight.copy_(world.all_reduce_sum(weight).to(weight) / world.size)
     job.routing_fit = fitted.explained_variance
 
 

@@ -77,6 +77,11 @@ def routing_target(responses: torch.Tensor, start: torch.Tensor, strength: float
     return start * strength * (relative - 1).clamp(-1.0, 1.0)
 
 
+def _per_image_part(gate: SaliencyGate, inputs: torch.Tensor) -> torch.Tensor:
+    """fc2(relu(fc1(inputs))) without fc2's bias: what the gate adds to its constant start."""
+    return nn.functional.linear(torch.relu(gate.fc1(inputs)), gate.fc2.weight)
+
+
 def _fit_gate(gate: SaliencyGate, inputs: torch.Tensor, target: torch.Tensor) -> float:
     """Fit fc1 and fc2's weights; returns R^2. A fit that explains nothing (R^2 <= 0: its hidden
     units died, or the responses carry no signal the pooled input predicts) is undone: that gate keeps
@@ -87,13 +92,11 @@ def _fit_gate(gate: SaliencyGate, inputs: torch.Tensor, target: torch.Tensor) ->
     with torch.enable_grad():
         for _ in range(FIT_STEPS):
             optimizer.zero_grad(set_to_none=True)
-            predicted = nn.functional.linear(torch.relu(gate.fc1(inputs)), gate.fc2.weight)
-            loss = (predicted - target).pow(2).mean()
+            loss = (_per_image_part(gate, inputs) - target).pow(2).mean()
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        predicted = nn.functional.linear(torch.relu(gate.fc1(inputs)), gate.fc2.weight)
-        residual = (predicted - target).pow(2).sum()
+        residual = (_per_image_part(gate, inputs) - target).pow(2).sum()
         total = (target - target.mean(dim=0)).pow(2).sum().clamp(min=1e-12)
         explained = float(1 - residual / total)
         if not explained > 0:

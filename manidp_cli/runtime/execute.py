@@ -390,10 +390,11 @@ class DynamicConv(nn.Module):
         return self._choose_keep(saliency).to(saliency.dtype)
 
     def _active_inputs(self, x: torch.Tensor, narrow_input: bool) -> torch.Tensor:
-        """Indices of the input channels that are not entirely zero (for a narrow input: all it has)."""
+        """Indices of the input channels that are not entirely zero in every image (for a narrow input:
+        all it has)."""
         if narrow_input:
             return self._producer[0].last_kept
-        return x[0].flatten(1).abs().amax(dim=1).nonzero().flatten()
+        return x.abs().amax(dim=(0, 2, 3)).nonzero().flatten()
 
     def _run_single(self, x: torch.Tensor, scale: torch.Tensor, narrow_input: bool) -> torch.Tensor:
         """One image without a codebook: only the kept output channels, from the active inputs."""
@@ -501,19 +502,14 @@ class DynamicConv(nn.Module):
         return out.index_copy_(1, union, narrow)
 
     def _hands_over_batches(self) -> bool:
-        if not self.narrow_output:
-            return False
-        return self._consumer[0].groups == 1
+        return self.narrow_output and self._consumer[0].groups == 1
 
     def _union_conv(
         self, x: torch.Tensor, union: torch.Tensor, narrow_input: bool, size: tuple[int, int]
     ) -> torch.Tensor:
         """Output channels ``union`` of every image, from the input channels that carry anything."""
         bias = self.bias.index_select(0, union)
-        if narrow_input:  # x holds the producer's union only: read it with that index
-            active = self._producer[0].last_kept
-        else:
-            active = x.abs().amax(dim=(0, 2, 3)).nonzero().flatten()
+        active = self._active_inputs(x, narrow_input)  # narrow: the producer's union, read with its index
         if len(union) == 0 or len(active) == 0:  # nothing to read: every kept channel is its bias
             return bias[None, :, None, None].expand(x.shape[0], len(union), *size).clone()
         source, columns = self._pad(x), active
