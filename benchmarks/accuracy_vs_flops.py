@@ -77,6 +77,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "routing_init03": ("default.yaml", {"gates": {"routing_init": 0.3}}),
     "routing_init015": ("default.yaml", {"gates": {"routing_init": 0.15}}),
     "init03_alloc05": ("default.yaml", {"gates": {"init_strength": 0.3}, "schedule": {"allocation": 0.5}}),
+    # the two changes that each held on 3 seeds at 0.30 (+0.15 and +0.13 over the default), together
+    "alloc05_plain": ("default.yaml", {"schedule": {"allocation": 0.5}, "loss": {"complexity_weighting": False}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }

@@ -9,6 +9,7 @@ from torch import nn
 from manidp_cli.config import GatePolicy
 from manidp_cli.core.gating import insert_gates
 from manidp_cli.core.recorder import GateRecorder
+from manidp_cli.runtime import execute
 from manidp_cli.runtime.decisions import reference_run
 from manidp_cli.runtime.execute import DynamicConv, dynamic_model, fold_batchnorm, folded_model
 
@@ -209,3 +210,24 @@ def test_a_batch_computes_only_the_channels_its_images_keep():
     with torch.no_grad():
         assert torch.allclose(dynamic(batch), folded_model(model, (3, 32, 32))(batch), atol=1e-4)
     assert masked_calls == []  # every gated layer ran its union, none the full-width masked convolution
+
+
+def test_single_images_reuse_gathered_weights_only_for_the_same_decision():
+    """A layer keeps the weights it gathered for its last few decisions: an image that repeats one
+    reuses them, one that differs gathers its own, and outputs equal the masked model's either way."""
+    model, _ = _pruned("resnet18", (3, 32, 32))
+    dynamic = dynamic_model(model, (3, 32, 32))
+    images = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    layers = [m for m in dynamic.modules() if isinstance(m, DynamicConv)]
+    for image in (*images, images[0], images[1], *images):  # repeats hit, new decisions miss
+        check_execution(model, dynamic, image)
+        assert all(len(layer._recent) <= execute.RECENT_WEIGHTS for layer in layers)
+    first = {id(layer): dict(layer._recent) for layer in layers}
+    assert all(first.values())  # every gated layer gathered (and kept) its weights
+    check_execution(model, dynamic, images[2])  # the same decisions as the last call: nothing gathered
+    assert all(
+        any(kept is seen for seen in first[id(layer)].values()) for layer in layers for kept in layer._recent.values()
+    )
+    dynamic.to(memory_format=torch.channels_last)  # weights relaid: gathered copies are stale
+    assert all(not layer._recent for layer in layers)
+    check_execution(model, dynamic, images[0].contiguous(memory_format=torch.channels_last))
