@@ -510,23 +510,23 @@ class DynamicConv(nn.Module):
         self, x: torch.Tensor, union: torch.Tensor, narrow_input: bool, size: tuple[int, int]
     ) -> torch.Tensor:
         """Output channels ``union`` of every image, from the input channels that carry anything."""
-        bias = self.bias.index_select(0, union)
         active = self._active_inputs(x, narrow_input)  # narrow: the producer's union, read with its index
         if len(union) == 0 or len(active) == 0:  # nothing to read: every kept channel is its bias
+            bias = self.bias.index_select(0, union)
             return bias[None, :, None, None].expand(x.shape[0], len(union), *size).clone()
         source, columns = self._pad(x), active
         if not narrow_input and len(active) > UNION_MAX_SHARE * self.in_channels:
             columns = None  # nearly every input carries something: no gather
         elif not narrow_input:
             source = source.index_select(1, active)
-        weight = self._gather_weight(union, columns)
+        weight, bias = self._recent_weight(union, columns)
         return F.conv2d(source, weight, bias, self.stride, self.functional_padding, self.dilation)
 
     def _recent_weight(self, rows: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """weight[rows][:, columns] and bias[rows], reused while one of the last few images of this
-        layer made the same decision: a trained model repeats most of its decisions (the default
-        routes 1.4% of its channels, docs/results.md), and gathering a wide layer's weight costs
-        about as much as its convolution at 224 px."""
+        """weight[rows][:, columns] and bias[rows], reused while one of the last few images (or
+        batch unions) of this layer made the same decision: a trained model repeats most of its
+        decisions (the default routes 1.4% of its channels, docs/results.md), and gathering a wide
+        layer's weight costs about as much as its convolution at 224 px."""
         key = (rows.cpu().numpy().tobytes(), None if columns is None else columns.cpu().numpy().tobytes())
         hit = self._recent.pop(key, None)
         if hit is None:
