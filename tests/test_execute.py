@@ -231,3 +231,16 @@ def test_single_images_reuse_gathered_weights_only_for_the_same_decision():
     dynamic.to(memory_format=torch.channels_last)  # weights relaid: gathered copies are stale
     assert all(not layer._recent for layer in layers)
     check_execution(model, dynamic, images[0].contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("padded", [False, True])
+def test_scatter_channels_places_each_channel_and_keeps_the_layout(layout, padded):
+    wide = torch.randn(2, 40, 7, 5).contiguous(memory_format=layout)
+    narrow = wide[:, :32] if padded else wide  # a tuned entry's output without its zero rows
+    channels = torch.randperm(64, generator=torch.Generator().manual_seed(0))[: narrow.shape[1]].sort().values
+    out = execute.scatter_channels(narrow, channels, 64)
+    expected = torch.zeros(2, 64, 7, 5)
+    expected[:, channels] = narrow
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=layout)

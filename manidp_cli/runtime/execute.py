@@ -570,15 +570,17 @@ def _memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
 
 def scatter_channels(narrow: torch.Tensor, channels: torch.Tensor, out_channels: int) -> torch.Tensor:
     """``narrow``'s channels placed at indices ``channels`` of a zero tensor ``out_channels`` wide, in
-    ``narrow``'s layout. Channels-last scatters rows of a (pixels, channels) view: 2 to 3 times faster
-    than ``index_copy_`` on that layout, which is the faster of the two on contiguous tensors
-    (benchmarks/scatter.py)."""
+    ``narrow``'s layout. Channels-last scatters rows of a (pixels, channels) view: 1.5 to 2.2 times
+    faster than ``index_copy_`` on that layout, which is the faster of the two on contiguous tensors
+    (benchmarks/scatter.py). A channel slice of a channels-last tensor (a tuned entry's padded
+    output) takes the same path."""
     batch, count, height, width = narrow.shape
-    out = _zeros_in_layout_of(narrow, (batch, out_channels, height, width))
-    if _memory_format_of(narrow) is not torch.channels_last or count == 0:
-        return out.index_copy_(1, channels, narrow)
+    shape = (batch, out_channels, height, width)
+    if count == 0 or narrow.stride(1) != 1 or narrow.is_contiguous():
+        return _zeros_in_layout_of(narrow, shape).index_copy_(1, channels, narrow)
+    out = torch.empty(shape, dtype=narrow.dtype, device=narrow.device, memory_format=torch.channels_last).zero_()
     pixels = batch * height * width
-    rows = narrow.permute(0, 2, 3, 1).reshape(pixels, count)
+    rows = narrow.permute(0, 2, 3, 1).reshape(pixels, count)  # a view, also for a channel slice
     out.permute(0, 2, 3, 1).view(pixels, out_channels).scatter_(1, channels.view(1, count).expand(pixels, count), rows)
     return out
 
