@@ -79,6 +79,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "init03_alloc05": ("default.yaml", {"gates": {"init_strength": 0.3}, "schedule": {"allocation": 0.5}}),
     # the two changes that each held on 3 seeds at 0.30 (+0.15 and +0.13 over the default), together
     "alloc05_plain": ("default.yaml", {"schedule": {"allocation": 0.5}, "loss": {"complexity_weighting": False}}),
+    # the first cut by |gamma| / sigma of each channel's normalisation instead of its filter's L1 norm
+    "init_bn_scale": ("default.yaml", {"gates": {"init": "bn_scale"}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }
