@@ -253,7 +253,9 @@ class DynamicConv(nn.Module):
     def _choose_entries(self, saliency: torch.Tensor) -> torch.Tensor:
         """``SaliencyGate.entry`` over the packed score terms (the same formula, the same numbers),
         unless a decision was forced."""
-        if self.entry_rows:
+        if len(self.entry_rows) == 1:  # a codebook of one keep-set (most of a trained default's): no choice
+            own = torch.zeros(saliency.shape[0], dtype=torch.long, device=saliency.device)
+        elif self.entry_rows:
             own = entry_scores(saliency, self.entry_columns, self.entry_offsets).argmax(dim=1)
         else:  # not packed (a grouped convolution): the gate's own terms
             own = self.gate.entry(saliency)
