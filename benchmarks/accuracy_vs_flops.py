@@ -81,6 +81,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "alloc05_plain": ("default.yaml", {"schedule": {"allocation": 0.5}, "loss": {"complexity_weighting": False}}),
     # the first cut by |gamma| / sigma of each channel's normalisation instead of its filter's L1 norm
     "init_bn_scale": ("default.yaml", {"gates": {"init": "bn_scale"}}),
+    # distillation only where the teacher fits the image better: fades once the student outgrows it
+    "distill_teacher_better": ("default.yaml", {"loss": {"distill_where": "teacher_better"}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }
@@ -162,7 +164,7 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
 # exactly: left out of the key so that those arms stay current
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
-    r"|routing_init: 0\.0)\b.*\n",
+    r"|routing_init: 0\.0|distill_where: all)\b.*\n",
     re.MULTILINE,
 )
 

@@ -128,10 +128,15 @@ class LossConfig(_Section):
     complexity_weighting: bool = True  # False: uniform weights (plain L1 gating, an ablation)
     distill_weight: float = Field(1.0, ge=0, description="weight of distillation from the dense start; 0: none")
     distill_temperature: float = Field(4.0, gt=0)
+    distill_where: Literal["all", "teacher_better"] = Field(
+        "all",
+        description="images distilled: all, or only those the teacher fits better than the student "
+        "(lower cross-entropy), so that distillation fades once the student outgrows its teacher",
+    )
 
     def manidp_terms(self) -> dict[str, float | bool]:
         """The keyword arguments of ``ManiDPLoss`` (distillation is added around it)."""
-        return self.model_dump(exclude={"distill_weight", "distill_temperature"})
+        return self.model_dump(exclude={"distill_weight", "distill_temperature", "distill_where"})
 
 
 class ScheduleConfig(_Section):

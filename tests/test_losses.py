@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from manidp_cli.core.losses import ManiDPLoss, complexity_weight, similarity_loss, sparsity_loss
+from manidp_cli.core.losses import (
+    ManiDPLoss,
+    complexity_weight,
+    distillation_loss,
+    similarity_loss,
+    sparsity_loss,
+    teacher_fits_better,
+)
 
 
 def test_complexity_weight_by_hand():
@@ -57,3 +64,17 @@ def test_uniform_weighting_ablation():
     off = ManiDPLoss(lambda_sim=0.0, complexity_weighting=False)(logits, targets, {"a": pi}, {}, mean_loss=1.0)
     assert float(off["sparsity"]) == pytest.approx(1.0)  # every image weighs 1
     assert float(on["sparsity"]) < 0.5  # the hard image weighs 0
+
+
+def test_distillation_only_where_the_teacher_fits_better():
+    """Images the teacher fits worse than the student add nothing, and the term is still divided by
+    the whole batch, so it fades as the student outgrows its teacher."""
+    targets = torch.tensor([0, 0, 1])
+    student = torch.tensor([[0.0, 0.0], [4.0, -4.0], [0.0, 0.0]])
+    teacher = torch.tensor([[3.0, -3.0], [0.0, 0.0], [-2.0, 2.0]])
+    selected = teacher_fits_better(student, teacher, targets)
+    assert selected.tolist() == [True, False, True]  # image 1: the student is surer of the true class
+    per_image = [float(distillation_loss(student[i : i + 1], teacher[i : i + 1], 2.0)) for i in range(3)]
+    assert float(distillation_loss(student, teacher, 2.0)) == pytest.approx(sum(per_image) / 3)
+    assert float(distillation_loss(student, teacher, 2.0, selected)) == pytest.approx((per_image[0] + per_image[2]) / 3)
+    assert float(distillation_loss(student, teacher, 2.0, torch.zeros(3, dtype=torch.bool))) == 0.0

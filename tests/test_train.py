@@ -227,3 +227,15 @@ def test_the_starting_mean_loss_reads_only_the_calibration_images(
     inner = getattr(objective, "objective", objective)  # the ManiDP objective inside distillation
     assert sum(images.shape[0] for images, _ in inner.training_batches()) == expected
     assert len(job.data.train) > 48
+
+
+def test_distillation_where_the_teacher_fits_better_is_logged(tiny_fashion, dense_weights, tmp_path):
+    """loss.distill_where: teacher_better distils a share of each batch's images and logs that share."""
+    import json
+
+    overrides = {"loss": {"distill_where": "teacher_better"}}
+    prune_tiny(tmp_path / "run", tiny_fashion, weights=dense_weights, overrides=overrides)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shares = [epoch["train_distilled_share"] for epoch in epochs]
+    assert all(0.0 <= share <= 1.0 for share in shares)
+    assert 0.0 < sum(shares)  # the pruned student starts below its teacher on some images

@@ -359,7 +359,8 @@ def _objective(job: Job, world: World):
     )
     if recipe.loss.distill_weight > 0:
         teacher = job.teacher.to(world.device)
-        return Distilled(objective, teacher, recipe.loss.distill_weight, recipe.loss.distill_temperature)
+        loss = recipe.loss
+        return Distilled(objective, teacher, loss.distill_weight, loss.distill_temperature, loss.distill_where)
     return objective
 
 

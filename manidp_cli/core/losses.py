@@ -94,9 +94,29 @@ class ManiDPLoss(nn.Module):
         }
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 KL(teacher || student) on temperature-softened class probabilities (Hinton et al.), in fp32."""
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    selected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """T^2 KL(teacher || student) on temperature-softened class probabilities (Hinton et al.), in fp32,
+    averaged over the batch. With ``selected`` (a boolean per image) the other images contribute 0,
+    still divided by the whole batch: the term shrinks as fewer images are selected."""
     t = temperature
     student = F.log_softmax(student_logits.float() / t, dim=1)
     teacher = F.softmax(teacher_logits.detach().float() / t, dim=1)
-    return F.kl_div(student, teacher, reduction="batchmean") * t * t
+    if selected is None:
+        return F.kl_div(student, teacher, reduction="batchmean") * t * t
+    per_image = F.kl_div(student, teacher, reduction="none").sum(dim=1)
+    return (per_image * selected.to(per_image.dtype)).sum() / len(per_image) * t * t
+
+
+def teacher_fits_better(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Per image: the teacher's cross-entropy on the true class is below the student's."""
+    with torch.no_grad():
+        student = F.cross_entropy(student_logits.detach().float(), targets, reduction="none")
+        teacher = F.cross_entropy(teacher_logits.float(), targets, reduction="none")
+    return teacher < student

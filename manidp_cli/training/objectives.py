@@ -19,7 +19,7 @@ from manidp_cli.core.codebook import build_codebooks
 from manidp_cli.core.distributed import World
 from manidp_cli.core.flops import CostTable, dynamic_flops
 from manidp_cli.core.gating import GateSet
-from manidp_cli.core.losses import ManiDPLoss, distillation_loss
+from manidp_cli.core.losses import ManiDPLoss, distillation_loss, teacher_fits_better
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.core.schedule import FeedbackThresholds, flops_target
@@ -57,13 +57,15 @@ class CrossEntropyObjective:
 
 class Distilled:
     """Any objective plus ``weight`` x distillation from a frozen ``teacher`` (the dense start):
-    T^2 KL(teacher || student) at ``temperature`` (``core.losses.distillation_loss``)."""
+    T^2 KL(teacher || student) at ``temperature`` (``core.losses.distillation_loss``), on every image
+    or (``where="teacher_better"``) on the images whose true class the teacher fits better."""
 
-    def __init__(self, objective, teacher: nn.Module, weight: float, temperature: float):
+    def __init__(self, objective, teacher: nn.Module, weight: float, temperature: float, where: str = "all"):
         self.objective = objective
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight = weight
         self.temperature = temperature
+        self.where = where
 
     def setup(self, model: nn.Module) -> dict[str, float]:
         return self.objective.setup(model)
@@ -75,9 +77,12 @@ class Distilled:
         logits, terms = self.objective.step(model, images, targets)
         with torch.no_grad():
             teacher_logits = self.teacher(images)
-        distill = distillation_loss(logits, teacher_logits, self.temperature)
+        selected = teacher_fits_better(logits, teacher_logits, targets) if self.where == "teacher_better" else None
+        distill = distillation_loss(logits, teacher_logits, self.temperature, selected)
         terms["loss"] = terms["loss"] + self.weight * distill
         terms["distill"] = distill.detach()
+        if selected is not None:
+            terms["distilled_share"] = selected.float().mean()
         return logits, terms
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
