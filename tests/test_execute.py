@@ -231,6 +231,13 @@ def test_single_images_reuse_gathered_weights_only_for_the_same_decision():
     dynamic.to(memory_format=torch.channels_last)  # weights relaid: gathered copies are stale
     assert all(not layer._recent for layer in layers)
     check_execution(model, dynamic, images[0].contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():  # weights changed in place (a state dict loaded): gathered copies are stale too
+        for layer in layers:
+            layer.weight.mul_(2)
+        before = dynamic(images[0])
+        for layer in layers:
+            layer.weight.div_(2)
+        assert not torch.allclose(dynamic(images[0]), before)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

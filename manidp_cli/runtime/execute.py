@@ -173,6 +173,7 @@ class DynamicConv(nn.Module):
         self._tuned: set[tuple[int, int]] = set()
         self._onednn: set[tuple[int, int]] = set()  # (producer entry, entry) pairs tuned to call oneDNN
         self._recent: dict[tuple[bytes, bytes | None], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._recent_version = (-1, -1)  # the weight's and bias's versions the gathered copies were taken at
 
     def pack(self) -> None:
         """Slice each codebook entry's weights once; call after narrow chains are set up.
@@ -529,6 +530,9 @@ class DynamicConv(nn.Module):
         batch unions) of this layer made the same decision: a trained model repeats most of its
         decisions (the default routes 1.4% of its channels, docs/results.md), and gathering a wide
         layer's weight costs about as much as its convolution at 224 px."""
+        if self._recent_version != (self.weight._version, self.bias._version):  # weights changed in place
+            self._recent.clear()
+            self._recent_version = (self.weight._version, self.bias._version)
         key = (rows.cpu().numpy().tobytes(), None if columns is None else columns.cpu().numpy().tobytes())
         hit = self._recent.pop(key, None)
         if hit is None:
