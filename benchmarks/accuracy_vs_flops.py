@@ -83,6 +83,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "init_bn_scale": ("default.yaml", {"gates": {"init": "bn_scale"}}),
     # distillation only where the teacher fits the image better: fades once the student outgrows it
     "distill_teacher_better": ("default.yaml", {"loss": {"distill_where": "teacher_better"}}),
+    # distillation only while the teacher's running training accuracy is above the student's
+    "distill_teacher_ahead": ("default.yaml", {"loss": {"distill_where": "teacher_ahead"}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }

@@ -128,10 +128,12 @@ class LossConfig(_Section):
     complexity_weighting: bool = True  # False: uniform weights (plain L1 gating, an ablation)
     distill_weight: float = Field(1.0, ge=0, description="weight of distillation from the dense start; 0: none")
     distill_temperature: float = Field(4.0, gt=0)
-    distill_where: Literal["all", "teacher_better"] = Field(
+    distill_where: Literal["all", "teacher_better", "teacher_ahead"] = Field(
         "all",
-        description="images distilled: all, or only those the teacher fits better than the student "
-        "(lower cross-entropy), so that distillation fades once the student outgrows its teacher",
+        description="images distilled: all; teacher_better: only those the teacher fits better than "
+        "the student (lower cross-entropy); teacher_ahead: all, but only while the teacher's running "
+        "training accuracy is above the student's, so that distillation stops once the student "
+        "outgrows its teacher",
     )
 
     def manidp_terms(self) -> dict[str, float | bool]:

@@ -5,6 +5,7 @@ import torch
 
 from manidp_cli.core.losses import (
     ManiDPLoss,
+    TeacherLead,
     complexity_weight,
     distillation_loss,
     similarity_loss,
@@ -78,3 +79,24 @@ def test_distillation_only_where_the_teacher_fits_better():
     assert float(distillation_loss(student, teacher, 2.0)) == pytest.approx(sum(per_image) / 3)
     assert float(distillation_loss(student, teacher, 2.0, selected)) == pytest.approx((per_image[0] + per_image[2]) / 3)
     assert float(distillation_loss(student, teacher, 2.0, torch.zeros(3, dtype=torch.bool))) == 0.0
+
+
+def test_teacher_lead_follows_running_accuracy_and_survives_a_checkpoint():
+    """The teacher is ahead until the student's running accuracy passes its own, not at the first
+    batch the student wins; the state round-trips through a checkpoint."""
+    targets = torch.tensor([0, 1, 0, 1])
+    right = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    wrong = -right
+    lead = TeacherLead(momentum=0.9)
+    assert lead.teacher_ahead()  # no batch seen yet
+    for _ in range(5):
+        lead.update(wrong, right, targets)
+    assert lead.teacher_ahead()
+    lead.update(right, wrong, targets)
+    assert lead.teacher_ahead()  # one batch does not overturn five
+    for _ in range(20):
+        lead.update(right, wrong, targets)
+    assert not lead.teacher_ahead()
+    restored = TeacherLead(momentum=0.9)
+    restored.load_state_dict(lead.state_dict())
+    assert (restored.steps, restored.teacher_ahead()) == (26, False)

@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from torch import nn
 from helpers import prune_tiny
 from safetensors.torch import load_file, save_file
 
@@ -227,6 +228,40 @@ def test_the_starting_mean_loss_reads_only_the_calibration_images(
     inner = getattr(objective, "objective", objective)  # the ManiDP objective inside distillation
     assert sum(images.shape[0] for images, _ in inner.training_batches()) == expected
     assert len(job.data.train) > 48
+
+
+def test_distillation_while_the_teacher_is_ahead_is_logged(tiny_fashion, dense_weights, tmp_path):
+    """loss.distill_where: teacher_ahead logs the share of steps distilled and the teacher's lead."""
+    import json
+
+    overrides = {"loss": {"distill_where": "teacher_ahead"}}
+    prune_tiny(tmp_path / "run", tiny_fashion, weights=dense_weights, overrides=overrides)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= epoch["train_distilled_share"] <= 1.0 for epoch in epochs)
+    assert all(-1.0 <= epoch["train_teacher_lead"] <= 1.0 for epoch in epochs)
+    # the tiny dense start is a weak teacher: the student overtakes it at once, and nothing is distilled
+    assert (epochs[-1]["train_teacher_lead"] < 0.0) == (epochs[-1]["train_distilled_share"] == 0.0)
+
+
+def test_distillation_stops_once_the_student_is_ahead():
+    """With teacher_ahead the distillation term is added while the teacher's running accuracy is at
+    least the student's, and left out (its value still logged) once the student is ahead."""
+    from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
+
+    images = torch.eye(4)
+    targets = torch.tensor([0, 1, 2, 3])
+    perfect, wrong = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        perfect.weight.copy_(torch.eye(4) * 3)
+        wrong.weight.copy_(torch.eye(4).roll(1, dims=0) * 3)
+    behind = Distilled(CrossEntropyObjective(), perfect, 1.0, 4.0, where="teacher_ahead")
+    _, terms = behind.step(wrong, images, targets)
+    assert float(terms["loss"]) == pytest.approx(float(terms["ce"] + terms["distill"]))
+    ahead = Distilled(CrossEntropyObjective(), wrong, 1.0, 4.0, where="teacher_ahead")
+    _, terms = ahead.step(perfect, images, targets)
+    assert float(terms["distill"]) > 0.0
+    assert float(terms["loss"]) == pytest.approx(float(terms["ce"]))
+    assert (float(terms["distilled_share"]), float(terms["teacher_lead"])) == (0.0, pytest.approx(-1.0))
 
 
 def test_distillation_where_the_teacher_fits_better_is_logged(tiny_fashion, dense_weights, tmp_path):

@@ -120,3 +120,44 @@ def teacher_fits_better(
         student = F.cross_entropy(student_logits.detach().float(), targets, reduction="none")
         teacher = F.cross_entropy(teacher_logits.float(), targets, reduction="none")
     return teacher < student
+
+
+class TeacherLead:
+    """Whether the teacher still classifies the training batches at least as well as the student: running
+    means (bias-corrected exponential, ``momentum`` per step) of both top-1 accuracies on the same
+    batches. Distillation from a teacher the student has overtaken pulls the student back towards
+    it (docs/results.md, 180,000 images); one batch is too noisy to decide on, and per image the
+    student is ahead on most images even while it is behind on the whole (``teacher_fits_better``)."""
+
+    def __init__(self, momentum: float = 0.98):
+        self.momentum = momentum
+        self.steps = 0
+        self.student = 0.0
+        self.teacher = 0.0
+
+    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        with torch.no_grad():
+            student = float((student_logits.argmax(dim=1) == targets).float().mean())
+            teacher = float((teacher_logits.argmax(dim=1) == targets).float().mean())
+        self.steps += 1
+        self.student = self.momentum * self.student + (1 - self.momentum) * student
+        self.teacher = self.momentum * self.teacher + (1 - self.momentum) * teacher
+
+    def margin(self) -> float:
+        """Teacher's running accuracy minus the student's, bias-corrected (0 before the first batch)."""
+        if self.steps == 0:
+            return 0.0
+        return (self.teacher - self.student) / (1 - self.momentum**self.steps)
+
+    def teacher_ahead(self) -> bool:
+        """True before the first batch and on a tie (the student has not outgrown its teacher); the bias
+        correction is common to both means, so it cancels."""
+        return self.steps == 0 or self.teacher >= self.student
+
+    def state_dict(self) -> dict[str, float]:
+        return {"steps": self.steps, "student": self.student, "teacher": self.teacher}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.steps = int(state["steps"])
+        self.student = float(state["student"])
+        self.teacher = float(state["teacher"])

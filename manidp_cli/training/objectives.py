@@ -19,7 +19,7 @@ from manidp_cli.core.codebook import build_codebooks
 from manidp_cli.core.distributed import World
 from manidp_cli.core.flops import CostTable, dynamic_flops
 from manidp_cli.core.gating import GateSet
-from manidp_cli.core.losses import ManiDPLoss, distillation_loss, teacher_fits_better
+from manidp_cli.core.losses import ManiDPLoss, TeacherLead, distillation_loss, teacher_fits_better
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.core.schedule import FeedbackThresholds, flops_target
@@ -57,8 +57,10 @@ class CrossEntropyObjective:
 
 class Distilled:
     """Any objective plus ``weight`` x distillation from a frozen ``teacher`` (the dense start):
-    T^2 KL(teacher || student) at ``temperature`` (``core.losses.distillation_loss``), on every image
-    or (``where="teacher_better"``) on the images whose true class the teacher fits better."""
+    T^2 KL(teacher || student) at ``temperature`` (``core.losses.distillation_loss``), on every image,
+    (``where="teacher_better"``) on the images whose true class the teacher fits better, or
+    (``where="teacher_ahead"``) on every image of the steps where the teacher's running training
+    accuracy is above the student's (``core.losses.TeacherLead``)."""
 
     def __init__(self, objective, teacher: nn.Module, weight: float, temperature: float, where: str = "all"):
         self.objective = objective
@@ -66,6 +68,7 @@ class Distilled:
         self.weight = weight
         self.temperature = temperature
         self.where = where
+        self.lead = TeacherLead()
 
     def setup(self, model: nn.Module) -> dict[str, float]:
         return self.objective.setup(model)
@@ -79,7 +82,14 @@ class Distilled:
             teacher_logits = self.teacher(images)
         selected = teacher_fits_better(logits, teacher_logits, targets) if self.where == "teacher_better" else None
         distill = distillation_loss(logits, teacher_logits, self.temperature, selected)
-        terms["loss"] = terms["loss"] + self.weight * distill
+        weight = self.weight
+        if self.where == "teacher_ahead":
+            self.lead.update(logits, teacher_logits, targets)
+            ahead = self.lead.teacher_ahead()
+            weight = weight if ahead else 0.0
+            terms["distilled_share"] = torch.tensor(float(ahead))
+            terms["teacher_lead"] = torch.tensor(self.lead.margin())
+        terms["loss"] = terms["loss"] + weight * distill
         terms["distill"] = distill.detach()
         if selected is not None:
             terms["distilled_share"] = selected.float().mean()
@@ -89,11 +99,13 @@ class Distilled:
         return self.objective.end_epoch(model, epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"objective": self.objective.state_dict()}
+        return {"objective": self.objective.state_dict(), "lead": self.lead.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "teacher" in state:  # checkpoints of 0.1.0 kept it with every process's state
             self.teacher.load_state_dict(state["teacher"])
+        if "lead" in state:  # absent from checkpoints written before loss.distill_where: teacher_ahead
+            self.lead.load_state_dict(state["lead"])
         self.objective.load_state_dict(state["objective"])
 
     def shared_state_dict(self) -> dict[str, Any]:
