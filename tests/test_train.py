@@ -3,9 +3,9 @@
 import pytest
 import timm
 import torch
-from torch import nn
 from helpers import prune_tiny
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from manidp_cli.api.jobs import prepare, run
 from manidp_cli.config import OptimizerConfig
