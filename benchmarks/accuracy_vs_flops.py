@@ -85,6 +85,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "distill_teacher_better": ("default.yaml", {"loss": {"distill_where": "teacher_better"}}),
     # distillation only while the teacher's running training accuracy is above the student's
     "distill_teacher_ahead": ("default.yaml", {"loss": {"distill_where": "teacher_ahead"}}),
+    # the stage outputs distilled too: full-width residual streams match the dense teacher's
+    "feature_distill": ("default.yaml", {"loss": {"feature_distill_weight": 1.0}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }
@@ -166,7 +168,7 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
 # exactly: left out of the key so that those arms stay current
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
-    r"|routing_init: 0\.0|distill_where: all)\b.*\n",
+    r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0)\b.*\n",
     re.MULTILINE,
 )
 

@@ -136,9 +136,22 @@ class LossConfig(_Section):
         "outgrows its teacher",
     )
 
+    feature_distill_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of distillation of the stage outputs (timm's feature_info) from the dense "
+        "start, relative squared error per stage; 0: none",
+    )
+
     def manidp_terms(self) -> dict[str, float | bool]:
         """The keyword arguments of ``ManiDPLoss`` (distillation is added around it)."""
-        return self.model_dump(exclude={"distill_weight", "distill_temperature", "distill_where"})
+        return self.model_dump(
+            exclude={"distill_weight", "distill_temperature", "distill_where", "feature_distill_weight"}
+        )
+
+    def distils(self) -> bool:
+        """Whether pruning needs the dense start as a teacher."""
+        return self.distill_weight > 0 or self.feature_distill_weight > 0
 
 
 class ScheduleConfig(_Section):

@@ -8,6 +8,7 @@ from manidp_cli.core.losses import (
     TeacherLead,
     complexity_weight,
     distillation_loss,
+    feature_distillation_loss,
     similarity_loss,
     sparsity_loss,
     teacher_fits_better,
@@ -100,3 +101,15 @@ def test_teacher_lead_follows_running_accuracy_and_survives_a_checkpoint():
     restored = TeacherLead(momentum=0.9)
     restored.load_state_dict(lead.state_dict())
     assert (restored.steps, restored.teacher_ahead()) == (26, False)
+
+
+def test_feature_distillation_is_relative_per_stage():
+    """Each stage weighs by its error relative to the teacher's own magnitude, so a stage with large
+    activations does not outweigh the others; equal features cost nothing."""
+    small, large = torch.ones(2, 3, 4, 4), 100 * torch.ones(2, 8, 2, 2)
+    assert float(feature_distillation_loss([small, large], [small, large])) == 0.0
+    off = feature_distillation_loss([small * 1.5, large * 1.5], [small, large])
+    assert float(off) == pytest.approx(0.25)  # (0.5)^2 relative error on both stages
+    student = small.clone().requires_grad_(True)
+    feature_distillation_loss([student], [small * 2]).backward()
+    assert float(student.grad.abs().sum()) > 0.0

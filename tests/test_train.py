@@ -243,6 +243,28 @@ def test_distillation_while_the_teacher_is_ahead_is_logged(tiny_fashion, dense_w
     assert (epochs[-1]["train_teacher_lead"] < 0.0) == (epochs[-1]["train_distilled_share"] == 0.0)
 
 
+def test_feature_distillation_trains_and_is_logged(tiny_fashion, dense_weights, tmp_path):
+    """loss.feature_distill_weight distils the stage outputs: logged per epoch, nonzero once the
+    pruned student's features differ from its dense start's, the export loads and runs."""
+    import json
+
+    overrides = {"loss": {"feature_distill_weight": 1.0}}
+    result = prune_tiny(tmp_path / "run", tiny_fashion, weights=dense_weights, overrides=overrides)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(epoch["train_feature_distill"] > 0.0 for epoch in epochs)
+    model, _ = load_pruned(result.out_dir)  # the export is unaffected by the training-time stage hooks
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+
+
+def test_feature_distillation_names_models_without_stages():
+    from manidp_cli.core.features import stage_names
+    from manidp_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="feature_distill_weight"):
+        stage_names(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    assert stage_names(timm.create_model("resnet18", num_classes=3))[-1] == "layer4"
+
+
 def test_distillation_stops_once_the_student_is_ahead():
     """With teacher_ahead the distillation term is added while the teacher's running accuracy is at
     least the student's, and left out (its value still logged) once the student is ahead."""

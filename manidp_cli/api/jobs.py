@@ -140,7 +140,7 @@ def prepare(
         pretrained=pretrained,
     )
     # the dense start, frozen: the teacher of distillation (loss.distill_weight)
-    teacher = copy.deepcopy(model).eval() if command == "prune" and recipe.loss.distill_weight > 0 else None
+    teacher = copy.deepcopy(model).eval() if command == "prune" and recipe.loss.distils() else None
     gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if command == "prune" else None
     table = count_flops(model, data.input_shape)
     return Job(
@@ -357,10 +357,17 @@ def _objective(job: Job, world: World):
         feedback=feedback,
         layer_scales=layer_scales,
     )
-    if recipe.loss.distill_weight > 0:
+    if recipe.loss.distils():
         teacher = job.teacher.to(world.device)
         loss = recipe.loss
-        return Distilled(objective, teacher, loss.distill_weight, loss.distill_temperature, loss.distill_where)
+        return Distilled(
+            objective,
+            teacher,
+            loss.distill_weight,
+            loss.distill_temperature,
+            loss.distill_where,
+            feature_weight=loss.feature_distill_weight,
+        )
     return objective
 
 

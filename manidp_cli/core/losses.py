@@ -112,6 +112,16 @@ def distillation_loss(
     return (per_image * selected.to(per_image.dtype)).sum() / len(per_image) * t * t
 
 
+def feature_distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over stages of ||student - teacher||^2 / ||teacher||^2 on the batch's stage outputs, in
+    fp32: relative, so that a deep stage with large activations does not outweigh the others."""
+    terms = [
+        (s.float() - t.detach().float()).pow(2).sum() / t.detach().float().pow(2).sum().clamp_min(1e-12)
+        for s, t in zip(student, teacher, strict=True)
+    ]
+    return torch.stack(terms).mean()
+
+
 def teacher_fits_better(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:

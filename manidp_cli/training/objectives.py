@@ -17,9 +17,16 @@ from manidp_cli.config import CodebookConfig
 from manidp_cli.core.calibration import calibrate_thresholds, mean_saliency
 from manidp_cli.core.codebook import build_codebooks
 from manidp_cli.core.distributed import World
+from manidp_cli.core.features import StageTap, stage_names
 from manidp_cli.core.flops import CostTable, dynamic_flops
 from manidp_cli.core.gating import GateSet
-from manidp_cli.core.losses import ManiDPLoss, TeacherLead, distillation_loss, teacher_fits_better
+from manidp_cli.core.losses import (
+    ManiDPLoss,
+    TeacherLead,
+    distillation_loss,
+    feature_distillation_loss,
+    teacher_fits_better,
+)
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.core.schedule import FeedbackThresholds, flops_target
@@ -60,26 +67,46 @@ class Distilled:
     T^2 KL(teacher || student) at ``temperature`` (``core.losses.distillation_loss``), on every image,
     (``where="teacher_better"``) on the images whose true class the teacher fits better, or
     (``where="teacher_ahead"``) on every image of the steps where the teacher's running training
-    accuracy is above the student's (``core.losses.TeacherLead``)."""
+    accuracy is at least the student's (``core.losses.TeacherLead``). With ``feature_weight`` the
+    stage outputs (timm's ``feature_info``) are distilled too (``core.losses.feature_distillation_loss``)."""
 
-    def __init__(self, objective, teacher: nn.Module, weight: float, temperature: float, where: str = "all"):
+    def __init__(
+        self,
+        objective,
+        teacher: nn.Module,
+        weight: float,
+        temperature: float,
+        where: str = "all",
+        feature_weight: float = 0.0,
+    ):
         self.objective = objective
         self.teacher = teacher.eval().requires_grad_(False)
         self.weight = weight
         self.temperature = temperature
         self.where = where
+        self.feature_weight = feature_weight
         self.lead = TeacherLead()
+        self.taps: tuple[StageTap, StageTap] | None = None
 
     def setup(self, model: nn.Module) -> dict[str, float]:
+        if self.feature_weight > 0 and self.taps is None:
+            names = stage_names(model)
+            self.taps = (StageTap(model, names), StageTap(self.teacher, names))
         return self.objective.setup(model)
 
     def epoch_context(self, model: nn.Module):
         return self.objective.epoch_context(model)
 
     def step(self, model, images, targets):
-        logits, terms = self.objective.step(model, images, targets)
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+        for tap in self.taps or ():
+            tap.armed = True
+        try:
+            logits, terms = self.objective.step(model, images, targets)
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        finally:
+            for tap in self.taps or ():
+                tap.armed = False
         selected = teacher_fits_better(logits, teacher_logits, targets) if self.where == "teacher_better" else None
         distill = distillation_loss(logits, teacher_logits, self.temperature, selected)
         weight = self.weight
@@ -91,6 +118,10 @@ class Distilled:
             terms["teacher_lead"] = torch.tensor(self.lead.margin())
         terms["loss"] = terms["loss"] + weight * distill
         terms["distill"] = distill.detach()
+        if self.taps is not None:
+            features = feature_distillation_loss(self.taps[0].take(), self.taps[1].take())
+            terms["loss"] = terms["loss"] + self.feature_weight * features
+            terms["feature_distill"] = features.detach()
         if selected is not None:
             terms["distilled_share"] = selected.float().mean()
         return logits, terms
