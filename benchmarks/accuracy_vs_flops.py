@@ -87,6 +87,8 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "distill_teacher_ahead": ("default.yaml", {"loss": {"distill_where": "teacher_ahead"}}),
     # the stage outputs distilled too: full-width residual streams match the dense teacher's
     "feature_distill": ("default.yaml", {"loss": {"feature_distill_weight": 1.0}}),
+    # distillation fading linearly to nothing over the run
+    "distill_linear": ("default.yaml", {"loss": {"distill_decay": "linear"}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }
@@ -168,7 +170,7 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
 # exactly: left out of the key so that those arms stay current
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
-    r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0)\b.*\n",
+    r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0|distill_decay: none)\b.*\n",
     re.MULTILINE,
 )
 

@@ -143,10 +143,22 @@ class LossConfig(_Section):
         "start, relative squared error per stage; 0: none",
     )
 
+    distill_decay: Literal["none", "linear"] = Field(
+        "none",
+        description="linear: both distillation weights fall linearly to 0 over the run, so that a long "
+        "run ends on the task loss alone",
+    )
+
     def manidp_terms(self) -> dict[str, float | bool]:
         """The keyword arguments of ``ManiDPLoss`` (distillation is added around it)."""
         return self.model_dump(
-            exclude={"distill_weight", "distill_temperature", "distill_where", "feature_distill_weight"}
+            exclude={
+                "distill_weight",
+                "distill_temperature",
+                "distill_where",
+                "feature_distill_weight",
+                "distill_decay",
+            }
         )
 
     def distils(self) -> bool:

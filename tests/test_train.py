@@ -265,6 +265,19 @@ def test_feature_distillation_names_models_without_stages():
     assert stage_names(timm.create_model("resnet18", num_classes=3))[-1] == "layer4"
 
 
+def test_linear_decay_fades_distillation_over_the_run():
+    """distill_decay linear: the term's weight is 1 - the share of steps taken; none keeps it whole."""
+    from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
+
+    images, targets = torch.eye(4), torch.tensor([0, 1, 2, 3])
+    student, teacher = nn.Linear(4, 4), nn.Linear(4, 4)
+    for decay, progress, share in [("linear", 0.0, 1.0), ("linear", 0.75, 0.25), ("none", 0.75, 1.0)]:
+        objective = Distilled(CrossEntropyObjective(), teacher, 2.0, 4.0, decay=decay)
+        objective.set_progress(progress)
+        _, terms = objective.step(student, images, targets)
+        assert float(terms["loss"]) == pytest.approx(float(terms["ce"] + 2.0 * share * terms["distill"]))
+
+
 def test_distillation_stops_once_the_student_is_ahead():
     """With teacher_ahead the distillation term is added while the teacher's running accuracy is at
     least the student's, and left out (its value still logged) once the student is ahead."""

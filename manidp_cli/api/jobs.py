@@ -367,6 +367,7 @@ def _objective(job: Job, world: World):
             loss.distill_temperature,
             loss.distill_where,
             feature_weight=loss.feature_distill_weight,
+            decay=loss.distill_decay,
         )
     return objective
 

@@ -40,6 +40,9 @@ class Objective(Protocol):
 
     def epoch_context(self, model: nn.Module) -> ContextManager: ...
 
+    def set_progress(self, fraction: float) -> None:
+        """Before each step: the share of the run's steps already taken (0 to 1)."""
+
     def step(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -284,6 +287,7 @@ class _Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * group.get("lr_scale", 1.0)
+        self.objective.set_progress(self.position.global_step / max(self.total_steps, 1))
         with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.amp):
             logits, terms = self.objective.step(self.trained, images, targets)
         _check_loss(terms["loss"], self.world, f"epoch {epoch + 1}, step {step + 1}", self.lr, self.checkpoint_path)

@@ -41,6 +41,9 @@ class CrossEntropyObjective:
     def epoch_context(self, model: nn.Module):
         return contextlib.nullcontext()
 
+    def set_progress(self, fraction: float) -> None:
+        pass
+
     def step(self, model, images, targets):
         logits = model(images)
         ce = F.cross_entropy(logits.float(), targets)
@@ -68,7 +71,8 @@ class Distilled:
     (``where="teacher_better"``) on the images whose true class the teacher fits better, or
     (``where="teacher_ahead"``) on every image of the steps where the teacher's running training
     accuracy is at least the student's (``core.losses.TeacherLead``). With ``feature_weight`` the
-    stage outputs (timm's ``feature_info``) are distilled too (``core.losses.feature_distillation_loss``)."""
+    stage outputs (timm's ``feature_info``) are distilled too (``core.losses.feature_distillation_loss``).
+    With ``decay="linear"`` both weights fall linearly to 0 over the run's steps."""
 
     def __init__(
         self,
@@ -78,6 +82,7 @@ class Distilled:
         temperature: float,
         where: str = "all",
         feature_weight: float = 0.0,
+        decay: str = "none",
     ):
         self.objective = objective
         self.teacher = teacher.eval().requires_grad_(False)
@@ -85,19 +90,30 @@ class Distilled:
         self.temperature = temperature
         self.where = where
         self.feature_weight = feature_weight
+        self.decay = decay
+        self.fade = 1.0  # with decay "linear": 1 - the share of the run's steps taken
         self.lead = TeacherLead()
         self.taps: tuple[StageTap, StageTap] | None = None
 
     def setup(self, model: nn.Module) -> dict[str, float]:
-        if self.feature_weight > 0 and self.taps is None:
-            names = stage_names(model)
-            self.taps = (StageTap(model, names), StageTap(self.teacher, names))
         return self.objective.setup(model)
 
     def epoch_context(self, model: nn.Module):
         return self.objective.epoch_context(model)
 
+    def set_progress(self, fraction: float) -> None:
+        self.fade = 1.0 - fraction if self.decay == "linear" else 1.0
+        self.objective.set_progress(fraction)
+
+    def _tap_stages(self, model: nn.Module) -> None:
+        """Hooks on the student's and the teacher's stage outputs, on the first step (fresh or resumed)."""
+        if self.feature_weight > 0 and self.taps is None:
+            student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            names = stage_names(student)
+            self.taps = (StageTap(student, names), StageTap(self.teacher, names))
+
     def step(self, model, images, targets):
+        self._tap_stages(model)
         for tap in self.taps or ():
             tap.armed = True
         try:
@@ -109,7 +125,7 @@ class Distilled:
                 tap.armed = False
         selected = teacher_fits_better(logits, teacher_logits, targets) if self.where == "teacher_better" else None
         distill = distillation_loss(logits, teacher_logits, self.temperature, selected)
-        weight = self.weight
+        weight = self.weight * self.fade
         if self.where == "teacher_ahead":
             self.lead.update(logits, teacher_logits, targets)
             ahead = self.lead.teacher_ahead()
@@ -120,7 +136,7 @@ class Distilled:
         terms["distill"] = distill.detach()
         if self.taps is not None:
             features = feature_distillation_loss(self.taps[0].take(), self.taps[1].take())
-            terms["loss"] = terms["loss"] + self.feature_weight * features
+            terms["loss"] = terms["loss"] + self.feature_weight * self.fade * features
             terms["feature_distill"] = features.detach()
         if selected is not None:
             terms["distilled_share"] = selected.float().mean()
@@ -234,6 +250,9 @@ class ManiDPObjective:
                 yield
             finally:
                 self._recorder = None
+
+    def set_progress(self, fraction: float) -> None:
+        pass  # the thresholds follow epochs and the measured FLOPs, not the step count
 
     def step(self, model, images, targets):
         rec = self._recorder
