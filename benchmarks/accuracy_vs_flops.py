@@ -88,6 +88,7 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     # the stage outputs distilled too: full-width residual streams match the dense teacher's
     "feature_distill": ("default.yaml", {"loss": {"feature_distill_weight": 1.0}}),
     "feature_distill5": ("default.yaml", {"loss": {"feature_distill_weight": 5.0}}),
+    "feature_distill20": ("default.yaml", {"loss": {"feature_distill_weight": 20.0}}),
     # distillation fading linearly to nothing over the run
     "distill_linear": ("default.yaml", {"loss": {"distill_decay": "linear"}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
