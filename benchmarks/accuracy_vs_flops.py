@@ -42,10 +42,11 @@ import torch
 from manidp_cli.analysis.evaluation import evaluate
 from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
 from manidp_cli.config import OptimizerConfig
+from manidp_cli.core.features import stage_names
 from manidp_cli.data import load_data
 from manidp_cli.files import atomic_write_text
 from manidp_cli.models.factory import create_model
-from manidp_cli.runtime.static_l1 import static_l1
+from manidp_cli.runtime.static_l1 import stage_channels, static_l1
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
@@ -95,8 +96,9 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
-STATIC_ARMS = ("static", "static_kd")
+STATIC_ARMS = ("static", "static_kd", "static_fkd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
+FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_distill5 arm
 MAIN_ARMS = ("manidp", "static", "static_kd")
 DEFAULT_LR = 0.05  # 3 seeds in every cell
 
@@ -198,6 +200,8 @@ def arm_key(spec: dict, args) -> str:
         settings["recipe"] = _recipe_identity(RECIPES / recipe) + json.dumps(hashed, sort_keys=True)
     if spec["arm"] == "static_kd":
         settings["distill"] = DISTILL
+    if spec["arm"] == "static_fkd":
+        settings["distill"] = {**DISTILL, "features": FEATURE_DISTILL}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{spec['arm']}-t{spec['target']}-b{spec['budget']}-s{spec['seed']}-{digest}"
 
@@ -264,9 +268,14 @@ def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
     baseline = static_l1(model, spec["target"], data.input_shape)
     model, flops = baseline.model, baseline.flops_ratio
     objective = CrossEntropyObjective()
-    if spec["arm"] == "static_kd":
+    if spec["arm"] in ("static_kd", "static_fkd"):
         teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-        objective = Distilled(objective, teacher, DISTILL["weight"], DISTILL["temperature"])
+        features = {}
+        if spec["arm"] == "static_fkd":  # the stage outputs too, on the channels the slimmed stages keep
+            names = stage_names(teacher)
+            channels = stage_channels(teacher, baseline.pruning_ratio, data.input_shape, names)
+            features = {"feature_weight": FEATURE_DISTILL, "teacher_stage_channels": channels}
+        objective = Distilled(objective, teacher, DISTILL["weight"], DISTILL["temperature"], **features)
     _fine_tune(model, data, objective, args, spec, out)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": flops, "spearman_loss_flops": None, "gram_correlation": None}
@@ -366,7 +375,7 @@ def summarise(args, rows: list[dict], dense_history: list[dict], wall: float) ->
     for budget in sorted({r["budget"] for r in arms}):
         for target in sorted({r["target"] for r in arms if r["arm"] == "manidp"}, reverse=True):
             mine = cells.get(f"manidp|{budget}|{target}")
-            statics = [cells[k] for k in (f"static|{budget}|{target}", f"static_kd|{budget}|{target}") if k in cells]
+            statics = [cells[k] for k in (f"{arm}|{budget}|{target}" for arm in STATIC_ARMS) if k in cells]
             if mine and statics:
                 best = max(statics, key=lambda s: s["mean"])
                 sd = max(s["stdev"] or 0.0 for s in (mine, best))

@@ -12,7 +12,7 @@ from manidp_cli.analysis.bench import VariantTiming, recommendation
 from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.core.flops import count_flops
 from manidp_cli.errors import ManidpError, TargetError
-from manidp_cli.runtime.static_l1 import static_l1
+from manidp_cli.runtime.static_l1 import stage_channels, static_l1
 
 SHAPE = (1, 32, 32)
 
@@ -35,6 +35,29 @@ def test_static_l1_meets_its_target_and_removes_residual_channels(resnet, target
     assert baseline.model.fc.out_features == 10  # the classifier keeps its classes
     assert baseline.model(torch.randn(2, *SHAPE)).shape == (2, 10)
     assert all(torch.equal(v, before[k]) for k, v in resnet.state_dict().items())  # the input is left alone
+
+
+def test_stage_channels_name_the_dense_channels_each_slimmed_stage_keeps(resnet):
+    """The stem reads the unpruned input, so right after pruning its output is the dense stem's at
+    the kept channels, exactly; every stage's channel list is as wide as its slimmed output."""
+    baseline = static_l1(resnet, 0.45, SHAPE)
+    names = ["act1", "layer1", "layer4"]
+    channels = stage_channels(resnet, baseline.pruning_ratio, SHAPE, names)
+    outputs, handles = {}, []
+    for model, tag in ((resnet, "dense"), (baseline.model, "slim")):
+        for name in names:
+            handles.append(
+                model.get_submodule(name).register_forward_hook(
+                    lambda m, a, out, key=(tag, name): outputs.__setitem__(key, out)
+                )
+            )
+        model(torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(1)))
+    for handle in handles:  # the dense model is shared with the other tests
+        handle.remove()
+    assert [len(c) for c in channels] == [outputs["slim", name].shape[1] for name in names]
+    assert all(len(c) < outputs["dense", name].shape[1] for c, name in zip(channels, names))
+    torch.testing.assert_close(outputs["slim", "act1"], outputs["dense", "act1"][:, channels[0]])
+    assert torch.equal(channels[1], channels[1].sort().values)  # Torch-Pruning keeps the channel order
 
 
 def test_static_l1_refuses_a_target_outside_0_1(resnet):

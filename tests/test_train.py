@@ -265,6 +265,36 @@ def test_feature_distillation_names_models_without_stages():
     assert stage_names(timm.create_model("resnet18", num_classes=3))[-1] == "layer4"
 
 
+def test_feature_distillation_of_a_slimmed_student_compares_its_kept_channels():
+    """teacher_stage_channels: a narrower student's stage is compared with those teacher channels."""
+    from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
+
+    class Net(nn.Module):
+        def __init__(self, channels: list[int]):
+            super().__init__()
+            self.stem = nn.Conv2d(1, len(channels), 1, bias=False)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(len(channels) * 4, 3))
+            self.feature_info = [{"module": "stem", "num_chs": len(channels), "reduction": 1}]
+            with torch.no_grad():
+                self.stem.weight.copy_(torch.tensor(channels, dtype=torch.float32).view(-1, 1, 1, 1) + 1)
+
+        def forward(self, x):
+            return self.head(self.stem(x))
+
+    teacher, student = Net([0, 1, 2]), Net([0, 2])
+    images, targets = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 2, 0])
+    kept = Distilled(
+        CrossEntropyObjective(), teacher, 1.0, 4.0, feature_weight=1.0, teacher_stage_channels=[torch.tensor([0, 2])]
+    )
+    _, terms = kept.step(student, images, targets)
+    assert float(terms["feature_distill"]) == 0.0
+    other = Distilled(
+        CrossEntropyObjective(), teacher, 1.0, 4.0, feature_weight=1.0, teacher_stage_channels=[torch.tensor([0, 1])]
+    )
+    _, terms = other.step(student, images, targets)
+    assert float(terms["feature_distill"]) > 0.0
+
+
 def test_linear_decay_fades_distillation_over_the_run():
     """distill_decay linear: the term's weight is 1 - the share of steps taken; none keeps it whole."""
     from manidp_cli.training.objectives import CrossEntropyObjective, Distilled

@@ -70,6 +70,32 @@ def _pruned_at(model: nn.Module, ratio: float, input_shape, tp: ModuleType) -> n
     return candidate
 
 
+def stage_channels(
+    model: nn.Module, pruning_ratio: float, input_shape: tuple[int, int, int], names: list[str]
+) -> list[torch.Tensor]:
+    """Which of ``model``'s channels each named stage output keeps after pruning at ``pruning_ratio``
+    (a ``StaticL1.pruning_ratio``): what feature distillation compares a slimmed stage with.
+
+    Every BatchNorm's running mean is overwritten with its channel numbers in a copy, the copy is
+    pruned the same way (L1 importance does not read running statistics), and the numbers that
+    survive in the last BatchNorm at or before each stage's end are that stage's channels."""
+    marked = copy.deepcopy(model)
+    norms = [m for m in marked.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.running_mean = torch.arange(norm.num_features, dtype=torch.float32)
+    pruned = _pruned_at(marked, pruning_ratio, input_shape, require_torch_pruning())
+    order = {module: position for position, (_, module) in enumerate(pruned.named_modules())}
+    ends = [max(order[m] for m in pruned.get_submodule(name).modules()) for name in names]
+    norm_positions = sorted((order[m], m) for m in pruned.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    channels = []
+    for name, end in zip(names, ends, strict=True):
+        before = [norm for position, norm in norm_positions if position <= end]
+        if not before:
+            raise ManidpError(f"no BatchNorm at or before stage {name!r}: its kept channels are unknown")
+        channels.append(before[-1].running_mean.round().long())
+    return channels
+
+
 def static_l1(model: nn.Module, target: float, input_shape: tuple[int, int, int]) -> StaticL1:
     """``model`` (left unchanged) pruned by Torch-Pruning's L1 importance to the FLOPs ratio nearest
     ``target`` that a bisection of the group ratio finds."""

@@ -83,6 +83,7 @@ class Distilled:
         where: str = "all",
         feature_weight: float = 0.0,
         decay: str = "none",
+        teacher_stage_channels: list[torch.Tensor] | None = None,
     ):
         self.objective = objective
         self.teacher = teacher.eval().requires_grad_(False)
@@ -91,6 +92,8 @@ class Distilled:
         self.where = where
         self.feature_weight = feature_weight
         self.decay = decay
+        # a statically slimmed student's stages keep some of the teacher's channels: compare those
+        self.teacher_stage_channels = teacher_stage_channels
         self.fade = 1.0  # with decay "linear": 1 - the share of the run's steps taken
         self.lead = TeacherLead()
         self.taps: tuple[StageTap, StageTap] | None = None
@@ -135,7 +138,13 @@ class Distilled:
         terms["loss"] = terms["loss"] + weight * distill
         terms["distill"] = distill.detach()
         if self.taps is not None:
-            features = feature_distillation_loss(self.taps[0].take(), self.taps[1].take())
+            teacher_features = self.taps[1].take()
+            if self.teacher_stage_channels is not None:
+                teacher_features = [
+                    t.index_select(1, c.to(t.device))
+                    for t, c in zip(teacher_features, self.teacher_stage_channels, strict=True)
+                ]
+            features = feature_distillation_loss(self.taps[0].take(), teacher_features)
             terms["loss"] = terms["loss"] + self.feature_weight * self.fade * features
             terms["feature_distill"] = features.detach()
         if selected is not None:
