@@ -113,7 +113,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budgets", type=int, nargs="+", default=[18000, 180000], help="fine-tuning images")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main arms")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0], help="seeds of the other arms")
-    parser.add_argument("--arms", nargs="+", default=["dense", *MAIN_ARMS, "paper", "no_similarity", "no_complexity"])
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=["dense", *MAIN_ARMS, "paper", "no_similarity", "no_complexity"],
+        choices=sorted({"dense", *MANIDP_ARMS, *STATIC_ARMS}),
+        metavar="ARM",
+    )
     parser.add_argument("--dense-epochs", type=int, default=3)
     parser.add_argument("--dense-images", type=int, default=None, help="images per dense epoch (default: all)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
@@ -153,7 +159,8 @@ def plan(args) -> list[dict]:
     specs = []
     for budget in sorted(args.budgets):
         targets = sorted(args.targets, key=lambda t: abs(t - 0.3))  # 0.30 first: the key cell
-        specs += _specs([a for a in MAIN_ARMS if a in args.arms], args.seeds, targets, budget)
+        main_seeded = [a for a in (*MAIN_ARMS, *STATIC_ARMS) if a in args.arms]
+        specs += _specs(list(dict.fromkeys(main_seeded)), args.seeds, targets, budget)
         if "dense" in args.arms:
             specs.append({"arm": "dense", "target": 1.0, "seed": 0, "budget": budget})
         specs += _specs([a for a in ABLATION_ARMS if a in args.arms], args.ablation_seeds, targets, budget)
