@@ -124,6 +124,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dense-images", type=int, default=None, help="images per dense epoch (default: all)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--max-arms", type=int, default=None, help="stop after this many new arms")
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="run the selected arms again even when a result is cached (code changed since); the earlier "
+        "result is kept under <work>/replaced/",
+    )
     parser.add_argument("--quick", action="store_true", help="one target, one seed, small budgets")
     parser.add_argument("--report-only", action="store_true", help="rebuild JSON, plot and table from finished arms")
     args = parser.parse_args()
@@ -481,6 +487,13 @@ def _table(done: list[dict], title: str) -> None:
         )
 
 
+def _set_aside(result: Path, replaced: Path) -> None:
+    """--rerun: keep the earlier result of an arm under ``replaced/``, numbered, and forget it here."""
+    replaced.mkdir(parents=True, exist_ok=True)
+    number = sum(1 for _ in replaced.glob(f"{result.stem}.*.json"))
+    result.rename(replaced / f"{result.stem}.{number}.json")
+
+
 def main() -> None:
     try:
         run_plan(parse_args())
@@ -498,8 +511,12 @@ def run_plan(args: argparse.Namespace) -> None:
     new = 0
     for spec in [] if args.report_only else plan(args):
         key = arm_key(spec, args)
-        if (folder / f"{key}.json").exists() or (args.max_arms is not None and new >= args.max_arms):
+        if args.max_arms is not None and new >= args.max_arms:
             continue
+        if (folder / f"{key}.json").exists():
+            if not args.rerun:
+                continue
+            _set_aside(folder / f"{key}.json", args.work / "replaced")
         out = args.work / "runs" / key
         if not (out / CHECKPOINT_FILE).is_file():  # a checkpoint: the arm stopped part-way, resume it
             shutil.rmtree(out, ignore_errors=True)
