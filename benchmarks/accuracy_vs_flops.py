@@ -517,6 +517,7 @@ def run_plan(args: argparse.Namespace) -> None:
             if not args.rerun:
                 continue
             _set_aside(folder / f"{key}.json", args.work / "replaced")
+            shutil.rmtree(args.work / "runs" / key, ignore_errors=True)  # its final checkpoint would "resume"
         out = args.work / "runs" / key
         if not (out / CHECKPOINT_FILE).is_file():  # a checkpoint: the arm stopped part-way, resume it
             shutil.rmtree(out, ignore_errors=True)
