@@ -11,6 +11,8 @@ Nesterov, cosine learning rate from ``--lr``. Arms:
   (``manidp_cli.runtime.static_l1``: one ratio for every group, bisected; classifier kept), then
   the same fine-tune with cross-entropy; ``static_kd``: the same fine-tune
   with the default's distillation (weight 1, T = 4), so that the comparison stays fair;
+  ``static_fkd``: ``static_kd`` plus distillation of the stage outputs (weight 5, the
+  ``feature_distill5`` arm's) on the teacher channels each slimmed stage keeps;
 - ``dense``: the start fine-tuned without pruning, the ceiling.
 
 FLOPs are honest for every arm: fvcore on the slimmed model (static), manidp's count with the gates'
