@@ -49,17 +49,26 @@ def test_export_round_trip_rebuilds_the_same_model(pruned, tiny_fashion):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-def test_interrupted_run_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path):
-    straight = prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights)
+@pytest.mark.parametrize(
+    "overrides",
+    [None, {"loss": {"feature_distill_weight": 1.0, "distill_decay": "linear"}}],
+    ids=["default", "stage_distillation_decayed"],
+)
+def test_interrupted_run_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path, overrides):
+    """Also with stage-output distillation, whose hooks a resumed run must set up again, and a
+    distillation weight that depends on the step."""
+    straight = prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights, overrides=overrides)
     stops = {"n": 0}
 
     def stop_mid_second_epoch(info):
         stops["n"] += 1
         return info.epoch == 1 and info.step == 2
 
-    interrupted = prune_tiny(tmp_path / "resumed", tiny_fashion, weights=dense_weights, on_step=stop_mid_second_epoch)
+    interrupted = prune_tiny(
+        tmp_path / "resumed", tiny_fashion, weights=dense_weights, on_step=stop_mid_second_epoch, overrides=overrides
+    )
     assert interrupted.interrupted and not (tmp_path / "resumed" / "model.safetensors").exists()
-    resumed = prune_tiny(tmp_path / "resumed", tiny_fashion, resume=True)
+    resumed = prune_tiny(tmp_path / "resumed", tiny_fashion, resume=True, overrides=overrides)
     assert not resumed.interrupted
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
