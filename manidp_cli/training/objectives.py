@@ -138,13 +138,7 @@ class Distilled:
         terms["loss"] = terms["loss"] + weight * distill
         terms["distill"] = distill.detach()
         if self.taps is not None:
-            teacher_features = self.taps[1].take()
-            if self.teacher_stage_channels is not None:
-                teacher_features = [
-                    t.index_select(1, c.to(t.device))
-                    for t, c in zip(teacher_features, self.teacher_stage_channels, strict=True)
-                ]
-            features = feature_distillation_loss(self.taps[0].take(), teacher_features)
+            features = self._stage_distillation()
             terms["loss"] = terms["loss"] + self.feature_weight * self.fade * features
             terms["feature_distill"] = features.detach()
         if selected is not None:
@@ -153,6 +147,14 @@ class Distilled:
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
         return self.objective.end_epoch(model, epoch)
+
+    def _stage_distillation(self) -> torch.Tensor:
+        """The stage-output term of the step just taken, on the kept teacher channels if given."""
+        student, teacher = self.taps[0].take(), self.taps[1].take()
+        if self.teacher_stage_channels is not None:
+            pairs = zip(teacher, self.teacher_stage_channels, strict=True)
+            teacher = [t.index_select(1, c.to(t.device)) for t, c in pairs]
+        return feature_distillation_loss(student, teacher)
 
     def state_dict(self) -> dict[str, Any]:
         return {"objective": self.objective.state_dict(), "lead": self.lead.state_dict()}
