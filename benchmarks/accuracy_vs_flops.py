@@ -447,7 +447,12 @@ def plot(summary: dict, path: Path) -> None:
         1, max(1, len(budgets)), figsize=(7 * max(1, len(budgets)), 5), layout="constrained", squeeze=False
     )
     for ax, budget in zip(axes[0], budgets):
-        arms = sorted({r["arm"] for r in summary["arms"] if r["budget"] == budget and r["arm"] != "dense"})
+        # curves only: an arm measured at one target is a candidate, reported in the tables
+        targets = {}
+        for r in summary["arms"]:
+            if r["budget"] == budget and r["arm"] != "dense":
+                targets.setdefault(r["arm"], set()).add(r["target"])
+        arms = sorted(arm for arm, measured in targets.items() if len(measured) >= 2)
         for arm in arms:
             points = sorted(
                 (cell["flops_ratio_mean"], 100 * cell["mean"], 100 * (cell["stdev"] or 0.0))
@@ -468,7 +473,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_xlabel("mean FLOPs / dense FLOPs (honest count, gates included)")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{summary['model']} on {summary['data']}, fine-tune {budget:,} images")
-        ax.legend()
+        ax.legend(fontsize="small", loc="lower right")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
