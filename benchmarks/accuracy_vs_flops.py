@@ -167,8 +167,7 @@ def plan(args) -> list[dict]:
     specs = []
     for budget in sorted(args.budgets):
         targets = sorted(args.targets, key=lambda t: abs(t - 0.3))  # 0.30 first: the key cell
-        main_seeded = [a for a in (*MAIN_ARMS, *STATIC_ARMS) if a in args.arms]
-        specs += _specs(list(dict.fromkeys(main_seeded)), args.seeds, targets, budget)
+        specs += _specs([a for a in ("manidp", *STATIC_ARMS) if a in args.arms], args.seeds, targets, budget)
         if "dense" in args.arms:
             specs.append({"arm": "dense", "target": 1.0, "seed": 0, "budget": budget})
         specs += _specs([a for a in ABLATION_ARMS if a in args.arms], args.ablation_seeds, targets, budget)

@@ -32,7 +32,8 @@ class StageTap:
         self.names = names
         self.outputs: dict[str, torch.Tensor] = {}
         self.armed = False
-        self._handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in names]
+        for name in names:
+            model.get_submodule(name).register_forward_hook(self._hook(name))
 
     def _hook(self, name: str):
         def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -49,7 +50,3 @@ class StageTap:
         outputs = [self.outputs[name] for name in self.names]
         self.outputs = {}
         return outputs
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()

@@ -115,10 +115,10 @@ def distillation_loss(
 def feature_distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """Mean over stages of ||student - teacher||^2 / ||teacher||^2 on the batch's stage outputs, in
     fp32: relative, so that a deep stage with large activations does not outweigh the others."""
-    terms = [
-        (s.float() - t.detach().float()).pow(2).sum() / t.detach().float().pow(2).sum().clamp_min(1e-12)
-        for s, t in zip(student, teacher, strict=True)
-    ]
+    terms = []
+    for s, t in zip(student, teacher, strict=True):
+        t = t.detach().float()
+        terms.append((s.float() - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
     return torch.stack(terms).mean()
 
 

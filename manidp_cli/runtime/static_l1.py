@@ -19,6 +19,7 @@ from types import ModuleType
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from manidp_cli.core.flops import count_flops
 from manidp_cli.errors import ManidpError, TargetError
@@ -80,19 +81,19 @@ def stage_channels(
     pruned the same way (L1 importance does not read running statistics), and the numbers that
     survive in the last BatchNorm at or before each stage's end are that stage's channels."""
     marked = copy.deepcopy(model)
-    norms = [m for m in marked.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.running_mean = torch.arange(norm.num_features, dtype=torch.float32)
+    for norm in marked.modules():
+        if isinstance(norm, _BatchNorm):
+            norm.running_mean = torch.arange(norm.num_features, dtype=torch.float32)
     pruned = _pruned_at(marked, pruning_ratio, input_shape, require_torch_pruning())
-    order = {module: position for position, (_, module) in enumerate(pruned.named_modules())}
-    ends = [max(order[m] for m in pruned.get_submodule(name).modules()) for name in names]
-    norm_positions = sorted((order[m], m) for m in pruned.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    in_order = [module for _, module in pruned.named_modules()]
     channels = []
-    for name, end in zip(names, ends, strict=True):
-        before = [norm for position, norm in norm_positions if position <= end]
-        if not before:
+    for name in names:
+        inside = set(pruned.get_submodule(name).modules())
+        end = max(position for position, module in enumerate(in_order) if module in inside)
+        norms = [module for module in in_order[: end + 1] if isinstance(module, _BatchNorm)]
+        if not norms:
             raise ManidpError(f"no BatchNorm at or before stage {name!r}: its kept channels are unknown")
-        channels.append(before[-1].running_mean.round().long())
+        channels.append(norms[-1].running_mean.round().long())
     return channels
 
 
