@@ -20,7 +20,9 @@ own cost included (dynamic; docs/gating.md). Each finished arm is written to
 ``<work>/arms/<key>.json`` (key = every setting of the arm), so an interrupted run resumes; an arm
 stopped part-way (Ctrl-C) continues from ``<work>/runs/<key>/checkpoint.pt``; arms run in order of
 importance (``plan``). The summary JSON, plot and table are rebuilt from whatever has
-finished. Needs Debian's dataset-fashion-mnist and ``pip install torch-pruning``::
+finished; in a fresh checkout the arms of the committed summary are put back in the cache first
+(``restore_cache``), once the dense start, retrained, is shown to be the same. Needs Debian's
+dataset-fashion-mnist and ``pip install torch-pruning``::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py            # everything (many hours)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/accuracy_vs_flops.py --budgets 18000 --targets 0.3
@@ -382,7 +384,7 @@ def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dic
     return current, other_lr, superseded
 
 
-def summarise(args, rows: list[dict], dense_history: list[dict], wall: float) -> dict:
+def summarise(args, rows: list[dict], dense_history: list[dict], dense_sha256: str, wall: float) -> dict:
     arms, other_lr, superseded = split_rows(args, rows)
     cells = {f"{arm}|{budget}|{target}": _stats(rows) for (arm, budget, target), rows in _cells(arms).items()}
     verdicts = []
@@ -424,6 +426,9 @@ def summarise(args, rows: list[dict], dense_history: list[dict], wall: float) ->
         "dense_start": {
             "epochs": len(dense_history),
             "eval_top1_per_epoch": [h.get("eval_top1") for h in dense_history],
+            # float kernels differ between CPUs and thread counts: a dense start retrained elsewhere is
+            # another start, and its arms are not comparable with these (restore_cache checks)
+            "sha256": dense_sha256,
         },
         "arms": arms,
         "cells": cells,
@@ -508,11 +513,40 @@ def main() -> None:
         raise SystemExit(130) from None
 
 
+def restore_cache(args, folder: Path, dense_history: list[dict], dense_sha256: str) -> int:
+    """Rows of the committed summary (``--out``) whose arm file is missing are written back to the
+    cache, so that a fresh checkout (``runs/`` is not committed) keeps every arm measured so far instead
+    of rebuilding the summary from the new ones alone. Only when the dense start just trained
+    is the one those arms started from (the same weights; for summaries written before the weights'
+    digest was kept, the same evaluation after every epoch)."""
+    if not args.out.is_file():
+        return 0
+    summary = json.loads(args.out.read_text())
+    theirs = summary["dense_start"].get("sha256") or summary["dense_start"]["eval_top1_per_epoch"]
+    ours = dense_sha256 if "sha256" in summary["dense_start"] else [h.get("eval_top1") for h in dense_history]
+    if theirs != ours:
+        raise SystemExit(
+            f"error: {args.out} was measured from another dense start ({theirs}; this one: {ours}): give "
+            "this run its own --work and --out, or move that file aside (its arms cannot be pooled with new ones)"
+        )
+    restored = 0
+    for row in summary["arms"] + summary["other_learning_rates"] + summary["superseded_arms"]:
+        path = folder / f"{row['key']}.json"
+        if not path.exists():
+            atomic_write_text(path, json.dumps(row, indent=1))
+            restored += 1
+    return restored
+
+
 def run_plan(args: argparse.Namespace) -> None:
     folder = args.work / "arms"
     folder.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start, dense_history = dense_start(args)
+    digest = hashlib.sha256(start.read_bytes()).hexdigest()
+    restored = restore_cache(args, folder, dense_history, digest)
+    if restored:
+        print(f"restored {restored} finished arms from {args.out}", flush=True)
     data = load_data(args.data)
     new = 0
     for spec in [] if args.report_only else plan(args):
@@ -541,7 +575,7 @@ def run_plan(args: argparse.Namespace) -> None:
         new += 1
         print(f"{key:48s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
     done = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    summary = summarise(args, done, dense_history, sum(d["seconds"] for d in done))
+    summary = summarise(args, done, dense_history, digest, sum(d["seconds"] for d in done))
     atomic_write_text(args.out, json.dumps(summary, indent=1))
     plot(summary, args.plot)
     _table(summary["arms"], "current arms")
