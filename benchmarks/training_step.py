@@ -1,5 +1,6 @@
 """Training cost: one fine-tuning step of ``manidp prune`` (the default recipe) against a dense step
-and the static arms' steps (Torch-Pruning's L1 network, with and without distillation), in one run.
+and the static arms' steps (Torch-Pruning's L1 network, with and without distillation), in one run;
+``manidp_no_distill`` is the same step without distillation, so the teacher's share shows apart.
 
 Every arm trains resnet18 (``in_chans=1``, 10 classes) at batch 128, as the accuracy benchmark does,
 on the same images. The arms take turns, run by run (the order reversed every round), so that a
@@ -128,7 +129,7 @@ def _fit_arm(model, data, objective, args, clock: StepClock) -> None:
 
 def run_arm(arm: str, args, data, weights: Path, work: Path, clock: StepClock) -> None:
     clock.start()
-    if arm == "manidp":
+    if arm in ("manidp", "manidp_no_distill"):
         overrides = {
             "data": args.data,
             "epochs": 1,
@@ -136,6 +137,8 @@ def run_arm(arm: str, args, data, weights: Path, work: Path, clock: StepClock) -
             "train_images": BATCH * args.steps,
             "target_flops": TARGET,
         }
+        if arm == "manidp_no_distill":  # the same step without the teacher's forward pass
+            overrides["loss"] = {"distill_weight": 0.0}
         out = Path(tempfile.mkdtemp(dir=work))
         run(prepare("prune", MODEL, weights=weights, out_dir=out / "run", overrides=overrides), on_step=clock)
         return
@@ -176,6 +179,8 @@ def summarise(args, clocks: dict[str, StepClock], calibration: CalibrationClock,
         "cpu": cpu_info().to_dict(),
         "steps": steps,
         "manidp_step_over_dense": steps["manidp"]["ratio_to_dense"],
+        # what the teacher's forward pass adds, in dense steps: the distillation's share of the step
+        "distillation_over_dense": steps["manidp"]["ratio_to_dense"] - steps["manidp_no_distill"]["ratio_to_dense"],
         "calibration": {
             "before_first_step_s": first,
             "after_last_epoch_s": last,
@@ -191,7 +196,7 @@ def main() -> None:
     started = time.perf_counter()
     calibration = CalibrationClock()
     calibration.install()
-    arms = ["dense", "static", "static_kd", "manidp"]
+    arms = ["dense", "static", "static_kd", "manidp", "manidp_no_distill"]
     clocks = {arm: StepClock(args.skip) for arm in arms}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
