@@ -54,6 +54,7 @@ from manidp_cli.runtime.static_l1 import stage_channels, static_l1
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
+from manidp_cli.training.precision import teacher_dtype
 
 MODEL = "resnet18"
 ROOT = Path(__file__).resolve().parent
@@ -126,6 +127,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--dense-epochs", type=int, default=3)
     parser.add_argument("--dense-images", type=int, default=None, help="images per dense epoch (default: all)")
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=["float32", "bfloat16", "auto"],
+        default="float32",
+        help="the distilling arms' teacher precision (loss.teacher_dtype); float32 keeps the figures of "
+        "every machine comparable",
+    )
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--max-arms", type=int, default=None, help="stop after this many new arms")
     parser.add_argument(
@@ -218,6 +226,8 @@ def arm_key(spec: dict, args) -> str:
         settings["distill"] = DISTILL
     if spec["arm"] == "static_fkd":
         settings["distill"] = {**DISTILL, "features": FEATURE_DISTILL}
+    if args.teacher_dtype != "float32":  # float32: the keys of the arms run before the option existed
+        settings["teacher_dtype"] = args.teacher_dtype
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{spec['arm']}-t{spec['target']}-b{spec['budget']}-s{spec['seed']}-{digest}"
 
@@ -261,6 +271,7 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
         "optimizer": {"lr": args.lr, **changes.get("optimizer", {})},
         "schedule": {"calibration_images": 1024, "search_steps": 16, **changes.get("schedule", {})},
     }
+    overrides["loss"] = {**overrides.get("loss", {}), "teacher_dtype": args.teacher_dtype}
     if (out / CHECKPOINT_FILE).is_file():  # stopped part-way before: continue where it stopped
         job = prepare("prune", MODEL, out_dir=out, resume=True)
     else:
@@ -291,7 +302,10 @@ def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
             names = stage_names(teacher)
             channels = stage_channels(teacher, baseline.pruning_ratio, data.input_shape, names)
             features = {"feature_weight": FEATURE_DISTILL, "teacher_stage_channels": channels}
-        objective = Distilled(objective, teacher, DISTILL["weight"], DISTILL["temperature"], **features)
+        precision = teacher_dtype(args.teacher_dtype, torch.device("cpu"))
+        objective = Distilled(
+            objective, teacher, DISTILL["weight"], DISTILL["temperature"], teacher_dtype=precision, **features
+        )
     _fine_tune(model, data, objective, args, spec, out)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": flops, "spearman_loss_flops": None, "gram_correlation": None}
@@ -422,6 +436,7 @@ def summarise(args, rows: list[dict], dense_history: list[dict], dense_sha256: s
             "batch_size": 128,
             "targets": args.targets,
             "seeds": args.seeds,
+            "teacher_dtype": args.teacher_dtype,
         },
         "dense_start": {
             "epochs": len(dense_history),

@@ -1,6 +1,8 @@
 """Training cost: one fine-tuning step of ``manidp prune`` (the default recipe) against a dense step
 and the static arms' steps (Torch-Pruning's L1 network, with and without distillation), in one run;
-``manidp_no_distill`` is the same step without distillation, so the teacher's share shows apart.
+``manidp_no_distill`` is the same step without distillation, so the teacher's share shows apart, and
+``manidp_teacher_fp32`` the same step with a float32 teacher (the default, ``loss.teacher_dtype:
+auto``, runs it in bf16 where the CPU computes bf16 natively; the static arm's teacher follows it).
 
 Every arm trains resnet18 (``in_chans=1``, 10 classes) at batch 128, as the accuracy benchmark does,
 on the same images. The arms take turns, run by run (the order reversed every round), so that a
@@ -35,11 +37,17 @@ from manidp_cli.models.factory import create_model
 from manidp_cli.runtime.static_l1 import static_l1
 from manidp_cli.training.engine import fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, ManiDPObjective
+from manidp_cli.training.precision import teacher_dtype
 
 ROOT = Path(__file__).resolve().parent
 MODEL = "resnet18"
 BATCH = 128
 TARGET = 0.3
+MANIDP_LOSS = {  # manidp arms -> their loss overrides of the default recipe
+    "manidp": {},
+    "manidp_teacher_fp32": {"teacher_dtype": "float32"},  # what loss.teacher_dtype auto saves, where it is bf16
+    "manidp_no_distill": {"distill_weight": 0.0},  # the same step without the teacher's forward pass
+}
 EPOCH_IMAGES = {"accuracy_benchmark_epoch": 6000, "fashion_mnist_epoch": 60000}
 
 
@@ -129,7 +137,7 @@ def _fit_arm(model, data, objective, args, clock: StepClock) -> None:
 
 def run_arm(arm: str, args, data, weights: Path, work: Path, clock: StepClock) -> None:
     clock.start()
-    if arm in ("manidp", "manidp_no_distill"):
+    if arm in MANIDP_LOSS:
         overrides = {
             "data": args.data,
             "epochs": 1,
@@ -137,8 +145,8 @@ def run_arm(arm: str, args, data, weights: Path, work: Path, clock: StepClock) -
             "train_images": BATCH * args.steps,
             "target_flops": TARGET,
         }
-        if arm == "manidp_no_distill":  # the same step without the teacher's forward pass
-            overrides["loss"] = {"distill_weight": 0.0}
+        if MANIDP_LOSS[arm]:
+            overrides["loss"] = MANIDP_LOSS[arm]
         out = Path(tempfile.mkdtemp(dir=work))
         run(prepare("prune", MODEL, weights=weights, out_dir=out / "run", overrides=overrides), on_step=clock)
         return
@@ -148,7 +156,7 @@ def run_arm(arm: str, args, data, weights: Path, work: Path, clock: StepClock) -
         model = static_l1(model, TARGET, data.input_shape).model
     if arm == "static_kd":
         teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights)
-        objective = Distilled(objective, teacher, 1.0, 4.0)
+        objective = Distilled(objective, teacher, 1.0, 4.0, teacher_dtype=teacher_dtype("auto", torch.device("cpu")))
     _fit_arm(model, data, objective, args, clock)
 
 
@@ -178,6 +186,7 @@ def summarise(args, clocks: dict[str, StepClock], calibration: CalibrationClock,
         "rounds": args.rounds,
         "cpu": cpu_info().to_dict(),
         "steps": steps,
+        "teacher_dtype": str(teacher_dtype("auto", torch.device("cpu"))).removeprefix("torch."),
         "manidp_step_over_dense": steps["manidp"]["ratio_to_dense"],
         # what the teacher's forward pass adds, in dense steps: the distillation's share of the step
         "distillation_over_dense": steps["manidp"]["ratio_to_dense"] - steps["manidp_no_distill"]["ratio_to_dense"],
@@ -196,7 +205,7 @@ def main() -> None:
     started = time.perf_counter()
     calibration = CalibrationClock()
     calibration.install()
-    arms = ["dense", "static", "static_kd", "manidp", "manidp_no_distill"]
+    arms = ["dense", "static", "static_kd", *MANIDP_LOSS]
     clocks = {arm: StepClock(args.skip) for arm in arms}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

@@ -149,6 +149,12 @@ class LossConfig(_Section):
         "run ends on the task loss alone",
     )
 
+    teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="precision of the teacher's forward pass: auto is bfloat16 where the device computes "
+        "it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16), float32 elsewhere",
+    )
+
     def manidp_terms(self) -> dict[str, float | bool]:
         """The keyword arguments of ``ManiDPLoss`` (distillation is added around it)."""
         return self.model_dump(
@@ -158,6 +164,7 @@ class LossConfig(_Section):
                 "distill_where",
                 "feature_distill_weight",
                 "distill_decay",
+                "teacher_dtype",
             }
         )
 

@@ -1,5 +1,7 @@
 """The engine, through the pipeline: a tiny prune run, its export, and exact resume."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -348,3 +350,71 @@ def test_distillation_where_the_teacher_fits_better_is_logged(tiny_fashion, dens
     shares = [epoch["train_distilled_share"] for epoch in epochs]
     assert all(0.0 <= share <= 1.0 for share in shares)
     assert 0.0 < sum(shares)  # the pruned student starts below its teacher on some images
+
+
+def test_a_bf16_teacher_distils_like_a_float32_one():
+    """teacher_dtype bfloat16: the teacher runs under bf16 autocast, channels-last; its logits are
+    float32's to bf16 rounding, so the distillation term is float32's within a few per mille."""
+    from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    student = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    images, targets = torch.randn(8, 1, 32, 32), torch.arange(8)
+    terms = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        objective = Distilled(CrossEntropyObjective(), copy.deepcopy(teacher), 1.0, 4.0, teacher_dtype=dtype)
+        assert objective.teacher_dtype == dtype
+        _, terms[dtype] = objective.step(student, images, targets)
+        assert terms[dtype]["loss"].dtype == torch.float32 and terms[dtype]["loss"].requires_grad
+    first_conv = objective.teacher.conv1.weight
+    assert first_conv.is_contiguous(memory_format=torch.channels_last)
+    assert float(terms[torch.bfloat16]["distill"]) == pytest.approx(float(terms[torch.float32]["distill"]), rel=0.02)
+    assert float(terms[torch.bfloat16]["distill"]) != float(terms[torch.float32]["distill"])  # bf16 did run
+
+
+@pytest.mark.parametrize(
+    ("setting", "native", "cap", "expected"),
+    [
+        ("float32", True, None, torch.float32),
+        ("bfloat16", False, None, torch.bfloat16),
+        ("auto", True, None, torch.bfloat16),
+        ("auto", False, None, torch.float32),
+        ("auto", True, "AVX2", torch.float32),  # oneDNN capped below its bf16 kernels: emulated, slow
+        ("auto", True, "avx512_core_bf16", torch.bfloat16),
+        ("auto", True, "AVX512_CORE_AMX", torch.bfloat16),
+    ],
+)
+def test_teacher_dtype_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, setting, native, cap, expected):
+    from manidp_cli.training import precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert precision.teacher_dtype(setting, torch.device("cpu")) == expected
+
+
+def test_teacher_dtype_auto_on_a_gpu_follows_its_bf16_support(monkeypatch):
+    from manidp_cli.training import precision
+
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert precision.teacher_dtype("auto", torch.device("cuda")) == expected
+
+
+def test_a_prune_run_records_its_teacher_dtype(tiny_fashion, dense_weights, tmp_path):
+    """loss.teacher_dtype is a recipe setting: validated, saved in the run's recipe, and what it
+    resolved to on this machine is in the export's metadata."""
+    from manidp_cli.errors import RecipeError
+
+    overrides = {"loss": {"teacher_dtype": "bfloat16"}}
+    result = prune_tiny(tmp_path / "run", tiny_fashion, weights=dense_weights, overrides=overrides)
+    assert "teacher_dtype: bfloat16" in (tmp_path / "run" / "recipe.yaml").read_text()
+    assert read_metadata(result.out_dir)["setup"]["teacher_bfloat16"] == 1.0
+    with pytest.raises(RecipeError, match="teacher_dtype"):
+        bad = {"loss": {"teacher_dtype": "fp8"}}
+        prepare("prune", "test_resnet", weights=dense_weights, out_dir=tmp_path / "bad", overrides=bad)

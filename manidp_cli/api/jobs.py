@@ -39,6 +39,7 @@ from manidp_cli.models.factory import check_model_name, create_model
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import FitResult, StepInfo, fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, ManiDPObjective
+from manidp_cli.training.precision import teacher_dtype
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Command = Literal["train", "prune"]  # which command a job runs
@@ -368,6 +369,7 @@ def _objective(job: Job, world: World):
             loss.distill_where,
             feature_weight=loss.feature_distill_weight,
             decay=loss.distill_decay,
+            teacher_dtype=teacher_dtype(loss.teacher_dtype, world.device),
         )
     return objective
 

@@ -72,7 +72,9 @@ class Distilled:
     (``where="teacher_ahead"``) on every image of the steps where the teacher's running training
     accuracy is at least the student's (``core.losses.TeacherLead``). With ``feature_weight`` the
     stage outputs (timm's ``feature_info``) are distilled too (``core.losses.feature_distillation_loss``).
-    With ``decay="linear"`` both weights fall linearly to 0 over the run's steps."""
+    With ``decay="linear"`` both weights fall linearly to 0 over the run's steps. With
+    ``teacher_dtype=torch.bfloat16`` the teacher runs under bf16 autocast (``training.precision``),
+    channels-last; the losses compare in float32 either way."""
 
     def __init__(
         self,
@@ -84,9 +86,13 @@ class Distilled:
         feature_weight: float = 0.0,
         decay: str = "none",
         teacher_stage_channels: list[torch.Tensor] | None = None,
+        teacher_dtype: torch.dtype = torch.float32,
     ):
         self.objective = objective
         self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_dtype = teacher_dtype
+        if teacher_dtype == torch.bfloat16:  # oneDNN's bf16 convolutions are fastest channels-last
+            self.teacher.to(memory_format=torch.channels_last)
         self.weight = weight
         self.temperature = temperature
         self.where = where
@@ -99,7 +105,8 @@ class Distilled:
         self.taps: tuple[StageTap, StageTap] | None = None
 
     def setup(self, model: nn.Module) -> dict[str, float]:
-        return self.objective.setup(model)
+        # loss.teacher_dtype auto depends on the machine: the run's report says what it resolved to
+        return {**self.objective.setup(model), "teacher_bfloat16": float(self.teacher_dtype == torch.bfloat16)}
 
     def epoch_context(self, model: nn.Module):
         return self.objective.epoch_context(model)
@@ -121,8 +128,7 @@ class Distilled:
             tap.armed = True
         try:
             logits, terms = self.objective.step(model, images, targets)
-            with torch.no_grad():
-                teacher_logits = self.teacher(images)
+            teacher_logits = self._teacher_logits(images)
         finally:
             for tap in self.taps or ():
                 tap.armed = False
@@ -147,6 +153,15 @@ class Distilled:
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
         return self.objective.end_epoch(model, epoch)
+
+    def _teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        # float32 adds no context of its own: under the engine's --amp autocast it stays bf16 as before
+        if self.teacher_dtype == torch.bfloat16:
+            precision = torch.autocast(images.device.type, dtype=torch.bfloat16)
+        else:
+            precision = contextlib.nullcontext()
+        with torch.no_grad(), precision:
+            return self.teacher(images)
 
     def _stage_distillation(self) -> torch.Tensor:
         """The stage-output term of the step just taken, on the kept teacher channels if given."""
