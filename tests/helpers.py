@@ -155,6 +155,9 @@ PAPER_PROCEDURE = {  # recipes/paper.yaml's departures from the default, as over
     "gates": {"init": "ones"},
 }
 TINY_PRUNE = {
+    # loss.teacher_dtype auto is bf16 on CPUs with AVX512-BF16 or AMX only, which changes a tiny run's
+    # trajectory: pinned, a test's outcome is the same on every CPU (the bf16 teacher has its own tests)
+    "loss": {"teacher_dtype": "float32"},
     "epochs": 2,
     "batch_size": 32,
     "eval_batch_size": 64,
@@ -165,10 +168,12 @@ TINY_PRUNE = {
 
 def prune_tiny(out, data: str, resume: bool = False, overrides=None, **extra):
     """A 2-epoch prune of timm's 'test_resnet' on the tiny Fashion-MNIST folder."""
+    overrides = overrides or {}
+    loss = {**TINY_PRUNE["loss"], **overrides.get("loss", {})}
     job = prepare(
         "prune",
         "test_resnet",
-        overrides={**TINY_PRUNE, "data": data, **(overrides or {})},
+        overrides={**TINY_PRUNE, "data": data, **overrides, "loss": loss},
         out_dir=out,
         weights=extra.pop("weights", None),
         resume=resume,
