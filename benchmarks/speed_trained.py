@@ -65,7 +65,12 @@ def parse_args() -> argparse.Namespace:
 
 def _arm_args(args) -> argparse.Namespace:
     return argparse.Namespace(
-        lr=accuracy.DEFAULT_LR, data="fashion-mnist", dense_epochs=3, dense_images=None, work=args.work
+        lr=accuracy.DEFAULT_LR,
+        data="fashion-mnist",
+        dense_epochs=3,
+        dense_images=None,
+        work=args.work,
+        teacher_dtype="float32",  # the accuracy benchmark's default: the keys of its arms
     )
 
 
