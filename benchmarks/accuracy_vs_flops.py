@@ -537,8 +537,11 @@ def restore_cache(args, folder: Path, dense_history: list[dict], dense_sha256: s
     if not args.out.is_file():
         return 0
     summary = json.loads(args.out.read_text())
-    theirs = summary["dense_start"].get("sha256") or summary["dense_start"]["eval_top1_per_epoch"]
-    ours = dense_sha256 if "sha256" in summary["dense_start"] else [h.get("eval_top1") for h in dense_history]
+    recorded = summary["dense_start"]
+    if "sha256" in recorded:
+        theirs, ours = recorded["sha256"], dense_sha256
+    else:
+        theirs, ours = recorded["eval_top1_per_epoch"], [h.get("eval_top1") for h in dense_history]
     if theirs != ours:
         raise SystemExit(
             f"error: {args.out} was measured from another dense start ({theirs}; this one: {ours}): give "
