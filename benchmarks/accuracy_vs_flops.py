@@ -1,8 +1,8 @@
 """Accuracy vs honest FLOPs on full Fashion-MNIST: manidp against static L1 pruning and ablations.
 
-Every arm starts from one dense resnet18 (in_chans=1, 10 classes) and gets the same optimiser
-budget: 3 epochs of ``budget / 3`` images (a fresh random subset each epoch), batch 128, SGD
-Nesterov, cosine learning rate from ``--lr``. Arms:
+Every arm starts from one dense network (``--model``, resnet18 by default; in_chans=1, 10
+classes) and gets the same optimiser budget: 3 epochs of ``budget / 3`` images (a fresh random
+subset each epoch), batch 128, SGD Nesterov, cosine learning rate from ``--lr``. Arms:
 
 - ``manidp``: the default recipe (recipes/default.yaml); ``paper``: recipes/paper.yaml (method.md's
   procedure); ``no_similarity`` / ``no_complexity``: the default without the similarity term /
@@ -56,7 +56,7 @@ from manidp_cli.training.engine import fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
 from manidp_cli.training.precision import teacher_dtype
 
-MODEL = "resnet18"
+DEFAULT_MODEL = "resnet18"
 ROOT = Path(__file__).resolve().parent
 RECIPES = ROOT.parent / "recipes"
 MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
@@ -108,12 +108,33 @@ MAIN_ARMS = ("manidp", "static", "static_kd")
 DEFAULT_LR = 0.05  # 3 seeds in every cell
 
 
+def _model_suffix(model: str) -> str:
+    return "" if model == DEFAULT_MODEL else f"_{model}"
+
+
+def default_work(model: str) -> Path:
+    """The cache of ``--model``'s arms: resnet18's is the one the committed results came from."""
+    return Path("runs/bench-accuracy-vs-flops" + _model_suffix(model).replace("_", "-"))
+
+
+def default_summary(model: str) -> Path:
+    return ROOT / "results" / f"accuracy_vs_flops{_model_suffix(model)}.json"
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-accuracy-vs-flops"))
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "accuracy_vs_flops.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "results" / "accuracy_vs_flops.png")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="the timm network every arm starts from; another than resnet18 gets its own --work, --out and "
+        "--plot by default (suffixed with its name)",
+    )
+    parser.add_argument("--work", type=Path, default=None, help="default: runs/bench-accuracy-vs-flops[-MODEL]")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/accuracy_vs_flops[_MODEL].json"
+    )
+    parser.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.45, 0.3, 0.15])
     parser.add_argument("--budgets", type=int, nargs="+", default=[18000, 180000], help="fine-tuning images")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main arms")
@@ -145,6 +166,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one target, one seed, small budgets")
     parser.add_argument("--report-only", action="store_true", help="rebuild JSON, plot and table from finished arms")
     args = parser.parse_args()
+    args.work = args.work or default_work(args.model)
+    args.out = args.out or default_summary(args.model)
+    args.plot = args.plot or args.out.with_suffix(".png")
     if args.quick:
         args.targets, args.seeds, args.budgets = [0.45], [0], [3000]
         args.dense_epochs, args.dense_images = 1, 3000
@@ -166,7 +190,7 @@ def dense_start(args) -> tuple[Path, list[dict]]:
             "train_images": args.dense_images,
             "optimizer": {"lr": 0.1},
         }
-        run(prepare("train", MODEL, out_dir=out, overrides=overrides))
+        run(prepare("train", args.model, out_dir=out, overrides=overrides))
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return export, history
 
@@ -228,6 +252,8 @@ def arm_key(spec: dict, args) -> str:
         settings["distill"] = {**DISTILL, "features": FEATURE_DISTILL}
     if args.teacher_dtype != "float32":  # float32: the keys of the arms run before the option existed
         settings["teacher_dtype"] = args.teacher_dtype
+    if args.model != DEFAULT_MODEL:  # likewise
+        settings["model"] = args.model
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{spec['arm']}-t{spec['target']}-b{spec['budget']}-s{spec['seed']}-{digest}"
 
@@ -252,7 +278,7 @@ def _fine_tune(model, data, objective, args, spec, out: Path) -> None:
         train_limit=spec["budget"] // 3,
         checkpoint_path=checkpoint,
         resume_state=resumed,
-        extra_state={"kind": spec["arm"], "recipe": json.dumps(spec), "model": MODEL, "weights": "dense start"},
+        extra_state={"kind": spec["arm"], "recipe": json.dumps(spec), "model": args.model, "weights": "dense start"},
     )
     if fitted.interrupted:
         raise ArmInterrupted(f"{spec['arm']} stopped part-way; {checkpoint} continues it on the next run")
@@ -273,9 +299,10 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
     }
     overrides["loss"] = {**overrides.get("loss", {}), "teacher_dtype": args.teacher_dtype}
     if (out / CHECKPOINT_FILE).is_file():  # stopped part-way before: continue where it stopped
-        job = prepare("prune", MODEL, out_dir=out, resume=True)
+        job = prepare("prune", args.model, out_dir=out, resume=True)
     else:
-        job = prepare("prune", MODEL, recipe_path=RECIPES / recipe, weights=start, out_dir=out, overrides=overrides)
+        recipe_path = RECIPES / recipe
+        job = prepare("prune", args.model, recipe_path=recipe_path, weights=start, out_dir=out, overrides=overrides)
     result = run(job)
     if result.interrupted:
         raise ArmInterrupted(f"{spec['arm']} stopped part-way; {job.checkpoint} continues it on the next run")
@@ -291,12 +318,12 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
 
 def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
     torch.manual_seed(spec["seed"])
-    model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
+    model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
     baseline = static_l1(model, spec["target"], data.input_shape)
     model, flops = baseline.model, baseline.flops_ratio
     objective = CrossEntropyObjective()
     if spec["arm"] in ("static_kd", "static_fkd"):
-        teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
+        teacher = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
         features = {}
         if spec["arm"] == "static_fkd":  # the stage outputs too, on the channels the slimmed stages keep
             names = stage_names(teacher)
@@ -313,7 +340,7 @@ def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
 
 def run_dense_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
     torch.manual_seed(0)
-    model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
+    model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
     _fine_tune(model, data, CrossEntropyObjective(), args, spec, out)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": 1.0, "spearman_loss_flops": None, "gram_correlation": None}
@@ -426,7 +453,7 @@ def summarise(args, rows: list[dict], dense_history: list[dict], dense_sha256: s
     return {
         "iso_accuracy": iso_accuracy(cells),
         "benchmark": "accuracy_vs_flops",
-        "model": MODEL,
+        "model": args.model,
         "data": args.data,
         "settings": {
             "dense_epochs": args.dense_epochs,

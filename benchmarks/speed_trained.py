@@ -1,10 +1,10 @@
 """End-to-end speed of trained models: manidp at iso-accuracy against Torch-Pruning's static networks.
 
-The models are the accuracy benchmark's (benchmarks/accuracy_vs_flops.py: resnet18, full
-Fashion-MNIST, one dense start): the dense start, Torch-Pruning's L1 networks at 0.45 and 0.30 of
-the FLOPs, and the manidp default at the FLOPs where its accuracy matches the best static arm's at
-0.45 (``--iso-target``, an arm of that benchmark), with the default's codebook variant at the same
-target (``codebook4``: 4 keep-sets per layer, gather-free execution) timed beside it. Static
+The models are the accuracy benchmark's (benchmarks/accuracy_vs_flops.py: ``--model``, resnet18
+by default, full Fashion-MNIST, one dense start): the dense start, Torch-Pruning's L1 networks at
+0.45 and 0.30 of the FLOPs, and the manidp default at the FLOPs where its accuracy matches the best
+static arm's at 0.45 (``--iso-target``, an arm of that benchmark), with the default's codebook
+variant at the same target (``codebook4``: 4 keep-sets per layer, gather-free execution) timed beside it. Static
 networks are timed with the dense start's weights pruned by ``static_l1`` (the trained arms'
 architecture exactly; their weights do not change a dense kernel's time); the manidp exports are
 the trained ones, run on real evaluation images (their decisions depend on them). At 224 px the
@@ -47,8 +47,11 @@ STATIC_TARGETS = (0.45, 0.3)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-accuracy-vs-flops"))
-    parser.add_argument("--summary", type=Path, default=ROOT / "results" / "accuracy_vs_flops.json")
+    parser.add_argument(
+        "--model", default=accuracy.DEFAULT_MODEL, help="the accuracy benchmark's --model whose arms are timed"
+    )
+    parser.add_argument("--work", type=Path, default=None, help="default: the accuracy benchmark's for --model")
+    parser.add_argument("--summary", type=Path, default=None, help="default: the accuracy benchmark's for --model")
     parser.add_argument("--budget", type=int, default=18000)
     parser.add_argument("--iso-target", type=float, default=0.39, help="the manidp arms' FLOPs target")
     parser.add_argument(
@@ -59,8 +62,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "speed_trained.json")
-    return parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="default: results/speed_trained[_MODEL].json")
+    args = parser.parse_args()
+    args.work = args.work or accuracy.default_work(args.model)
+    args.summary = args.summary or accuracy.default_summary(args.model)
+    suffix = "" if args.model == accuracy.DEFAULT_MODEL else f"_{args.model}"
+    args.out = args.out or ROOT / "results" / f"speed_trained{suffix}.json"
+    return args
 
 
 def _arm_args(args) -> argparse.Namespace:
@@ -70,6 +78,7 @@ def _arm_args(args) -> argparse.Namespace:
         dense_epochs=3,
         dense_images=None,
         work=args.work,
+        model=args.model,
         teacher_dtype="float32",  # the accuracy benchmark's default: the keys of its arms
     )
 
@@ -170,14 +179,14 @@ def main() -> None:
         sizes[str(size)] = time_size(gated, dense, statics, eval_images, size, args)
         for arm, ratios in sizes[str(size)]["arms"].items():
             print(
-                f"resnet18 {size} px, {arm}: over torch-pruning 0.45, batch-1 latency "
+                f"{args.model} {size} px, {arm}: over torch-pruning 0.45, batch-1 latency "
                 f"{ratios['latency_ratio_vs_torch_pruning']:.2f}x, batch-{args.batch_size} throughput "
                 f"{ratios['throughput_ratio_vs_torch_pruning']:.2f}x",
                 flush=True,
             )
     result = {
         "benchmark": "speed_trained",
-        "model": "resnet18",
+        "model": args.model,
         "data": "fashion-mnist",
         "budget": args.budget,
         "threads": args.threads,
@@ -188,7 +197,7 @@ def main() -> None:
         },
         # the default's figures where a script looks for them; every arm's under "arms"
         "iso_accuracy": {
-            "resnet18": {
+            args.model: {
                 size: {
                     **{k: v for k, v in s["arms"][args.arms[0]].items() if k != "per_run"},
                     "arms": s["arms"],
