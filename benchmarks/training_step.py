@@ -4,8 +4,8 @@ and the static arms' steps (Torch-Pruning's L1 network, with and without distill
 ``manidp_teacher_fp32`` the same step with a float32 teacher (the default, ``loss.teacher_dtype:
 auto``, runs it in bf16 where the CPU computes bf16 natively; the static arm's teacher follows it).
 
-Every arm trains resnet18 (``in_chans=1``, 10 classes) at batch 128, as the accuracy benchmark does,
-on the same images. The arms take turns, run by run (the order reversed every round), so that a
+Every arm trains ``--model`` (resnet18 by default; ``in_chans=1``, 10 classes) at batch 128, as the
+accuracy benchmark does, on the same images. The arms take turns, run by run (the order reversed every round), so that a
 shared machine's drift falls on all of them alike; a step's time is the wall time between two
 step callbacks (the batch's loading included, the same for every arm), the first ``--skip`` steps
 of each run left out. For ``manidp`` the threshold calibrations (before the first step, and after
@@ -40,7 +40,7 @@ from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, Man
 from manidp_cli.training.precision import teacher_dtype
 
 ROOT = Path(__file__).resolve().parent
-MODEL = "resnet18"
+DEFAULT_MODEL = "resnet18"
 BATCH = 128
 TARGET = 0.3
 MANIDP_LOSS = {  # manidp arms -> their loss overrides of the default recipe
@@ -101,13 +101,16 @@ class CalibrationClock:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a timm network")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="steps per run")
     parser.add_argument("--skip", type=int, default=2, help="warm-up steps of each run left out")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "training_step.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/training_step[_MODEL].json")
     parser.add_argument("--quick", action="store_true", help="embedded data, 1 round of 4 steps")
     args = parser.parse_args()
+    suffix = "" if args.model == DEFAULT_MODEL else f"_{args.model}"
+    args.out = args.out or ROOT / "results" / f"training_step{suffix}.json"
     if args.quick:
         args.data, args.rounds, args.steps, args.skip = "embedded", 1, 4, 1
         args.out = args.out.with_name("training_step_quick.json")
@@ -118,7 +121,7 @@ def _dense_weights(args, work: Path) -> Path:
     """A dense start for the pruned arms: one short dense run (its weights only set the arms going)."""
     out = work / "dense-start"
     overrides = {"data": args.data, "epochs": 1, "batch_size": BATCH, "train_images": BATCH * 2}
-    run(prepare("train", MODEL, out_dir=out, overrides=overrides))
+    run(prepare("train", args.model, out_dir=out, overrides=overrides))
     return out / "model.safetensors"
 
 
@@ -148,14 +151,14 @@ def run_arm(arm: str, args, data, weights: Path, work: Path, clock: StepClock) -
         if MANIDP_LOSS[arm]:
             overrides["loss"] = MANIDP_LOSS[arm]
         out = Path(tempfile.mkdtemp(dir=work))
-        run(prepare("prune", MODEL, weights=weights, out_dir=out / "run", overrides=overrides), on_step=clock)
+        run(prepare("prune", args.model, weights=weights, out_dir=out / "run", overrides=overrides), on_step=clock)
         return
-    model = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights)
+    model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights)
     objective = CrossEntropyObjective()
     if arm in ("static", "static_kd"):
         model = static_l1(model, TARGET, data.input_shape).model
     if arm == "static_kd":
-        teacher = create_model(MODEL, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights)
+        teacher = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights)
         objective = Distilled(objective, teacher, 1.0, 4.0, teacher_dtype=teacher_dtype("auto", torch.device("cpu")))
     _fit_arm(model, data, objective, args, clock)
 
@@ -178,7 +181,7 @@ def summarise(args, clocks: dict[str, StepClock], calibration: CalibrationClock,
     shares = {name: (first + last) / (first + last + step * images / BATCH) for name, images in EPOCH_IMAGES.items()}
     return {
         "benchmark": "training_step",
-        "model": MODEL,
+        "model": args.model,
         "data": args.data,
         "batch_size": BATCH,
         "target_flops": TARGET,
