@@ -99,6 +99,11 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "distill_linear": ("default.yaml", {"loss": {"distill_decay": "linear"}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
     "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
+    # the same with the stage outputs distilled (feature_distill5's loss): for the speed benchmark
+    "codebook4_fd5": (
+        "default.yaml",
+        {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}, "loss": {"feature_distill_weight": 5.0}},
+    ),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd", "static_fkd")
