@@ -113,17 +113,18 @@ MAIN_ARMS = ("manidp", "static", "static_kd")
 DEFAULT_LR = 0.05  # 3 seeds in every cell
 
 
-def _model_suffix(model: str) -> str:
+def model_suffix(model: str) -> str:
+    """What another model than resnet18 appends to the names of its result files."""
     return "" if model == DEFAULT_MODEL else f"_{model}"
 
 
 def default_work(model: str) -> Path:
     """The cache of ``--model``'s arms: resnet18's is the one the committed results came from."""
-    return Path("runs/bench-accuracy-vs-flops" + _model_suffix(model).replace("_", "-"))
+    return Path("runs/bench-accuracy-vs-flops" + model_suffix(model).replace("_", "-"))
 
 
 def default_summary(model: str) -> Path:
-    return ROOT / "results" / f"accuracy_vs_flops{_model_suffix(model)}.json"
+    return ROOT / "results" / f"accuracy_vs_flops{model_suffix(model)}.json"
 
 
 def parse_args() -> argparse.Namespace:

@@ -66,8 +66,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.work = args.work or accuracy.default_work(args.model)
     args.summary = args.summary or accuracy.default_summary(args.model)
-    suffix = "" if args.model == accuracy.DEFAULT_MODEL else f"_{args.model}"
-    args.out = args.out or ROOT / "results" / f"speed_trained{suffix}.json"
+    args.out = args.out or ROOT / "results" / f"speed_trained{accuracy.model_suffix(args.model)}.json"
     return args
 
 

@@ -5,8 +5,8 @@ and the static arms' steps (Torch-Pruning's L1 network, with and without distill
 auto``, runs it in bf16 where the CPU computes bf16 natively; the static arm's teacher follows it).
 
 Every arm trains ``--model`` (resnet18 by default; ``in_chans=1``, 10 classes) at batch 128, as the
-accuracy benchmark does, on the same images. The arms take turns, run by run (the order reversed every round), so that a
-shared machine's drift falls on all of them alike; a step's time is the wall time between two
+accuracy benchmark does, on the same images. The arms take turns, run by run (the order reversed
+every round), so that a shared machine's drift falls on all of them alike; a step's time is the wall time between two
 step callbacks (the batch's loading included, the same for every arm), the first ``--skip`` steps
 of each run left out. For ``manidp`` the threshold calibrations (before the first step, and after
 the last epoch) are timed apart, and their share of an epoch is given for the accuracy benchmark's
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,9 @@ from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, Man
 from manidp_cli.training.precision import teacher_dtype
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = "resnet18"
+sys.path.insert(0, str(ROOT))
+import accuracy_vs_flops as accuracy  # noqa: E402 - the sibling benchmark names the default model and its files
+
 BATCH = 128
 TARGET = 0.3
 MANIDP_LOSS = {  # manidp arms -> their loss overrides of the default recipe
@@ -101,7 +104,7 @@ class CalibrationClock:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a timm network")
+    parser.add_argument("--model", default=accuracy.DEFAULT_MODEL, help="a timm network")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="steps per run")
@@ -109,8 +112,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="default: results/training_step[_MODEL].json")
     parser.add_argument("--quick", action="store_true", help="embedded data, 1 round of 4 steps")
     args = parser.parse_args()
-    suffix = "" if args.model == DEFAULT_MODEL else f"_{args.model}"
-    args.out = args.out or ROOT / "results" / f"training_step{suffix}.json"
+    args.out = args.out or ROOT / "results" / f"training_step{accuracy.model_suffix(args.model)}.json"
     if args.quick:
         args.data, args.rounds, args.steps, args.skip = "embedded", 1, 4, 1
         args.out = args.out.with_name("training_step_quick.json")
