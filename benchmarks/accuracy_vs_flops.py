@@ -59,6 +59,7 @@ from manidp_cli.training.precision import teacher_dtype
 DEFAULT_MODEL = "resnet18"
 ROOT = Path(__file__).resolve().parent
 RECIPES = ROOT.parent / "recipes"
+CODEBOOK4 = {"entries": 4, "channel_multiple": 16, "epochs": 1, "fit_widths": True}
 MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "manidp": ("default.yaml", {}),
     "paper": ("paper.yaml", {}),
@@ -98,12 +99,10 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     # distillation fading linearly to nothing over the run
     "distill_linear": ("default.yaml", {"loss": {"distill_decay": "linear"}}),
     # gather-free execution (docs/speed.md): 4 keep-sets per layer, learned for the last epoch
-    "codebook4": ("default.yaml", {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}}),
+    # (fit_widths named, although the recipe's default: the arms run before it existed rounded only)
+    "codebook4": ("default.yaml", {"codebook": CODEBOOK4}),
     # the same with the stage outputs distilled (feature_distill5's loss): for the speed benchmark
-    "codebook4_fd5": (
-        "default.yaml",
-        {"codebook": {"entries": 4, "channel_multiple": 16, "epochs": 1}, "loss": {"feature_distill_weight": 5.0}},
-    ),
+    "codebook4_fd5": ("default.yaml", {"codebook": CODEBOOK4, "loss": {"feature_distill_weight": 5.0}}),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd", "static_fkd")
@@ -228,7 +227,7 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
 # exactly: left out of the key so that those arms stay current
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
-    r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0|distill_decay: none)\b.*\n",
+    r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0|distill_decay: none|fit_widths: true)\b.*\n",
     re.MULTILINE,
 )
 

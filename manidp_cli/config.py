@@ -85,6 +85,11 @@ class CodebookConfig(BaseModel):
     channel_multiple: int = Field(8, ge=1, description="entry widths are rounded to a multiple of this")
     epochs: int = Field(1, ge=1, description="final epochs trained with the codebook")
     iterations: int = Field(20, ge=1, description="assignment/update rounds of the build")
+    fit_widths: bool = Field(
+        True,
+        description="scale every entry's width (before rounding) so that the snapped model's measured FLOPs "
+        "meet the target; false: round the learned widths and recalibrate thresholds only",
+    )
 
     @property
     def enabled(self) -> bool:

@@ -8,7 +8,9 @@ from test_execute import _pruned as pruned_with_random_gates
 from torch import nn
 
 from manidp_cli.config import CodebookConfig, load_recipe
-from manidp_cli.core.codebook import build_codebook, build_codebooks
+from manidp_cli.core.calibration import CODEBOOK_WIDTH_TOLERANCE, fit_codebook_widths
+from manidp_cli.core.codebook import build_codebook, build_codebooks, install_codebooks, learn_codebook, learn_codebooks
+from manidp_cli.core.flops import count_flops, measure_flops
 from manidp_cli.core.gating import SaliencyGate, gates_of, insert_gates
 from manidp_cli.errors import ManidpError, RecipeError
 from manidp_cli.runtime import execute
@@ -49,6 +51,44 @@ def test_more_entries_never_score_less_and_widths_are_multiples():
     assert scores == sorted(scores) and scores[-1] > scores[0]
     rounded = build_codebook(excess, entries=4, channel_multiple=16)
     assert all(int(width) % 16 == 0 and width > 0 for width in rounded.sum(1))
+
+
+def test_a_width_scale_widens_an_entry_by_rank_and_keeps_its_members():
+    generator = torch.Generator().manual_seed(2)
+    excess = torch.randn(100, 128, generator=generator) + torch.linspace(-1.5, 0.5, 128)
+    learned = learn_codebook(excess, entries=1)
+    members = learned.entries[0].bool()
+    width = int(members.sum())
+    for scale, multiple in ((1.0, 1), (1.5, 1), (0.5, 1), (1.3, 16), (0.7, 16)):
+        (row,) = learned.rounded(multiple, width_scale=scale).bool()
+        expected = max(multiple, round(width * scale / multiple) * multiple)
+        assert int(row.sum()) == min(expected, 128), (scale, multiple)
+        inner, outer = (row, members) if scale < 1 else (members, row)
+        assert bool((outer | ~inner).all()), "a narrower entry keeps a subset of the wider one"
+    assert torch.equal(learned.rounded(16), build_codebook(excess, entries=1, channel_multiple=16))
+
+
+@pytest.mark.parametrize("scale", [0.85, 1.15])
+def test_fitted_widths_meet_a_flops_target_that_rounding_alone_misses(scale):
+    shape = (3, 64, 64)
+    model, _ = pruned_with_random_gates("resnet18", shape)
+    batches = [torch.randn(8, *shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    table = count_flops(model, shape)
+    config = CodebookConfig(entries=4, channel_multiple=16)
+    learned = learn_codebooks(model, batches, config)
+
+    def flops_at(width_scale: float) -> float:
+        install_codebooks(model, learned, config.channel_multiple, width_scale)
+        return measure_flops(model, table, batches).mean_ratio
+
+    # widths move in steps of 16 channels, so the target is a level some scale reaches, far from the
+    # rounded widths' level
+    rounded, target = flops_at(1.0), flops_at(scale)
+    assert abs(target - rounded) > 0.05 * target
+    fit = fit_codebook_widths(model, table, learned, config.channel_multiple, batches, target)
+    measured = measure_flops(model, table, batches).mean_ratio
+    assert measured == pytest.approx(fit.flops_ratio)  # the fitted codebooks are the ones in force
+    assert abs(measured - target) <= CODEBOOK_WIDTH_TOLERANCE * target, (rounded, target, measured)
 
 
 def _gate(channels=6):
@@ -197,7 +237,8 @@ def test_a_codebook_layer_after_a_free_mask_producer_gathers_its_entry_to_the_na
         assert consumer.last_entry is not None
 
 
-def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense_weights, tmp_path):
+@pytest.mark.parametrize("fit_widths", [True, False])
+def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense_weights, tmp_path, fit_widths):
     from manidp_cli.data import load_data
     from manidp_cli.io import load_pruned
 
@@ -207,9 +248,10 @@ def test_prune_with_a_codebook_trains_snapped_and_exports_it(tiny_fashion, dense
         weights=dense_weights,
         # the paper's start (saliency 1 everywhere, free per-image gates after one epoch) makes images
         # differ enough in 2 tiny epochs for several entries; importance init starts them alike
-        overrides={"codebook": {"entries": 3, "channel_multiple": 4}, **PAPER_PROCEDURE},
+        overrides={"codebook": {"entries": 3, "channel_multiple": 4, "fit_widths": fit_widths}, **PAPER_PROCEDURE},
     )
     assert result.history[0]["codebook_entries"] > 1 and "codebook_entries" not in result.history[1]
+    assert ("codebook_width_scale" in result.history[0]) == fit_widths
     assert abs(result.after.flops.mean_ratio - 0.5) < 0.1
     model, _ = load_pruned(tmp_path / "cb")
     gates = gates_of(model).by_name()

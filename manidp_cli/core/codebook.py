@@ -11,7 +11,10 @@ score for keep-set c is sum_j c_j * (pi_ij - tau). Starting from K groups of ima
 many channels they keep, the build alternates assigning every image to its best entry and setting
 each entry to the channels whose summed excess over its images is positive (both steps can only
 raise the total score). Entry widths are then rounded to a multiple of ``channel_multiple`` (vector
-kernels run whole blocks of channels) by adding or dropping the channels of least summed excess.
+kernels run whole blocks of channels) by adding or dropping the channels of least summed excess;
+``width_scale`` scales every learned width before rounding, which is how
+``calibration.fit_codebook_widths`` brings the snapped model's FLOPs back to the target that the
+rounding moved.
 
 Example::
 
@@ -20,6 +23,8 @@ Example::
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,11 +37,34 @@ from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.errors import ManidpError
 
 
-def _round_width(width: int, channels: int, multiple: int) -> int:
+def _round_width(width: float, channels: int, multiple: int) -> int:
     if channels <= multiple:
         return channels
     rounded = max(multiple, int(round(width / multiple)) * multiple)
     return min(rounded, channels)
+
+
+@dataclass(frozen=True)
+class LearnedCodebook:
+    """One layer's keep-sets as learned, before their widths are rounded: K x C rows of 0/1 and
+    each channel's excess saliency summed over the images of each entry."""
+
+    entries: torch.Tensor
+    summed_excess: torch.Tensor
+
+    def rounded(self, channel_multiple: int, width_scale: float = 1.0) -> torch.Tensor:
+        """The installable codebook: each entry's width times ``width_scale``, rounded to
+        ``channel_multiple``, filled by rank (the entry's members first, each side by summed
+        excess), duplicates merged."""
+        codebook = self.entries.clone()
+        channels = codebook.shape[1]
+        for k in range(codebook.shape[0]):
+            sums = self.summed_excess[k]
+            width = _round_width(float(self.entries[k].sum()) * width_scale, channels, channel_multiple)
+            order = torch.argsort(sums + self.entries[k] * (sums.abs().max() * 2 + 1), descending=True)
+            codebook[k] = 0
+            codebook[k, order[:width]] = 1
+        return torch.unique(codebook, dim=0).float()
 
 
 def _initial_groups(kept_counts: torch.Tensor, entries: int, world: World) -> torch.Tensor:
@@ -52,6 +80,11 @@ def build_codebook(
 ) -> torch.Tensor:
     """K' x C rows of 0/1 (K' <= ``entries`` distinct keep-sets) from N x C excess saliencies
     ``pi - tau`` of this process's calibration images (sums are all-reduced across processes)."""
+    return learn_codebook(excess, entries, iterations, world).rounded(channel_multiple)
+
+
+def learn_codebook(excess: torch.Tensor, entries: int, iterations: int = 20, world: World = World()) -> LearnedCodebook:
+    """``build_codebook`` before rounding: the entries that images use, at their learned widths."""
     excess = excess.detach().double().cpu()
     channels = excess.shape[1]
     assignment = _initial_groups((excess >= 0).sum(1), entries, world)
@@ -74,20 +107,22 @@ def build_codebook(
     sums = world.all_reduce_sum(one_hot.t() @ excess).double()
     members = world.all_reduce_sum(one_hot.sum(0)).double()
     used = torch.nonzero(members > 0).flatten()
-    codebook, sums = codebook[used], sums[used]
-    for k in range(len(used)):
-        width = _round_width(int(codebook[k].sum()), channels, channel_multiple)
-        # rank channels: members first, each side by summed excess, then take the first `width`
-        order = torch.argsort(sums[k] + codebook[k] * (sums[k].abs().max() * 2 + 1), descending=True)
-        codebook[k] = 0
-        codebook[k, order[:width]] = 1
-    return torch.unique(codebook, dim=0).float()
+    return LearnedCodebook(codebook[used], sums[used])
 
 
 @torch.no_grad()
 def build_codebooks(model: nn.Module, batches, config: CodebookConfig, world: World = World()) -> dict[str, int]:
     """Learn and install a codebook in every gate of ``model`` from its saliencies on ``batches``
     under the current thresholds (eval mode); return the number of entries per layer."""
+    return install_codebooks(model, learn_codebooks(model, batches, config, world), config.channel_multiple)
+
+
+@torch.no_grad()
+def learn_codebooks(
+    model: nn.Module, batches, config: CodebookConfig, world: World = World()
+) -> dict[str, LearnedCodebook]:
+    """Every gate's keep-sets learned from its saliencies on ``batches`` under the current thresholds
+    (eval mode, free masks), not installed yet."""
     gates = gates_of(model).by_name()
     unset = [name for name, gate in gates.items() if not torch.isfinite(gate.threshold)]
     if unset:
@@ -101,10 +136,22 @@ def build_codebooks(model: nn.Module, batches, config: CodebookConfig, world: Wo
             model(images)
             for name, saliency in recorder.saliency.items():
                 saliencies[name].append(saliency.float().cpu())
+    return {
+        name: learn_codebook(
+            torch.cat(saliencies[name]) - float(gate.threshold), config.entries, config.iterations, world
+        )
+        for name, gate in gates.items()
+    }
+
+
+def install_codebooks(
+    model: nn.Module, learned: dict[str, LearnedCodebook], channel_multiple: int, width_scale: float = 1.0
+) -> dict[str, int]:
+    """Put each gate's learned codebook, rounded (``LearnedCodebook.rounded``), in force; return the
+    number of entries per layer."""
     sizes = {}
-    for name, gate in gates.items():
-        excess = torch.cat(saliencies[name]) - float(gate.threshold)
-        codebook = build_codebook(excess, config.entries, config.channel_multiple, config.iterations, world)
+    for name, gate in gates_of(model).by_name().items():
+        codebook = learned[name].rounded(channel_multiple, width_scale)
         gate.codebook = codebook.to(gate.threshold.device)
         sizes[name] = codebook.shape[0]
     return sizes

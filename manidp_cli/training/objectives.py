@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from manidp_cli.config import CodebookConfig
-from manidp_cli.core.calibration import calibrate_thresholds, mean_saliency
-from manidp_cli.core.codebook import build_codebooks
+from manidp_cli.core.calibration import calibrate_thresholds, fit_codebook_widths, mean_saliency
+from manidp_cli.core.codebook import install_codebooks, learn_codebooks
 from manidp_cli.core.distributed import World
 from manidp_cli.core.features import StageTap, stage_names
 from manidp_cli.core.flops import CostTable, dynamic_flops
@@ -29,7 +29,7 @@ from manidp_cli.core.losses import (
 )
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
-from manidp_cli.core.schedule import FeedbackThresholds, flops_target
+from manidp_cli.core.schedule import FeedbackThresholds, RateSearch, flops_target
 
 
 class CrossEntropyObjective:
@@ -361,10 +361,7 @@ class ManiDPObjective:
         if next_target < 1.0 and calibrate:
             search = self.calibrate(model, next_target, means, start)
             if build_codebook:
-                # learned under the final thresholds; snapping moves FLOPs, so calibrate again
-                sizes = build_codebooks(model, self.calibration_batches, self.codebook, self.world)
-                search = self.calibrate(model, next_target, means, search.remain_rate)
-                metrics["codebook_entries"] = sum(sizes.values()) / len(sizes)
+                search = self._snap_to_codebooks(model, next_target, means, search, metrics)
             metrics.update(
                 next_target=next_target,
                 remain_rate=search.remain_rate,
@@ -372,6 +369,32 @@ class ManiDPObjective:
             )
         self._reset_epoch()
         return metrics
+
+    def _snap_to_codebooks(
+        self, model: nn.Module, target: float, means: dict[str, torch.Tensor], search: RateSearch, metrics: dict
+    ) -> RateSearch:
+        """Codebooks learned under the thresholds just calibrated, put in force at the FLOPs target:
+        snapping and rounding widths move FLOPs, so either the widths are fitted to the target
+        (``codebook.fit_widths``) or the thresholds are calibrated again."""
+        learned = learn_codebooks(model, self.calibration_batches, self.codebook, self.world)
+        if self.codebook.fit_widths:
+            fit = fit_codebook_widths(
+                model,
+                self.table,
+                learned,
+                self.codebook.channel_multiple,
+                self.calibration_batches,
+                target,
+                world=self.world,
+            )
+            metrics["codebook_width_scale"] = fit.remain_rate
+            search = RateSearch(search.remain_rate, fit.flops_ratio, search.evaluations + fit.evaluations)
+        else:
+            install_codebooks(model, learned, self.codebook.channel_multiple)
+            search = self.calibrate(model, target, means, search.remain_rate)
+        entries = [len(gate.codebook) for gate in self.gates.values()]
+        metrics["codebook_entries"] = sum(entries) / len(entries)
+        return search
 
     def state_dict(self) -> dict[str, Any]:
         return {
