@@ -6,11 +6,11 @@ auto``, runs it in bf16 where the CPU computes bf16 natively; the static arm's t
 
 Every arm trains ``--model`` (resnet18 by default; ``in_chans=1``, 10 classes) at batch 128, as the
 accuracy benchmark does, on the same images. The arms take turns, run by run (the order reversed
-every round), so that a shared machine's drift falls on all of them alike; a step's time is the wall time between two
-step callbacks (the batch's loading included, the same for every arm), the first ``--skip`` steps
-of each run left out. For ``manidp`` the threshold calibrations (before the first step, and after
-the last epoch) are timed apart, and their share of an epoch is given for the accuracy benchmark's
-epoch (6,000 images) and for a full Fashion-MNIST epoch (60,000). Writes
+every round), so that a shared machine's drift falls on all of them alike; a step's time is the wall
+time between two step callbacks (the batch's loading included, the same for every arm), the first
+``--skip`` steps of each run left out. For ``manidp`` the threshold calibrations (before the first
+step, and after the last epoch) are timed apart, and their share of an epoch is given for the
+accuracy benchmark's epoch (6,000 images) and for a full Fashion-MNIST epoch (60,000). Writes
 ``benchmarks/results/training_step.json``::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/training_step.py --threads 2

@@ -56,13 +56,12 @@ class LearnedCodebook:
         """The installable codebook: each entry's width times ``width_scale``, rounded to
         ``channel_multiple``, filled by rank (the entry's members first, each side by summed
         excess), duplicates merged."""
-        codebook = self.entries.clone()
+        codebook = torch.zeros_like(self.entries)
         channels = codebook.shape[1]
         for k in range(codebook.shape[0]):
             sums = self.summed_excess[k]
             width = _round_width(float(self.entries[k].sum()) * width_scale, channels, channel_multiple)
             order = torch.argsort(sums + self.entries[k] * (sums.abs().max() * 2 + 1), descending=True)
-            codebook[k] = 0
             codebook[k, order[:width]] = 1
         return torch.unique(codebook, dim=0).float()
 
