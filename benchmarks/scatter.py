@@ -2,7 +2,7 @@
 
 A gated convolution that computes only its kept output channels must hand a full-width tensor to a
 residual addition. This times ``index_copy_`` on the channel dimension against
-``manidp_cli.runtime.execute.scatter_channels`` (a 2-D ``scatter_`` over a (pixels, channels) view on
+``manidp_cli.runtime.channels.scatter_channels`` (a 2-D ``scatter_`` over a (pixels, channels) view on
 channels-last tensors), at resnet18's stage shapes for a 224 px input, both layouts, batch 1 and 8,
 the two taking turns. Writes ``benchmarks/results/scatter.json``:
 
@@ -21,7 +21,7 @@ import torch
 
 from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.files import atomic_write_text
-from manidp_cli.runtime.execute import scatter_channels
+from manidp_cli.runtime.channels import scatter_channels
 
 ROOT = Path(__file__).resolve().parent
 SHAPES = ((64, 56, 32), (64, 56, 60), (128, 28, 64), (256, 14, 128), (512, 7, 400))  # channels, size, kept

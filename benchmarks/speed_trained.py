@@ -11,9 +11,14 @@ the trained ones, run on real evaluation images (their decisions depend on them)
 32 px images are resized (timing only; accuracies are the 32 px ones). Each input size is timed in
 ``--repeats`` interleaved runs (``bench_models``: batch-1 latency median and p90, batch-64
 throughput, peak memory), and the medians of the runs' figures are
-reported. The JSON's ``iso_accuracy`` holds, per model and input size,
-``latency_ratio_vs_torch_pruning`` (manidp's fastest dynamic variant over the fastest layout of
-Torch-Pruning's 0.45 network, batch 1) and ``throughput_ratio_vs_torch_pruning`` (batch 64)::
+reported. Each manidp arm is also timed as its static export (``ARM_static``: ``manidp
+export-static --min-keep-rate`` ``--static-keep-rate``, its accuracy and FLOPs measured again): a
+trained model's gates may barely depend on the image (docs/results.md), and then the static export
+is the faster way to run it. The JSON's ``iso_accuracy`` holds, per model and input size, the
+``deployment`` (a dynamic arm or a static export) with the lowest batch-1 latency among those at
+least as accurate as Torch-Pruning's 0.45 network, its ``top1``, ``latency_ratio_vs_torch_pruning``
+(over the fastest layout of Torch-Pruning's 0.45 network, batch 1) and
+``throughput_ratio_vs_torch_pruning`` (batch 64); every deployment's ratios are under ``arms``::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speed_trained.py --threads 2   # quiet machine
 """
@@ -31,11 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from manidp_cli.analysis.bench import bench_models, dense_twin
+from manidp_cli.analysis.evaluation import evaluate
 from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.core.flops import count_flops
 from manidp_cli.files import atomic_write_text
 from manidp_cli.io import load_pruned
 from manidp_cli.runtime.execute import folded_model
+from manidp_cli.runtime.slimming import mask_statistics, slim
 from manidp_cli.runtime.static_l1 import static_l1
 
 ROOT = Path(__file__).resolve().parent
@@ -63,6 +70,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=None, help="default: results/speed_trained[_MODEL].json")
+    parser.add_argument(
+        "--static-keep-rate",
+        type=float,
+        default=0.5,
+        help="each arm is also timed as its static export (export-static --min-keep-rate this); negative: not",
+    )
+    parser.add_argument("--calibration-images", type=int, default=1024, help="the static exports' (export-static's)")
     args = parser.parse_args()
     args.work = args.work or accuracy.default_work(args.model)
     args.summary = args.summary or accuracy.default_summary(args.model)
@@ -114,11 +128,42 @@ def _ratios(result: dict, prefix: str) -> tuple[float, float]:
     return mine["latency_ms_median"] / peer["latency_ms_median"], throughput
 
 
-def time_size(gated: dict, dense, statics: dict, eval_images: torch.Tensor, size: int, args) -> dict:
-    """``gated``: arm -> trained gated model; the first is timed as "dynamic", the others under their names."""
+def static_exports(gated: dict, data, shape, args) -> tuple[dict, dict]:
+    """Each arm's static export (``manidp export-static``: masks folded as their means, channels kept
+    by at most ``--static-keep-rate`` of the calibration images removed), its accuracy and FLOPs
+    measured: (name -> network, name -> row)."""
+    if args.static_keep_rate < 0:
+        return {}, {}
+    networks, rows = {}, {}
+    for arm, model in gated.items():
+        calibration = (x for x, _ in data.train.batches(256, limit=args.calibration_images))
+        frequency, mean_mask = mask_statistics(model, calibration)
+        network = slim(model, frequency, mean_mask, args.static_keep_rate, shape).model
+        networks[f"{arm}_static"] = network
+        rows[f"{arm}_static"] = {
+            "top1": evaluate(network, data.eval, 256).top1,
+            "flops_ratio": count_flops(network, shape).total_flops / count_flops(model, shape).dense_flops,
+            "min_keep_rate": args.static_keep_rate,
+            "calibration_images": args.calibration_images,
+        }
+    return networks, rows
+
+
+def _fastest_deployment(arms: dict, models: dict) -> str:
+    """The manidp deployment (dynamic execution or static export) with the lowest batch-1 latency
+    among those at least as accurate as Torch-Pruning's 0.45 network (all of them when none is)."""
+    peer = models["torch_pruning_0.45"]["top1_mean"]
+    matching = [arm for arm in arms if models[arm]["top1"] >= peer] or list(arms)
+    return min(matching, key=lambda arm: arms[arm]["latency_ratio_vs_torch_pruning"])
+
+
+def time_size(gated: dict, dense, statics: dict, eval_images: torch.Tensor, size: int, args, exports: dict) -> dict:
+    """``gated``: arm -> trained gated model; the first is timed as "dynamic", the others under their
+    names; ``exports``: name -> a static export, timed under its name."""
     shape = (eval_images.shape[1], size, size)
     images = eval_images if size == eval_images.shape[-1] else F.interpolate(eval_images, size=size, mode="bilinear")
     folded = {f"torch_pruning_{target}": folded_model(model, shape) for target, model in statics.items()}
+    folded.update({name: folded_model(model, shape) for name, model in exports.items()})
     main_arm, *others = gated
     runs = [
         bench_models(
@@ -136,7 +181,7 @@ def time_size(gated: dict, dense, statics: dict, eval_images: torch.Tensor, size
         for _ in range(args.repeats)
     ]
     out = {"input_shape": list(shape), "runs": runs, "arms": {}}
-    for arm in gated:
+    for arm in [*gated, *exports]:
         per_run = [_ratios(result, "dynamic" if arm == main_arm else arm) for result in runs]
         out["arms"][arm] = {
             "latency_ratio_vs_torch_pruning": statistics.median(r[0] for r in per_run),
@@ -173,9 +218,13 @@ def main() -> None:
         **{f"torch_pruning_{t}": _best_static(summary, args.budget, t) for t in STATIC_TARGETS},
         **rows,
     }
+    exports, export_rows = static_exports(gated, data, shape, args)
+    models.update(export_rows)
     sizes = {}
     for size in args.sizes:
-        sizes[str(size)] = time_size(gated, dense, statics, eval_images, size, args)
+        sizes[str(size)] = time_size(gated, dense, statics, eval_images, size, args, exports)
+        fastest = _fastest_deployment(sizes[str(size)]["arms"], models)
+        sizes[str(size)]["fastest_deployment"] = fastest
         for arm, ratios in sizes[str(size)]["arms"].items():
             print(
                 f"{args.model} {size} px, {arm}: over torch-pruning 0.45, batch-1 latency "
@@ -198,7 +247,9 @@ def main() -> None:
         "iso_accuracy": {
             args.model: {
                 size: {
-                    **{k: v for k, v in s["arms"][args.arms[0]].items() if k != "per_run"},
+                    **{k: v for k, v in s["arms"][s["fastest_deployment"]].items() if k != "per_run"},
+                    "deployment": s["fastest_deployment"],
+                    "top1": models[s["fastest_deployment"]]["top1"],
                     "arms": s["arms"],
                 }
                 for size, s in sizes.items()

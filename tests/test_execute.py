@@ -10,6 +10,7 @@ from manidp_cli.config import GatePolicy
 from manidp_cli.core.gating import insert_gates
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.runtime import execute
+from manidp_cli.runtime.channels import ScattersOutput
 from manidp_cli.runtime.decisions import reference_run
 from manidp_cli.runtime.execute import DynamicConv, dynamic_model, fold_batchnorm, folded_model
 
@@ -116,14 +117,22 @@ def test_static_slimming_removes_never_kept_channels(tmp_path):
         == slimmed.layer1[0].conv2.in_channels
         == 64 - result.removed["layer1.0.conv1"]
     )
-    assert "layer1.0.conv2" not in result.removed  # feeds the residual addition: kept in place
+    # conv2 feeds the residual addition: it computes its kept channels, its BatchNorm puts them back
+    conv2, norm2 = slimmed.layer1[0].conv2, slimmed.layer1[0].bn2
+    assert conv2.out_channels == norm2.num_features == 64 - result.removed["layer1.0.conv2"] < 64
+    assert isinstance(norm2, ScattersOutput) and norm2.full_width == 64
+    assert result.scattered["layer1.0.bn2"] == norm2.output_channels.tolist()
     assert not hasattr(slimmed, "manidp_gates")
     files = save_static(tmp_path, result, (3, 64, 64), {"model": "resnet18"}, {})
     loaded = torch.export.load(str(files.files[0])).module()
     assert files.program_batch == "any from 1 to 4096"
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(loaded(image), slimmed(image), atol=1e-5)
+        expected = slimmed(image)
+        assert torch.allclose(loaded(image), expected, atol=1e-5)
+        for layout in (torch.contiguous_format, torch.channels_last):  # folded: the scatter stays
+            folded = folded_model(slimmed, (3, 64, 64)).to(memory_format=layout)
+            assert torch.allclose(folded(image.to(memory_format=layout)), expected, atol=1e-4)
 
 
 def test_bench_measures_every_variant():
@@ -191,8 +200,10 @@ def test_slimming_is_exact_when_every_mask_is_the_same_for_every_image():
     frequency, mean_mask = mask_statistics(model, batches)
     assert 0.3 < float(frequency["layer2.0.conv1:in"].mean()) < 0.7
     result = slim(model, frequency, mean_mask, 0.0, (3, 32, 32))
+    assert "layer4.1.bn2" in result.scattered  # residual-feeding layers are narrowed too
     with torch.no_grad():
         assert (result.model(batches[1]) - model(batches[1])).abs().max() < 1e-9
+        assert (folded_model(result.model, (3, 32, 32))(batches[1]) - model(batches[1])).abs().max() < 1e-9
 
 
 def test_a_batch_computes_only_the_channels_its_images_keep():
@@ -238,16 +249,3 @@ def test_single_images_reuse_gathered_weights_only_for_the_same_decision():
         for layer in layers:
             layer.weight.div_(2)
         assert not torch.allclose(dynamic(images[0]), before)
-
-
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("padded", [False, True])
-def test_scatter_channels_places_each_channel_and_keeps_the_layout(layout, padded):
-    wide = torch.randn(2, 40, 7, 5).contiguous(memory_format=layout)
-    narrow = wide[:, :32] if padded else wide  # a tuned entry's output without its zero rows
-    channels = torch.randperm(64, generator=torch.Generator().manual_seed(0))[: narrow.shape[1]].sort().values
-    out = execute.scatter_channels(narrow, channels, 64)
-    expected = torch.zeros(2, 64, 7, 5)
-    expected[:, channels] = narrow
-    assert torch.equal(out, expected)
-    assert out.is_contiguous(memory_format=layout)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from timm.models._hub import load_model_config_from_path
 
 from manidp_cli.api import export_static
-from manidp_cli.runtime.slimming import load_static
+from manidp_cli.errors import WeightsError
+from manidp_cli.runtime.slimming import SCATTERED, load_static
 
 MATCH = 1e-5  # float32 rounding: the zero channels only change the order of the sums
 
@@ -44,6 +45,7 @@ def test_manidp_json_holds_manidp_config_json_timms(static_export):
     assert metadata["model"] == "test_resnet" and metadata["model_kwargs"] == {"num_classes": 10, "in_chans": 1}
     assert sum(metadata["channels_removed"].values()) > 0 and metadata["program_batch"] == "any from 1 to 4096"
     assert metadata["onnx"] is None and metadata["timm_load"].startswith("timm.create_model('local-dir:")
+    assert metadata[SCATTERED], "no residual-feeding layer was narrowed: the round trips would not test it"
     config = json.loads((static_export / "config.json").read_text())
     assert config["architecture"] == "test_resnet" and config["num_classes"] == 10
     assert not {"channels_removed", "accuracy", "model", "input_shape"} & set(config)
@@ -86,3 +88,19 @@ def test_static_exports_of_the_older_layout_still_load(static_export, reference,
     rebuilt, config = load_static(old)
     assert config["input_shape"] == (1, 32, 32)
     close(rebuilt, reference)
+
+
+@pytest.mark.parametrize("damage", ["shorter", "out_of_range", "not_a_norm"])
+def test_channel_places_that_do_not_fit_the_weights_are_refused(static_export, tmp_path, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(static_export, copy)
+    metadata = json.loads((copy / "manidp.json").read_text())
+    name, places = next(iter(metadata[SCATTERED].items()))
+    metadata[SCATTERED] = {
+        "shorter": {name: places[:-1]},
+        "out_of_range": {name: [*places[:-1], 10_000]},
+        "not_a_norm": {"fc": places},
+    }[damage]
+    (copy / "manidp.json").write_text(json.dumps(metadata))
+    with pytest.raises(WeightsError, match="scatters"):
+        load_static(copy)

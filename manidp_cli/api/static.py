@@ -35,6 +35,8 @@ class StaticExport:
     calibration: dict[str, Any]
     channels_removed: dict[str, int]
     channels_kept: dict[str, int]
+    # BatchNorm name -> the places of its kept channels in the full-width output (slimming.SCATTERED)
+    scattered_channels: dict[str, list[int]]
     dense_flops: int
     flops_ratio_to_original: float
     accuracy: dict[str, Any]
@@ -108,6 +110,7 @@ def export_static(
         calibration={"data": images.spec, "split": "train", "images": min(calibration_images, len(images.train))},
         channels_removed=result.removed,
         channels_kept=result.kept_channels,
+        scattered_channels=result.scattered,
         dense_flops=flops,
         flops_ratio_to_original=flops / original,
         accuracy=accuracy.summary(),

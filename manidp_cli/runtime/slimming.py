@@ -1,10 +1,14 @@
 """Static slimming: physically remove the channels the gates (almost) never keep.
 
 A gated convolution's output channel whose keep frequency over the calibration images is at most
-``min_keep_rate`` is removed from the convolution, its BatchNorm and, when the normalised output
-flows (through element-wise activations only) into exactly one dense convolution, from that
-convolution's inputs. Channels that feed a residual addition, a concatenation or a depthwise
-convolution keep their place (the layout of the network must not change there).
+``min_keep_rate`` is removed from the convolution and its BatchNorm. When the normalised output
+flows (through element-wise activations only) into exactly one dense convolution, it is removed
+from that convolution's inputs too. Where it cannot be (a residual addition, a concatenation, a
+depthwise convolution: the layout must not change there), the BatchNorm scatters its narrow output
+back to full width with zeros in the removed places (``runtime.channels.scatter_outputs``), so the
+convolution still computes only its kept channels; manidp.json lists those places
+(``scattered_channels``). Only a plain convolution whose BatchNorm keeps a zero channel zero (its
+fused activation, if any, maps 0 to 0) is narrowed that way; others keep every channel.
 
 The result has no gates. Each gated channel's BatchNorm is scaled by the channel's mean mask value
 over the calibration images (E[saliency x kept]), the best static stand-in for the per-image scaling
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from manidp_cli.core.gating import INPUT_GATE_SUFFIX, strip_gates
 from manidp_cli.core.graph import NORM_TYPES, removable_consumers, trace_dataflow
@@ -41,12 +46,14 @@ from manidp_cli.files import staged_folder, write_new_file
 from manidp_cli.inputs import capped, exception_text, is_file
 from manidp_cli.io import CONFIG_FILE, MODEL_FILE
 from manidp_cli.models.factory import check_model_name
+from manidp_cli.runtime.channels import scatter_outputs, zero_preserving
 from manidp_cli.runtime.onnx_export import ONNX_FILE, OnnxCheck, check_onnx, export_onnx
 
 PROGRAM_FILE = "model.pt2"
 SLIM_WEIGHTS_FILE = "model_slim.safetensors"  # the narrower network; model.safetensors has timm's shapes
 METADATA_FILE = "manidp.json"
 MAX_BATCH = 4096  # the largest batch the exported program accepts
+SCATTERED = "scattered_channels"  # manidp.json: BatchNorm name -> where its narrow output goes
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,8 @@ class SlimResult:
     kept_channels: dict[str, int]
     # state-dict key -> how it was narrowed (a convolution can lose outputs and inputs)
     selections: dict[str, list[ChannelSelection]] = field(default_factory=dict)
+    # BatchNorm name -> the places its narrowed output is scattered to (``scatter_outputs``)
+    scattered: dict[str, list[int]] = field(default_factory=dict)
 
 
 def mask_statistics(model: nn.Module, batches) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -110,7 +119,7 @@ def slim(
     input_shape,
 ) -> SlimResult:
     """A gate-free copy of ``model``: masks folded into BatchNorm as their means, rarely kept
-    channels physically removed where the layout allows."""
+    channels physically removed (see the module's docstring for where)."""
     slim_model = copy.deepcopy(model).eval()
     strip_gates(slim_model)
     flow = trace_dataflow(slim_model, input_shape)
@@ -119,38 +128,72 @@ def slim(
     mean_mask = {n: m for n, m in mean_mask.items() if not n.endswith(INPUT_GATE_SUFFIX)}
     consumers = removable_consumers(slim_model, flow, list(mean_mask))
     flow_pairs = flow.conv_norm_pairs()
+    _fold_mean_masks(slim_model, input_means, mean_mask, flow_pairs)
+    result = SlimResult(slim_model, {}, {})
+    for conv_name in mean_mask:
+        frequency = keep_frequency.get(conv_name)
+        keep = _kept_channels(frequency, min_keep_rate) if frequency is not None else None
+        norm_name = flow_pairs.get(conv_name)
+        if keep is None or norm_name is None:
+            continue
+        consumer_name = consumers.get(conv_name)
+        if consumer_name is None and not _scatterable(slim_model, conv_name, norm_name):
+            continue  # a grouped convolution or a norm that is not per-channel: keep its place
+        _narrow_output_channels(slim_model, conv_name, norm_name, keep, result.selections)
+        if consumer_name is None:
+            scatter_outputs(slim_model.get_submodule(norm_name), keep, len(frequency))
+            result.scattered[norm_name] = keep.tolist()
+        else:
+            consumer = slim_model.get_submodule(consumer_name)
+            _keep_rows(consumer, keep, 1, ("weight",), consumer_name, result.selections)
+            consumer.in_channels = len(keep)
+        result.removed[conv_name] = len(frequency) - len(keep)
+        result.kept_channels[conv_name] = len(keep)
+    return result
+
+
+def _fold_mean_masks(
+    model: nn.Module, input_means: dict[str, torch.Tensor], mean_mask: dict[str, torch.Tensor], flow_pairs: dict
+) -> None:
     with torch.no_grad():
         for conv_name, scale in input_means.items():
-            weight = slim_model.get_submodule(conv_name).weight
+            weight = model.get_submodule(conv_name).weight
             weight.mul_(scale.to(weight.dtype)[None, :, None, None])
         for conv_name, scale in mean_mask.items():
-            norm = slim_model.get_submodule(flow_pairs[conv_name])
+            norm = model.get_submodule(flow_pairs[conv_name])
             norm.weight.mul_(scale.to(norm.weight.dtype))
             norm.bias.mul_(scale.to(norm.bias.dtype))
-    removed, kept_channels, selections = {}, {}, {}
-    for conv_name, consumer_name in consumers.items():
-        frequency = keep_frequency.get(conv_name)
-        if frequency is None:
-            continue
-        keep = (frequency > min_keep_rate).nonzero().flatten()
-        if len(keep) == len(frequency):
-            continue
-        if len(keep) == 0:
-            keep = frequency.argmax().view(1)  # a convolution needs at least one channel
-        conv = slim_model.get_submodule(conv_name)
-        norm = slim_model.get_submodule(flow_pairs[conv_name])
-        consumer = slim_model.get_submodule(consumer_name)
-        _keep_rows(conv, keep, 0, ("weight", "bias"), conv_name, selections)
-        conv.out_channels = len(keep)
-        assert isinstance(norm, NORM_TYPES)
-        norm_tensors = ("weight", "bias", "running_mean", "running_var")
-        _keep_rows(norm, keep, 0, norm_tensors, flow_pairs[conv_name], selections)
-        norm.num_features = len(keep)
-        _keep_rows(consumer, keep, 1, ("weight",), consumer_name, selections)
-        consumer.in_channels = len(keep)
-        removed[conv_name] = len(frequency) - len(keep)
-        kept_channels[conv_name] = len(keep)
-    return SlimResult(slim_model, removed, kept_channels, selections)
+
+
+def _kept_channels(frequency: torch.Tensor, min_keep_rate: float) -> torch.Tensor | None:
+    """The channels kept by more than ``min_keep_rate`` of the images (at least one: a convolution
+    needs an output), or None when that is every channel."""
+    keep = (frequency > min_keep_rate).nonzero().flatten()
+    if len(keep) == len(frequency):
+        return None
+    return keep if len(keep) else frequency.argmax().view(1)
+
+
+def _scatterable(model: nn.Module, conv_name: str, norm_name: str) -> bool:
+    """Whether a convolution whose output keeps its place can compute only its kept channels and
+    scatter them back: a plain convolution, and a BatchNorm (per-channel) whose fused activation
+    keeps a zero channel zero (a removed channel's folded mean mask is 0 there)."""
+    conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or not isinstance(norm, _BatchNorm):
+        return False
+    act = getattr(norm, "act", None)
+    return zero_preserving(act if isinstance(act, nn.Module) else None)
+
+
+def _narrow_output_channels(
+    model: nn.Module, conv_name: str, norm_name: str, keep: torch.Tensor, selections: dict
+) -> None:
+    conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+    _keep_rows(conv, keep, 0, ("weight", "bias"), conv_name, selections)
+    conv.out_channels = len(keep)
+    assert isinstance(norm, NORM_TYPES)
+    _keep_rows(norm, keep, 0, ("weight", "bias", "running_mean", "running_var"), norm_name, selections)
+    norm.num_features = len(keep)
 
 
 def full_width_state_dict(result: SlimResult) -> dict[str, torch.Tensor]:
@@ -335,21 +378,20 @@ def _read_static_metadata(folder: Path) -> tuple[dict, Path]:
         model_name = metadata["model"]
         kwargs = {key: int(metadata["model_kwargs"][key]) for key in ("num_classes", "in_chans")}
         shape = tuple(int(v) for v in metadata["input_shape"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        scattered = {str(name): [int(c) for c in places] for name, places in metadata.get(SCATTERED, {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise WeightsError(
             f"{file} is not the {METADATA_FILE} of `manidp export-static` ({type(exc).__name__}: {capped(exc)})"
         ) from exc
     if len(shape) != 3 or min(shape) < 1 or not isinstance(model_name, str):
         raise WeightsError(f"{file}: input_shape must be 3 positive sizes and model a name")
     check_model_name(model_name)
-    return {"model": model_name, "model_kwargs": kwargs, "input_shape": shape}, weights
+    return {"model": model_name, "model_kwargs": kwargs, "input_shape": shape, SCATTERED: scattered}, weights
 
 
 def _narrow(module: nn.Module, attribute: str, shape: torch.Size) -> bool:
     """Give a convolution's or BatchNorm's tensor the (narrower) shape the static export has; the
     only layers ``slim`` changes. False for anything else."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
     old = getattr(module, attribute)
     if old is None or len(shape) != old.dim():
         return False
@@ -366,6 +408,22 @@ def _narrow(module: nn.Module, attribute: str, shape: torch.Size) -> bool:
     empty = torch.empty(shape, dtype=old.dtype)
     setattr(module, attribute, nn.Parameter(empty, requires_grad=False) if isinstance(old, nn.Parameter) else empty)
     return True
+
+
+def _restore_scatter(model: nn.Module, norm_name: str, places: list[int], timm_shapes: dict, file: Path) -> None:
+    """Make the narrowed BatchNorm ``norm_name`` scatter its output to ``places`` again, after
+    checking them against the layer and timm's width for it."""
+    key = f"{norm_name}.running_mean"
+    norm = model.get_submodule(norm_name) if key in timm_shapes else None
+    if not isinstance(norm, _BatchNorm):
+        raise WeightsError(f"{file}: {METADATA_FILE} scatters {capped(norm_name)!r}, not a BatchNorm of the model")
+    width = timm_shapes[key].shape[0]
+    if len(places) != norm.num_features or len(set(places)) != len(places) or not all(0 <= c < width for c in places):
+        raise WeightsError(
+            f"{file}: {norm_name} scatters {norm.num_features} channels, but {METADATA_FILE} gives "
+            f"{len(places)} places that must be distinct and in [0, {width})"
+        )
+    scatter_outputs(norm, torch.tensor(places), width)
 
 
 def load_static(folder: str | Path) -> tuple[nn.Module, dict]:
@@ -395,6 +453,8 @@ def load_static(folder: str | Path) -> tuple[nn.Module, dict]:
                 f"{file}: {key} has shape {tuple(tensor.shape)}, {config['model']} {tuple(expected[key].shape)}"
             )
     model.load_state_dict(tensors, strict=True)
+    for norm_name, places in config[SCATTERED].items():
+        _restore_scatter(model, norm_name, places, expected, file)
     try:
         with torch.no_grad():
             model(torch.zeros(1, *config["input_shape"]))
