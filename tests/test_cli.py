@@ -12,6 +12,7 @@ from helpers import run_main, write_image_folder
 from typer.testing import CliRunner
 
 from manidp_cli.cli import app
+from manidp_cli.core.gating import has_gates
 from manidp_cli.errors import DataError, ManidpError, ModelError, RecipeError, TargetError, WeightsError
 from manidp_cli.io import MODEL_FILE, load_pruned
 
@@ -222,8 +223,31 @@ def test_bench_times_the_torch_pruning_baseline_and_recommends_a_variant(pruned)
     assert bench["recommendation"].endswith(f"{bench['variants'][fastest]['layout']})")
     assert bench["cpu"]["model"] and bench["cpu"]["torch_capability"]
     assert bench["inputs"].startswith("32 evaluation images of ")  # a trained network's decisions need real images
+    assert {"static", "static_channels_last"} <= set(bench["variants"])  # the in-memory static export
+    result = runner.invoke(app, [*args, "--no-static-export", "--json"])
+    assert result.exit_code == 0, result.output
+    assert not {"static", "static_channels_last"} & set(json.loads(result.stdout)["variants"])
+    result = runner.invoke(app, [*args, "--static-keep-rate", "1.5"])
+    assert isinstance(result.exception, ManidpError) and "--static-keep-rate must be in [0, 1), got 1.5" in str(
+        result.exception
+    )
     result = runner.invoke(app, [*args, "--baseline", "static-l2"])
     assert isinstance(result.exception, ManidpError) and "one of static-l1, got 'static-l2'" in str(result.exception)
+
+
+def test_bench_builds_the_static_export_and_says_how_often_it_agrees(pruned):
+    from manidp_cli.api.bench import static_export_in_memory
+
+    gated, info = load_pruned(pruned.out_dir)
+    data, _ = info.load_data(None)
+    images = next(iter(data.eval.batches(40)))[0]
+    network, advice = static_export_in_memory(gated, data, tuple(info.input_shape), 0.5, images)
+    assert not has_gates(network) and network(images).shape == (40, 10)
+    agreement = re.search(r"agrees with the gated model's on ([\d.]+)% of 40 test images", advice)
+    assert agreement, advice
+    with torch.no_grad():
+        expected = (gated(images).argmax(1) == network(images).argmax(1)).double().mean()
+    assert float(agreement.group(1)) == pytest.approx(100 * float(expected), abs=0.05)
 
 
 def test_image_folder_with_img_size_workers_and_progress(tmp_path):

@@ -101,3 +101,7 @@ def test_bench_recommends_the_fastest_variant(fastest, advice):
     names = ["dense", "dense_channels_last", "masked", "dynamic", "static", "torch_pruning_channels_last"]
     measured = {name: _timing(5.0 if name == fastest else 10.0) for name in names}
     assert recommendation(measured, SHAPE).startswith(advice)
+    # how an in-memory static export was built replaces the advice for "static", and only that
+    built = "use a static export (manidp export-static --min-keep-rate 0.5)"
+    expected = built if fastest == "static" else advice
+    assert recommendation(measured, SHAPE, static_advice=built).startswith(expected)

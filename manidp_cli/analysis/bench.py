@@ -289,16 +289,18 @@ STATIC_ADVICE = {
 }
 
 
-def recommendation(measured: dict[str, VariantTiming], input_shape) -> str:
-    """Which variant to deploy at batch 1, for this export at this input size: the fastest measured."""
+def recommendation(measured: dict[str, VariantTiming], input_shape, static_advice: str | None = None) -> str:
+    """Which variant to deploy at batch 1, for this export at this input size: the fastest measured.
+    ``static_advice`` replaces the advice for the variant "static" (say, how it was built)."""
+    advice = {**STATIC_ADVICE, **({"static": static_advice} if static_advice else {})}
     fastest = min(measured, key=lambda name: measured[name].latency_ms_median)
     timing = measured[fastest]
     base = fastest.removesuffix("_channels_last")
     speed = f"{timing.latency_ratio:.2f}x the dense latency, {timing.layout}"
     if base == "dense":
         return f"run the dense model: no pruned variant beats it at {input_shape[-1]} px ({timing.layout})"
-    if base in STATIC_ADVICE:
-        return f"{STATIC_ADVICE[base]} ({speed})"
+    if base in advice:
+        return f"{advice[base]} ({speed})"
     if base == "masked":
         return f"run the masked model (the gated network without dynamic execution, {speed})"
     return f"run the export dynamically with manidp's executor ({fastest}, {speed})"
@@ -319,6 +321,7 @@ def bench_models(
     images: torch.Tensor | None = None,
     device: torch.device = torch.device("cpu"),
     on_progress: ProgressCallback | None = None,
+    static_advice: str | None = None,
 ) -> BenchResult:
     """Measure every variant in one run, on ``device``, and give ratios to the dense reference.
 
@@ -326,7 +329,8 @@ def bench_models(
     (repeated when fewer): a trained dynamic network needs real images, whose decisions it times
     (None: random images, enough for random gates).
 
-    ``static`` is timed as the variant "static"; ``extra_static`` adds other plain networks under
+    ``static`` is timed as the variant "static" (``static_advice``: what to recommend when it is the
+    fastest); ``extra_static`` adds other plain networks under
     their names (say, Torch-Pruning's at the same FLOPs), each in both layouts. ``extra_dynamic``
     adds other gated versions of the same network (say, one with codebooks), each executed
     dynamically in both layouts under its name. ``on_progress`` hears of each latency round and
@@ -377,7 +381,7 @@ def bench_models(
         variants=measured,
         device=str(device),
         cpu=cpu_info(),
-        recommendation=recommendation(measured, input_shape),
+        recommendation=recommendation(measured, input_shape, static_advice),
     )
 
 

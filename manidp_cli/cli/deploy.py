@@ -92,6 +92,17 @@ def bench(
     static: Annotated[
         Optional[Path], typer.Option("--static", help="A folder written by export-static, timed too.")
     ] = None,
+    static_keep_rate: Annotated[
+        float,
+        typer.Option(
+            "--static-keep-rate",
+            help="Without --static: time the network export-static --min-keep-rate this would write "
+            "(built in memory from the export's training images).",
+        ),
+    ] = 0.5,
+    no_static_export: Annotated[
+        bool, typer.Option("--no-static-export", help="Without --static: time no static export.")
+    ] = False,
     baseline: Annotated[
         Optional[str],
         typer.Option(
@@ -115,6 +126,7 @@ def bench(
             batch_size=batch_size,
             threads=threads,
             static_dir=static,
+            static_keep_rate=None if no_static_export else static_keep_rate,
             img_size=img_size,
             device=device,
             baseline=baseline,
