@@ -26,7 +26,7 @@ demo: $(STAMP)
 # ruff first (seconds; configuration in pyproject.toml), then the suite. The executor's tests run a
 # second time on the AVX2 kernels of oneDNN and ATen: a machine with
 # AVX-512/AMX picks other kernels by default, and the tests must pass on both (docs/portability.md).
-EXECUTOR_TESTS := tests/test_execute.py tests/test_codebook.py
+EXECUTOR_TESTS := tests/test_execute.py tests/test_codebook.py tests/test_channels.py
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
