@@ -206,6 +206,32 @@ def test_slimming_is_exact_when_every_mask_is_the_same_for_every_image():
         assert (folded_model(result.model, (3, 32, 32))(batches[1]) - model(batches[1])).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize(
+    ("name", "scatters"),
+    [("mobilenetv3_small_100", True), ("efficientnet_b0", True), ("regnetx_002", True), ("densenet121", False)],
+)
+def test_slimming_other_families_is_exact_and_narrows_what_keeps_its_place(name, scatters):
+    """Depthwise convolutions (gated ones stay whole), concatenations, squeeze-excite and fused
+    activations downstream: a layer narrowed and scattered back, or left whole, keeps the gated
+    model's function. densenet's gated convolutions each feed one convolution: nothing to scatter."""
+    from manidp_cli.runtime.slimming import mask_statistics, slim
+
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval().double()
+    randomize_norms(model)
+    gates = insert_gates(model, GatePolicy(init="l1_norm"), input_shape=(3, 32, 32))
+    batches = [torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        model(batches[0])
+    gates.set_thresholds({n: float(s[0].median()) for n, s in rec.saliency.items()})
+    frequency, mean_mask = mask_statistics(model, batches)
+    result = slim(model, frequency, mean_mask, 0.0, (3, 32, 32))
+    assert result.removed and bool(result.scattered) == scatters
+    with torch.no_grad():
+        expected = model(batches[1])
+        assert (result.model(batches[1]) - expected).abs().max() < 1e-9
+        assert (folded_model(result.model, (3, 32, 32))(batches[1]) - expected).abs().max() < 1e-9
+
+
 def test_a_batch_computes_only_the_channels_its_images_keep():
     """Gates that agree across images (a trained default's) leave a narrow union per layer: the batch
     path runs that union, and equals the masked model."""

@@ -137,8 +137,10 @@ def slim(
         if keep is None or norm_name is None:
             continue
         consumer_name = consumers.get(conv_name)
-        if consumer_name is None and not _scatterable(slim_model, conv_name, norm_name):
-            continue  # a grouped convolution or a norm that is not per-channel: keep its place
+        if not _plain_convolution(slim_model, conv_name):
+            continue  # a grouped (depthwise) convolution's outputs are tied to its inputs
+        if consumer_name is None and not _scatterable(slim_model, norm_name):
+            continue  # a norm that is not per-channel, or an activation that moves zero
         _narrow_output_channels(slim_model, conv_name, norm_name, keep, result.selections)
         if consumer_name is None:
             scatter_outputs(slim_model.get_submodule(norm_name), keep, len(frequency))
@@ -174,12 +176,17 @@ def _kept_channels(frequency: torch.Tensor, min_keep_rate: float) -> torch.Tenso
     return keep if len(keep) else frequency.argmax().view(1)
 
 
-def _scatterable(model: nn.Module, conv_name: str, norm_name: str) -> bool:
+def _plain_convolution(model: nn.Module, conv_name: str) -> bool:
+    conv = model.get_submodule(conv_name)
+    return isinstance(conv, nn.Conv2d) and conv.groups == 1
+
+
+def _scatterable(model: nn.Module, norm_name: str) -> bool:
     """Whether a convolution whose output keeps its place can compute only its kept channels and
-    scatter them back: a plain convolution, and a BatchNorm (per-channel) whose fused activation
-    keeps a zero channel zero (a removed channel's folded mean mask is 0 there)."""
-    conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
-    if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or not isinstance(norm, _BatchNorm):
+    have its norm scatter them back: a BatchNorm (per-channel) whose fused activation keeps a zero
+    channel zero (a removed channel's folded mean mask is 0 there)."""
+    norm = model.get_submodule(norm_name)
+    if not isinstance(norm, _BatchNorm):
         return False
     act = getattr(norm, "act", None)
     return zero_preserving(act if isinstance(act, nn.Module) else None)
