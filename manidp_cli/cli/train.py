@@ -159,6 +159,13 @@ def _print_result(result, as_json: bool) -> None:
     )
     console.print(table)
     console.print(f"wrote {', '.join(str(p) for p in result.files)} in {result.seconds:.0f} s")
+    routed = result.after.flops.routed_channel_share() if result.after.flops is not None else None
+    if routed is not None:
+        # a trained model's gates often barely route (docs/results.md): then a static network is faster
+        console.print(
+            f"the gates route {routed:.1%} of their channels (kept for some test images, not others); "
+            f"`manidp bench {result.out_dir}` times dynamic execution against the static export"
+        )
 
 
 @app.command()
