@@ -26,11 +26,10 @@ def test_scatter_channels_places_each_channel_and_keeps_the_layout(layout, padde
 def _narrowed(norm: nn.Module, channels: torch.Tensor) -> nn.Module:
     narrow = copy.deepcopy(norm)
     with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            tensor = getattr(narrow, name)
-            setattr(narrow, name, nn.Parameter(tensor[channels].clone()) if name in ("weight", "bias") else None)
-            if name not in ("weight", "bias"):
-                narrow.register_buffer(name, tensor[channels].clone())
+        for name in ("weight", "bias"):
+            setattr(narrow, name, nn.Parameter(getattr(narrow, name)[channels].clone()))
+        for name in ("running_mean", "running_var"):
+            setattr(narrow, name, getattr(narrow, name)[channels].clone())
     narrow.num_features = len(channels)
     return narrow
 

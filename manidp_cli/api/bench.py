@@ -96,7 +96,6 @@ def bench_export(
     if static_config is not None and static_config["input_shape"] != shape:
         raise WeightsError(f"--static {static_dir} takes {static_config['input_shape']} images, not {shape}")
     dense = dense_twin(gated, info.metadata["model"], info.metadata["model_kwargs"])
-    static = folded_model(static, shape) if static is not None else None
     extra_static = {}
     if baseline is not None:
         ratio = info.metadata.get("flops", {}).get("mean_ratio")
@@ -107,7 +106,7 @@ def bench_export(
     static_advice = None
     if static is None and static_keep_rate is not None and data is not None:
         static, static_advice = static_export_in_memory(gated, data, shape, static_keep_rate)
-        static = folded_model(static, shape)
+    static = folded_model(static, shape) if static is not None else None
     result = bench_models(
         gated,
         dense,

@@ -54,6 +54,7 @@ from manidp_cli.core.graph import removable_consumers, trace_dataflow
 from manidp_cli.runtime.channels import (
     ChannelScatter,
     ScattersOutput,
+    fused_activation,
     memory_format_of,
     scatter_channels,
     zeros_in_layout_of,
@@ -84,8 +85,8 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm) -> tu
 def _after_norm(norm: nn.Module) -> nn.Module:
     """What remains of a normalisation layer once folded: its fused activation, if any, and the
     scatter to full width of a static export's narrowed residual-feeding layer."""
-    act = getattr(norm, "act", None)
-    after = act if isinstance(act, nn.Module) else nn.Identity()
+    act = fused_activation(norm)
+    after = act if act is not None else nn.Identity()  # not `or`: a Sequential's truth is its length
     if isinstance(norm, ScattersOutput):
         return ChannelScatter(after, norm.output_channels, norm.full_width)
     return after

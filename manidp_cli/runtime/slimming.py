@@ -46,7 +46,7 @@ from manidp_cli.files import staged_folder, write_new_file
 from manidp_cli.inputs import capped, exception_text, is_file
 from manidp_cli.io import CONFIG_FILE, MODEL_FILE
 from manidp_cli.models.factory import check_model_name
-from manidp_cli.runtime.channels import scatter_outputs, zero_preserving
+from manidp_cli.runtime.channels import fused_activation, scatter_outputs, zero_preserving
 from manidp_cli.runtime.onnx_export import ONNX_FILE, OnnxCheck, check_onnx, export_onnx
 
 PROGRAM_FILE = "model.pt2"
@@ -186,10 +186,7 @@ def _scatterable(model: nn.Module, norm_name: str) -> bool:
     have its norm scatter them back: a BatchNorm (per-channel) whose fused activation keeps a zero
     channel zero (a removed channel's folded mean mask is 0 there)."""
     norm = model.get_submodule(norm_name)
-    if not isinstance(norm, _BatchNorm):
-        return False
-    act = getattr(norm, "act", None)
-    return zero_preserving(act if isinstance(act, nn.Module) else None)
+    return isinstance(norm, _BatchNorm) and zero_preserving(fused_activation(norm))
 
 
 def _narrow_output_channels(
