@@ -103,6 +103,12 @@ MANIDP_ARMS = {  # arm -> (recipe, recipe overrides)
     "codebook4": ("default.yaml", {"codebook": CODEBOOK4}),
     # the same with the stage outputs distilled (feature_distill5's loss): for the speed benchmark
     "codebook4_fd5": ("default.yaml", {"codebook": CODEBOOK4, "loss": {"feature_distill_weight": 5.0}}),
+    # gated convolutions computing only the batch's kept channels (core.narrow): the step's cost
+    "narrow": ("default.yaml", {"narrow_training": True}),
+    "narrow_codebook4_fd5": (
+        "default.yaml",
+        {"narrow_training": True, "codebook": CODEBOOK4, "loss": {"feature_distill_weight": 5.0}},
+    ),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd", "static_fkd")

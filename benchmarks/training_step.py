@@ -46,10 +46,15 @@ import accuracy_vs_flops as accuracy  # noqa: E402 - the sibling benchmark names
 
 BATCH = 128
 TARGET = 0.3
-MANIDP_LOSS = {  # manidp arms -> their loss overrides of the default recipe
+MANIDP_ARMS = {  # manidp arms -> their overrides of the default recipe
     "manidp": {},
-    "manidp_teacher_fp32": {"teacher_dtype": "float32"},  # what loss.teacher_dtype auto saves, where it is bf16
-    "manidp_no_distill": {"distill_weight": 0.0},  # the same step without the teacher's forward pass
+    # what loss.teacher_dtype auto saves, where it is bf16
+    "manidp_teacher_fp32": {"loss": {"teacher_dtype": "float32"}},
+    # the same step without the teacher's forward pass
+    "manidp_no_distill": {"loss": {"distill_weight": 0.0}},
+    # gated convolutions computing only the batch's kept channels (core.narrow)
+    "manidp_narrow": {"narrow_training": True},
+    "manidp_narrow_no_distill": {"narrow_training": True, "loss": {"distill_weight": 0.0}},
 }
 EPOCH_IMAGES = {"accuracy_benchmark_epoch": 6000, "fashion_mnist_epoch": 60000}
 
@@ -142,7 +147,7 @@ def _fit_arm(model, data, objective, args, clock: StepClock) -> None:
 
 def run_arm(arm: str, args, data, weights: Path, work: Path, clock: StepClock) -> None:
     clock.start()
-    if arm in MANIDP_LOSS:
+    if arm in MANIDP_ARMS:
         overrides = {
             "data": args.data,
             "epochs": 1,
@@ -150,8 +155,7 @@ def run_arm(arm: str, args, data, weights: Path, work: Path, clock: StepClock) -
             "train_images": BATCH * args.steps,
             "target_flops": TARGET,
         }
-        if MANIDP_LOSS[arm]:
-            overrides["loss"] = MANIDP_LOSS[arm]
+        overrides.update(MANIDP_ARMS[arm])
         out = Path(tempfile.mkdtemp(dir=work))
         run(prepare("prune", args.model, weights=weights, out_dir=out / "run", overrides=overrides), on_step=clock)
         return
@@ -210,7 +214,7 @@ def main() -> None:
     started = time.perf_counter()
     calibration = CalibrationClock()
     calibration.install()
-    arms = ["dense", "static", "static_kd", *MANIDP_LOSS]
+    arms = ["dense", "static", "static_kd", *MANIDP_ARMS]
     clocks = {arm: StepClock(args.skip) for arm in arms}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

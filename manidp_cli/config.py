@@ -234,6 +234,8 @@ class Recipe(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False  # bf16 autocast for the forward pass; loss terms stay fp32
     channels_last: bool = False
+    # prune: gated convolutions compute only the channels some image of the batch keeps (core.narrow)
+    narrow_training: bool = False
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()

@@ -53,12 +53,13 @@ def test_export_round_trip_rebuilds_the_same_model(pruned, tiny_fashion):
 
 @pytest.mark.parametrize(
     "overrides",
-    [None, {"loss": {"feature_distill_weight": 1.0, "distill_decay": "linear"}}],
-    ids=["default", "stage_distillation_decayed"],
+    [None, {"loss": {"feature_distill_weight": 1.0, "distill_decay": "linear"}}, {"narrow_training": True}],
+    ids=["default", "stage_distillation_decayed", "narrow"],
 )
 def test_interrupted_run_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path, overrides):
-    """Also with stage-output distillation, whose hooks a resumed run must set up again, and a
-    distillation weight that depends on the step."""
+    """Also with stage-output distillation, whose hooks a resumed run must set up again, a
+    distillation weight that depends on the step, and narrow training (module classes swapped
+    for each epoch and restored)."""
     straight = prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights, overrides=overrides)
     stops = {"n": 0}
 

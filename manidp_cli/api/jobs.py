@@ -357,6 +357,7 @@ def _objective(job: Job, world: World):
         world=world,
         feedback=feedback,
         layer_scales=layer_scales,
+        narrow=recipe.narrow_training,
     )
     if recipe.loss.distils():
         teacher = job.teacher.to(world.device)

@@ -73,6 +73,10 @@ class SaliencyGate(nn.Module):
         # K x C_out rows of 0/1, the keep-sets an image may choose from; K = 0: free per-channel masks
         self.register_buffer("codebook", torch.zeros(0, out_channels))
         self._pending_saliency: torch.Tensor | None = None
+        # Narrow training (core.narrow.BatchChannels): the channels this batch computes of the
+        # convolution's input and output, when only some are
+        self.narrow_input = None
+        self.narrow_output = None
 
     def set_initial_saliency(self, saliency: torch.Tensor) -> None:
         """fc2's bias such that every image's saliency is ``saliency`` (C_out, positive) while fc2's
@@ -103,7 +107,10 @@ class SaliencyGate(nn.Module):
 
     def forward(self, conv_input: torch.Tensor) -> torch.Tensor:
         """Saliency, B x C_out, from the convolution's input."""
-        return self.saliency_from_pooled(conv_input.mean(dim=(2, 3)))
+        pooled = conv_input.mean(dim=(2, 3))
+        if self.narrow_input is not None and self.narrow_input.narrows(pooled):
+            pooled = self.narrow_input.widen(pooled)  # the channels not computed are zero
+        return self.saliency_from_pooled(pooled)
 
     def saliency_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """Saliency from the globally average-pooled input, B x C_in."""
@@ -171,6 +178,8 @@ class SaliencyGate(nn.Module):
         if saliency is None:
             raise RuntimeError(f"gate for {self.conv_name} reached its mask before its convolution ran")
         mask = self.mask(saliency).to(tensor.dtype)
+        if self.narrow_output is not None and self.narrow_output.narrows(tensor):
+            mask = self.narrow_output.select(mask)
         return tensor * mask[:, :, None, None]
 
     def _on_site_input(self, module, args):

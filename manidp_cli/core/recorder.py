@@ -33,6 +33,7 @@ class GateRecorder:
     ):
         self.model = model
         self.gates = gates_of(model)
+        self._gates_by_name = self.gates.by_name()
         self.record_features = features
         self.detach = detach
         self.saliency: dict[str, torch.Tensor] = {}
@@ -68,7 +69,11 @@ class GateRecorder:
         return hook
 
     def _pool(self, name, tensor):
-        self.features[name] = self._keep(tensor.mean(dim=(2, 3)))
+        pooled = tensor.mean(dim=(2, 3))
+        narrow = self._gates_by_name[name].narrow_output
+        if narrow is not None and narrow.narrows(pooled):  # narrow training: the others count as 0
+            pooled = narrow.widen(pooled)
+        self.features[name] = self._keep(pooled)
 
     def _feature_pre_hook(self, name):
         def hook(module, args):

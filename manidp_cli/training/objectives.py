@@ -28,6 +28,7 @@ from manidp_cli.core.losses import (
     teacher_fits_better,
 )
 from manidp_cli.core.modes import eval_mode
+from manidp_cli.core.narrow import NarrowPlan, NarrowTraining
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.core.schedule import FeedbackThresholds, RateSearch, flops_target
 
@@ -215,8 +216,11 @@ class ManiDPObjective:
         world: World = World(),
         feedback: FeedbackThresholds | None = None,
         layer_scales: dict[str, float] | None = None,
+        narrow: bool = False,
     ):
         self.gates = gates
+        self.narrow = narrow  # train with core.narrow.NarrowTraining
+        self._narrow_plan: NarrowPlan | None = None
         self.layer_scales = layer_scales  # per-layer remain-rate scales (schedule.cost_weighted_scales)
         self.feedback = feedback
         self.table = table
@@ -268,9 +272,17 @@ class ManiDPObjective:
             metrics.update(initial_remain_rate=search.remain_rate, initial_calibrated_flops_ratio=search.flops_ratio)
         return metrics
 
+    def _narrowing(self, model: nn.Module):
+        if not self.narrow:
+            return contextlib.nullcontext()
+        input_shape = tuple(self.calibration_batches[0].shape[1:])
+        narrowing = NarrowTraining(model, input_shape, self._narrow_plan)
+        self._narrow_plan = narrowing.plan  # traced once per run
+        return narrowing
+
     @contextlib.contextmanager
     def epoch_context(self, model: nn.Module):
-        with GateRecorder(model, features=self.loss.lambda_sim > 0) as recorder:
+        with GateRecorder(model, features=self.loss.lambda_sim > 0) as recorder, self._narrowing(model):
             self._recorder = recorder
             try:
                 yield
