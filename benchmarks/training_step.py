@@ -2,7 +2,10 @@
 and the static arms' steps (Torch-Pruning's L1 network, with and without distillation), in one run;
 ``manidp_no_distill`` is the same step without distillation, so the teacher's share shows apart, and
 ``manidp_teacher_fp32`` the same step with a float32 teacher (the default, ``loss.teacher_dtype:
-auto``, runs it in bf16 where the CPU computes bf16 natively; the static arm's teacher follows it).
+auto``, runs it in bf16 where the CPU computes bf16 natively; the static arm's teacher follows it),
+and ``manidp_masked`` the step of masked training, which computes every channel of a gated
+convolution and multiplies the dropped ones by zero (``narrow_training: false``; the default
+computes only the batch's kept channels, ``manidp_cli.core.narrow``).
 
 Every arm trains ``--model`` (resnet18 by default; ``in_chans=1``, 10 classes) at batch 128, as the
 accuracy benchmark does, on the same images. The arms take turns, run by run (the order reversed
@@ -52,9 +55,9 @@ MANIDP_ARMS = {  # manidp arms -> their overrides of the default recipe
     "manidp_teacher_fp32": {"loss": {"teacher_dtype": "float32"}},
     # the same step without the teacher's forward pass
     "manidp_no_distill": {"loss": {"distill_weight": 0.0}},
-    # gated convolutions computing only the batch's kept channels (core.narrow)
-    "manidp_narrow": {"narrow_training": True},
-    "manidp_narrow_no_distill": {"narrow_training": True, "loss": {"distill_weight": 0.0}},
+    # every channel of a gated convolution computed, then masked (the default before narrow training)
+    "manidp_masked": {"narrow_training": False},
+    "manidp_masked_no_distill": {"narrow_training": False, "loss": {"distill_weight": 0.0}},
 }
 EPOCH_IMAGES = {"accuracy_benchmark_epoch": 6000, "fashion_mnist_epoch": 60000}
 
@@ -199,6 +202,7 @@ def summarise(args, clocks: dict[str, StepClock], calibration: CalibrationClock,
         "manidp_step_over_dense": steps["manidp"]["ratio_to_dense"],
         # what the teacher's forward pass adds, in dense steps: the distillation's share of the step
         "distillation_over_dense": steps["manidp"]["ratio_to_dense"] - steps["manidp_no_distill"]["ratio_to_dense"],
+        "masked_step_over_dense": steps["manidp_masked"]["ratio_to_dense"],
         "calibration": {
             "before_first_step_s": first,
             "after_last_epoch_s": last,
@@ -227,9 +231,9 @@ def main() -> None:
     summary = summarise(args, clocks, calibration, time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(summary, indent=1))
-    print(f"\n{'arm':10s} {'median s':>9s} {'p90 s':>7s} {'x dense':>8s}")
+    print(f"\n{'arm':24s} {'median s':>9s} {'p90 s':>7s} {'x dense':>8s}")
     for arm, timing in summary["steps"].items():
-        print(f"{arm:10s} {timing['median_s']:9.3f} {timing['p90_s']:7.3f} {timing['ratio_to_dense']:8.2f}")
+        print(f"{arm:24s} {timing['median_s']:9.3f} {timing['p90_s']:7.3f} {timing['ratio_to_dense']:8.2f}")
     cal = summary["calibration"]
     print(
         f"calibration: {cal['before_first_step_s']:.2f} s before the first step, {cal['after_last_epoch_s']:.2f} s "

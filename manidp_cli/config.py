@@ -234,8 +234,9 @@ class Recipe(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False  # bf16 autocast for the forward pass; loss terms stay fp32
     channels_last: bool = False
-    # prune: gated convolutions compute only the channels some image of the batch keeps (core.narrow)
-    narrow_training: bool = False
+    # prune: gated convolutions compute only the channels some image of the batch keeps (core.narrow);
+    # false: every channel computed, then masked (the paper's, recipes/paper.yaml)
+    narrow_training: bool = True
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
