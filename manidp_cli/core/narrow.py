@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,14 +67,14 @@ class ComputesKeptChannels:
 
     kept_outputs: BatchChannels | None
     read_inputs: BatchChannels | None
-    own_gate: list[SaliencyGate]  # a list, so that the gate is not registered as a submodule twice
+    batch_union: Callable[[], torch.Tensor | None]  # ``_batch_union`` of the convolution's own gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
         if self.read_inputs is not None and self.read_inputs.narrows(x):
             weight = weight.index_select(1, self.read_inputs.channels)
         if self.kept_outputs is not None:
-            channels = _batch_union(self.own_gate[0])
+            channels = self.batch_union()
             self.kept_outputs.channels = channels
             if channels is not None:
                 weight = weight.index_select(0, channels)
@@ -207,7 +208,7 @@ class NarrowTraining:
             norm = self.model.get_submodule(self.plan.norms[conv_name])
             kept = BatchChannels(conv.out_channels)
             self._narrow_conv(conv)
-            conv.kept_outputs, conv.own_gate = kept, [gate]
+            conv.kept_outputs, conv.batch_union = kept, functools.partial(_batch_union, gate)
             self._swap(norm, NormalisesKeptChannels)
             norm.kept = kept
             gate.narrow_output = kept
@@ -226,7 +227,7 @@ class NarrowTraining:
             handle.remove()
         for module, cls in self._classes.items():
             module.__class__ = cls
-            for attribute in ("kept_outputs", "read_inputs", "own_gate", "kept"):
+            for attribute in ("kept_outputs", "read_inputs", "batch_union", "kept"):
                 module.__dict__.pop(attribute, None)
         for gate in gates_of(self.model).values():
             gate.narrow_input = gate.narrow_output = None
