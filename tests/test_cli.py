@@ -119,6 +119,7 @@ def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
         assert text in result.output
     assert re.search(r"the gates route [\d.]+% of their channels", result.output), result.output
     assert f"manidp bench {pruned}" in " ".join(result.output.split())  # rich may wrap the line
+    assert "narrow (only the channels a batch keeps)" in " ".join(result.output.split())
     assert (pruned / "report.json").is_file()
     # not a terminal (as under nohup or SLURM): plain progress lines instead of a silent bar
     lines = re.findall(

@@ -137,3 +137,46 @@ def test_without_thresholds_every_channel_is_computed():
     with narrowing:
         model(torch.randn(2, *SHAPE, dtype=torch.float64))
         assert all(model.get_submodule(c).kept_outputs.channels is None for c in narrowing.plan.consumers)
+
+
+def _robust_gates(model: nn.Module) -> None:
+    """Image-independent saliencies of 0.5 or 1.5 and thresholds of 1: decisions that no rounding
+    (bf16 included) can flip."""
+    gates = gates_of(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for gate in gates.values():
+            gate.fc2.weight.zero_()
+            kept = torch.rand(gate.out_channels, generator=generator) < 0.5
+            gate.fc2.bias.copy_(torch.where(kept, 1.5, 0.5))
+    gates.set_thresholds({name: 1.0 for name in gates.by_name()})
+
+
+def _gradients(model: nn.Module, images, targets, narrow: bool, autocast: bool) -> torch.Tensor:
+    model = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _step(model, images, targets, NarrowTraining(model, SHAPE) if narrow else None)
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_narrow_training_in_channels_last_matches_masked_training():
+    model = _gated("resnet18").float().to(memory_format=torch.channels_last)
+    _robust_gates(model)
+    images = torch.randn(6, *SHAPE).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 5, (6,))
+    masked = _gradients(model, images, targets, narrow=False, autocast=False)
+    narrow = _gradients(model, images, targets, narrow=True, autocast=False)
+    assert float((narrow - masked).norm() / masked.norm()) < 1e-4  # float32 rounding
+
+
+def test_narrow_training_under_bf16_autocast_is_as_close_to_float32_as_masked_training():
+    """bf16 moves the gradients of this random network far from float32's (about half their norm);
+    narrow training must not move them further than masked training does."""
+    model = _gated("resnet18").float()
+    _robust_gates(model)
+    images, targets = torch.randn(6, *SHAPE), torch.randint(0, 5, (6,))
+    exact = _gradients(model, images, targets, narrow=False, autocast=False)
+    masked = _gradients(model, images, targets, narrow=False, autocast=True)
+    narrow = _gradients(model, images, targets, narrow=True, autocast=True)
+    masked_error = float((masked - exact).norm() / exact.norm())
+    assert float((narrow - exact).norm() / exact.norm()) <= 1.25 * masked_error + 0.01

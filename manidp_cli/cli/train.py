@@ -50,6 +50,8 @@ def _print_plan(job, to: Console) -> None:
             "gates", f"{len(job.gates)} gated convolutions, {job.table.gate_flops / 1e6:.3f} MFLOPs of gate cost"
         )
         table.add_row("target", f"{recipe.target_flops:.0%} of dense FLOPs on average")
+        training = "narrow (only the channels a batch keeps)" if recipe.narrow_training else "masked (every channel)"
+        table.add_row("training", f"{training}; narrow_training in the recipe")
     table.add_row(
         "schedule", f"{recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.optimizer.lr}, seed {recipe.seed}"
     )
