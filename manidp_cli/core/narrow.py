@@ -92,6 +92,7 @@ def _batch_union(gate: SaliencyGate) -> torch.Tensor | None:
     if bool(kept.all()):
         return None
     channels = kept.nonzero().flatten()
+    # no image keeps any: compute one channel (masked to zero), as a convolution needs an output
     return channels if len(channels) else kept.to(torch.long).argmax().view(1)
 
 
