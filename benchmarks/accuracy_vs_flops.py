@@ -114,6 +114,16 @@ MANIDP_ARMS = {
         "default.yaml",
         {"narrow_training": True, "codebook": CODEBOOK4, "loss": {"feature_distill_weight": 5.0}},
     ),
+    # the same with cost-weighted per-layer rates (allocation05 held on 3 seeds of the first start)
+    "narrow_codebook4_fd5_alloc05": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "codebook": CODEBOOK4,
+            "loss": {"feature_distill_weight": 5.0},
+            "schedule": {"allocation": 0.5},
+        },
+    ),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd", "static_fkd")
