@@ -7,7 +7,7 @@ import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from manidp_cli.runtime.channels import ScattersOutput, scatter_channels, scatter_outputs, zero_preserving
+from manidp_cli.runtime.channels import ScattersOutput, scatter_channels, scatter_outputs
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -63,8 +63,3 @@ def test_a_scattering_batchnorm_equals_the_full_one_with_zeroed_channels(norm):
 def test_scatter_outputs_refuses_places_that_do_not_match_the_layer():
     with pytest.raises(ValueError, match="3 channel places for a BatchNorm of 4 features"):
         scatter_outputs(nn.BatchNorm2d(4), torch.tensor([0, 1, 2]), 8)
-
-
-def test_zero_preserving_activations():
-    assert zero_preserving(None) and zero_preserving(nn.ReLU()) and zero_preserving(nn.SiLU())
-    assert not zero_preserving(nn.Sigmoid()) and not zero_preserving(nn.Hardsigmoid())

@@ -2,7 +2,7 @@ import timm
 import torch
 from torch import nn
 
-from manidp_cli.core.graph import trace_dataflow
+from manidp_cli.core.graph import fused_activation, trace_dataflow, zero_preserving
 
 
 def test_resnet_pairs_stem_and_shortcuts():
@@ -47,3 +47,15 @@ def test_shortcut_detection_ignores_identity_shortcuts():
     flow = trace_dataflow(Block(), (4, 8, 8))
     assert flow.shortcut_convs() == set()
     assert flow.conv_norm_pairs() == {"conv1": "bn1", "conv2": "bn2"}
+
+
+def test_zero_preserving_activations():
+    assert zero_preserving(None) and zero_preserving(nn.ReLU()) and zero_preserving(nn.SiLU())
+    assert not zero_preserving(nn.Sigmoid()) and not zero_preserving(nn.Hardsigmoid())
+
+
+def test_fused_activation_is_the_norms_own_act_module():
+    from timm.layers import BatchNormAct2d
+
+    assert isinstance(fused_activation(BatchNormAct2d(4)), nn.ReLU)
+    assert fused_activation(nn.BatchNorm2d(4)) is None

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manidp_cli.config import GatePolicy
-from manidp_cli.core.graph import trace_dataflow
+from manidp_cli.core.graph import fused_activation, trace_dataflow
 from manidp_cli.errors import ModelError
 
 GATE_PREFIX = "manidp_gates"
@@ -242,8 +242,7 @@ def gate_key(gate_name: str) -> str:
 
 def _mask_site(model: nn.Module, norm_name: str) -> tuple[str, Literal["input", "output"]]:
     """Mask after normalisation and before a fused activation (timm's BatchNormAct2d and friends)."""
-    act = getattr(model.get_submodule(norm_name), "act", None)
-    if isinstance(act, nn.Module):
+    if fused_activation(model.get_submodule(norm_name)) is not None:
         return f"{norm_name}.act", "input"
     return norm_name, "output"
 

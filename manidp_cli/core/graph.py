@@ -57,6 +57,22 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES)
 
 
+def fused_activation(norm: nn.Module) -> nn.Module | None:
+    """The activation a normalisation layer applies itself (timm's ``BatchNormAct2d.act``), if any."""
+    act = getattr(norm, "act", None)
+    return act if isinstance(act, nn.Module) else None
+
+
+def zero_preserving(module: nn.Module | None) -> bool:
+    """Whether ``module`` (a normalisation layer's fused activation, or None) maps 0 to 0: then
+    leaving out a channel that is constant zero before it equals computing it. Call it on a module
+    without gate hooks (a gate masking the activation's input would run)."""
+    if module is None:
+        return True
+    with torch.no_grad():
+        return bool(torch.all(module(torch.zeros(1, 1, 1, 1)) == 0))
+
+
 @dataclass
 class Call:
     """One recorded call: a leaf module (``name`` set) or a torch function (``op`` set)."""

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manidp_cli.core.gating import SaliencyGate, gates_of, strip_gates
-from manidp_cli.core.graph import trace_dataflow
+from manidp_cli.core.graph import fused_activation, trace_dataflow, zero_preserving
 
 
 @dataclass
@@ -123,10 +123,10 @@ class NormalisesKeptChannels:
             with torch.no_grad():  # F.batch_norm updated the narrow copies: write them back
                 norm.running_mean.index_copy_(0, channels, mean)
                 norm.running_var.index_copy_(0, channels, var)
-        drop, act = getattr(norm, "drop", None), getattr(norm, "act", None)
+        drop, act = getattr(norm, "drop", None), fused_activation(norm)
         if isinstance(drop, nn.Module):
             y = drop(y)
-        return act(y) if isinstance(act, nn.Module) else y
+        return act(y) if act is not None else y
 
 
 @functools.cache
@@ -137,14 +137,9 @@ def _mixed_class(mixin: type, base: type) -> type:
 def _narrowable_norm(norm: nn.Module) -> bool:
     """A BatchNorm this module can normalise narrowly: ``nn.BatchNorm2d``, or timm's
     ``BatchNormAct2d`` (its drop and activation run after), whose activation keeps zero at zero."""
-    name = type(norm).__name__
-    if type(norm) is not nn.BatchNorm2d and name != "BatchNormAct2d":
+    if type(norm) is not nn.BatchNorm2d and type(norm).__name__ != "BatchNormAct2d":
         return False
-    act = getattr(norm, "act", None)
-    if not isinstance(act, nn.Module):
-        return True
-    with torch.no_grad():
-        return bool(torch.all(act(torch.zeros(1, 1, 1, 1)) == 0))
+    return zero_preserving(fused_activation(norm))
 
 
 def _plain_conv(conv: nn.Module) -> bool:

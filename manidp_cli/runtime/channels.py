@@ -77,21 +77,6 @@ def _scattering_class(norm_class: type) -> type:
     return type(f"Scattering{norm_class.__name__}", (ScattersOutput, norm_class), {"__module__": __name__})
 
 
-def fused_activation(norm: nn.Module) -> nn.Module | None:
-    """The activation a normalisation layer applies itself (timm's ``BatchNormAct2d.act``), if any."""
-    act = getattr(norm, "act", None)
-    return act if isinstance(act, nn.Module) else None
-
-
-def zero_preserving(module: nn.Module | None) -> bool:
-    """Whether ``module`` (a normalisation layer's fused activation, or None) maps 0 to 0: then
-    leaving out a channel that is constant zero before it equals computing it."""
-    if module is None:
-        return True
-    with torch.no_grad():
-        return bool(torch.all(module(torch.zeros(1, 1, 1, 1)) == 0))
-
-
 def scatter_outputs(norm: nn.modules.batchnorm._BatchNorm, channels: torch.Tensor, width: int) -> None:
     """Make ``norm`` (narrowed to ``len(channels)`` features) return its output at ``channels`` of a
     ``width``-channel tensor, zero elsewhere: the same module with the same state-dict keys, so its

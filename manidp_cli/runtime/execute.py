@@ -50,11 +50,10 @@ from manidp_cli.core.gating import (
     has_gates,
     strip_gates,
 )
-from manidp_cli.core.graph import removable_consumers, trace_dataflow
+from manidp_cli.core.graph import fused_activation, removable_consumers, trace_dataflow
 from manidp_cli.runtime.channels import (
     ChannelScatter,
     ScattersOutput,
-    fused_activation,
     memory_format_of,
     scatter_channels,
     zeros_in_layout_of,

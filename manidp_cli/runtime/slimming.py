@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from manidp_cli.core.gating import INPUT_GATE_SUFFIX, strip_gates
-from manidp_cli.core.graph import NORM_TYPES, removable_consumers, trace_dataflow
+from manidp_cli.core.graph import NORM_TYPES, fused_activation, removable_consumers, trace_dataflow, zero_preserving
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.errors import WeightsError
@@ -46,7 +46,7 @@ from manidp_cli.files import staged_folder, write_new_file
 from manidp_cli.inputs import capped, exception_text, is_file
 from manidp_cli.io import CONFIG_FILE, MODEL_FILE
 from manidp_cli.models.factory import check_model_name
-from manidp_cli.runtime.channels import fused_activation, scatter_outputs, zero_preserving
+from manidp_cli.runtime.channels import scatter_outputs
 from manidp_cli.runtime.onnx_export import ONNX_FILE, OnnxCheck, check_onnx, export_onnx
 
 PROGRAM_FILE = "model.pt2"
