@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import shutil
 import statistics
@@ -337,8 +338,8 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
     return {
         "top1": result.after.top1,
         "flops_ratio": result.after.flops.mean_ratio,
-        "spearman_loss_flops": result.after.signature.get("spearman_loss_flops"),
-        "gram_correlation": result.after.signature.get("gram_correlation"),
+        "spearman_loss_flops": result.after.signature.spearman_loss_flops,
+        "gram_correlation": result.after.signature.gram_correlation,
         # how dynamic it is: the share of gated channels whose decision depends on the image
         "routed_channel_share": result.after.flops.routed_channel_share(),
     }
@@ -560,7 +561,7 @@ def _table(done: list[dict], title: str) -> None:
     print(f" {'top1':>7s} {'FLOPs':>6s} {'spearman':>8s}")
     for d in sorted(done, key=lambda d: (d["budget"], -d["target"], d["arm"], d["seed"])):
         rho = d["spearman_loss_flops"]
-        rho_text = "" if rho is None else f"{rho:+.3f}"
+        rho_text = "n/a" if rho is None else f"{rho:+.3f}"
         print(
             f"{d['arm']:18s} {d['budget']:7d} {d.get('lr', DEFAULT_LR):5.3f} {d['target']:6.2f} {d['seed']:4d}"
             f" {d['top1']:7.4f}"
@@ -611,6 +612,15 @@ def restore_cache(args, folder: Path, dense_history: list[dict], dense_sha256: s
     return restored
 
 
+def _undefined_as_null(row: dict) -> dict:
+    """Arms cached before the evaluation reported undefined correlations as None hold NaN there
+    (codebook models, whose images all get the same FLOPs); JSON has no NaN."""
+    for key in ("spearman_loss_flops", "gram_correlation"):
+        if isinstance(row.get(key), float) and math.isnan(row[key]):
+            row[key] = None
+    return row
+
+
 def run_plan(args: argparse.Namespace) -> None:
     folder = args.work / "arms"
     folder.mkdir(parents=True, exist_ok=True)
@@ -647,7 +657,7 @@ def run_plan(args: argparse.Namespace) -> None:
         atomic_write_text(folder / f"{key}.json", json.dumps(row, indent=1))
         new += 1
         print(f"{key:48s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
-    done = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    done = [_undefined_as_null(json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))]
     summary = summarise(args, done, dense_history, digest, sum(d["seconds"] for d in done))
     atomic_write_text(args.out, json.dumps(summary, indent=1))
     plot(summary, args.plot)

@@ -1,13 +1,16 @@
 import json
-import math
 
 import pytest
 import torch
 from helpers import write_cifar
 
-from manidp_cli.analysis.evaluation import gram_correlation, pearson, spearman
+from manidp_cli.analysis.evaluation import evaluate, gram_correlation, pearson, spearman
 from manidp_cli.api.evaluate import evaluate_dense, evaluate_export
+from manidp_cli.core.flops import count_flops
+from manidp_cli.core.gating import SaliencyGate
+from manidp_cli.data import load_data
 from manidp_cli.errors import DataError
+from manidp_cli.io import load_pruned
 
 
 def test_spearman_by_hand():
@@ -17,7 +20,7 @@ def test_spearman_by_hand():
     x = torch.tensor([1.0, 5.0, 5.0, 9.0])
     y = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert spearman(x, y) == pytest.approx(pearson(torch.tensor([1, 2.5, 2.5, 4]), y))
-    assert math.isnan(pearson(torch.ones(3), y[:3]))
+    assert pearson(torch.ones(3), y[:3]) is None  # undefined, not NaN: JSON has no NaN
 
 
 def test_gram_correlation():
@@ -54,3 +57,17 @@ def test_mismatched_data_is_a_clear_error(pruned, tmp_path):
     write_cifar(folder, [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 1, 2, 10)
     with pytest.raises(DataError, match=r"gives \(3, 32, 32\) images, the export expects \(1, 32, 32\)"):
         evaluate_export(pruned.out_dir, data=f"cifar10:{folder}")
+
+
+def test_signature_is_undefined_when_every_image_gets_the_same_flops(pruned, tiny_fashion):
+    """A model whose gates keep the same channels for every image (here: none) has no complexity
+    correlation to report: None, which JSON writes as null, rather than NaN, which it cannot."""
+    model, _ = load_pruned(pruned.out_dir)
+    for gate in model.modules():
+        if isinstance(gate, SaliencyGate):
+            gate.threshold.fill_(float("inf"))
+    data = load_data(tiny_fashion, "test_resnet")
+    result = evaluate(model, data.eval, 16, table=count_flops(model, data.input_shape), signature_batches=2)
+    assert len(set(result.flops.per_image)) == 1
+    assert result.signature.spearman_loss_flops is None and result.signature.gram_batches == 2
+    json.dumps(result.signature.to_dict(), allow_nan=False)

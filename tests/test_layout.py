@@ -95,7 +95,7 @@ EVAL_KEYS = {
 
 def test_eval_of_a_dense_export_is_a_typed_result(dense_weights):
     result = evaluate_export(dense_weights.parent, limit=16)
-    assert not result.pruned and result.images == 16 and result.signature == {}
+    assert not result.pruned and result.images == 16 and result.signature is None
     assert result.flops.mean == result.flops.dense and result.flops.ratio("p90") == 1.0
     out = result.to_dict()
     assert (

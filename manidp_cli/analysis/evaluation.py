@@ -11,13 +11,13 @@ The signature checks the two claims of the method on the evaluated images:
 Example::
 
     result = evaluate(model, data.eval, table=count_flops(model, data.input_shape))
-    result.summary()["flops"]["median_ratio"], result.signature["spearman_loss_flops"]
+    result.summary()["flops"]["median_ratio"], result.signature.spearman_loss_flops
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,20 +45,20 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return (sums / counts)[inverse]
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation; NaN when either side is constant."""
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Pearson correlation; None when either side is constant (the correlation is undefined)."""
     a, b = a.double().flatten(), b.double().flatten()
     a, b = a - a.mean(), b - b.mean()
     denominator = a.norm() * b.norm()
-    return float((a @ b) / denominator) if denominator > 0 else float("nan")
+    return float((a @ b) / denominator) if denominator > 0 else None
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """Spearman rank correlation (Pearson correlation of average ranks)."""
     return pearson(_ranks(torch.as_tensor(a)), _ranks(torch.as_tensor(b)))
 
 
-def gram_correlation(features: torch.Tensor, saliency: torch.Tensor) -> float:
+def gram_correlation(features: torch.Tensor, saliency: torch.Tensor) -> float | None:
     """Correlation of the off-diagonal entries of F F^T and P P^T (rows L2-normalised)."""
     f = F.normalize(features.double(), dim=1)
     p = F.normalize(saliency.double(), dim=1)
@@ -105,6 +105,20 @@ class FlopsDistribution:
         }
 
 
+@dataclass(frozen=True)
+class Signature:
+    """The method's two claims measured on the evaluated images (module docstring). A correlation is
+    None where it is undefined: when every image gets the same FLOPs (a codebook model whose layers
+    each keep one set) or every saliency of a layer is constant over the batches."""
+
+    spearman_loss_flops: float | None
+    gram_correlation: float | None
+    gram_batches: int
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
 @dataclass
 class Evaluation:
     images: int
@@ -113,7 +127,7 @@ class Evaluation:
     loss: float
     per_image_loss: list[float] = field(default_factory=list, repr=False)
     flops: FlopsStats | None = None
-    signature: dict[str, float] = field(default_factory=dict)
+    signature: Signature | None = None  # None for a dense model, or when not asked for
 
     def summary(self) -> dict:
         out = {"images": self.images, "top1": self.top1, "top5": self.top5, "loss": self.loss}
@@ -160,7 +174,7 @@ class _Tally:
         self.meter.update(recorder, logits.shape[0])
         if index < self.signature_batches and logits.shape[0] > 2:
             per_layer = [gram_correlation(recorder.features[n], s) for n, s in recorder.saliency.items()]
-            per_layer = [c for c in per_layer if c == c]  # drop NaN (constant saliencies)
+            per_layer = [c for c in per_layer if c is not None]
             if per_layer:
                 self.gram.append(sum(per_layer) / len(per_layer))
 
@@ -175,13 +189,13 @@ class _Tally:
                 self.meter.reduce(world)
         n = max(len(per_image), 1)
         stats = self.meter.stats() if self.meter is not None else None
-        signature = {}
+        signature = None
         if stats is not None and self.signature_batches > 0:
-            signature = {
-                "spearman_loss_flops": spearman(per_image, torch.tensor(stats.per_image)),
-                "gram_correlation": sum(gram) / len(gram) if gram else float("nan"),
-                "gram_batches": len(gram),
-            }
+            signature = Signature(
+                spearman_loss_flops=spearman(per_image, torch.tensor(stats.per_image)),
+                gram_correlation=sum(gram) / len(gram) if gram else None,
+                gram_batches=len(gram),
+            )
         return Evaluation(
             images=len(per_image),
             top1=correct1 / n,

@@ -10,6 +10,7 @@ from manidp_cli.analysis.evaluation import (
     DynamicExecution,
     Evaluation,
     FlopsDistribution,
+    Signature,
     evaluate,
     evaluate_dynamic_execution,
 )
@@ -50,7 +51,7 @@ class EvalResult:
     top5: float
     loss: float
     flops: FlopsDistribution
-    signature: dict[str, float]
+    signature: Signature | None  # None for a dense model
     dynamic_execution: DynamicExecution | None = None
     flops_convention: str = FLOP_CONVENTION
 
@@ -67,7 +68,7 @@ class EvalResult:
             "loss": self.loss,
             "flops_convention": self.flops_convention,
             "flops": self.flops.to_dict(),
-            "signature": self.signature,
+            "signature": self.signature.to_dict() if self.signature else {},
         }
         if self.dynamic_execution is not None:
             out["dynamic_execution"] = self.dynamic_execution.to_dict()
@@ -95,7 +96,7 @@ def _result(
         top5=result.top5,
         loss=result.loss,
         flops=distribution if distribution is not None else FlopsDistribution.of_dense(dense_flops),
-        signature=result.signature if distribution is not None else {},
+        signature=result.signature if distribution is not None else None,
         dynamic_execution=dynamic,
     )
 

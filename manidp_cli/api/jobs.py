@@ -86,7 +86,8 @@ class RunResult:
         """``manidp train/prune --json``: where the run is, before and after, and each epoch's metrics."""
         after = None
         if self.after is not None:
-            after = {**self.after.summary(), "signature": dict(self.after.signature)}
+            signature = self.after.signature.to_dict() if self.after.signature else {}
+            after = {**self.after.summary(), "signature": signature}
         return {
             "out_dir": str(self.out_dir),
             "interrupted": self.interrupted,
@@ -426,7 +427,7 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
         if job.routing_fit is not None:
             meta["routing_fit_r2"] = job.routing_fit
         stats = after.flops
-        meta["signature"] = after.signature
+        meta["signature"] = after.signature.to_dict() if after.signature else {}
         meta["flops"] = {
             "target": job.recipe.target_flops,
             "dense": stats.dense_flops,

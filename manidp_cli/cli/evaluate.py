@@ -38,20 +38,25 @@ def _print_eval(result: EvalResult) -> None:
             f"{flops.routed_channel_share:.1%} of the gated channels change with the image (near 0: a static mask)",
         )
     signature = result.signature
-    if signature:
+    if signature is not None:
         table.add_row(
             "Spearman(loss, FLOPs)",
-            f"{signature['spearman_loss_flops']:+.3f} (complexity: > 0 means hard images get more)",
+            _correlation(signature.spearman_loss_flops, "every image gets the same FLOPs")
+            + " (complexity: > 0 means hard images get more)",
         )
         table.add_row(
             "Gram correlation",
-            f"{signature['gram_correlation']:+.3f} (similarity: features vs "
-            f"sub-networks, {signature['gram_batches']} batches)",
+            _correlation(signature.gram_correlation, "constant saliencies")
+            + f" (similarity: features vs sub-networks, {signature.gram_batches} batches)",
         )
     if result.dynamic_execution is not None:
         _add_dynamic_rows(table, result.dynamic_execution)
     console.print(table)
     console.print(result.flops_convention)
+
+
+def _correlation(value: float | None, why_undefined: str) -> str:
+    return f"{value:+.3f}" if value is not None else f"undefined: {why_undefined}"
 
 
 def _add_dynamic_rows(table: Table, fast: DynamicExecution) -> None:
