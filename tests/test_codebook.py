@@ -12,6 +12,7 @@ from manidp_cli.core.calibration import CODEBOOK_WIDTH_TOLERANCE, fit_codebook_w
 from manidp_cli.core.codebook import build_codebook, build_codebooks, install_codebooks, learn_codebook, learn_codebooks
 from manidp_cli.core.flops import count_flops, measure_flops
 from manidp_cli.core.gating import SaliencyGate, gates_of, insert_gates
+from manidp_cli.core.schedule import search_remain_rate
 from manidp_cli.errors import ManidpError, RecipeError
 from manidp_cli.runtime import execute
 from manidp_cli.runtime.decisions import run_with_decisions
@@ -89,6 +90,41 @@ def test_fitted_widths_meet_a_flops_target_that_rounding_alone_misses(scale):
     measured = measure_flops(model, table, batches).mean_ratio
     assert measured == pytest.approx(fit.flops_ratio)  # the fitted codebooks are the ones in force
     assert abs(measured - target) <= CODEBOOK_WIDTH_TOLERANCE * target, (rounded, target, measured)
+
+
+def test_single_layers_move_when_no_common_width_scale_meets_the_target():
+    """Between two FLOPs levels a common scale reaches (every layer's rounding moves at once), the
+    fit moves single layers by one channel multiple until it meets the target."""
+    shape = (3, 32, 32)
+    model, _ = pruned_with_random_gates("resnet18", shape)
+    batches = [torch.randn(8, *shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    table = count_flops(model, shape)
+    config = CodebookConfig(entries=2, channel_multiple=16)
+    learned = learn_codebooks(model, batches, config)
+
+    def flops_at(width_scale: float) -> float:
+        install_codebooks(model, learned, config.channel_multiple, width_scale)
+        return measure_flops(model, table, batches).mean_ratio
+
+    levels = sorted({round(flops_at(0.6 + 0.01 * i), 6) for i in range(81)})
+    gap, low, high = max((b - a, a, b) for a, b in zip(levels, levels[1:]))
+    target = (low + high) / 2
+    assert gap > 4 * CODEBOOK_WIDTH_TOLERANCE * target  # no common scale comes within the tolerance
+    common = search_remain_rate(flops_at, target, steps=12, tolerance=CODEBOOK_WIDTH_TOLERANCE, start=1.0)
+    assert abs(common.flops_ratio - target) > CODEBOOK_WIDTH_TOLERANCE * target
+    fit = fit_codebook_widths(model, table, learned, config.channel_multiple, batches, target)
+    measured = measure_flops(model, table, batches).mean_ratio
+    assert measured == pytest.approx(fit.flops_ratio)  # the nudged codebooks are the ones in force
+    assert abs(measured - target) <= CODEBOOK_WIDTH_TOLERANCE * target, (low, high, target, measured)
+    assert fit.evaluations > common.evaluations
+
+
+def test_a_shift_moves_every_entry_by_whole_multiples_within_the_layer():
+    generator = torch.Generator().manual_seed(4)
+    learned = learn_codebook(torch.randn(60, 64, generator=generator), entries=2)
+    widths = learned.rounded(16).sum(1)
+    assert torch.equal(learned.rounded(16, shift=1).sum(1), (widths + 16).clamp(max=64))
+    assert torch.equal(learned.rounded(16, shift=-9).sum(1), torch.full_like(widths, 16))
 
 
 def _gate(channels=6):

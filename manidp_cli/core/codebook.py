@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -52,15 +53,17 @@ class LearnedCodebook:
     entries: torch.Tensor
     summed_excess: torch.Tensor
 
-    def rounded(self, channel_multiple: int, width_scale: float = 1.0) -> torch.Tensor:
+    def rounded(self, channel_multiple: int, width_scale: float = 1.0, shift: int = 0) -> torch.Tensor:
         """The installable codebook: each entry's width times ``width_scale``, rounded to
-        ``channel_multiple``, filled by rank (the entry's members first, each side by summed
-        excess), duplicates merged."""
+        ``channel_multiple`` and moved by ``shift`` multiples (within 1 multiple and every channel),
+        filled by rank (the entry's members first, each side by summed excess), duplicates merged."""
         codebook = torch.zeros_like(self.entries)
         channels = codebook.shape[1]
         for k in range(codebook.shape[0]):
             sums = self.summed_excess[k]
             width = _round_width(float(self.entries[k].sum()) * width_scale, channels, channel_multiple)
+            if shift:
+                width = min(channels, max(min(channel_multiple, channels), width + shift * channel_multiple))
             order = torch.argsort(sums + self.entries[k] * (sums.abs().max() * 2 + 1), descending=True)
             codebook[k, order[:width]] = 1
         return torch.unique(codebook, dim=0).float()
@@ -144,13 +147,17 @@ def learn_codebooks(
 
 
 def install_codebooks(
-    model: nn.Module, learned: dict[str, LearnedCodebook], channel_multiple: int, width_scale: float = 1.0
+    model: nn.Module,
+    learned: dict[str, LearnedCodebook],
+    channel_multiple: int,
+    width_scale: float = 1.0,
+    shifts: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
-    """Put each gate's learned codebook, rounded (``LearnedCodebook.rounded``), in force; return the
-    number of entries per layer."""
+    """Put each gate's learned codebook, rounded (``LearnedCodebook.rounded``, moved by its layer's
+    ``shifts`` in channel multiples), in force; return the number of entries per layer."""
     sizes = {}
     for name, gate in gates_of(model).by_name().items():
-        codebook = learned[name].rounded(channel_multiple, width_scale)
+        codebook = learned[name].rounded(channel_multiple, width_scale, (shifts or {}).get(name, 0))
         gate.codebook = codebook.to(gate.threshold.device)
         sizes[name] = codebook.shape[0]
     return sizes
