@@ -60,6 +60,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None, help="default: the accuracy benchmark's for --model")
     parser.add_argument("--summary", type=Path, default=None, help="default: the accuracy benchmark's for --model")
     parser.add_argument("--budget", type=int, default=18000)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=accuracy.DEFAULT_LR,
+        help="the learning rate the timed arms were fine-tuned at (the accuracy benchmark's --lr); the "
+        "static reference accuracy comes from --summary, whatever its learning rate",
+    )
     parser.add_argument("--iso-target", type=float, default=0.39, help="the manidp arms' FLOPs target")
     parser.add_argument(
         "--arms", nargs="+", default=["manidp", "codebook4"], help="dynamic arms at --iso-target (first: the default)"
@@ -86,7 +93,7 @@ def parse_args() -> argparse.Namespace:
 
 def _arm_args(args) -> argparse.Namespace:
     return argparse.Namespace(
-        lr=accuracy.DEFAULT_LR,
+        lr=args.lr,
         data="fashion-mnist",
         dense_epochs=3,
         dense_images=None,
@@ -237,6 +244,7 @@ def main() -> None:
         "model": args.model,
         "data": "fashion-mnist",
         "budget": args.budget,
+        "lr": args.lr,
         "threads": args.threads,
         "cpu": cpu_info().to_dict(),
         "models": models,
