@@ -69,25 +69,36 @@ def test_a_width_scale_widens_an_entry_by_rank_and_keeps_its_members():
     assert torch.equal(learned.rounded(16), build_codebook(excess, entries=1, channel_multiple=16))
 
 
+class _WidthFit:
+    """resnet18 with random gates and codebooks learned (16-channel multiples), not installed yet."""
+
+    def __init__(self, shape, entries):
+        self.model, _ = pruned_with_random_gates("resnet18", shape)
+        self.batches = [torch.randn(8, *shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        self.table = count_flops(self.model, shape)
+        self.learned = learn_codebooks(self.model, self.batches, CodebookConfig(entries=entries, channel_multiple=16))
+
+    def flops_at(self, width_scale: float) -> float:
+        install_codebooks(self.model, self.learned, 16, width_scale)
+        return self.measured()
+
+    def measured(self) -> float:
+        return measure_flops(self.model, self.table, self.batches).mean_ratio
+
+    def fit(self, target: float):
+        return fit_codebook_widths(self.model, self.table, self.learned, 16, self.batches, target)
+
+
 @pytest.mark.parametrize("scale", [0.85, 1.15])
 def test_fitted_widths_meet_a_flops_target_that_rounding_alone_misses(scale):
-    shape = (3, 64, 64)
-    model, _ = pruned_with_random_gates("resnet18", shape)
-    batches = [torch.randn(8, *shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    table = count_flops(model, shape)
-    config = CodebookConfig(entries=4, channel_multiple=16)
-    learned = learn_codebooks(model, batches, config)
-
-    def flops_at(width_scale: float) -> float:
-        install_codebooks(model, learned, config.channel_multiple, width_scale)
-        return measure_flops(model, table, batches).mean_ratio
-
+    setup = _WidthFit((3, 64, 64), entries=4)
+    flops_at = setup.flops_at
     # widths move in steps of 16 channels, so the target is a level some scale reaches, far from the
     # rounded widths' level
     rounded, target = flops_at(1.0), flops_at(scale)
     assert abs(target - rounded) > 0.05 * target
-    fit = fit_codebook_widths(model, table, learned, config.channel_multiple, batches, target)
-    measured = measure_flops(model, table, batches).mean_ratio
+    fit = setup.fit(target)
+    measured = setup.measured()
     assert measured == pytest.approx(fit.flops_ratio)  # the fitted codebooks are the ones in force
     assert abs(measured - target) <= CODEBOOK_WIDTH_TOLERANCE * target, (rounded, target, measured)
 
@@ -95,25 +106,16 @@ def test_fitted_widths_meet_a_flops_target_that_rounding_alone_misses(scale):
 def test_single_layers_move_when_no_common_width_scale_meets_the_target():
     """Between two FLOPs levels a common scale reaches (every layer's rounding moves at once), the
     fit moves single layers by one channel multiple until it meets the target."""
-    shape = (3, 32, 32)
-    model, _ = pruned_with_random_gates("resnet18", shape)
-    batches = [torch.randn(8, *shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    table = count_flops(model, shape)
-    config = CodebookConfig(entries=2, channel_multiple=16)
-    learned = learn_codebooks(model, batches, config)
-
-    def flops_at(width_scale: float) -> float:
-        install_codebooks(model, learned, config.channel_multiple, width_scale)
-        return measure_flops(model, table, batches).mean_ratio
-
+    setup = _WidthFit((3, 32, 32), entries=2)
+    flops_at = setup.flops_at
     levels = sorted({round(flops_at(0.6 + 0.01 * i), 6) for i in range(81)})
     gap, low, high = max((b - a, a, b) for a, b in zip(levels, levels[1:]))
     target = (low + high) / 2
     assert gap > 4 * CODEBOOK_WIDTH_TOLERANCE * target  # no common scale comes within the tolerance
     common = search_remain_rate(flops_at, target, steps=12, tolerance=CODEBOOK_WIDTH_TOLERANCE, start=1.0)
     assert abs(common.flops_ratio - target) > CODEBOOK_WIDTH_TOLERANCE * target
-    fit = fit_codebook_widths(model, table, learned, config.channel_multiple, batches, target)
-    measured = measure_flops(model, table, batches).mean_ratio
+    fit = setup.fit(target)
+    measured = setup.measured()
     assert measured == pytest.approx(fit.flops_ratio)  # the nudged codebooks are the ones in force
     assert abs(measured - target) <= CODEBOOK_WIDTH_TOLERANCE * target, (low, high, target, measured)
     assert fit.evaluations > common.evaluations
