@@ -93,10 +93,11 @@ def fit_codebook_widths(
         return measure_flops(model, table, batches, world).mean_ratio
 
     search = search_remain_rate(measure, target, steps=steps, tolerance=CODEBOOK_WIDTH_TOLERANCE, start=1.0)
+    scale = search.remain_rate
     steps_by_layer = _multiple_step(model, table, channel_multiple)
-    shifts, search = _nudge_layers(lambda s: measure(search.remain_rate, s), steps_by_layer, search, target)
-    install_codebooks(model, learned, channel_multiple, search.remain_rate, shifts)
-    return search
+    shifts, nudged = _nudge_layers(lambda shifts: measure(scale, shifts), steps_by_layer, search, target)
+    install_codebooks(model, learned, channel_multiple, scale, shifts)
+    return nudged
 
 
 MAX_NUDGES = 8  # measurements spent moving single layers after the common-scale search
