@@ -119,6 +119,11 @@ class Signature:
         return asdict(self)
 
 
+def signature_dict(signature: Signature | None) -> dict[str, float | int | None]:
+    """What JSON outputs and export metadata hold for a signature: empty when there is none (dense)."""
+    return signature.to_dict() if signature is not None else {}
+
+
 @dataclass
 class Evaluation:
     images: int

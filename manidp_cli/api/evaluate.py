@@ -13,6 +13,7 @@ from manidp_cli.analysis.evaluation import (
     Signature,
     evaluate,
     evaluate_dynamic_execution,
+    signature_dict,
 )
 from manidp_cli.core.distributed import World, resolve_device
 from manidp_cli.core.flops import FLOP_CONVENTION, count_flops
@@ -68,7 +69,7 @@ class EvalResult:
             "loss": self.loss,
             "flops_convention": self.flops_convention,
             "flops": self.flops.to_dict(),
-            "signature": self.signature.to_dict() if self.signature else {},
+            "signature": signature_dict(self.signature),
         }
         if self.dynamic_execution is not None:
             out["dynamic_execution"] = self.dynamic_execution.to_dict()

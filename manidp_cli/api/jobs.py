@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from manidp_cli.analysis.evaluation import Evaluation, evaluate
+from manidp_cli.analysis.evaluation import Evaluation, evaluate, signature_dict
 from manidp_cli.config import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
 from manidp_cli.core.distributed import World, joined
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops, decided_flops
@@ -86,8 +86,7 @@ class RunResult:
         """``manidp train/prune --json``: where the run is, before and after, and each epoch's metrics."""
         after = None
         if self.after is not None:
-            signature = self.after.signature.to_dict() if self.after.signature else {}
-            after = {**self.after.summary(), "signature": signature}
+            after = {**self.after.summary(), "signature": signature_dict(self.after.signature)}
         return {
             "out_dir": str(self.out_dir),
             "interrupted": self.interrupted,
@@ -427,7 +426,7 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
         if job.routing_fit is not None:
             meta["routing_fit_r2"] = job.routing_fit
         stats = after.flops
-        meta["signature"] = after.signature.to_dict() if after.signature else {}
+        meta["signature"] = signature_dict(after.signature)
         meta["flops"] = {
             "target": job.recipe.target_flops,
             "dense": stats.dense_flops,

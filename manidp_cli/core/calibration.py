@@ -128,8 +128,11 @@ def _nudge_layers(
         if abs(error) <= CODEBOOK_WIDTH_TOLERANCE * target:
             break
         direction = 1 if error > 0 else -1
-        usable = [(abs(abs(error) - step), name) for name, step in steps.items() if 0 < step < 2 * abs(error)]
-        usable = [(gap, name) for gap, name in usable if (name, direction) not in refused]
+        usable = [
+            (abs(abs(error) - step), name)
+            for name, step in steps.items()
+            if 0 < step < 2 * abs(error) and (name, direction) not in refused
+        ]
         if not usable:
             break
         name = min(usable)[1]
