@@ -13,7 +13,8 @@ subset each epoch), batch 128, SGD Nesterov, cosine learning rate from ``--lr``.
   with the default's distillation (weight 1, T = 4), so that the comparison stays fair;
   ``static_fkd``: ``static_kd`` plus distillation of the stage outputs (weight 5, the
   ``feature_distill5`` arm's) on the teacher channels each slimmed stage keeps;
-- ``dense``: the start fine-tuned without pruning, the ceiling.
+- ``dense``: the start fine-tuned without pruning, the ceiling; ``dense_kd``: the same with the
+  default's distillation (from the start itself), the ceiling of the distilled arms.
 
 FLOPs are honest for every arm: fvcore on the slimmed model (static), manidp's count with the gates'
 own cost included (dynamic; docs/gating.md). Each finished arm is written to
@@ -83,6 +84,13 @@ MANIDP_ARMS = {
     "allocation05": ("default.yaml", {"schedule": {"allocation": 0.5}}),
     "allocation1": ("default.yaml", {"schedule": {"allocation": 1.0}}),
     "no_distill": ("default.yaml", {"loss": {"distill_weight": 0.0}}),
+    # cross-entropy alone (no distillation, no sparsity or similarity term; the thresholds still meet the
+    # target): what the gates cost a long fine-tune when nothing but the task trains them, trained narrow
+    "narrow_ce_only": (
+        "default.yaml",
+        {"narrow_training": True, "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0}},
+    ),
+    "narrow_no_distill": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 0.0}}),
     # a weaker static start: more room for per-image routing (docs/results.md, "How dynamic the default is")
     "init_strength03": ("default.yaml", {"gates": {"init_strength": 0.3}}),
     # gates fitted before training to each channel's per-image response (manidp_cli/core/routing_init.py)
@@ -128,6 +136,7 @@ MANIDP_ARMS = {
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
 STATIC_ARMS = ("static", "static_kd", "static_fkd")
+DENSE_ARMS = ("dense", "dense_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
 FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_distill5 arm
 MAIN_ARMS = ("manidp", "static", "static_kd")
@@ -170,7 +179,7 @@ def parse_args() -> argparse.Namespace:
         "--arms",
         nargs="+",
         default=["dense", *MAIN_ARMS, "paper", "no_similarity", "no_complexity"],
-        choices=sorted({"dense", *MANIDP_ARMS, *STATIC_ARMS}),
+        choices=sorted({*DENSE_ARMS, *MANIDP_ARMS, *STATIC_ARMS}),
         metavar="ARM",
     )
     parser.add_argument("--dense-epochs", type=int, default=3)
@@ -229,8 +238,7 @@ def plan(args) -> list[dict]:
     for budget in sorted(args.budgets):
         targets = sorted(args.targets, key=lambda t: abs(t - 0.3))  # 0.30 first: the issue's key cell
         specs += _specs([a for a in ("manidp", *STATIC_ARMS) if a in args.arms], args.seeds, targets, budget)
-        if "dense" in args.arms:
-            specs.append({"arm": "dense", "target": 1.0, "seed": 0, "budget": budget})
+        specs += _specs([a for a in DENSE_ARMS if a in args.arms], args.ablation_seeds, [1.0], budget)
         specs += _specs([a for a in ABLATION_ARMS if a in args.arms], args.ablation_seeds, targets, budget)
     return specs
 
@@ -274,7 +282,7 @@ def arm_key(spec: dict, args) -> str:
         # the loss-only overrides of the first arms were hashed bare; keep their keys (cached arms)
         hashed = changes.get("loss", {}) if set(changes) <= {"loss"} else changes
         settings["recipe"] = _recipe_identity(RECIPES / recipe) + json.dumps(hashed, sort_keys=True)
-    if spec["arm"] == "static_kd":
+    if spec["arm"] in ("static_kd", "dense_kd"):
         settings["distill"] = DISTILL
     if spec["arm"] == "static_fkd":
         settings["distill"] = {**DISTILL, "features": FEATURE_DISTILL}
@@ -368,9 +376,14 @@ def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
 
 
 def run_dense_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
-    torch.manual_seed(0)
+    torch.manual_seed(spec["seed"])
     model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    _fine_tune(model, data, CrossEntropyObjective(), args, spec, out)
+    objective = CrossEntropyObjective()
+    if spec["arm"] == "dense_kd":
+        teacher = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
+        precision = teacher_dtype(args.teacher_dtype, torch.device("cpu"))
+        objective = Distilled(objective, teacher, DISTILL["weight"], DISTILL["temperature"], teacher_dtype=precision)
+    _fine_tune(model, data, objective, args, spec, out)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": 1.0, "spearman_loss_flops": None, "gram_correlation": None}
 
@@ -445,7 +458,7 @@ def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dic
     for row in rows:
         lr = row.get("lr", DEFAULT_LR)
         spec = {name: row[name] for name in ("arm", "target", "seed", "budget")}
-        if row["arm"] not in MANIDP_ARMS and row["arm"] not in (*STATIC_ARMS, "dense"):
+        if row["arm"] not in MANIDP_ARMS and row["arm"] not in (*STATIC_ARMS, *DENSE_ARMS):
             superseded.append(row)
         elif row["key"] != arm_key(spec, argparse.Namespace(**{**vars(args), "lr": lr})):
             superseded.append(row)
@@ -525,7 +538,7 @@ def plot(summary: dict, path: Path) -> None:
         # curves only: an arm measured at one target is a candidate, reported in the tables
         targets = {}
         for r in summary["arms"]:
-            if r["budget"] == budget and r["arm"] != "dense":
+            if r["budget"] == budget and r["arm"] not in DENSE_ARMS:
                 targets.setdefault(r["arm"], set()).add(r["target"])
         arms = sorted(arm for arm, measured in targets.items() if len(measured) >= 2)
         for arm in arms:
@@ -542,9 +555,12 @@ def plot(summary: dict, path: Path) -> None:
                 capsize=3,
                 label=arm,
             )
-        dense = summary["cells"].get(f"dense|{budget}|1.0")
-        if dense:
-            ax.axhline(100 * dense["mean"], color="gray", linestyle="--", label="dense (same fine-tune)")
+        for arm, style in zip(DENSE_ARMS, ("--", ":")):
+            dense = summary["cells"].get(f"{arm}|{budget}|1.0")
+            if dense:
+                ax.axhline(
+                    100 * dense["mean"], color="gray", linestyle=style, label=f"{arm} (unpruned, same fine-tune)"
+                )
         ax.set_xlabel("mean FLOPs / dense FLOPs (honest count, gates included)")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{summary['model']} on {summary['data']}, fine-tune {budget:,} images")
@@ -646,7 +662,7 @@ def run_plan(args: argparse.Namespace) -> None:
             shutil.rmtree(out, ignore_errors=True)
         resumed = (out / CHECKPOINT_FILE).is_file()
         t0 = time.perf_counter()
-        if spec["arm"] == "dense":
+        if spec["arm"] in DENSE_ARMS:
             metrics = run_dense_arm(args, spec, start, data, out)
         elif spec["arm"] in STATIC_ARMS:
             metrics = run_static_arm(args, spec, start, data, out)
