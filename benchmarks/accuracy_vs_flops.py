@@ -41,9 +41,11 @@ import re
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from manidp_cli.analysis.evaluation import evaluate
 from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
@@ -467,7 +469,7 @@ def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dic
     return current, other_lr, superseded
 
 
-def summarise(args, rows: list[dict], dense_history: list[dict], dense_sha256: str, wall: float) -> dict:
+def summarise(args, rows: list[dict], start: StartIdentity, wall: float) -> dict:
     arms, other_lr, superseded = split_rows(args, rows)
     cells = {f"{arm}|{budget}|{target}": _stats(rows) for (arm, budget, target), rows in _cells(arms).items()}
     verdicts = []
@@ -508,11 +510,12 @@ def summarise(args, rows: list[dict], dense_history: list[dict], dense_sha256: s
             "teacher_dtype": args.teacher_dtype,
         },
         "dense_start": {
-            "epochs": len(dense_history),
-            "eval_top1_per_epoch": [h.get("eval_top1") for h in dense_history],
+            "epochs": len(start.eval_top1_per_epoch),
+            "eval_top1_per_epoch": start.eval_top1_per_epoch,
             # float kernels differ between CPUs and thread counts: a dense start retrained elsewhere is
             # another start, and its arms are not comparable with these (restore_cache checks)
-            "sha256": dense_sha256,
+            "sha256": start.file_sha256,
+            "weights_sha256": start.weights_sha256,
         },
         "arms": arms,
         "cells": cells,
@@ -600,20 +603,45 @@ def main() -> None:
         raise SystemExit(130) from None
 
 
-def restore_cache(args, folder: Path, dense_history: list[dict], dense_sha256: str) -> int:
+@dataclass(frozen=True)
+class StartIdentity:
+    """What shows that a retrained dense start is the one a summary's arms started from."""
+
+    file_sha256: str
+    # the tensors alone: the file's metadata holds the whole recipe, so code that gained a recipe field
+    # writes other bytes around the same weights
+    weights_sha256: str
+    eval_top1_per_epoch: list[float | None]
+
+    @classmethod
+    def of(cls, export: Path, history: list[dict]) -> StartIdentity:
+        weights = hashlib.sha256()
+        for name, tensor in sorted(load_file(export).items()):
+            weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            weights.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        file_sha256 = hashlib.sha256(export.read_bytes()).hexdigest()
+        return cls(file_sha256, weights.hexdigest(), [h.get("eval_top1") for h in history])
+
+    def matches(self, recorded: dict) -> tuple[object, object]:
+        """(theirs, ours), equal when ``recorded`` (a summary's ``dense_start``) names this start: by
+        the weights' digest; for summaries written before it was kept, by the file's, or else by the
+        evaluation after every epoch (4 decimals of top-1 on 10,000 images, 3 times)."""
+        if "weights_sha256" in recorded:
+            return recorded["weights_sha256"], self.weights_sha256
+        if recorded.get("sha256") == self.file_sha256:
+            return self.file_sha256, self.file_sha256
+        return recorded["eval_top1_per_epoch"], self.eval_top1_per_epoch
+
+
+def restore_cache(args, folder: Path, start: StartIdentity) -> int:
     """Rows of the committed summary (``--out``) whose arm file is missing are written back to the
     cache, so that a fresh checkout (``runs/`` is not committed) keeps every arm measured so far instead
     of rebuilding the summary from the new ones alone. Only when the dense start just trained
-    is the one those arms started from (the same weights; for summaries written before the weights'
-    digest was kept, the same evaluation after every epoch)."""
+    is the one those arms started from (``StartIdentity.matches``)."""
     if not args.out.is_file():
         return 0
     summary = json.loads(args.out.read_text())
-    recorded = summary["dense_start"]
-    if "sha256" in recorded:
-        theirs, ours = recorded["sha256"], dense_sha256
-    else:
-        theirs, ours = recorded["eval_top1_per_epoch"], [h.get("eval_top1") for h in dense_history]
+    theirs, ours = start.matches(summary["dense_start"])
     if theirs != ours:
         raise SystemExit(
             f"error: {args.out} was measured from another dense start ({theirs}; this one: {ours}): give "
@@ -642,8 +670,8 @@ def run_plan(args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start, dense_history = dense_start(args)
-    digest = hashlib.sha256(start.read_bytes()).hexdigest()
-    restored = restore_cache(args, folder, dense_history, digest)
+    identity = StartIdentity.of(start, dense_history)
+    restored = restore_cache(args, folder, identity)
     if restored:
         print(f"restored {restored} finished arms from {args.out}", flush=True)
     data = load_data(args.data)
@@ -674,7 +702,7 @@ def run_plan(args: argparse.Namespace) -> None:
         new += 1
         print(f"{key:48s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
     done = [_undefined_as_null(json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))]
-    summary = summarise(args, done, dense_history, digest, sum(d["seconds"] for d in done))
+    summary = summarise(args, done, identity, sum(d["seconds"] for d in done))
     atomic_write_text(args.out, json.dumps(summary, indent=1))
     plot(summary, args.plot)
     _table(summary["arms"], "current arms")
