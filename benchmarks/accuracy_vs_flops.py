@@ -554,24 +554,29 @@ def summarise(args, rows: list[dict], start: StartIdentity, wall: float) -> dict
     }
 
 
+def _curve_arms(rows: list[dict], budget: int) -> list[str]:
+    """The pruned arms measured at two targets or more: curves. An arm measured at one target is a
+    candidate, reported in the tables only."""
+    targets: dict[str, set[float]] = {}
+    for r in rows:
+        if r["budget"] == budget and r["arm"] not in DENSE_ARMS:
+            targets.setdefault(r["arm"], set()).add(r["target"])
+    return sorted(arm for arm, measured in targets.items() if len(measured) >= 2)
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["budget"] for r in summary["arms"]})
+    curves = {budget: _curve_arms(summary["arms"], budget) for budget in sorted({r["budget"] for r in summary["arms"]})}
+    budgets = [b for b in curves if curves[b] or any(f"{arm}|{b}|1.0" in summary["cells"] for arm in DENSE_ARMS)]
     fig, axes = plt.subplots(
         1, max(1, len(budgets)), figsize=(7 * max(1, len(budgets)), 5), layout="constrained", squeeze=False
     )
     for ax, budget in zip(axes[0], budgets):
-        # curves only: an arm measured at one target is a candidate, reported in the tables
-        targets = {}
-        for r in summary["arms"]:
-            if r["budget"] == budget and r["arm"] not in DENSE_ARMS:
-                targets.setdefault(r["arm"], set()).add(r["target"])
-        arms = sorted(arm for arm, measured in targets.items() if len(measured) >= 2)
-        for arm in arms:
+        for arm in curves[budget]:
             points = sorted(
                 (cell["flops_ratio_mean"], 100 * cell["mean"], 100 * (cell["stdev"] or 0.0))
                 for key, cell in summary["cells"].items()
@@ -745,8 +750,8 @@ def run_plan(args: argparse.Namespace) -> None:
         if v["unpruned_ceiling"]:
             bound = v["unpruned_ceiling"]
             print(
-                f"    the margin needs {v['needed_for_margin']:.4f}; unpruned ceiling {bound['top1']:.4f} "
-                f"({bound['arm']}, {bound['seeds']} seeds): {v['margin_above_ceiling']:+.4f} above it"
+                f"    +0.5 point needs {v['needed_for_margin']:.4f}, {v['margin_above_ceiling']:+.4f} from the "
+                f"unpruned ceiling {bound['top1']:.4f} ({bound['arm']}, {bound['seeds']} seeds)"
             )
 
 
