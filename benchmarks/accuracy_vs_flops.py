@@ -572,9 +572,10 @@ def plot(summary: dict, path: Path) -> None:
 
     curves = {budget: _curve_arms(summary["arms"], budget) for budget in sorted({r["budget"] for r in summary["arms"]})}
     budgets = [b for b in curves if curves[b] or any(f"{arm}|{b}|1.0" in summary["cells"] for arm in DENSE_ARMS)]
-    fig, axes = plt.subplots(
-        1, max(1, len(budgets)), figsize=(7 * max(1, len(budgets)), 5), layout="constrained", squeeze=False
-    )
+    if not budgets:
+        print(f"no plot: no arm has two targets at one budget yet ({path} not written)", flush=True)
+        return
+    fig, axes = plt.subplots(1, len(budgets), figsize=(7 * len(budgets), 5), layout="constrained", squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for arm in curves[budget]:
             points = sorted(
