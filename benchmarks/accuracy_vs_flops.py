@@ -93,6 +93,10 @@ MANIDP_ARMS = {
         {"narrow_training": True, "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0}},
     ),
     "narrow_no_distill": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 0.0}}),
+    # distillation weighted 3 and 10 times the cross-entropy (the default: 1): how much the short fine-tune
+    # owes to the teacher
+    "narrow_kd3": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 3.0}}),
+    "narrow_kd10": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 10.0}}),
     # a weaker static start: more room for per-image routing (docs/results.md, "How dynamic the default is")
     "init_strength03": ("default.yaml", {"gates": {"init_strength": 0.3}}),
     # gates fitted before training to each channel's per-image response (manidp_cli/core/routing_init.py)
