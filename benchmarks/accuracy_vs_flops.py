@@ -92,7 +92,6 @@ MANIDP_ARMS = {
         "default.yaml",
         {"narrow_training": True, "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0}},
     ),
-    "narrow_no_distill": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 0.0}}),
     # distillation weighted 3 and 10 times the cross-entropy (the default: 1): how much the short fine-tune
     # owes to the teacher
     "narrow_kd3": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 3.0}}),

@@ -23,12 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from accuracy_vs_flops import DENSE_ARMS, MARGIN, STATIC_ARMS  # noqa: E402 - the sibling benchmark names the arms
+from accuracy_vs_flops import DEFAULT_ARMS, DENSE_ARMS, MARGIN, STATIC_ARMS  # noqa: E402 - the sibling names the arms
 
 from manidp_cli.files import atomic_write_text  # noqa: E402
 
-# the default recipe, trained narrow (today) and masked (cells measured before it trained narrow)
-DEFAULT_ARMS = ("narrow", "manidp")
 SHOWN = (*DEFAULT_ARMS, *STATIC_ARMS, *DENSE_ARMS)
 
 
