@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from manidp_cli.analysis.evaluation import evaluate
 from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
@@ -651,12 +651,12 @@ class StartIdentity:
 
     @classmethod
     def of(cls, export: Path, history: list[dict]) -> StartIdentity:
+        raw = export.read_bytes()  # one read for both digests
         weights = hashlib.sha256()
-        for name, tensor in sorted(load_file(export).items()):
+        for name, tensor in sorted(load_safetensors(raw).items()):
             weights.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             weights.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        file_sha256 = hashlib.sha256(export.read_bytes()).hexdigest()
-        return cls(file_sha256, weights.hexdigest(), [h.get("eval_top1") for h in history])
+        return cls(hashlib.sha256(raw).hexdigest(), weights.hexdigest(), [h.get("eval_top1") for h in history])
 
     def matches(self, recorded: dict) -> tuple[object, object]:
         """(theirs, ours), equal when ``recorded`` (a summary's ``dense_start``) names this start: by

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from accuracy_vs_flops import DEFAULT_ARMS, DENSE_ARMS, MARGIN, STATIC_ARMS  # noqa: E402 - the sibling names the arms
+from accuracy_vs_flops import DEFAULT_ARMS, DEFAULT_LR, DENSE_ARMS, MARGIN, STATIC_ARMS  # noqa: E402 - the sibling names the arms
 
 from manidp_cli.files import atomic_write_text  # noqa: E402
 
@@ -85,7 +85,9 @@ def cells_of(rows: list[dict]) -> list[Cell]:
     grouped: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["arm"] in SHOWN:
-            grouped.setdefault((row["arm"], row["budget"], row["target"], row["lr"]), []).append(row)
+            # rows cached before the learning rate was recorded ran at the default one (split_rows)
+            lr = row.get("lr", DEFAULT_LR)
+            grouped.setdefault((row["arm"], row["budget"], row["target"], lr), []).append(row)
     cells = []
     for (arm, budget, target, lr), members in sorted(grouped.items()):
         members.sort(key=lambda r: r["seed"])
