@@ -96,6 +96,10 @@ MANIDP_ARMS = {
     # owes to the teacher
     "narrow_kd3": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 3.0}}),
     "narrow_kd10": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 10.0}}),
+    # the ablations of today's default (trained narrow): without the similarity term, and with
+    # every image's sparsity weighted alike (no complexity weighting)
+    "narrow_no_similarity": ("default.yaml", {"narrow_training": True, "loss": {"lambda_sim": 0.0}}),
+    "narrow_no_complexity": ("default.yaml", {"narrow_training": True, "loss": {"complexity_weighting": False}}),
     # a weaker static start: more room for per-image routing (docs/results.md, "How dynamic the default is")
     "init_strength03": ("default.yaml", {"gates": {"init_strength": 0.3}}),
     # gates fitted before training to each channel's per-image response (manidp_cli/core/routing_init.py)
