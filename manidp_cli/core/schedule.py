@@ -32,29 +32,37 @@ def flops_target(epoch: int, epochs: int, final: float, hold_epochs: int = 1) ->
 
 
 def thresholds_for_remain_rate(
-    mean_saliency: dict[str, torch.Tensor], remain_rate: float, layer_scales: dict[str, float] | None = None
+    mean_saliency: dict[str, torch.Tensor],
+    remain_rate: float,
+    layer_scales: dict[str, float] | None = None,
+    shifts: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Per-layer thresholds for a common remain rate r in [0, MAX_REMAIN_RATE], layer l's rate
     being r * ``layer_scales[l]`` (1 where not given: method.md's one rate for every layer).
 
-    For r <= 1: tau_l = the k-th largest mean saliency of layer l, k = ceil(r * C_out), at least 1
-    (method.md). Saliencies vary per image, so even r = 1 drops the channels an image rates below the
-    layer's smallest mean; for 1 < r <= 2 the threshold therefore continues linearly from that
-    smallest mean down to 0 (keep every channel with a positive saliency), which keeps the family
-    monotone and lets the search reach any FLOPs target.
+    For r <= 1: tau_l = the k-th largest mean saliency of layer l, k = ``kept_count`` (ceil(r * C_out),
+    at least 1, method.md), plus ``shifts[l]`` channels where given. Saliencies vary per image, so even
+    r = 1 drops the channels an image rates below the layer's smallest mean; for 1 < r <= 2 the
+    threshold therefore continues linearly from that smallest mean down to 0 (keep every channel with a
+    positive saliency), which keeps the family monotone and lets the search reach any FLOPs target.
     """
     thresholds = {}
     for name, mean in mean_saliency.items():
         values = mean.float()
-        channels = values.numel()
         rate = remain_rate * (layer_scales or {}).get(name, 1.0)
         if rate > 1:
             fraction = min(rate, MAX_REMAIN_RATE) - 1.0
             thresholds[name] = float(values.min()) * (1.0 - fraction)
             continue
-        k = min(channels, max(1, math.ceil(rate * channels - 1e-9)))
+        k = kept_count(rate, values.numel(), (shifts or {}).get(name, 0))
         thresholds[name] = float(torch.topk(values, k).values[-1])
     return thresholds
+
+
+def kept_count(rate: float, channels: int, shift: int = 0) -> int:
+    """How many of a layer's ``channels`` a remain rate <= 1 keeps by their mean saliency: ceil(rate *
+    channels) plus ``shift``, within [1, channels]."""
+    return min(channels, max(1, math.ceil(rate * channels - 1e-9) + shift))
 
 
 def cost_weighted_scales(decided_flops: dict[str, float], exponent: float) -> dict[str, float]:
