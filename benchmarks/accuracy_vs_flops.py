@@ -92,6 +92,17 @@ MANIDP_ARMS = {
         "default.yaml",
         {"narrow_training": True, "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0}},
     ),
+    # the same with the gates held at their static start (gate learning rate scaled by 1e-9; the recipe
+    # needs a positive one): every image keeps the channels of the filter-L1 cut, so the arm is static
+    # pruning inside manidp's loop, and its difference from narrow_ce_only is what learned routing adds
+    "narrow_ce_frozen_gates": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "optimizer": {"gate_lr_scale": 1e-9},
+            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
+        },
+    ),
     # distillation weighted 3 and 10 times the cross-entropy (the default: 1): how much the short fine-tune
     # owes to the teacher
     "narrow_kd3": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 3.0}}),
