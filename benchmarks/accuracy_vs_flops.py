@@ -12,7 +12,9 @@ subset each epoch), batch 128, SGD Nesterov, cosine learning rate from ``--lr``.
   the same fine-tune with cross-entropy; ``static_kd``: the same fine-tune
   with the default's distillation (weight 1, T = 4), so that the comparison stays fair;
   ``static_fkd``: ``static_kd`` plus distillation of the stage outputs (weight 5, the
-  ``feature_distill5`` arm's) on the teacher channels each slimmed stage keeps;
+  ``feature_distill5`` arm's) on the teacher channels each slimmed stage keeps; ``static_inner``:
+  static L1 with cross-entropy, pruning only the residual blocks' inner widths (residual streams,
+  stem and shortcuts whole: the shape of the cut manidp's output gates make);
 - ``dense``: the start fine-tuned without pruning, the ceiling; ``dense_kd``: the same with the
   default's distillation (from the start itself), the ceiling of the distilled arms.
 
@@ -155,7 +157,7 @@ MANIDP_ARMS = {
     ),
 }
 ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
-STATIC_ARMS = ("static", "static_kd", "static_fkd")
+STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner")
 DENSE_ARMS = ("dense", "dense_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
 FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_distill5 arm
@@ -379,7 +381,7 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
 def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
     torch.manual_seed(spec["seed"])
     model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    baseline = static_l1(model, spec["target"], data.input_shape)
+    baseline = static_l1(model, spec["target"], data.input_shape, inner_only=spec["arm"] == "static_inner")
     model, flops = baseline.model, baseline.flops_ratio
     objective = CrossEntropyObjective()
     if spec["arm"] in ("static_kd", "static_fkd"):

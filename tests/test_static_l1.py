@@ -37,6 +37,18 @@ def test_static_l1_meets_its_target_and_removes_residual_channels(resnet, target
     assert all(torch.equal(v, before[k]) for k, v in resnet.state_dict().items())  # the input is left alone
 
 
+def test_inner_only_keeps_the_residual_streams_whole_and_narrows_the_blocks_inner_widths(resnet):
+    baseline = static_l1(resnet, 0.3, SHAPE, inner_only=True)
+    model = baseline.model
+    assert abs(baseline.flops_ratio - 0.3) / 0.3 < 0.02
+    dense_widths = {n: m.out_channels for n, m in resnet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    inner = {n for n in widths if n.endswith(".conv1") and n.startswith("layer")}  # read by conv2 alone
+    assert all(widths[n] == dense_widths[n] for n in widths if n not in inner)  # stem, conv2s, shortcuts
+    assert all(widths[n] < dense_widths[n] for n in inner)
+    assert model(torch.randn(2, *SHAPE)).shape == (2, 10)
+
+
 def test_stage_channels_name_the_dense_channels_each_slimmed_stage_keeps(resnet):
     """The stem reads the unpruned input, so right after pruning its output is the dense stem's at
     the kept channels, exactly; every stage's channel list is as wide as its slimmed output."""

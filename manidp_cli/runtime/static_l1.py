@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from manidp_cli.core.flops import count_flops
+from manidp_cli.core.graph import trace_dataflow
 from manidp_cli.errors import ManidpError, TargetError
 
 BISECTION_STEPS = 14
@@ -57,18 +58,30 @@ def _classifier(model: nn.Module) -> nn.Module | None:
     return linears[-1] if linears else None
 
 
-def _pruned_at(model: nn.Module, ratio: float, input_shape, tp: ModuleType) -> nn.Module:
+def _pruned_at(model: nn.Module, ratio: float, input_shape, tp: ModuleType, inner_only: bool = False) -> nn.Module:
     candidate = copy.deepcopy(model).eval()
     head = _classifier(candidate)
+    ignored = [head] if head is not None else []
+    if inner_only:
+        inner = set(trace_dataflow(candidate, input_shape).channel_consumers(_conv_names(candidate)))
+        ignored += [module for name, module in candidate.named_modules() if _is_conv(module) and name not in inner]
     pruner = tp.pruner.MetaPruner(
         candidate,
         torch.zeros(1, *input_shape),
         importance=tp.importance.MagnitudeImportance(p=1),
         pruning_ratio=ratio,
-        ignored_layers=[head] if head is not None else [],
+        ignored_layers=ignored,
     )
     pruner.step()
     return candidate
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
+def _conv_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if _is_conv(module)]
 
 
 def stage_channels(
@@ -97,9 +110,14 @@ def stage_channels(
     return channels
 
 
-def static_l1(model: nn.Module, target: float, input_shape: tuple[int, int, int]) -> StaticL1:
+def static_l1(model: nn.Module, target: float, input_shape: tuple[int, int, int], inner_only: bool = False) -> StaticL1:
     """``model`` (left unchanged) pruned by Torch-Pruning's L1 importance to the FLOPs ratio nearest
-    ``target`` that a bisection of the group ratio finds."""
+    ``target`` that a bisection of the group ratio finds.
+
+    ``inner_only`` prunes only the outputs of convolutions that one other convolution alone reads
+    through per-channel ops (a residual block's inner widths), and keeps residual streams, stems and
+    shortcuts whole: the shape of the cut that manidp's output gates make, whose switched-off
+    residual outputs a static network cannot drop."""
     if not 0 < target < 1:
         raise TargetError(f"the static baseline's FLOPs target must be between 0 and 1 (exclusive), got {target}")
     tp = require_torch_pruning()
@@ -108,7 +126,7 @@ def static_l1(model: nn.Module, target: float, input_shape: tuple[int, int, int]
     best: StaticL1 | None = None
     for _ in range(BISECTION_STEPS):
         ratio = (low + high) / 2
-        candidate = _pruned_at(model, ratio, input_shape, tp)
+        candidate = _pruned_at(model, ratio, input_shape, tp, inner_only)
         flops = count_flops(candidate, input_shape).total_flops / dense
         if best is None or abs(flops - target) < abs(best.flops_ratio - target):
             best = StaticL1(candidate, flops, ratio)
