@@ -105,6 +105,10 @@ MANIDP_ARMS = {
             "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
         },
     ),
+    # input gates on the residual stream (each block's first convolution skips stream channels per image):
+    # the stream channels static pruning removes, which output gates cannot (static_inner measured the
+    # cost of keeping them at 180,000 images)
+    "narrow_input_gates": ("default.yaml", {"narrow_training": True, "gates": {"inputs": True}}),
     # distillation weighted 3 and 10 times the cross-entropy (the default: 1): how much the short fine-tune
     # owes to the teacher
     "narrow_kd3": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 3.0}}),
