@@ -47,14 +47,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from manidp_cli.analysis.evaluation import evaluate
 from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
 from manidp_cli.config import OptimizerConfig
 from manidp_cli.core.features import stage_names
 from manidp_cli.data import load_data
-from manidp_cli.files import atomic_write_text
+from manidp_cli.files import atomic_write_bytes, atomic_write_text
+from manidp_cli.io import read_metadata
 from manidp_cli.models.factory import create_model
 from manidp_cli.runtime.static_l1 import stage_channels, static_l1
 from manidp_cli.training.checkpoint import load_checkpoint
@@ -105,6 +108,8 @@ MANIDP_ARMS = {
             "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
         },
     ),
+    # today's default without distillation (the hybrid arms' second half: their start is no teacher)
+    "narrow_no_distill": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 0.0}}),
     # input gates on the residual stream (each block's first convolution skips stream channels per image):
     # the stream channels static pruning removes, which output gates cannot (static_inner measured the
     # cost of keeping them at 180,000 images)
@@ -160,7 +165,13 @@ MANIDP_ARMS = {
         },
     ),
 }
-ABLATION_ARMS = tuple(arm for arm in MANIDP_ARMS if arm != "manidp")
+# static L1 first, to sqrt(target) of the FLOPs (its cut of the residual streams, which manidp's output
+# gates cannot make: docs/results.md, "What bounds the default at 180,000 images"), then manidp's
+# gates on that slimmed network for the rest: half the cut each, in log FLOPs. hybrid arm -> the
+# manidp arm trained on the slimmed start (without distillation: its teacher would be the untrained
+# static cut)
+HYBRID_ARMS = {"hybrid_ce": "narrow_ce_only", "hybrid_no_distill": "narrow_no_distill"}
+ABLATION_ARMS = (*(arm for arm in MANIDP_ARMS if arm != "manidp"), *HYBRID_ARMS)
 STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner")
 DENSE_ARMS = ("dense", "dense_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
@@ -208,7 +219,7 @@ def parse_args() -> argparse.Namespace:
         "--arms",
         nargs="+",
         default=["dense", *MAIN_ARMS, "paper", "no_similarity", "no_complexity"],
-        choices=sorted({*DENSE_ARMS, *MANIDP_ARMS, *STATIC_ARMS}),
+        choices=sorted({*DENSE_ARMS, *MANIDP_ARMS, *STATIC_ARMS, *HYBRID_ARMS}),
         metavar="ARM",
     )
     parser.add_argument("--dense-epochs", type=int, default=3)
@@ -306,8 +317,11 @@ def arm_key(spec: dict, args) -> str:
         "epochs": 3,
         "batch": 128,
     }
-    if spec["arm"] in MANIDP_ARMS:
-        recipe, changes = MANIDP_ARMS[spec["arm"]]
+    if spec["arm"] in HYBRID_ARMS:
+        settings["static_share"] = "sqrt(target)"
+    arm = HYBRID_ARMS.get(spec["arm"], spec["arm"])
+    if arm in MANIDP_ARMS:
+        recipe, changes = MANIDP_ARMS[arm]
         # the loss-only overrides of the first arms were hashed bare; keep their keys (cached arms)
         hashed = changes.get("loss", {}) if set(changes) <= {"loss"} else changes
         settings["recipe"] = _recipe_identity(RECIPES / recipe) + json.dumps(hashed, sort_keys=True)
@@ -380,6 +394,25 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
         # how dynamic it is: the share of gated channels whose decision depends on the image
         "routed_channel_share": result.after.flops.routed_channel_share(),
     }
+
+
+def run_hybrid_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
+    """Static L1 to sqrt(target), saved as a slimmed start, then the hybrid's manidp arm on it to
+    target / (static L1's share): manidp's export measures its FLOPs against timm's full-width
+    architecture too (``mean_ratio_of_architecture``), the figure reported."""
+    slimmed = args.work / "slimmed-starts" / f"{arm_key(spec, args)}.safetensors"
+    if not slimmed.is_file():  # written once: a resumed arm must continue from the same start
+        torch.manual_seed(spec["seed"])
+        model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
+        baseline = static_l1(model, math.sqrt(spec["target"]), data.input_shape)
+        state = {key: value.detach().contiguous() for key, value in baseline.model.state_dict().items()}
+        slimmed.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(slimmed, save_safetensors(state, {"static_flops_ratio": str(baseline.flops_ratio)}))
+    share = float(safe_open(str(slimmed), "pt").metadata()["static_flops_ratio"])
+    inner = {**spec, "arm": HYBRID_ARMS[spec["arm"]], "target": spec["target"] / share}
+    metrics = run_manidp_arm(args, inner, slimmed, out)
+    flops = read_metadata(out)["flops"]
+    return {**metrics, "flops_ratio": flops["mean_ratio_of_architecture"], "static_share": share}
 
 
 def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
@@ -533,7 +566,7 @@ def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dic
     for row in rows:
         lr = row.get("lr", DEFAULT_LR)
         spec = {name: row[name] for name in ("arm", "target", "seed", "budget")}
-        if row["arm"] not in MANIDP_ARMS and row["arm"] not in (*STATIC_ARMS, *DENSE_ARMS):
+        if row["arm"] not in (*MANIDP_ARMS, *HYBRID_ARMS, *STATIC_ARMS, *DENSE_ARMS):
             superseded.append(row)
         elif row["key"] != arm_key(spec, argparse.Namespace(**{**vars(args), "lr": lr})):
             superseded.append(row)
@@ -751,6 +784,8 @@ def run_plan(args: argparse.Namespace) -> None:
             metrics = run_dense_arm(args, spec, start, data, out)
         elif spec["arm"] in STATIC_ARMS:
             metrics = run_static_arm(args, spec, start, data, out)
+        elif spec["arm"] in HYBRID_ARMS:
+            metrics = run_hybrid_arm(args, spec, start, data, out)
         else:
             metrics = run_manidp_arm(args, spec, start, out)
         # seconds: this run's share only, when the arm resumed a checkpoint

@@ -32,6 +32,7 @@ from manidp_cli.files import atomic_write_bytes
 from manidp_cli.inputs import capped, exception_text, is_dir, is_file
 from manidp_cli.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
 from manidp_cli.models.factory import HUB_PREFIXES, check_model_name
+from manidp_cli.models.narrowing import narrow_to
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"  # timm's and the Hugging Face hub's
@@ -86,6 +87,7 @@ def export_config(
         "input_shape": list(metadata["input_shape"]),
         "gate_policy": metadata["gate_policy"],
         "gated_layers": list(metadata["gated_layers"]),
+        **({NARROWED: metadata[NARROWED]} if metadata.get(NARROWED) else {}),
     }
     config["architecture"] = GATED_ARCHITECTURE
     return config
@@ -132,6 +134,7 @@ SAFE_MODEL_KWARGS = {
     "drop_path_rate": (0.0, 1.0),
 }
 MAX_IMAGE_SIDE = 4096
+NARROWED = "narrowed"  # metadata: tensor name -> shape, where a slimmed start made the export narrower than timm's
 
 
 def _in_range(value: Any, low: float, high: float) -> bool:
@@ -169,6 +172,7 @@ def check_metadata(meta: Any, file: Path) -> dict[str, Any]:
         raise bad(f"'input_shape' must be [in_chans, H, W] with sides up to {MAX_IMAGE_SIDE}, got {capped(shape)}")
     if not isinstance(meta.get("data", {}), dict) or not isinstance(meta.get("data", {}).get("spec", ""), str):
         raise bad("'data' must be an object with a 'spec' string")
+    _check_narrowed(meta.get(NARROWED, {}), bad)
     if meta["kind"] == "pruned":
         layers = meta.get("gated_layers")
         if not isinstance(layers, list) or not all(isinstance(name, str) for name in layers):
@@ -178,6 +182,15 @@ def check_metadata(meta: Any, file: Path) -> dict[str, Any]:
         except ValidationError as exc:
             raise bad(f"has an invalid 'gate_policy': {capped(exception_text(exc))}") from None
     return meta
+
+
+def _check_narrowed(narrowed: Any, bad) -> None:
+    shapes = narrowed.values() if isinstance(narrowed, dict) else None
+    if shapes is None or not all(
+        isinstance(shape, list) and 1 <= len(shape) <= 4 and all(_in_range(v, 1, 1 << 16) for v in shape)
+        for shape in shapes
+    ):
+        raise bad(f"'{NARROWED}' must map tensor names to shapes of 1 to 4 sizes up to 65536")
 
 
 def _check_model_kwargs(kwargs: Any, bad) -> None:
@@ -235,6 +248,11 @@ def _build(metadata: dict[str, Any], file: Path) -> nn.Module:
     import timm
 
     model = timm.create_model(metadata["model"], pretrained=False, **metadata["model_kwargs"])
+    narrowed = metadata.get(NARROWED) or {}
+    tensors = model.state_dict()
+    bad = next((key for key in narrowed if key not in tensors), None) or narrow_to(model, narrowed)
+    if bad is not None:
+        raise WeightsError(f"{file}: metadata narrows {capped(bad)!r}, which {metadata['model']} cannot narrow")
     if metadata.get("kind") == "pruned":
         policy = GatePolicy.model_validate(metadata["gate_policy"])
         gates = insert_gates(model, policy, input_shape=tuple(metadata["input_shape"]))
@@ -264,6 +282,7 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, LoadedExport]:
 
 
 _GATED_ARGS = ("base_architecture", "num_classes", "in_chans", "input_shape", "gate_policy", "gated_layers")
+_OPTIONAL_GATED_ARGS = (NARROWED,)
 
 
 def _gated_metadata(model_args: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +290,7 @@ def _gated_metadata(model_args: dict[str, Any]) -> dict[str, Any]:
     export's own (a config.json from the hub is as untrusted as a safetensors header)."""
     where = Path(f"{GATED_ARCHITECTURE} model_args")
     missing = [key for key in _GATED_ARGS if key not in model_args]
-    unknown = sorted(set(model_args) - set(_GATED_ARGS))
+    unknown = sorted(set(model_args) - set(_GATED_ARGS) - set(_OPTIONAL_GATED_ARGS))
     if missing or unknown:
         raise WeightsError(
             f"{GATED_ARCHITECTURE} is built from the config.json of a gated manidp export "
@@ -286,6 +305,7 @@ def _gated_metadata(model_args: dict[str, Any]) -> dict[str, Any]:
         "model": base,
         "model_kwargs": {"num_classes": model_args["num_classes"], "in_chans": model_args["in_chans"]},
         **{key: model_args[key] for key in ("input_shape", "gate_policy", "gated_layers")},
+        **({NARROWED: model_args[NARROWED]} if NARROWED in model_args else {}),
     }
     return check_metadata(metadata, where)
 

@@ -34,8 +34,9 @@ from manidp_cli.data import SPEC_FORMS, ImageData, LoaderSettings, load_data
 from manidp_cli.errors import DataError, ManidpError, OutputError, TargetError
 from manidp_cli.files import atomic_write_text, remove_stale_temporaries, run_folder_lock
 from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
-from manidp_cli.io import CONFIG_FILE, MODEL_FILE, export_config, save_model, save_timm_config
+from manidp_cli.io import CONFIG_FILE, MODEL_FILE, NARROWED, export_config, save_model, save_timm_config
 from manidp_cli.models.factory import check_model_name, create_model
+from manidp_cli.models.narrowing import narrowed_widths
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import FitResult, StepInfo, fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, ManiDPObjective
@@ -43,6 +44,15 @@ from manidp_cli.training.precision import teacher_dtype
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Command = Literal["train", "prune"]  # which command a job runs
+
+
+@dataclass(frozen=True)
+class SlimmedStart:
+    """A start narrower than its timm architecture (a statically pruned network): the widths that
+    rebuild its export, and the architecture's dense FLOPs, of which its own are a share."""
+
+    widths: dict[str, list[int]]
+    architecture_flops: int
 
 
 @dataclass
@@ -62,6 +72,7 @@ class Job:
     resumed_identity: tuple[int, int, int] | None = None  # that checkpoint file as it was read (see _check_unchanged)
     teacher: nn.Module | None = None  # the frozen dense start, when the recipe distils from it
     routing_fit: dict[str, float] | None = None  # gate name -> R^2 of gates.routing_init's fit (this run or resumed)
+    slimmed_start: SlimmedStart | None = None
 
     @property
     def resume(self) -> bool:
@@ -132,6 +143,10 @@ def prepare(
     # resolved now: a missing CUDA device is an error before the data is read, and pinned memory needs to know
     loader = LoaderSettings.for_device(recipe.workers, World.from_env(recipe.device).device)
     data = load_data(recipe.data, settings.model_name, image_size=recipe.img_size, loader=loader)
+    # timm's architecture, to tell a statically slimmed start (--weights) from it; built before the
+    # seed, which the model, its classifier and its gates start from
+    kwargs = {"num_classes": data.num_classes, "in_chans": data.in_chans}
+    full_width = create_model(settings.model_name, **kwargs) if settings.weights is not None else None
     torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
     model = create_model(
         settings.model_name,
@@ -140,6 +155,7 @@ def prepare(
         weights=settings.weights,
         pretrained=pretrained,
     )
+    slimmed = _slimmed_start(model, full_width, data.input_shape) if full_width is not None else None
     # the dense start, frozen: the teacher of distillation (loss.distill_weight)
     teacher = copy.deepcopy(model).eval() if command == "prune" and recipe.loss.distils() else None
     gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if command == "prune" else None
@@ -157,7 +173,13 @@ def prepare(
         settings.resumed,
         settings.resumed_identity,
         teacher,
+        slimmed_start=slimmed,
     )
+
+
+def _slimmed_start(model: nn.Module, full_width: nn.Module, input_shape: tuple[int, int, int]) -> SlimmedStart | None:
+    widths = narrowed_widths(model, full_width)
+    return SlimmedStart(widths, count_flops(full_width, input_shape).dense_flops) if widths else None
 
 
 @dataclass
@@ -420,6 +442,9 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
     }
     if before is not None:
         meta["baseline"] = before
+    if job.slimmed_start is not None:
+        meta[NARROWED] = job.slimmed_start.widths
+        meta["architecture_dense_flops"] = job.slimmed_start.architecture_flops
     if job.command == "prune":
         meta["gate_policy"] = job.recipe.gates.model_dump(mode="json")
         meta["gated_layers"] = sorted(job.gates.by_name())
@@ -435,6 +460,8 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
             "mean_ratio": stats.mean_ratio,
             "images": len(stats.per_image),
         }
+        if job.slimmed_start is not None:  # mean_ratio is of the slimmed start; this, of timm's architecture
+            meta["flops"]["mean_ratio_of_architecture"] = stats.mean_flops / job.slimmed_start.architecture_flops
     return meta
 
 

@@ -19,6 +19,7 @@ from manidp_cli.core.state import non_finite_tensors
 from manidp_cli.errors import ModelError, WeightsError
 from manidp_cli.inputs import capped, exception_text, is_dir, is_file
 from manidp_cli.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
+from manidp_cli.models.narrowing import narrow_to, narrower_keys
 
 HUB_PREFIXES = ("hf-hub:", "local-dir:")  # timm's model names that carry their own source
 
@@ -116,7 +117,8 @@ def _hub_error(name: str, exc: Exception) -> WeightsError:
 
 
 def _adapt(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """Sum the stem over input channels when they differ; drop a classifier of another size."""
+    """Sum the stem over input channels when they differ; drop a classifier for another number of
+    classes (a narrower one for as many classes stays: a slimmed start's)."""
     from timm.models import adapt_input_conv
 
     own = model.state_dict()
@@ -130,12 +132,50 @@ def _adapt(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict
         target = own.get(key)
         if target is not None and target.shape != value.shape:
             stem = first_conv and key == f"{first_conv}.weight" and value.dim() == 4
-            if stem and value.shape[0] == target.shape[0]:
+            if stem and value.shape[1] != target.shape[1]:
                 value = adapt_input_conv(target.shape[1], value.float()).to(value.dtype)
-            elif classifier and key.startswith(f"{classifier}."):
+            elif classifier and key.startswith(f"{classifier}.") and value.shape[0] != target.shape[0]:
                 continue  # the fresh classifier fits the data's classes
         adapted[key] = value
     return adapted
+
+
+def _narrow_to_start(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> str | None:
+    """Narrow ``model`` to the tensors of a slimmed start (fewer channels than timm's architecture,
+    e.g. Torch-Pruning's output or ``export-static``'s model_slim.safetensors). None when nothing
+    was narrowed, else what was, for the error should the widths not chain."""
+    own = model.state_dict()
+    shapes = {key: state[key].shape for key in narrower_keys(own, state)}
+    if not shapes:
+        return None
+    first = next(iter(shapes))
+    narrowed = (
+        f"{len(shapes)} tensors narrower than {type(model).__name__}'s, the first {first!r} of shape "
+        f"{tuple(shapes[first])} where the model has {tuple(own[first].shape)}"
+    )
+    bad = narrow_to(model, shapes)
+    if bad is not None:
+        raise WeightsError(f"{path} does not fit: {narrowed}, and removing channels does not explain {bad!r}")
+    return narrowed
+
+
+def _check_runs(model: nn.Module, path: Path, narrowed: str) -> None:
+    """A narrowed start whose widths do not chain (a layer narrowed, its consumer not) fails here,
+    with torch's reason, rather than in the middle of training."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    side = int((cfg.get("input_size") or (3, 224, 224))[-1])
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, first.in_channels, side, side))
+    except RuntimeError as exc:
+        raise WeightsError(
+            f"{path} does not fit: {narrowed}, and the narrowed network does not run ({exception_text(exc)}); "
+            "a statically pruned start must leave every layer's widths chained"
+        ) from exc
+    finally:
+        model.train(was_training)
 
 
 def create_model(
@@ -181,8 +221,10 @@ def _not_gated(model: nn.Module, name: str) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load dense weights into ``model`` (gates, if any, keep their fresh initialisation)."""
+    """Load dense weights into ``model`` (gates, if any, keep their fresh initialisation). Weights
+    with fewer channels than the architecture (a statically slimmed start) narrow its layers first."""
     state = _adapt(model, read_state_dict(path), Path(path))
+    narrowed = _narrow_to_start(model, state, Path(path))
     own = model.state_dict()
     for key, value in state.items():
         if key not in own:
@@ -208,6 +250,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
         )
     _check_finite(state, path)
     model.load_state_dict(state, strict=False)
+    if narrowed is not None:
+        _check_runs(model, Path(path), narrowed)
 
 
 def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:

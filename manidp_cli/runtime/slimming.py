@@ -46,6 +46,7 @@ from manidp_cli.files import staged_folder, write_new_file
 from manidp_cli.inputs import capped, exception_text, is_file
 from manidp_cli.io import CONFIG_FILE, MODEL_FILE
 from manidp_cli.models.factory import check_model_name
+from manidp_cli.models.narrowing import narrow_tensor
 from manidp_cli.runtime.channels import scatter_outputs
 from manidp_cli.runtime.onnx_export import ONNX_FILE, OnnxCheck, check_onnx, export_onnx
 
@@ -393,27 +394,6 @@ def _read_static_metadata(folder: Path) -> tuple[dict, Path]:
     return {"model": model_name, "model_kwargs": kwargs, "input_shape": shape, SCATTERED: scattered}, weights
 
 
-def _narrow(module: nn.Module, attribute: str, shape: torch.Size) -> bool:
-    """Give a convolution's or BatchNorm's tensor the (narrower) shape the static export has; the
-    only layers ``slim`` changes. False for anything else."""
-    old = getattr(module, attribute)
-    if old is None or len(shape) != old.dim():
-        return False
-    if isinstance(module, nn.Conv2d) and attribute in ("weight", "bias"):
-        if attribute == "weight" and (shape[2:] != old.shape[2:] or (module.groups != 1 and shape != old.shape)):
-            return False
-        module.out_channels = shape[0]
-        if attribute == "weight":
-            module.in_channels = shape[1] * module.groups
-    elif isinstance(module, _BatchNorm) and attribute in ("weight", "bias", "running_mean", "running_var"):
-        module.num_features = shape[0]
-    else:
-        return False
-    empty = torch.empty(shape, dtype=old.dtype)
-    setattr(module, attribute, nn.Parameter(empty, requires_grad=False) if isinstance(old, nn.Parameter) else empty)
-    return True
-
-
 def _restore_scatter(model: nn.Module, norm_name: str, places: list[int], timm_shapes: dict, file: Path) -> None:
     """Make the narrowed BatchNorm ``norm_name`` scatter its output to ``places`` again, after
     checking them against the layer and timm's width for it."""
@@ -452,7 +432,9 @@ def load_static(folder: str | Path) -> tuple[nn.Module, dict]:
         )
     for key, tensor in tensors.items():
         owner, _, attribute = key.rpartition(".")
-        if tensor.shape != expected[key].shape and not _narrow(model.get_submodule(owner), attribute, tensor.shape):
+        if tensor.shape != expected[key].shape and not narrow_tensor(
+            model.get_submodule(owner), attribute, tensor.shape, trainable=False
+        ):
             raise WeightsError(
                 f"{file}: {key} has shape {tuple(tensor.shape)}, {config['model']} {tuple(expected[key].shape)}"
             )

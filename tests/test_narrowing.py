@@ -1,0 +1,74 @@
+"""A statically slimmed start (fewer channels than timm's architecture): loaded, gated, exported, rebuilt."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from helpers import prune_tiny
+from safetensors.torch import save_file
+
+from manidp_cli.core.flops import count_flops
+from manidp_cli.errors import WeightsError
+from manidp_cli.io import NARROWED, load_pruned
+from manidp_cli.models.factory import create_model
+from manidp_cli.runtime.static_l1 import static_l1
+
+SHAPE = (1, 32, 32)
+
+
+def _save(model: torch.nn.Module, path) -> None:
+    save_file({key: value.detach().contiguous() for key, value in model.state_dict().items()}, str(path))
+
+
+@pytest.fixture(scope="module")
+def slimmed(dense_weights, tmp_path_factory):
+    """test_resnet from the tiny dense start, cut by Torch-Pruning's L1 to half its FLOPs, saved."""
+    dense = create_model("test_resnet", num_classes=10, in_chans=1, weights=dense_weights).eval()
+    baseline = static_l1(dense, 0.5, SHAPE)
+    path = tmp_path_factory.mktemp("slimmed") / "model.safetensors"
+    _save(baseline.model, path)
+    return baseline, path
+
+
+def test_a_slimmed_start_narrows_the_architecture_and_computes_what_the_pruner_left(slimmed):
+    baseline, path = slimmed
+    loaded = create_model("test_resnet", num_classes=10, in_chans=1, weights=path).eval()
+    images = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(loaded(images), baseline.model.eval()(images), rtol=0, atol=0)
+    assert all(parameter.requires_grad for parameter in loaded.parameters())  # a start to train
+    full = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    measured = count_flops(loaded, SHAPE).dense_flops / count_flops(full, SHAPE).dense_flops
+    assert measured == pytest.approx(baseline.flops_ratio, rel=0.02)
+
+
+def test_widths_that_do_not_chain_are_refused_before_training(slimmed, tmp_path):
+    _, path = slimmed
+    full = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    state = full.state_dict()
+    conv = next(key for key, value in state.items() if value.dim() == 4 and value.shape[0] > 1)
+    state[conv] = state[conv][:1]  # one layer narrowed, nothing after it
+    broken = tmp_path / "broken.safetensors"
+    save_file({key: value.contiguous() for key, value in state.items()}, str(broken))
+    with pytest.raises(WeightsError, match="does not run"):
+        create_model("test_resnet", num_classes=10, in_chans=1, weights=broken)
+    state[conv] = full.state_dict()[conv][:, :, :1, :1]  # a smaller kernel: no pruner removes that
+    save_file({key: value.contiguous() for key, value in state.items()}, str(broken))
+    with pytest.raises(WeightsError, match=f"removing channels does not explain '{conv}'"):
+        create_model("test_resnet", num_classes=10, in_chans=1, weights=broken)
+
+
+def test_a_gated_slimmed_start_exports_what_rebuilds_it_with_flops_of_the_architecture(slimmed, tiny_fashion, tmp_path):
+    baseline, path = slimmed
+    result = prune_tiny(tmp_path / "run", tiny_fashion, weights=path)
+    model, export = load_pruned(tmp_path / "run")
+    widths = export.metadata[NARROWED]
+    assert widths and all(tuple(model.state_dict()[key].shape) == tuple(shape) for key, shape in widths.items())
+    flops = export.metadata["flops"]
+    # mean_ratio is of the slimmed start; of the architecture it is that times the start's own share
+    assert flops["mean_ratio_of_architecture"] == pytest.approx(flops["mean_ratio"] * baseline.flops_ratio, rel=0.02)
+    assert flops["mean_ratio"] == pytest.approx(result.after.flops.mean_ratio)
+    images = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        rebuilt = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True).eval()
+        torch.testing.assert_close(rebuilt(images), model(images))
