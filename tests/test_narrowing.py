@@ -8,6 +8,7 @@ import torch
 from helpers import prune_tiny
 from safetensors.torch import save_file
 
+from manidp_cli.api.evaluate import evaluate_export
 from manidp_cli.core.flops import count_flops
 from manidp_cli.errors import WeightsError
 from manidp_cli.io import NARROWED, load_pruned
@@ -68,6 +69,9 @@ def test_a_gated_slimmed_start_exports_what_rebuilds_it_with_flops_of_the_archit
     # mean_ratio is of the slimmed start; of the architecture it is that times the start's own share
     assert flops["mean_ratio_of_architecture"] == pytest.approx(flops["mean_ratio"] * baseline.flops_ratio, rel=0.02)
     assert flops["mean_ratio"] == pytest.approx(result.after.flops.mean_ratio)
+    evaluated = evaluate_export(tmp_path / "run")  # `manidp eval`: the same share of the architecture
+    assert evaluated.mean_ratio_of_architecture == pytest.approx(flops["mean_ratio_of_architecture"], rel=1e-6)
+    assert evaluated.to_dict()["mean_ratio_of_architecture"] == evaluated.mean_ratio_of_architecture
     images = torch.randn(4, *SHAPE)
     with torch.no_grad():
         rebuilt = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True).eval()

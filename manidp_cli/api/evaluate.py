@@ -21,7 +21,7 @@ from manidp_cli.core.progress import ProgressCallback
 from manidp_cli.data import ImageData, LoaderSettings, load_data
 from manidp_cli.errors import ManidpError
 from manidp_cli.inputs import DEFAULT_WORKERS
-from manidp_cli.io import load_pruned
+from manidp_cli.io import NARROWED, load_pruned
 from manidp_cli.models.factory import create_model
 
 
@@ -54,7 +54,14 @@ class EvalResult:
     flops: FlopsDistribution
     signature: Signature | None  # None for a dense model
     dynamic_execution: DynamicExecution | None = None
+    # an export of a statically slimmed start: the dense FLOPs of timm's full-width architecture, of
+    # which ``flops`` (a share of the slimmed network's) is then a smaller share
+    architecture_dense_flops: int | None = None
     flops_convention: str = FLOP_CONVENTION
+
+    @property
+    def mean_ratio_of_architecture(self) -> float | None:
+        return self.flops.mean / self.architecture_dense_flops if self.architecture_dense_flops else None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -73,6 +80,9 @@ class EvalResult:
         }
         if self.dynamic_execution is not None:
             out["dynamic_execution"] = self.dynamic_execution.to_dict()
+        if self.architecture_dense_flops is not None:
+            out["architecture_dense_flops"] = self.architecture_dense_flops
+            out["mean_ratio_of_architecture"] = self.mean_ratio_of_architecture
         return out
 
 
@@ -84,6 +94,7 @@ def _result(
     result: Evaluation,
     dense_flops: int,
     dynamic: DynamicExecution | None = None,
+    architecture_flops: int | None = None,
 ) -> EvalResult:
     distribution = result.flops_distribution()
     return EvalResult(
@@ -99,6 +110,7 @@ def _result(
         flops=distribution if distribution is not None else FlopsDistribution.of_dense(dense_flops),
         signature=result.signature if distribution is not None else None,
         dynamic_execution=dynamic,
+        architecture_dense_flops=architecture_flops,
     )
 
 
@@ -142,7 +154,16 @@ def evaluate_export(
     fast = None
     if dynamic:
         fast = evaluate_dynamic_execution(model, images.eval, images.input_shape, limit, target, on_progress)
-    return _result(info.metadata["model"], str(info.path), images, data_from, result, table.total_flops, fast)
+    architecture = _architecture_flops(info.metadata, images.input_shape) if info.metadata.get(NARROWED) else None
+    return _result(
+        info.metadata["model"], str(info.path), images, data_from, result, table.total_flops, fast, architecture
+    )
+
+
+def _architecture_flops(metadata: dict[str, Any], input_shape: tuple[int, int, int]) -> int:
+    """Dense FLOPs of the full-width architecture a slimmed export was narrowed from, at ``input_shape``."""
+    full_width = create_model(metadata["model"], **metadata["model_kwargs"])
+    return count_flops(full_width, input_shape).dense_flops
 
 
 def evaluate_dense(

@@ -32,6 +32,12 @@ def _print_eval(result: EvalResult) -> None:
     table.add_row("dynamic mean", f"{flops.mean / 1e9:.4f} GFLOPs per image = {flops.ratio('mean'):.4f} of dense")
     for key in ("median", "p10", "p90", "min", "max"):
         table.add_row(f"dynamic {key}", f"{getattr(flops, key) / 1e9:.4f} GFLOPs = {flops.ratio(key):.4f} of dense")
+    if result.architecture_dense_flops is not None:
+        table.add_row(
+            "of the architecture",
+            f"mean {result.mean_ratio_of_architecture:.4f} of timm's full-width network "
+            f"({result.architecture_dense_flops / 1e9:.4f} GFLOPs; 'dense' above is the slimmed start)",
+        )
     if flops.routed_channel_share is not None:
         table.add_row(
             "routed channels",
