@@ -160,6 +160,12 @@ class LossConfig(_Section):
         "it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs with bf16), float32 elsewhere",
     )
 
+    teacher_weights: str | None = Field(
+        None,
+        description="weights of the distillation teacher, the model's architecture at any width (read "
+        "as --weights is); none: the start itself. For a statically slimmed start, its dense original",
+    )
+
     def manidp_terms(self) -> dict[str, float | bool]:
         """The keyword arguments of ``ManiDPLoss`` (distillation is added around it)."""
         return self.model_dump(
@@ -170,6 +176,7 @@ class LossConfig(_Section):
                 "feature_distill_weight",
                 "distill_decay",
                 "teacher_dtype",
+                "teacher_weights",
             }
         )
 

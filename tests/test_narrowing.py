@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from helpers import prune_tiny
+from helpers import TINY_PRUNE, prune_tiny
 from safetensors.torch import save_file
 
 from manidp_cli.api.evaluate import evaluate_export
+from manidp_cli.api.jobs import prepare
 from manidp_cli.core.flops import count_flops
-from manidp_cli.errors import WeightsError
+from manidp_cli.errors import RecipeError, WeightsError
 from manidp_cli.io import NARROWED, load_pruned
 from manidp_cli.models.factory import create_model
 from manidp_cli.runtime.static_l1 import static_l1
@@ -76,3 +77,24 @@ def test_a_gated_slimmed_start_exports_what_rebuilds_it_with_flops_of_the_archit
     with torch.no_grad():
         rebuilt = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True).eval()
         torch.testing.assert_close(rebuilt(images), model(images))
+
+
+def test_a_slimmed_start_distils_from_its_dense_original(slimmed, tiny_fashion, dense_weights, tmp_path):
+    _, path = slimmed
+
+    def prepared(**loss):
+        overrides = {**TINY_PRUNE, "data": tiny_fashion, "loss": {**TINY_PRUNE["loss"], **loss}}
+        return prepare("prune", "test_resnet", overrides=overrides, weights=path, out_dir=tmp_path / "run")
+
+    job = prepared(distill_weight=1.0, teacher_weights=str(dense_weights))
+    dense = create_model("test_resnet", num_classes=10, in_chans=1, weights=dense_weights).eval()
+    images = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(job.teacher(images), dense(images), rtol=0, atol=0)
+    assert job.slimmed_start is not None  # the student is the slimmed network, the teacher full width
+    # the teacher is built aside from the seed: the student's gates start as they would without it
+    without = prepared(distill_weight=1.0)
+    assert all(torch.equal(v, without.model.state_dict()[k]) for k, v in job.model.state_dict().items())
+    with pytest.raises(RecipeError, match="feature_distill_weight"):
+        prepared(feature_distill_weight=1.0, teacher_weights=str(dense_weights))
+    with pytest.raises(WeightsError, match="loss.teacher_weights: weights file .* not found"):
+        prepared(distill_weight=1.0, teacher_weights=str(tmp_path / "missing.safetensors"))

@@ -31,7 +31,7 @@ from manidp_cli.core.losses import ManiDPLoss
 from manidp_cli.core.routing_init import fit_gates_to_responses
 from manidp_cli.core.schedule import FeedbackThresholds, cost_weighted_scales
 from manidp_cli.data import SPEC_FORMS, ImageData, LoaderSettings, load_data
-from manidp_cli.errors import DataError, ManidpError, OutputError, TargetError
+from manidp_cli.errors import DataError, ManidpError, OutputError, RecipeError, TargetError, WeightsError
 from manidp_cli.files import atomic_write_text, remove_stale_temporaries, run_folder_lock
 from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
 from manidp_cli.io import CONFIG_FILE, MODEL_FILE, NARROWED, export_config, save_model, save_timm_config
@@ -156,8 +156,8 @@ def prepare(
         pretrained=pretrained,
     )
     slimmed = _slimmed_start(model, full_width, data.input_shape) if full_width is not None else None
-    # the dense start, frozen: the teacher of distillation (loss.distill_weight)
-    teacher = copy.deepcopy(model).eval() if command == "prune" and recipe.loss.distils() else None
+    distils = command == "prune" and recipe.loss.distils()
+    teacher = _teacher(model, settings.model_name, data, recipe) if distils else None
     gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if command == "prune" else None
     table = count_flops(model, data.input_shape)
     return Job(
@@ -175,6 +175,26 @@ def prepare(
         teacher,
         slimmed_start=slimmed,
     )
+
+
+def _teacher(model: nn.Module, model_name: str, data: ImageData, recipe: Recipe) -> nn.Module:
+    """The frozen teacher of distillation: the start itself, or loss.teacher_weights (built with
+    the random state set aside, so that the student's gates start the same either way)."""
+    path = recipe.loss.teacher_weights
+    if path is None:
+        return copy.deepcopy(model).eval()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            teacher = create_model(model_name, num_classes=data.num_classes, in_chans=data.in_chans, weights=Path(path))
+        except WeightsError as exc:
+            raise WeightsError(f"loss.teacher_weights: {exc}") from exc
+    other_widths = narrowed_widths(model, teacher) or narrowed_widths(teacher, model)
+    if recipe.loss.feature_distill_weight > 0 and other_widths:
+        raise RecipeError(
+            "loss.feature_distill_weight compares the stage outputs channel by channel: its teacher "
+            f"({capped(path)}) must have the start's widths; distil the logits alone (feature_distill_weight: 0)"
+        )
+    return teacher.eval()
 
 
 def _slimmed_start(model: nn.Module, full_width: nn.Module, input_shape: tuple[int, int, int]) -> SlimmedStart | None:
