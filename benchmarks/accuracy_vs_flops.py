@@ -167,10 +167,14 @@ MANIDP_ARMS = {
 }
 # static L1 first, to sqrt(target) of the FLOPs (its cut of the residual streams, which manidp's output
 # gates cannot make: docs/results.md, "What bounds the default at 180,000 images"), then manidp's
-# gates on that slimmed network for the rest: half the cut each, in log FLOPs. hybrid arm -> the
-# manidp arm trained on the slimmed start (without distillation: its teacher would be the untrained
-# static cut)
-HYBRID_ARMS = {"hybrid_ce": "narrow_ce_only", "hybrid_no_distill": "narrow_no_distill"}
+# gates on that slimmed network for the rest: half the cut each, in log FLOPs. hybrid arm -> (the
+# manidp arm trained on the slimmed start, whether it distils from the dense start through
+# loss.teacher_weights: the slimmed start itself is no teacher)
+HYBRID_ARMS = {
+    "hybrid": ("narrow", True),
+    "hybrid_ce": ("narrow_ce_only", False),
+    "hybrid_no_distill": ("narrow_no_distill", False),
+}
 ABLATION_ARMS = (*(arm for arm in MANIDP_ARMS if arm != "manidp"), *HYBRID_ARMS)
 STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner")
 DENSE_ARMS = ("dense", "dense_kd")
@@ -317,9 +321,12 @@ def arm_key(spec: dict, args) -> str:
         "epochs": 3,
         "batch": 128,
     }
-    if spec["arm"] in HYBRID_ARMS:
+    arm = spec["arm"]
+    if arm in HYBRID_ARMS:
         settings["static_share"] = "sqrt(target)"
-    arm = HYBRID_ARMS.get(spec["arm"], spec["arm"])
+        arm, distils = HYBRID_ARMS[arm]
+        if distils:
+            settings["teacher"] = "dense start"
     if arm in MANIDP_ARMS:
         recipe, changes = MANIDP_ARMS[arm]
         # the loss-only overrides of the first arms were hashed bare; keep their keys (cached arms)
@@ -363,7 +370,7 @@ def _fine_tune(model, data, objective, args, spec, out: Path) -> None:
         raise ArmInterrupted(f"{spec['arm']} stopped part-way; {checkpoint} continues it on the next run")
 
 
-def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
+def run_manidp_arm(args, spec: dict, start: Path, out: Path, teacher: Path | None = None) -> dict:
     recipe, changes = MANIDP_ARMS[spec["arm"]]
     overrides = {
         "data": args.data,
@@ -378,6 +385,8 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path) -> dict:
         "schedule": {"calibration_images": 1024, "search_steps": 16, **changes.get("schedule", {})},
     }
     overrides["loss"] = {**overrides.get("loss", {}), "teacher_dtype": args.teacher_dtype}
+    if teacher is not None:
+        overrides["loss"]["teacher_weights"] = str(teacher)
     if (out / CHECKPOINT_FILE).is_file():  # stopped part-way before: continue where it stopped
         job = prepare("prune", args.model, out_dir=out, resume=True)
     else:
@@ -409,8 +418,9 @@ def run_hybrid_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
         slimmed.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(slimmed, save_safetensors(state, {"static_flops_ratio": str(baseline.flops_ratio)}))
     share = float(safe_open(str(slimmed), "pt").metadata()["static_flops_ratio"])
-    inner = {**spec, "arm": HYBRID_ARMS[spec["arm"]], "target": spec["target"] / share}
-    metrics = run_manidp_arm(args, inner, slimmed, out)
+    arm, distils = HYBRID_ARMS[spec["arm"]]
+    inner = {**spec, "arm": arm, "target": spec["target"] / share}
+    metrics = run_manidp_arm(args, inner, slimmed, out, teacher=start if distils else None)
     flops = read_metadata(out)["flops"]
     return {**metrics, "flops_ratio": flops["mean_ratio_of_architecture"], "static_share": share}
 
