@@ -12,7 +12,7 @@ from manidp_cli.api.evaluate import evaluate_export
 from manidp_cli.api.jobs import prepare
 from manidp_cli.core.flops import count_flops
 from manidp_cli.errors import RecipeError, WeightsError
-from manidp_cli.io import NARROWED, load_pruned
+from manidp_cli.io import NARROWED, _build, load_pruned
 from manidp_cli.models.factory import create_model
 from manidp_cli.runtime.static_l1 import static_l1
 
@@ -66,6 +66,10 @@ def test_a_gated_slimmed_start_exports_what_rebuilds_it_with_flops_of_the_archit
     model, export = load_pruned(tmp_path / "run")
     widths = export.metadata[NARROWED]
     assert widths and all(tuple(model.state_dict()[key].shape) == tuple(shape) for key, shape in widths.items())
+    # metadata cannot widen a layer (a crafted header must not allocate what it likes)
+    widened = {**export.metadata, NARROWED: {key: [size * 1000 for size in shape] for key, shape in widths.items()}}
+    with pytest.raises(WeightsError, match="cannot narrow"):
+        _build(widened, tmp_path / "crafted")
     flops = export.metadata["flops"]
     # mean_ratio is of the slimmed start; of the architecture it is that times the start's own share
     assert flops["mean_ratio_of_architecture"] == pytest.approx(flops["mean_ratio"] * baseline.flops_ratio, rel=0.02)

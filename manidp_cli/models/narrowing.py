@@ -20,10 +20,13 @@ NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 def narrow_tensor(module: nn.Module, attribute: str, shape: torch.Size, *, trainable: bool) -> bool:
     """Give ``module.attribute`` the narrower ``shape`` (uninitialised; the state dict fills it) and
     update the layer's width attributes. False when the layer or the shape is not one that narrowing
-    a channel count explains: another kind of layer, another kernel, a grouped convolution."""
+    a channel count explains: another kind of layer, another kernel, a grouped convolution, a size
+    larger than the layer's."""
     old = getattr(module, attribute, None)
     if not isinstance(old, torch.Tensor) or len(shape) != old.dim():
         return False
+    if any(new > now for new, now in zip(shape, old.shape, strict=True)):
+        return False  # narrowing never widens (nor lets a file's metadata allocate what it likes)
     if isinstance(module, nn.Conv2d) and attribute in ("weight", "bias"):
         if attribute == "weight" and (shape[2:] != old.shape[2:] or (module.groups != 1 and shape != old.shape)):
             return False
