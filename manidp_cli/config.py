@@ -244,6 +244,15 @@ class Recipe(_Section):
     # prune: gated convolutions compute only the channels some image of the batch keeps (core.narrow);
     # false: every channel computed, then masked (the paper's, recipes/paper.yaml)
     narrow_training: bool = True
+    static_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="prune: the share of the cut, in log FLOPs, made first by static filter-L1 pruning "
+        "(Torch-Pruning: pip install 'manidp[bench]'), which removes residual-stream channels that "
+        "gates cannot: the start is slimmed to target_flops ** static_share of its FLOPs, and the "
+        "gates cut the rest. 0: gates alone; 0.5: half each (recipes/hybrid.yaml)",
+    )
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()

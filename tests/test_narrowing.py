@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 from helpers import TINY_PRUNE, prune_tiny
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from manidp_cli.api.evaluate import evaluate_export
-from manidp_cli.api.jobs import prepare
+from manidp_cli.api.jobs import prepare, run
 from manidp_cli.core.flops import count_flops
 from manidp_cli.errors import RecipeError, WeightsError
 from manidp_cli.io import NARROWED, _build, load_pruned
@@ -102,3 +102,39 @@ def test_a_slimmed_start_distils_from_its_dense_original(slimmed, tiny_fashion, 
         prepared(feature_distill_weight=1.0, teacher_weights=str(dense_weights))
     with pytest.raises(WeightsError, match="loss.teacher_weights: weights file .* not found"):
         prepared(distill_weight=1.0, teacher_weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_a_run_from_a_slimmed_start_resumes_to_identical_weights(slimmed, tiny_fashion, tmp_path):
+    _, path = slimmed
+    straight = prune_tiny(tmp_path / "straight", tiny_fashion, weights=path)
+    interrupted = prune_tiny(
+        tmp_path / "resumed", tiny_fashion, weights=path, on_step=lambda info: info.epoch == 1 and info.step == 2
+    )
+    assert interrupted.interrupted
+    resumed = prune_tiny(tmp_path / "resumed", tiny_fashion, resume=True)  # without the start's file
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert resumed.history == straight.history
+
+
+def test_static_share_slims_the_start_and_the_gates_cut_the_rest(dense_weights, slimmed, tiny_fashion, tmp_path):
+    overrides = {**TINY_PRUNE, "data": tiny_fashion, "target_flops": 0.3, "static_share": 0.5}
+    job = prepare("prune", "test_resnet", overrides=overrides, weights=dense_weights, out_dir=tmp_path / "run")
+    full = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    architecture = count_flops(full, SHAPE).dense_flops
+    assert job.static_flops_ratio == pytest.approx(job.table.dense_flops / architecture)
+    assert job.static_flops_ratio == pytest.approx(0.3**0.5, abs=0.05)  # the bisection's nearest
+    assert job.gate_target == pytest.approx(0.3 / job.static_flops_ratio)
+    dense = create_model("test_resnet", num_classes=10, in_chans=1, weights=dense_weights).eval()
+    images = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(job.teacher(images), dense(images), rtol=0, atol=0)  # distils from the start
+    result = run(job)
+    flops = load_pruned(tmp_path / "run")[1].metadata["flops"]
+    assert flops["static_ratio"] == pytest.approx(job.static_flops_ratio)
+    assert flops["mean_ratio_of_architecture"] == pytest.approx(flops["mean_ratio"] * job.static_flops_ratio)
+    assert result.flops_ratio_of_architecture == pytest.approx(flops["mean_ratio_of_architecture"])
+    assert result.to_dict()["after"]["flops_ratio_of_architecture"] == result.flops_ratio_of_architecture
+    _, path = slimmed
+    with pytest.raises(RecipeError, match="static_share 0.5 slims a full-width start"):
+        prepare("prune", "test_resnet", overrides=overrides, weights=path, out_dir=tmp_path / "again")

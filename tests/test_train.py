@@ -53,13 +53,19 @@ def test_export_round_trip_rebuilds_the_same_model(pruned, tiny_fashion):
 
 @pytest.mark.parametrize(
     "overrides",
-    [None, {"loss": {"feature_distill_weight": 1.0, "distill_decay": "linear"}}, {"narrow_training": True}],
-    ids=["default", "stage_distillation_decayed", "narrow"],
+    [
+        None,
+        {"loss": {"feature_distill_weight": 1.0, "distill_decay": "linear"}},
+        {"narrow_training": True},
+        {"static_share": 0.5},
+    ],
+    ids=["default", "stage_distillation_decayed", "narrow", "static_stage"],
 )
 def test_interrupted_run_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path, overrides):
     """Also with stage-output distillation, whose hooks a resumed run must set up again, a
-    distillation weight that depends on the step, and narrow training (module classes swapped
-    for each epoch and restored)."""
+    distillation weight that depends on the step, narrow training (module classes swapped
+    for each epoch and restored), and a static stage (a slimmed network distilled from its
+    full-width start, both rebuilt from the checkpoint's widths)."""
     straight = prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights, overrides=overrides)
     stops = {"n": 0}
 

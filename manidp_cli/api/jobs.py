@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from manidp_cli.analysis.evaluation import Evaluation, evaluate, signature_dict
+from manidp_cli.api.starts import Widths, narrow_as_stored, slim_statically
 from manidp_cli.config import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
 from manidp_cli.core.distributed import World, joined
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, count_flops, decided_flops
@@ -43,6 +44,9 @@ from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, Man
 from manidp_cli.training.precision import teacher_dtype
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# of the checkpoint's "extra": the widths --resume rebuilds (state-dict key -> shape, of timm's architecture)
+START_WIDTHS = "start_widths"  # the start's, before recipe.static_share's stage
+WIDTHS = "widths"  # the trained network's
 Command = Literal["train", "prune"]  # which command a job runs
 
 
@@ -73,10 +77,20 @@ class Job:
     teacher: nn.Module | None = None  # the frozen dense start, when the recipe distils from it
     routing_fit: dict[str, float] | None = None  # gate name -> R^2 of gates.routing_init's fit (this run or resumed)
     slimmed_start: SlimmedStart | None = None
+    static_flops_ratio: float | None = None  # recipe.static_share's slimmed network over the start, in FLOPs
+    start_widths: Widths = field(default_factory=dict)  # the start's, before a static stage (--resume rebuilds it)
 
     @property
     def resume(self) -> bool:
         return self.resumed is not None
+
+    @property
+    def gate_target(self) -> float:
+        """The gates' FLOPs target, of the network they gate: --target-flops is of the start, of
+        which a static stage already removed a share."""
+        if self.static_flops_ratio is None:
+            return self.recipe.target_flops
+        return self.recipe.target_flops / self.static_flops_ratio
 
     @property
     def checkpoint(self) -> Path:
@@ -92,12 +106,23 @@ class RunResult:
     after: Evaluation | None = None
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
+    architecture_flops: int | None = None  # timm's full-width network's, when the trained one is narrower
+
+    @property
+    def flops_ratio_of_architecture(self) -> float | None:
+        """The pruned network's mean FLOPs over timm's full-width architecture (a slimmed start's
+        'dense' is itself); None when the network is at full width or not measured."""
+        if self.architecture_flops is None or self.after is None or self.after.flops is None:
+            return None
+        return self.after.flops.mean_flops / self.architecture_flops
 
     def to_dict(self) -> dict[str, Any]:
         """``manidp train/prune --json``: where the run is, before and after, and each epoch's metrics."""
         after = None
         if self.after is not None:
             after = {**self.after.summary(), "signature": signature_dict(self.after.signature)}
+            if self.flops_ratio_of_architecture is not None:
+                after["flops_ratio_of_architecture"] = self.flops_ratio_of_architecture
         return {
             "out_dir": str(self.out_dir),
             "interrupted": self.interrupted,
@@ -143,21 +168,8 @@ def prepare(
     # resolved now: a missing CUDA device is an error before the data is read, and pinned memory needs to know
     loader = LoaderSettings.for_device(recipe.workers, World.from_env(recipe.device).device)
     data = load_data(recipe.data, settings.model_name, image_size=recipe.img_size, loader=loader)
-    # timm's architecture, to tell a statically slimmed start (--weights) from it; built before the
-    # seed, which the model, its classifier and its gates start from
-    kwargs = {"num_classes": data.num_classes, "in_chans": data.in_chans}
-    full_width = create_model(settings.model_name, **kwargs) if settings.weights is not None else None
-    torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
-    model = create_model(
-        settings.model_name,
-        num_classes=data.num_classes,
-        in_chans=data.in_chans,
-        weights=settings.weights,
-        pretrained=pretrained,
-    )
-    slimmed = _slimmed_start(model, full_width, data.input_shape) if full_width is not None else None
-    distils = command == "prune" and recipe.loss.distils()
-    teacher = _teacher(model, settings.model_name, data, recipe) if distils else None
+    start = _build_start(command, settings, data, pretrained)
+    model = start.model
     gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if command == "prune" else None
     table = count_flops(model, data.input_shape)
     return Job(
@@ -172,9 +184,50 @@ def prepare(
         gates,
         settings.resumed,
         settings.resumed_identity,
-        teacher,
-        slimmed_start=slimmed,
+        start.teacher,
+        slimmed_start=start.slimmed,
+        static_flops_ratio=start.static_ratio,
+        start_widths=start.start_widths,
     )
+
+
+@dataclass
+class _Start:
+    """The network a job trains, before gating, and what it was built from."""
+
+    model: nn.Module
+    teacher: nn.Module | None
+    slimmed: SlimmedStart | None  # narrower than timm's architecture (a slimmed --weights, a static stage)
+    static_ratio: float | None  # recipe.static_share's network over the start, in FLOPs
+    start_widths: Widths  # of the start, before any static stage (empty: full width)
+
+
+def _build_start(command: Command, settings: _RunSettings, data: ImageData, pretrained: bool) -> _Start:
+    """The start (timm's weights, --weights, or on --resume the stored widths, which the checkpoint's
+    weights then fill), its teacher, and recipe.static_share's static stage."""
+    recipe = settings.recipe
+    stored = settings.resumed["extra"] if settings.resumed is not None else {}
+    static = command == "prune" and recipe.static_share > 0
+    # timm's architecture, to tell a slimmed network from it; built before the seed, which the
+    # model, its classifier and its gates start from
+    kwargs = {"num_classes": data.num_classes, "in_chans": data.in_chans}
+    narrower = settings.weights is not None or static or bool(stored.get(START_WIDTHS))
+    full_width = create_model(settings.model_name, **kwargs) if narrower else None
+    torch.manual_seed(recipe.seed)  # the classifier, gates and any fresh weights start from the seed
+    model = create_model(settings.model_name, **kwargs, weights=settings.weights, pretrained=pretrained)
+    narrow_as_stored(model, stored.get(START_WIDTHS), "the checkpoint")
+    start_widths = narrowed_widths(model, full_width) if full_width is not None else {}
+    # before the static stage: a slimmed network distils from the start it was cut from
+    distils = command == "prune" and recipe.loss.distils()
+    teacher = _teacher(model, settings.model_name, data, recipe) if distils else None
+    static_ratio = None
+    if static and settings.resumed is None:
+        static_ratio = slim_statically(model, full_width, recipe.target_flops, recipe.static_share, data.input_shape)
+    narrow_as_stored(model, stored.get(WIDTHS), "the checkpoint")
+    slimmed = _slimmed_start(model, full_width, data.input_shape) if full_width is not None else None
+    if static and static_ratio is None:  # resumed: the stored widths rebuilt the slimmed network
+        static_ratio = count_flops(model, data.input_shape).dense_flops / slimmed.architecture_flops
+    return _Start(model, teacher, slimmed, static_ratio, start_widths)
 
 
 def _teacher(model: nn.Module, model_name: str, data: ImageData, recipe: Recipe) -> nn.Module:
@@ -375,7 +428,7 @@ def _objective(job: Job, world: World):
     if schedule.mode == "feedback":
         steps = recipe.epochs * job.data.train.num_batches(recipe.batch_size, recipe.train_images, shard)
         feedback = FeedbackThresholds(
-            recipe.target_flops,
+            job.gate_target,
             round(schedule.ramp * steps),
             schedule.feedback_every,
             schedule.feedback_smoothing,
@@ -385,7 +438,7 @@ def _objective(job: Job, world: World):
         job.gates,
         job.table,
         ManiDPLoss(**recipe.loss.manidp_terms()),
-        target=recipe.target_flops,
+        target=job.gate_target,
         epochs=recipe.epochs,
         hold_epochs=recipe.schedule.hold_epochs,
         # L_bar of the start, estimated on as many training images as calibration uses: a pass over
@@ -482,6 +535,8 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
         }
         if job.slimmed_start is not None:  # mean_ratio is of the slimmed start; this, of timm's architecture
             meta["flops"]["mean_ratio_of_architecture"] = stats.mean_flops / job.slimmed_start.architecture_flops
+        if job.static_flops_ratio is not None:  # recipe.static_share's share of the start's FLOPs
+            meta["flops"]["static_ratio"] = job.static_flops_ratio
     return meta
 
 
@@ -586,6 +641,8 @@ def _fit(job: Job, world: World, before: dict[str, Any] | None, on_step, on_epoc
             "weights": job.weights_source,
             "baseline": before,
             "routing_fit": job.routing_fit,
+            START_WIDTHS: job.start_widths,
+            WIDTHS: job.slimmed_start.widths if job.slimmed_start is not None else {},
         },
         on_step=on_step if world.is_main else None,
         on_epoch=_EpochLog(job, world, on_epoch),
@@ -640,4 +697,6 @@ def _run(job: Job, world: World, on_step, on_epoch) -> RunResult:
             job.out_dir, True, fitted.history, before, None, time.perf_counter() - started, [job.checkpoint]
         )
     after, files = _export(job, world, fitted, before)
-    return RunResult(job.out_dir, False, fitted.history, before, after, time.perf_counter() - started, files)
+    architecture = job.slimmed_start.architecture_flops if job.slimmed_start is not None else None
+    seconds = time.perf_counter() - started
+    return RunResult(job.out_dir, False, fitted.history, before, after, seconds, files, architecture)

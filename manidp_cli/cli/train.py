@@ -49,7 +49,15 @@ def _print_plan(job, to: Console) -> None:
         table.add_row(
             "gates", f"{len(job.gates)} gated convolutions, {job.table.gate_flops / 1e6:.3f} MFLOPs of gate cost"
         )
-        table.add_row("target", f"{recipe.target_flops:.0%} of dense FLOPs on average")
+        if job.static_flops_ratio is None:
+            table.add_row("target", f"{recipe.target_flops:.0%} of dense FLOPs on average")
+        else:
+            table.add_row(
+                "target",
+                f"{recipe.target_flops:.0%} of the start's FLOPs on average: static filter-L1 pruning cut the "
+                f"start to {job.static_flops_ratio:.1%} ('dense' above, static_share {recipe.static_share}), "
+                f"the gates cut that to {job.gate_target:.1%}",
+            )
         training = "narrow (only the channels a batch keeps)" if recipe.narrow_training else "masked (every channel)"
         table.add_row("training", f"{training}; narrow_training in the recipe")
     table.add_row(
@@ -160,6 +168,11 @@ def _print_result(result, as_json: bool) -> None:
         f"{after.get('flops_ratio', 1.0):.4f}" if "flops_ratio" in after else "1 (dense)",
     )
     console.print(table)
+    if result.flops_ratio_of_architecture is not None:
+        console.print(
+            f"FLOPs {result.flops_ratio_of_architecture:.4f} of timm's full-width network "
+            f"('dense' above is the slimmed start)"
+        )
     console.print(f"wrote {', '.join(str(p) for p in result.files)} in {result.seconds:.0f} s")
     routed = result.after.flops.routed_channel_share() if result.after.flops is not None else None
     if routed is not None:
