@@ -108,6 +108,8 @@ MANIDP_ARMS = {
             "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
         },
     ),
+    # recipes/hybrid.yaml as shipped: its static stage (recipe static_share) runs inside `manidp prune`
+    "hybrid_recipe": ("hybrid.yaml", {"narrow_training": True}),
     # today's default without distillation (the hybrid arms' second half: their start is no teacher)
     "narrow_no_distill": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 0.0}}),
     # input gates on the residual stream (each block's first convolution skips stream channels per image):
@@ -395,14 +397,18 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path, teacher: Path | Non
     result = run(job)
     if result.interrupted:
         raise ArmInterrupted(f"{spec['arm']} stopped part-way; {job.checkpoint} continues it on the next run")
-    return {
+    row = {
         "top1": result.after.top1,
-        "flops_ratio": result.after.flops.mean_ratio,
+        # of timm's full-width resnet18 also for a network a static stage narrowed
+        "flops_ratio": result.flops_ratio_of_architecture or result.after.flops.mean_ratio,
         "spearman_loss_flops": result.after.signature.spearman_loss_flops,
         "gram_correlation": result.after.signature.gram_correlation,
         # how dynamic it is: the share of gated channels whose decision depends on the image
         "routed_channel_share": result.after.flops.routed_channel_share(),
     }
+    if job.static_flops_ratio is not None:
+        row["static_share"] = job.static_flops_ratio
+    return row
 
 
 def run_hybrid_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
