@@ -304,7 +304,7 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
     r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0|distill_decay: none|fit_widths: true"
-    r"|narrow_training: \w+)\b.*\n",
+    r"|narrow_training: \w+|static_share: 0\.0)\b.*\n",
     re.MULTILINE,
 )
 
