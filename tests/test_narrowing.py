@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
-from helpers import TINY_PRUNE, prune_tiny
+from helpers import TINY_PRUNE, prune_tiny, run_manidp
 from safetensors.torch import load_file, save_file
 
 from manidp_cli.api.evaluate import evaluate_export
@@ -17,6 +19,7 @@ from manidp_cli.models.factory import create_model
 from manidp_cli.runtime.static_l1 import static_l1
 
 SHAPE = (1, 32, 32)
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _save(model: torch.nn.Module, path) -> None:
@@ -138,3 +141,12 @@ def test_static_share_slims_the_start_and_the_gates_cut_the_rest(dense_weights, 
     _, path = slimmed
     with pytest.raises(RecipeError, match="static_share 0.5 slims a full-width start"):
         prepare("prune", "test_resnet", overrides=overrides, weights=path, out_dir=tmp_path / "again")
+
+
+def test_static_share_without_torch_pruning_is_one_line_before_anything_is_written(dense_weights, tmp_path):
+    out = tmp_path / "run"
+    args = ["prune", "test_resnet", "--recipe", RECIPES / "hybrid.yaml", "--weights", dense_weights, "--out", out]
+    done = run_manidp(args, preamble="sys.modules['torch_pruning'] = None  # not installed")
+    assert done.returncode == 2, done.stderr
+    assert "recipe static_share) needs Torch-Pruning: pip install 'manidp[bench]'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -38,6 +38,7 @@ from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
 from manidp_cli.io import CONFIG_FILE, MODEL_FILE, NARROWED, export_config, save_model, save_timm_config
 from manidp_cli.models.factory import check_model_name, create_model
 from manidp_cli.models.narrowing import narrowed_widths
+from manidp_cli.runtime.static_l1 import require_torch_pruning
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import FitResult, StepInfo, fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, ManiDPObjective
@@ -158,6 +159,8 @@ def prepare(
     else:
         settings = _new_run(command, model_name, recipe_path, overrides, weights, out_dir)
     recipe = settings.recipe
+    if command == "prune" and recipe.static_share > 0:
+        require_torch_pruning()  # before the data is read
     pretrained = command == "prune" and settings.weights is None and not resume
     if pretrained and recipe.data == "embedded" and overrides.get("data") != "embedded":
         raise DataError(

@@ -43,7 +43,8 @@ def require_torch_pruning() -> ModuleType:
         import torch_pruning
     except ImportError:
         raise ManidpError(
-            "the static L1 baseline needs Torch-Pruning: pip install 'manidp[bench]' (or torch-pruning)"
+            "static L1 pruning (the static baseline, recipe static_share) needs Torch-Pruning: "
+            "pip install 'manidp[bench]' (or torch-pruning)"
         ) from None
     return torch_pruning
 
