@@ -110,6 +110,9 @@ MANIDP_ARMS = {
     ),
     # recipes/hybrid.yaml as shipped: its static stage (recipe static_share) runs inside `manidp prune`
     "hybrid_recipe": ("hybrid.yaml", {"narrow_training": True}),
+    # the same with a quarter and three quarters of the cut (in log FLOPs) made statically
+    "hybrid_recipe_s025": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.25}),
+    "hybrid_recipe_s075": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.75}),
     # today's default without distillation (the hybrid arms' second half: their start is no teacher)
     "narrow_no_distill": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 0.0}}),
     # input gates on the residual stream (each block's first convolution skips stream channels per image):
