@@ -150,3 +150,19 @@ def test_static_share_without_torch_pruning_is_one_line_before_anything_is_writt
     assert done.returncode == 2, done.stderr
     assert "recipe static_share) needs Torch-Pruning: pip install 'manidp[bench]'" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_static_share_refuses_depthwise_convolutions_in_one_line(tiny_fashion, tmp_path):
+    torch.manual_seed(0)
+    start = timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1)
+    _save(start, tmp_path / "start.safetensors")
+    overrides = {**TINY_PRUNE, "data": tiny_fashion, "static_share": 0.5}
+    with pytest.raises(RecipeError, match=r"'blocks\.0\.0\.conv_dw\.weight' cannot be narrowed .* use static_share: 0"):
+        prepare(
+            "prune",
+            "mobilenetv3_small_050",
+            overrides=overrides,
+            weights=tmp_path / "start.safetensors",
+            out_dir=tmp_path / "run",
+        )
+    assert not (tmp_path / "run").exists()
