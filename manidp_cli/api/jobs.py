@@ -223,13 +223,14 @@ def _build_start(command: Command, settings: _RunSettings, data: ImageData, pret
     # before the static stage: a slimmed network distils from the start it was cut from
     distils = command == "prune" and recipe.loss.distils()
     teacher = _teacher(model, settings.model_name, data, recipe) if distils else None
-    static_ratio = None
     if static and settings.resumed is None:
-        static_ratio = slim_statically(model, full_width, recipe.target_flops, recipe.static_share, data.input_shape)
-    narrow_as_stored(model, stored.get(WIDTHS), "the checkpoint")
+        slim_statically(model, full_width, recipe.target_flops, recipe.static_share, data.input_shape)
+    narrow_as_stored(model, stored.get(WIDTHS), "the checkpoint")  # on --resume
     slimmed = _slimmed_start(model, full_width, data.input_shape) if full_width is not None else None
-    if static and static_ratio is None:  # resumed: the stored widths rebuilt the slimmed network
-        static_ratio = count_flops(model, data.input_shape).dense_flops / slimmed.architecture_flops
+    static_ratio = None
+    if static:  # counted alike on a new and a resumed run, so that both give the gates one target
+        own = count_flops(model, data.input_shape).dense_flops
+        static_ratio = own / slimmed.architecture_flops if slimmed is not None else 1.0
     return _Start(model, teacher, slimmed, static_ratio, start_widths)
 
 

@@ -33,7 +33,7 @@ def slim_statically(
     model: nn.Module, reference: nn.Module, target: float, share: float, input_shape: tuple[int, int, int]
 ) -> float:
     """Slim ``model`` in place by filter-L1 pruning to ``target ** share`` of its FLOPs (the static
-    part of the cut); returns the FLOPs ratio reached. ``reference`` is the architecture at full
+    part of the cut); returns the FLOPs ratio the pruner measured. ``reference`` is the architecture at full
     width: the start must be it, not a start that is already slimmed."""
     if narrowed_widths(model, reference):
         raise RecipeError(
