@@ -409,7 +409,7 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path, teacher: Path | Non
         # how dynamic it is: the share of gated channels whose decision depends on the image
         "routed_channel_share": result.after.flops.routed_channel_share(),
     }
-    if job.static_flops_ratio is not None:
+    if job.static_flops_ratio is not None:  # a row's static_share: the FLOPs ratio the static cut reached
         row["static_share"] = job.static_flops_ratio
     return row
 
