@@ -78,12 +78,20 @@ class Job:
     teacher: nn.Module | None = None  # the frozen dense start, when the recipe distils from it
     routing_fit: dict[str, float] | None = None  # gate name -> R^2 of gates.routing_init's fit (this run or resumed)
     slimmed_start: SlimmedStart | None = None
-    static_flops_ratio: float | None = None  # recipe.static_share's slimmed network over the start, in FLOPs
     start_widths: Widths = field(default_factory=dict)  # the start's, before a static stage (--resume rebuilds it)
 
     @property
     def resume(self) -> bool:
         return self.resumed is not None
+
+    @property
+    def static_flops_ratio(self) -> float | None:
+        """recipe.static_share's slimmed network over the start, in FLOPs; None without the stage."""
+        if self.command != "prune" or self.recipe.static_share == 0:
+            return None
+        if self.slimmed_start is None:  # the static cut removed nothing
+            return 1.0
+        return self.table.dense_flops / self.slimmed_start.architecture_flops
 
     @property
     def gate_target(self) -> float:
@@ -189,7 +197,6 @@ def prepare(
         settings.resumed_identity,
         start.teacher,
         slimmed_start=start.slimmed,
-        static_flops_ratio=start.static_ratio,
         start_widths=start.start_widths,
     )
 
@@ -201,7 +208,6 @@ class _Start:
     model: nn.Module
     teacher: nn.Module | None
     slimmed: SlimmedStart | None  # narrower than timm's architecture (a slimmed --weights, a static stage)
-    static_ratio: float | None  # recipe.static_share's network over the start, in FLOPs
     start_widths: Widths  # of the start, before any static stage (empty: full width)
 
 
@@ -227,11 +233,7 @@ def _build_start(command: Command, settings: _RunSettings, data: ImageData, pret
         slim_statically(model, full_width, recipe.target_flops, recipe.static_share, data.input_shape)
     narrow_as_stored(model, stored.get(WIDTHS), "the checkpoint")  # on --resume
     slimmed = _slimmed_start(model, full_width, data.input_shape) if full_width is not None else None
-    static_ratio = None
-    if static:  # counted alike on a new and a resumed run, so that both give the gates one target
-        own = count_flops(model, data.input_shape).dense_flops
-        static_ratio = own / slimmed.architecture_flops if slimmed is not None else 1.0
-    return _Start(model, teacher, slimmed, static_ratio, start_widths)
+    return _Start(model, teacher, slimmed, start_widths)
 
 
 def _teacher(model: nn.Module, model_name: str, data: ImageData, recipe: Recipe) -> nn.Module:

@@ -24,17 +24,17 @@ def narrow_as_stored(model: nn.Module, widths: Mapping[str, list[int]] | None, s
     """Give a freshly built ``model`` the widths a checkpoint stored (nothing for full width)."""
     if not widths:
         return
-    bad = narrow_to(model, {key: torch.Size(shape) for key, shape in widths.items()})
+    bad = narrow_to(model, widths)
     if bad is not None:
         raise ManidpError(f"{source} stores a width for {bad!r} that {type(model).__name__} cannot take")
 
 
 def slim_statically(
     model: nn.Module, reference: nn.Module, target: float, share: float, input_shape: tuple[int, int, int]
-) -> float:
+) -> None:
     """Slim ``model`` in place by filter-L1 pruning to ``target ** share`` of its FLOPs (the static
-    part of the cut); returns the FLOPs ratio the pruner measured. ``reference`` is the architecture at full
-    width: the start must be it, not a start that is already slimmed."""
+    part of the cut). ``reference`` is the architecture at full width: the start must be it, not a
+    start that is already slimmed."""
     if narrowed_widths(model, reference):
         raise RecipeError(
             f"static_share {share} slims a full-width start, but the --weights given are already "
@@ -44,11 +44,10 @@ def slim_statically(
     with torch.random.fork_rng(devices=[]):
         slimmed = static_l1(model, target**share, input_shape)
     widths = narrowed_widths(slimmed.model, reference)
-    bad = narrow_to(model, {key: torch.Size(shape) for key, shape in widths.items()})
+    bad = narrow_to(model, widths)
     if bad is not None:
         raise RecipeError(
             f"static_share: {type(model).__name__}'s {bad!r} cannot be narrowed to the width the static "
             f"stage chose (grouped and depthwise convolutions cannot yet); use static_share: 0"
         )
     model.load_state_dict(slimmed.model.state_dict())
-    return slimmed.flops_ratio

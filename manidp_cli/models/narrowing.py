@@ -8,7 +8,7 @@ the slimmed weights load into it and manidp can gate it further.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ def narrower_keys(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Ten
     return keys
 
 
-def narrow_to(model: nn.Module, shapes: Mapping[str, torch.Size], *, trainable: bool = True) -> str | None:
+def narrow_to(model: nn.Module, shapes: Mapping[str, Sequence[int]], *, trainable: bool = True) -> str | None:
     """Narrow ``model`` to ``shapes`` (state-dict key -> narrower shape). None when every key was
     narrowed, else the first key that narrowing cannot explain (the model is then partly narrowed
     and must be discarded)."""
