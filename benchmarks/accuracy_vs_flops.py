@@ -187,6 +187,8 @@ FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_dist
 MAIN_ARMS = ("manidp", "static", "static_kd")
 # the default recipe as measured: trained masked (the cells run before it trained narrow) and narrow
 DEFAULT_ARMS = ("manidp", "narrow")
+NETWORK_FILE = "model.safetensors"  # in an arm's run folder: manidp's export, or a static or dense arm's network
+FLOPS_RATIO = "flops_ratio"  # metadata of a static or dense arm's network: its FLOPs share
 MARGIN = 0.005  # the issue's: the default >= 0.5 point above the best static arm at 0.30 and 0.15
 DEFAULT_LR = 0.05  # 3 seeds in every cell
 
@@ -374,6 +376,13 @@ def _fine_tune(model, data, objective, args, spec, out: Path) -> None:
         raise ArmInterrupted(f"{spec['arm']} stopped part-way; {checkpoint} continues it on the next run")
 
 
+def save_network(model: torch.nn.Module, out: Path, flops_ratio: float) -> None:
+    """A static or dense arm's trained network as ``<out>/model.safetensors`` (a start manidp loads,
+    narrowed where the cut narrowed it), with its FLOPs share: benchmarks/cascade.py's members."""
+    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    atomic_write_bytes(out / NETWORK_FILE, save_safetensors(state, {FLOPS_RATIO: str(flops_ratio)}))
+
+
 def run_manidp_arm(args, spec: dict, start: Path, out: Path, teacher: Path | None = None) -> dict:
     recipe, changes = MANIDP_ARMS[spec["arm"]]
     overrides = {
@@ -450,6 +459,7 @@ def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
             objective, teacher, DISTILL["weight"], DISTILL["temperature"], teacher_dtype=precision, **features
         )
     _fine_tune(model, data, objective, args, spec, out)
+    save_network(model, out, flops)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": flops, "spearman_loss_flops": None, "gram_correlation": None}
 
@@ -463,6 +473,7 @@ def run_dense_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
         precision = teacher_dtype(args.teacher_dtype, torch.device("cpu"))
         objective = Distilled(objective, teacher, DISTILL["weight"], DISTILL["temperature"], teacher_dtype=precision)
     _fine_tune(model, data, objective, args, spec, out)
+    save_network(model, out, 1.0)
     result = evaluate(model, data.eval, 256)
     return {"top1": result.top1, "flops_ratio": 1.0, "spearman_loss_flops": None, "gram_correlation": None}
 

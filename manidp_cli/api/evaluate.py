@@ -154,13 +154,13 @@ def evaluate_export(
     fast = None
     if dynamic:
         fast = evaluate_dynamic_execution(model, images.eval, images.input_shape, limit, target, on_progress)
-    architecture = _architecture_flops(info.metadata, images.input_shape) if info.metadata.get(NARROWED) else None
+    architecture = architecture_flops(info.metadata, images.input_shape) if info.metadata.get(NARROWED) else None
     return _result(
         info.metadata["model"], str(info.path), images, data_from, result, table.total_flops, fast, architecture
     )
 
 
-def _architecture_flops(metadata: dict[str, Any], input_shape: tuple[int, int, int]) -> int:
+def architecture_flops(metadata: dict[str, Any], input_shape: tuple[int, int, int]) -> int:
     """Dense FLOPs of the full-width architecture a slimmed export was narrowed from, at ``input_shape``."""
     full_width = create_model(metadata["model"], **metadata["model_kwargs"])
     return count_flops(full_width, input_shape).dense_flops

@@ -1,0 +1,293 @@
+"""Per-image compute by escalation: a narrow export answers, a wider one re-answers the images the
+narrow one is unsure of. Does that beat one model at the same mean FLOPs?
+
+The accuracy benchmark's gated networks route almost nothing per image (1 to 3 % of their gated
+channels; docs/results.md), so their FLOPs barely vary across images. A cascade of two of its exports
+is the plainest way to spend more on hard images: every test image runs the narrow export (its
+per-image FLOPs, gates included); when the narrow export's top softmax probability is below a
+threshold, the image also runs the wide export (its per-image FLOPs added; nothing is reused) and
+takes the wide export's answer. The threshold meets a mean-FLOPs target and is chosen on other
+images than it is applied to: the test set is split in two folds (even and odd positions), each
+fold's threshold is fitted on the other fold, so no image decides its own threshold. FLOPs are
+shares of timm's full-width network, as in the accuracy benchmark's JSON.
+
+Members come from ``<work>/runs/<key>/model.safetensors`` (the arms of
+benchmarks/accuracy_vs_flops.py, which keeps the runs of its hybrid arms). Per-image outputs are
+cached in ``<work>/cascade-cache`` (safetensors per export, keyed by the export's size and time).
+JSON + printed table::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm hybrid_ce --budget 180000
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm hybrid_recipe --budget 18000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from manidp_cli.analysis.machine import cpu_info
+from manidp_cli.api.evaluate import architecture_flops
+from manidp_cli.core.flops import FlopsMeter, count_flops
+from manidp_cli.core.recorder import GateRecorder
+from manidp_cli.data import load_data
+from manidp_cli.files import atomic_write_bytes, atomic_write_text
+from manidp_cli.io import NARROWED, load_pruned
+from manidp_cli.models.factory import create_model
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import accuracy_vs_flops as accuracy  # noqa: E402 - the sibling benchmark names the arms and their keys
+import speed_trained  # noqa: E402 - the same arm arguments
+
+FOLDS = 2
+DATA = "fashion-mnist"  # the accuracy benchmark's data (speed_trained._arm_args): static and dense members
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=accuracy.DEFAULT_MODEL)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-avf-start2"))
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        default=ROOT / "results" / "accuracy_vs_flops_start2.json",
+        help="the accuracy benchmark's JSON: the single models and static arms compared against",
+    )
+    parser.add_argument("--arm", default="hybrid_ce", help="the accuracy benchmark's arm of both members")
+    parser.add_argument("--narrow-arm", default=None, help="the narrow member's arm, if not --arm")
+    parser.add_argument("--wide-arm", default=None, help="the wide member's arm, if not --arm (dense: target 1.0)")
+    parser.add_argument("--budget", type=int, default=180000)
+    parser.add_argument("--lr", type=float, default=accuracy.DEFAULT_LR)
+    parser.add_argument("--narrow", type=float, default=0.15, help="the narrow member's FLOPs target")
+    parser.add_argument("--wide", type=float, default=0.45, help="the wide member's FLOPs target")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3], help="the cascade's mean FLOPs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    args.narrow_arm = args.narrow_arm or args.arm
+    args.wide_arm = args.wide_arm or args.arm
+    arms = args.narrow_arm if args.narrow_arm == args.wide_arm else f"{args.narrow_arm}_{args.wide_arm}"
+    args.out = args.out or ROOT / "results" / f"cascade_{arms}_{args.narrow}_{args.wide}_b{args.budget}.json"
+    return args
+
+
+@dataclass(frozen=True)
+class MemberOutputs:
+    """One export's answers on the test set, image by image."""
+
+    probabilities: torch.Tensor  # images x classes (softmax)
+    labels: torch.Tensor
+    flops: torch.Tensor  # per image, a share of timm's full-width network (gates included)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.probabilities.argmax(1) == self.labels
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        return self.probabilities.max(1).values
+
+
+def measure_export(export: Path) -> MemberOutputs:
+    """Run a manidp export over its test split once: softmax outputs and per-image FLOPs together."""
+    model, info = load_pruned(export)
+    images, _ = info.load_data(None)
+    table = count_flops(model, images.input_shape)
+    full_width = architecture_flops(info.metadata, images.input_shape) if info.metadata.get(NARROWED) else None
+    meter = FlopsMeter(table)
+    probabilities, labels = [], []
+    with torch.no_grad(), GateRecorder(model, detach=True) as recorder:
+        for x, y in images.eval.batches(500):
+            probabilities.append(model(x).float().softmax(1))
+            labels.append(y)
+            meter.update(recorder, x.shape[0])
+    flops = torch.tensor(meter.stats().per_image, dtype=torch.float64) / (full_width or table.dense_flops)
+    return MemberOutputs(torch.cat(probabilities), torch.cat(labels), flops)
+
+
+def measure_network(path: Path, model_name: str) -> MemberOutputs:
+    """A static or dense arm's network (``accuracy.save_network``): the same FLOPs for every image,
+    the share the accuracy benchmark measured with fvcore."""
+    images = load_data(DATA)
+    flops_ratio = float(safe_open(str(path), "pt").metadata()[accuracy.FLOPS_RATIO])
+    model = create_model(model_name, num_classes=images.num_classes, in_chans=images.in_chans, weights=path)
+    model.eval()
+    probabilities, labels = [], []
+    with torch.no_grad():
+        for x, y in images.eval.batches(500):
+            probabilities.append(model(x).float().softmax(1))
+            labels.append(y)
+    labels = torch.cat(labels)
+    return MemberOutputs(torch.cat(probabilities), labels, torch.full((len(labels),), flops_ratio, dtype=torch.float64))
+
+
+def cached_member(args, arm: str, export: Path, cache: Path) -> MemberOutputs:
+    stat = export.stat()
+    digest = hashlib.sha256(f"{export.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    path = cache / f"{export.parent.name}-{digest}.safetensors"
+    if path.is_file():
+        return MemberOutputs(**load_safetensors(path.read_bytes()))
+    plain = arm in accuracy.STATIC_ARMS or arm in accuracy.DENSE_ARMS
+    outputs = measure_network(export, args.model) if plain else measure_export(export)
+    cache.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save_safetensors({k: v.contiguous() for k, v in asdict(outputs).items()}))
+    return outputs
+
+
+def fit_threshold(narrow: MemberOutputs, wide: MemberOutputs, images: torch.Tensor, target: float) -> float:
+    """The confidence below which ``images`` escalate, as many (least confident first) as keep their
+    mean FLOPs (narrow for all, wide added for the escalated) at most ``target``."""
+    confidence = narrow.confidence[images]
+    order = confidence.argsort()
+    base = float(narrow.flops[images].sum())
+    mean_cost = (base + wide.flops[images][order].cumsum(0)) / len(images)
+    escalated = int((mean_cost <= target).sum())
+    if escalated == 0:
+        return 0.0
+    if escalated == len(images):
+        return 1.0 + 1e-6
+    below, above = confidence[order[escalated - 1]], confidence[order[escalated]]
+    return float(below + above) / 2
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    target: float
+    top1: float
+    flops_ratio: float
+    escalated_share: float
+    thresholds: list[float]  # one per fold, each fitted on the other folds
+
+
+def cascade(narrow: MemberOutputs, wide: MemberOutputs, target: float) -> CascadeResult:
+    positions = torch.arange(len(narrow.labels))
+    escalate = torch.zeros(len(positions), dtype=torch.bool)
+    thresholds = []
+    for fold in range(FOLDS):
+        held_out = positions % FOLDS == fold
+        threshold = fit_threshold(narrow, wide, positions[~held_out], target)
+        escalate[held_out] = narrow.confidence[held_out] < threshold
+        thresholds.append(threshold)
+    correct = torch.where(escalate, wide.correct, narrow.correct)
+    flops = narrow.flops + wide.flops * escalate
+    return CascadeResult(
+        target, float(correct.float().mean()), float(flops.mean()), float(escalate.float().mean()), thresholds
+    )
+
+
+def member(args, arm: str, target: float, seed: int) -> MemberOutputs:
+    spec = {"arm": arm, "target": target, "seed": seed, "budget": args.budget}
+    key = accuracy.arm_key(spec, speed_trained._arm_args(args))
+    export = args.work / "runs" / key / accuracy.NETWORK_FILE
+    if not export.is_file():
+        sys.exit(f"error: no network {export}: run the accuracy benchmark's {arm} arm at {target} first")
+    return cached_member(args, arm, export, args.work / "cascade-cache")
+
+
+def measure_seed(args, seed: int) -> dict:
+    narrow = member(args, args.narrow_arm, args.narrow, seed)
+    wide = member(args, args.wide_arm, args.wide, seed)
+    # the best any escalation rule could do: escalate exactly the images the wide member gets right
+    # and the narrow one wrong
+    rescued = wide.correct & ~narrow.correct
+    return {
+        "seed": seed,
+        "narrow": {"top1": float(narrow.correct.float().mean()), "flops_ratio": float(narrow.flops.mean())},
+        "wide": {"top1": float(wide.correct.float().mean()), "flops_ratio": float(wide.flops.mean())},
+        "oracle": {
+            "top1": float((narrow.correct | rescued).float().mean()),
+            "flops_ratio": float((narrow.flops + wide.flops * rescued).mean()),
+        },
+        "cascades": [asdict(cascade(narrow, wide, target)) for target in args.targets],
+    }
+
+
+def _mean_sd(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def comparisons(args, summary: dict) -> list[dict]:
+    """Per cascade target: the accuracy benchmark's cells at that budget and target, for comparison."""
+    out = []
+    for target in args.targets:
+        cells = {
+            arm: {"mean": cell["mean"], "sd": cell["stdev"], "seeds": cell["seeds"]}
+            for key, cell in summary["cells"].items()
+            for arm, budget, at in [key.split("|")]
+            if int(budget) == args.budget and abs(float(at) - target) < 1e-9
+        }
+        out.append({"target": target, "single_models": cells})
+    return out
+
+
+def print_table(args, seeds: list[dict], pooled: dict, compared: list[dict]) -> None:
+    print(
+        f"{args.model}, {args.budget:,} images: {args.narrow_arm} at {args.narrow} escalating to "
+        f"{args.wide_arm} at {args.wide}"
+    )
+    print(
+        f"{'seed':>4s} {'narrow':>15s} {'wide':>15s} {'oracle':>15s} "
+        + " ".join(f"{'cascade ' + str(t):>22s}" for t in args.targets)
+    )
+    for s in seeds:
+        cells = [f"{100 * s[m]['top1']:6.2f} @ {s[m]['flops_ratio']:.3f}" for m in ("narrow", "wide", "oracle")]
+        cells += [
+            f"{100 * c['top1']:6.2f} @ {c['flops_ratio']:.3f} ({100 * c['escalated_share']:.0f}%)"
+            for c in s["cascades"]
+        ]
+        print(
+            f"{s['seed']:>4d} "
+            + " ".join(f"{c:>15s}" for c in cells[:3])
+            + " "
+            + " ".join(f"{c:>22s}" for c in cells[3:])
+        )
+    print(" mean " + "  ".join(f"{n}: {100 * v['mean']:.2f} ± {100 * v['sd']:.2f}" for n, v in pooled.items()))
+    for row in compared:
+        singles = ", ".join(
+            f"{arm} {100 * c['mean']:.2f}" + (f" ± {100 * c['sd']:.2f}" if c["sd"] is not None else "")
+            for arm, c in sorted(row["single_models"].items())
+        )
+        print(f"single models at {row['target']}: {singles or 'none in the summary'}")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    seeds = [measure_seed(args, seed) for seed in args.seeds]
+    pooled = {m: _mean_sd([s[m]["top1"] for s in seeds]) for m in ("narrow", "wide", "oracle")}
+    for index, target in enumerate(args.targets):
+        pooled[f"cascade {target}"] = _mean_sd([s["cascades"][index]["top1"] for s in seeds])
+    compared = comparisons(args, json.loads(args.summary.read_text()))
+    result = {
+        "benchmark": "cascade",
+        "model": args.model,
+        "budget": args.budget,
+        "members": {"narrow": [args.narrow_arm, args.narrow], "wide": [args.wide_arm, args.wide]},
+        "folds": FOLDS,
+        "cpu": cpu_info().to_dict(),
+        "seeds": seeds,
+        "top1": pooled,
+        "single_models": compared,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=1))
+    print_table(args, seeds, pooled, compared)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
