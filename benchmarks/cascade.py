@@ -1,23 +1,25 @@
-"""Per-image compute by escalation: a narrow export answers, a wider one re-answers the images the
+"""Per-image compute by escalation: a narrow network answers, a wider one re-answers the images the
 narrow one is unsure of. Does that beat one model at the same mean FLOPs?
 
-The accuracy benchmark's gated networks route almost nothing per image (1 to 3 % of their gated
-channels; docs/results.md), so their FLOPs barely vary across images. A cascade of two of its exports
-is the plainest way to spend more on hard images: every test image runs the narrow export (its
-per-image FLOPs, gates included); when the narrow export's top softmax probability is below a
-threshold, the image also runs the wide export (its per-image FLOPs added; nothing is reused) and
-takes the wide export's answer. The threshold meets a mean-FLOPs target and is chosen on other
-images than it is applied to: the test set is split in two folds (even and odd positions), each
-fold's threshold is fitted on the other fold, so no image decides its own threshold. FLOPs are
-shares of timm's full-width network, as in the accuracy benchmark's JSON.
+The accuracy benchmark's gated networks route almost nothing per image (1 to 3% of their gated
+channels; docs/results.md), so their FLOPs barely vary across images. A cascade of two of its
+trained networks is the plainest way to spend more on hard images (``manidp eval --escalate-to``,
+``manidp_cli.analysis.cascade``): every test image runs the narrow member (its per-image FLOPs,
+gates included); when the narrow member's top softmax probability is below a threshold, the image
+also runs the wide member (its FLOPs added; nothing is reused) and takes its answer. The threshold
+meets a mean-FLOPs target and is cross-fitted: each half of the test set (even and odd positions)
+is judged by a threshold fitted on the other half. FLOPs are shares of timm's full-width network,
+as in the accuracy benchmark's JSON. "oracle" escalates exactly the images the wide member gets
+right and the narrow one wrong: what no rule can beat with these two members.
 
-Members come from ``<work>/runs/<key>/model.safetensors`` (the arms of
-benchmarks/accuracy_vs_flops.py, which keeps the runs of its hybrid arms). Per-image outputs are
-cached in ``<work>/cascade-cache`` (safetensors per export, keyed by the export's size and time).
-JSON + printed table::
+Members come from ``<work>/runs/<key>/model.safetensors``: manidp's export for the dynamic and
+hybrid arms of benchmarks/accuracy_vs_flops.py, the trained network for its static and dense arms
+(``save_network``; arms that ran before it was added must be rerun with ``--rerun``). Per-image
+outputs are cached in ``<work>/cascade-cache``. JSON + printed table::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm hybrid_ce --budget 180000
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm hybrid_recipe --budget 18000
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm static --budget 180000
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm hybrid_ce --wide-arm dense --wide 1.0 --seeds 1 2
 """
 
 from __future__ import annotations
@@ -28,21 +30,20 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from manidp_cli.analysis.cascade import FOLDS, MemberOutputs, evaluate_cascade, member_outputs
 from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.api.evaluate import architecture_flops
-from manidp_cli.core.flops import FlopsMeter, count_flops
-from manidp_cli.core.recorder import GateRecorder
+from manidp_cli.core.flops import count_flops
 from manidp_cli.data import load_data
 from manidp_cli.files import atomic_write_bytes, atomic_write_text
-from manidp_cli.io import NARROWED, load_pruned
+from manidp_cli.io import load_pruned
 from manidp_cli.models.factory import create_model
 
 ROOT = Path(__file__).resolve().parent
@@ -50,7 +51,6 @@ sys.path.insert(0, str(ROOT))
 import accuracy_vs_flops as accuracy  # noqa: E402 - the sibling benchmark names the arms and their keys
 import speed_trained  # noqa: E402 - the same arm arguments
 
-FOLDS = 2
 DATA = "fashion-mnist"  # the accuracy benchmark's data (speed_trained._arm_args): static and dense members
 
 
@@ -83,54 +83,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-@dataclass(frozen=True)
-class MemberOutputs:
-    """One export's answers on the test set, image by image."""
-
-    probabilities: torch.Tensor  # images x classes (softmax)
-    labels: torch.Tensor
-    flops: torch.Tensor  # per image, a share of timm's full-width network (gates included)
-
-    @property
-    def correct(self) -> torch.Tensor:
-        return self.probabilities.argmax(1) == self.labels
-
-    @property
-    def confidence(self) -> torch.Tensor:
-        return self.probabilities.max(1).values
-
-
 def measure_export(export: Path) -> MemberOutputs:
-    """Run a manidp export over its test split once: softmax outputs and per-image FLOPs together."""
+    """A manidp export over its test split: softmax outputs and per-image FLOPs (gates included)."""
     model, info = load_pruned(export)
     images, _ = info.load_data(None)
-    table = count_flops(model, images.input_shape)
-    full_width = architecture_flops(info.metadata, images.input_shape) if info.metadata.get(NARROWED) else None
-    meter = FlopsMeter(table)
-    probabilities, labels = [], []
-    with torch.no_grad(), GateRecorder(model, detach=True) as recorder:
-        for x, y in images.eval.batches(500):
-            probabilities.append(model(x).float().softmax(1))
-            labels.append(y)
-            meter.update(recorder, x.shape[0])
-    flops = torch.tensor(meter.stats().per_image, dtype=torch.float64) / (full_width or table.dense_flops)
-    return MemberOutputs(torch.cat(probabilities), torch.cat(labels), flops)
+    outputs = member_outputs(model, images.eval, count_flops(model, images.input_shape), 500)
+    return _of_full_width(outputs, architecture_flops(info.metadata, images.input_shape))
 
 
 def measure_network(path: Path, model_name: str) -> MemberOutputs:
-    """A static or dense arm's network (``accuracy.save_network``): the same FLOPs for every image,
-    the share the accuracy benchmark measured with fvcore."""
+    """A static or dense arm's network (``accuracy.save_network``): the same FLOPs for every image."""
     images = load_data(DATA)
-    flops_ratio = float(safe_open(str(path), "pt").metadata()[accuracy.FLOPS_RATIO])
     model = create_model(model_name, num_classes=images.num_classes, in_chans=images.in_chans, weights=path)
-    model.eval()
-    probabilities, labels = [], []
-    with torch.no_grad():
-        for x, y in images.eval.batches(500):
-            probabilities.append(model(x).float().softmax(1))
-            labels.append(y)
-    labels = torch.cat(labels)
-    return MemberOutputs(torch.cat(probabilities), labels, torch.full((len(labels),), flops_ratio, dtype=torch.float64))
+    outputs = member_outputs(model, images.eval, count_flops(model, images.input_shape), 500)
+    full_width = create_model(model_name, num_classes=images.num_classes, in_chans=images.in_chans)
+    return _of_full_width(outputs, count_flops(full_width, images.input_shape).dense_flops)
+
+
+def _of_full_width(outputs: MemberOutputs, full_width: int) -> MemberOutputs:
+    return replace(outputs, flops=outputs.flops / full_width)
 
 
 def cached_member(args, arm: str, export: Path, cache: Path) -> MemberOutputs:
@@ -144,47 +115,6 @@ def cached_member(args, arm: str, export: Path, cache: Path) -> MemberOutputs:
     cache.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save_safetensors({k: v.contiguous() for k, v in asdict(outputs).items()}))
     return outputs
-
-
-def fit_threshold(narrow: MemberOutputs, wide: MemberOutputs, images: torch.Tensor, target: float) -> float:
-    """The confidence below which ``images`` escalate, as many (least confident first) as keep their
-    mean FLOPs (narrow for all, wide added for the escalated) at most ``target``."""
-    confidence = narrow.confidence[images]
-    order = confidence.argsort()
-    base = float(narrow.flops[images].sum())
-    mean_cost = (base + wide.flops[images][order].cumsum(0)) / len(images)
-    escalated = int((mean_cost <= target).sum())
-    if escalated == 0:
-        return 0.0
-    if escalated == len(images):
-        return 1.0 + 1e-6
-    below, above = confidence[order[escalated - 1]], confidence[order[escalated]]
-    return float(below + above) / 2
-
-
-@dataclass(frozen=True)
-class CascadeResult:
-    target: float
-    top1: float
-    flops_ratio: float
-    escalated_share: float
-    thresholds: list[float]  # one per fold, each fitted on the other folds
-
-
-def cascade(narrow: MemberOutputs, wide: MemberOutputs, target: float) -> CascadeResult:
-    positions = torch.arange(len(narrow.labels))
-    escalate = torch.zeros(len(positions), dtype=torch.bool)
-    thresholds = []
-    for fold in range(FOLDS):
-        held_out = positions % FOLDS == fold
-        threshold = fit_threshold(narrow, wide, positions[~held_out], target)
-        escalate[held_out] = narrow.confidence[held_out] < threshold
-        thresholds.append(threshold)
-    correct = torch.where(escalate, wide.correct, narrow.correct)
-    flops = narrow.flops + wide.flops * escalate
-    return CascadeResult(
-        target, float(correct.float().mean()), float(flops.mean()), float(escalate.float().mean()), thresholds
-    )
 
 
 def member(args, arm: str, target: float, seed: int) -> MemberOutputs:
@@ -210,8 +140,15 @@ def measure_seed(args, seed: int) -> dict:
             "top1": float((narrow.correct | rescued).float().mean()),
             "flops_ratio": float((narrow.flops + wide.flops * rescued).mean()),
         },
-        "cascades": [asdict(cascade(narrow, wide, target)) for target in args.targets],
+        "cascades": [_cascade_row(narrow, wide, target) for target in args.targets],
     }
+
+
+def _cascade_row(narrow: MemberOutputs, wide: MemberOutputs, target: float) -> dict:
+    result = evaluate_cascade(narrow, wide, target)
+    row = {"target": target, **asdict(result), "flops_ratio": result.mean_flops}
+    del row["mean_flops"]  # the members' FLOPs here are shares of the full-width network already
+    return row
 
 
 def _mean_sd(values: list[float]) -> dict:

@@ -1,21 +1,24 @@
 """What each command does, as library calls: the layer the CLI (and a script) calls.
 
 ``prepare``/``run`` are ``manidp train`` and ``manidp prune``; ``evaluate_export``/``evaluate_dense``
-are ``manidp eval``; ``flops_report``/``model_report``/``write_plots`` are ``manidp report``;
-``export_static`` and ``bench_export`` are ``manidp export-static`` and ``manidp bench``. Their long
-loops tell an ``on_progress`` callback of each ``ProgressUpdate``.
+are ``manidp eval``, ``evaluate_cascade_exports`` is ``manidp eval --escalate-to``;
+``flops_report``/``model_report``/``write_plots`` are ``manidp report``; ``export_static`` and
+``bench_export`` are ``manidp export-static`` and ``manidp bench``. Their long loops tell an
+``on_progress`` callback of each ``ProgressUpdate``.
 """
 
 from manidp_cli.analysis.evaluation import DynamicExecution
 from manidp_cli.analysis.plots import write_plots
 from manidp_cli.analysis.report import FlopsReport, flops_report, model_report
 from manidp_cli.api.bench import bench_export
+from manidp_cli.api.cascade import CascadeResult, evaluate_cascade_exports
 from manidp_cli.api.evaluate import EvalResult, evaluate_dense, evaluate_export
 from manidp_cli.api.jobs import Job, RunResult, prepare, run
 from manidp_cli.api.static import StaticExport, export_static
 from manidp_cli.core.progress import ProgressCallback, ProgressUpdate
 
 __all__ = [
+    "CascadeResult",
     "DynamicExecution",
     "EvalResult",
     "FlopsReport",
@@ -25,6 +28,7 @@ __all__ = [
     "RunResult",
     "StaticExport",
     "bench_export",
+    "evaluate_cascade_exports",
     "evaluate_dense",
     "evaluate_export",
     "export_static",

@@ -12,11 +12,12 @@ from manidp_cli.cli.app import app
 from manidp_cli.cli.options import DataOpt, ImgSizeOpt, JsonOpt, MeasureDeviceOpt, MeasureWorkersOpt, WeightsOpt
 from manidp_cli.cli.progress import task_progress
 from manidp_cli.cli.render import console, err_console, print_json
+from manidp_cli.core.flops import FLOP_CONVENTION
 from manidp_cli.errors import ManidpError
 from manidp_cli.inputs import DEFAULT_WORKERS
 
 if TYPE_CHECKING:
-    from manidp_cli.api import DynamicExecution, EvalResult
+    from manidp_cli.api import CascadeResult, DynamicExecution, EvalResult
 
 
 def _print_eval(result: EvalResult) -> None:
@@ -85,6 +86,37 @@ def _add_dynamic_rows(table: Table, fast: DynamicExecution) -> None:
     )
 
 
+def _print_cascade(result: CascadeResult) -> None:
+    console.print(f"[bold]{result.model}[/]: {result.narrow.source} escalating to {result.wide.source}")
+    console.print(f"data: {result.data.description} (evaluation split, from {result.data.given_by})")
+    table = Table(show_header=False, box=None)
+    table.add_row("images", str(result.images))
+    for name, member in (("narrow alone", result.narrow), ("wide alone", result.wide)):
+        table.add_row(name, f"top-1 {member.top1:.4f} at {member.flops_ratio:.4f} of the full-width network's FLOPs")
+    cascade = result.cascade
+    table.add_row(
+        "cascade",
+        f"top-1 {cascade.top1:.4f} at {result.flops_ratio:.4f} (target {result.target_flops}); "
+        f"{cascade.escalated_share:.1%} of the images escalated",
+    )
+    table.add_row("", "cross-fitted: each half of the images judged by a threshold fitted on the other half")
+    table.add_row(
+        "threshold",
+        f"{cascade.threshold:.6f}: escalate when the narrow export's top softmax probability is below it "
+        "(fitted on every image; manidp_cli.runtime.cascade.Cascade runs it)",
+    )
+    console.print(table)
+    console.print(FLOP_CONVENTION)
+
+
+def _evaluate_cascade(export: Path | None, escalate_to: Path | None, target_flops: float | None, **run):
+    from manidp_cli.api import evaluate_cascade_exports
+
+    if export is None or escalate_to is None or target_flops is None:
+        raise ManidpError("a cascade needs an EXPORT, --escalate-to WIDE_EXPORT and --target-flops F together")
+    return evaluate_cascade_exports(export, escalate_to, target_flops, **run)
+
+
 @app.command("eval")
 def eval_command(
     export: Annotated[Optional[Path], typer.Argument(help="Export folder or its model.safetensors.")] = None,
@@ -103,6 +135,21 @@ def eval_command(
             "and report its accuracy.",
         ),
     ] = False,
+    escalate_to: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--escalate-to",
+            help="A wider export of the same network: images the EXPORT is unsure of are answered by it "
+            "(a cascade; needs --target-flops).",
+        ),
+    ] = None,
+    target_flops: Annotated[
+        Optional[float],
+        typer.Option(
+            "--target-flops",
+            help="With --escalate-to: the cascade's mean FLOPs, a share of the full-width network's.",
+        ),
+    ] = None,
     img_size: ImgSizeOpt = None,
     workers: MeasureWorkersOpt = DEFAULT_WORKERS,
     device: MeasureDeviceOpt = "auto",
@@ -111,17 +158,25 @@ def eval_command(
     """Measure accuracy and real dynamic FLOPs of an export (or of a dense baseline)."""
     from manidp_cli.api import evaluate_dense, evaluate_export
 
+    cascade = escalate_to is not None or target_flops is not None
     if dense is None and export is None:
         raise ManidpError("give an EXPORT folder, or --dense MODEL --weights FILE --data SPEC")
-    if dense is not None and data is None:
-        raise ManidpError("--dense needs --data")
+    if dense is not None and (data is None or cascade):
+        raise ManidpError("--dense needs --data, and takes no --escalate-to or --target-flops")
+    if cascade and dynamic:
+        raise ManidpError("--dynamic times one export; leave it out with --escalate-to")
     with task_progress(err_console) as on_progress:  # stderr: stdout holds the result alone
         run = {"img_size": img_size, "workers": workers, "device": device, "on_progress": on_progress}
         if dense is not None:
             result = evaluate_dense(dense, weights, data, batch_size, limit, **run)
+        elif cascade:
+            run.update(data=data, batch_size=batch_size, limit=limit)
+            result = _evaluate_cascade(export, escalate_to, target_flops, **run)
         else:
             result = evaluate_export(export, data, batch_size, limit, dynamic=dynamic, **run)
     if as_json:
         print_json(result)
+    elif cascade:
+        _print_cascade(result)
     else:
         _print_eval(result)

@@ -1,0 +1,32 @@
+"""Run an escalation cascade: the narrow network answers every image, the wide one re-answers the
+images whose top softmax probability from the narrow one is below ``threshold``
+(``manidp eval --escalate-to`` fits the threshold; analysis/cascade.py measures it)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Cascade(nn.Module):
+    """Logits of ``narrow``, replaced by ``wide``'s for the images the narrow network is unsure of.
+
+    Each image costs the narrow network, and the wide one too when it escalates: run it with
+    batches, as the wide network only sees the escalated images of each.
+    """
+
+    def __init__(self, narrow: nn.Module, wide: nn.Module, threshold: float):
+        super().__init__()
+        self.narrow = narrow
+        self.wide = wide
+        self.threshold = threshold
+
+    def escalates(self, narrow_logits: torch.Tensor) -> torch.Tensor:
+        return narrow_logits.float().softmax(1).max(1).values < self.threshold
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.narrow(images).float()
+        unsure = self.escalates(logits)
+        if unsure.any():
+            logits[unsure] = self.wide(images[unsure]).float()
+        return logits

@@ -1,0 +1,141 @@
+"""Escalation cascades: the threshold meets its FLOPs target, the reported figures are cross-fitted,
+the runtime module answers as the evaluation assumed, and ``manidp eval --escalate-to`` says what
+is wrong in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_manidp
+from torch import nn
+
+from manidp_cli.analysis.cascade import MemberOutputs, evaluate_cascade, fit_threshold
+from manidp_cli.api import evaluate_cascade_exports
+from manidp_cli.api.cascade import _check_members
+from manidp_cli.errors import ManidpError
+from manidp_cli.io import LoadedExport, load_pruned
+from manidp_cli.runtime.cascade import Cascade
+
+
+def _members(images: int = 40, seed: int = 0) -> tuple[MemberOutputs, MemberOutputs]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (images,), generator=generator)
+    narrow = torch.randn(images, 3, generator=generator).softmax(1)
+    wide = torch.randn(images, 3, generator=generator).softmax(1)
+    narrow_flops = 1.0 + torch.rand(images, generator=generator, dtype=torch.float64)  # per image, as gates give
+    return MemberOutputs(narrow, labels, narrow_flops), MemberOutputs(wide, labels, torch.full((images,), 3.0))
+
+
+def _mean_cost(narrow: MemberOutputs, wide: MemberOutputs, images: torch.Tensor, threshold: float) -> float:
+    escalated = narrow.confidence[images] < threshold
+    return float((narrow.flops[images] + wide.flops[images] * escalated).mean())
+
+
+@pytest.mark.parametrize("target", [1.6, 2.0, 2.9])
+def test_the_threshold_spends_the_target_and_one_more_image_would_exceed_it(target):
+    narrow, wide = _members()
+    every = torch.arange(40)
+    threshold = fit_threshold(narrow, wide, target, every)
+    assert _mean_cost(narrow, wide, every, threshold) <= target
+    next_image = narrow.confidence[narrow.confidence >= threshold].min()
+    assert _mean_cost(narrow, wide, every, float(next_image) + 1e-6) > target
+
+
+def test_thresholds_at_the_ends_escalate_nothing_or_everything():
+    narrow, wide = _members()
+    every = torch.arange(40)
+    assert fit_threshold(narrow, wide, float(narrow.flops.mean()) - 0.01, every) == 0.0
+    everything = fit_threshold(narrow, wide, float(narrow.flops.mean()) + 3.0, every)
+    assert bool((narrow.confidence < everything).all())
+
+
+def test_each_half_is_judged_by_the_threshold_fitted_on_the_other_half():
+    narrow, wide = _members(images=41, seed=3)
+    result = evaluate_cascade(narrow, wide, 2.2)
+    positions = torch.arange(41)
+    escalate = torch.zeros(41, dtype=torch.bool)
+    for fold, threshold in enumerate(result.fold_thresholds):
+        held_out = positions % 2 == fold
+        assert threshold == fit_threshold(narrow, wide, 2.2, positions[~held_out])
+        escalate[held_out] = narrow.confidence[held_out] < threshold
+    expected = torch.where(escalate, wide.correct, narrow.correct).float().mean()
+    assert result.top1 == pytest.approx(float(expected))
+    assert result.mean_flops == pytest.approx(float((narrow.flops + 3.0 * escalate).mean()))
+    assert result.escalated_share == pytest.approx(float(escalate.float().mean()))
+    assert result.threshold == fit_threshold(narrow, wide, 2.2, positions)
+
+
+class _Counting(nn.Module):
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+        self.seen: list[int] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rows = images[:, 0, 0, 0].long()
+        self.seen += rows.tolist()
+        return self.logits[rows]
+
+
+def test_the_runtime_cascade_runs_the_wide_network_on_the_unsure_images_only():
+    narrow_logits = torch.tensor([[5.0, 0.0], [0.1, 0.0], [0.0, 6.0], [0.0, 0.2]])
+    wide_logits = torch.tensor([[0.0, 1.0], [0.0, 2.0], [3.0, 0.0], [4.0, 0.0]])
+    narrow, wide = _Counting(narrow_logits), _Counting(wide_logits)
+    images = torch.arange(4.0).reshape(4, 1, 1, 1)
+    out = Cascade(narrow, wide, threshold=0.9)(images)
+    assert wide.seen == [1, 3] and narrow.seen == [0, 1, 2, 3]
+    assert torch.equal(out, torch.stack([narrow_logits[0], wide_logits[1], narrow_logits[2], wide_logits[3]]))
+
+
+def test_eval_of_a_cascade_from_a_pruned_export_to_its_dense_start(pruned, dense_weights):
+    wide = Path(dense_weights).parent
+    narrow_alone = pruned.after.flops.mean_ratio
+    result = evaluate_cascade_exports(pruned.out_dir, wide, target_flops=narrow_alone + 0.25, batch_size=16)
+    assert result.images == 64 and result.narrow.flops_ratio == pytest.approx(narrow_alone)
+    assert result.narrow.top1 == pytest.approx(pruned.after.top1)
+    assert result.wide.flops_ratio == pytest.approx(1.0)
+    # cross-fitted on 32 images a half, the spend can pass the target by about one wide image per half
+    assert narrow_alone < result.flops_ratio <= narrow_alone + 0.25 + 1.0 / 32
+    assert 0 < result.cascade.escalated_share < 1
+    # the runtime module with the deployed threshold answers as the members' outputs say it would
+    narrow_model, info = load_pruned(pruned.out_dir)
+    wide_model, _ = load_pruned(wide)
+    images, _ = info.load_data(None)
+    x, _ = next(images.eval.batches(64))
+    cascade = Cascade(narrow_model, wide_model, result.cascade.threshold).eval()
+    with torch.no_grad():
+        narrow_logits, wide_logits, out = narrow_model(x), wide_model(x), cascade(x)
+    unsure = narrow_logits.softmax(1).max(1).values < result.cascade.threshold
+    expected = torch.where(unsure, wide_logits.argmax(1), narrow_logits.argmax(1))
+    assert torch.equal(out.argmax(1), expected) and 0 < int(unsure.sum()) < 64
+
+
+def test_eval_cascade_json_and_its_errors(pruned, dense_weights):
+    wide = str(Path(dense_weights).parent)
+    ok = run_manidp(["eval", pruned.out_dir, "--escalate-to", wide, "--target-flops", "0.9", "--json"])
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["cascade"]["cross_fitted"] and result["target_flops"] == 0.9
+    assert result["narrow"]["flops_ratio"] < result["cascade"]["flops_ratio"]
+    for args, message in (
+        (["--escalate-to", wide], "needs an EXPORT, --escalate-to WIDE_EXPORT and --target-flops F together"),
+        (["--escalate-to", wide, "--target-flops", "3"], "--target-flops 3.0 is outside what this cascade can spend"),
+        (["--target-flops", "0.5", "--dynamic"], "--dynamic times one export"),
+    ):
+        proc = run_manidp(["eval", pruned.out_dir, *args])
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and message in lines[-1], proc.stderr
+        assert not any("Traceback" in line for line in lines)
+
+
+def test_members_of_different_networks_are_refused():
+    narrow = LoadedExport(Path("a"), {"model": "resnet18", "model_kwargs": {"num_classes": 10, "in_chans": 1}})
+    wide = LoadedExport(Path("b"), {"model": "resnet34", "model_kwargs": {"num_classes": 10, "in_chans": 1}})
+    with pytest.raises(ManidpError, match="its architecture .resnet34. differ"):
+        _check_members(narrow, wide)
+    other_classes = LoadedExport(Path("c"), {"model": "resnet18", "model_kwargs": {"num_classes": 5, "in_chans": 1}})
+    with pytest.raises(ManidpError, match="classes and input channels"):
+        _check_members(narrow, other_classes)
