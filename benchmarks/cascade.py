@@ -141,7 +141,14 @@ def measure_seed(args, seed: int) -> dict:
             "flops_ratio": float((narrow.flops + wide.flops * rescued).mean()),
         },
         "cascades": [_cascade_row(narrow, wide, target) for target in args.targets],
+        "curve": [_cascade_row(narrow, wide, target) for target in curve_targets(args)],
     }
+
+
+def curve_targets(args) -> list[float]:
+    """The plot's targets: from just above the narrow member's FLOPs to the wide member's."""
+    steps = 16
+    return [round(args.narrow + (args.wide - args.narrow) * (i + 0.5) / steps, 4) for i in range(steps)]
 
 
 def _cascade_row(narrow: MemberOutputs, wide: MemberOutputs, target: float) -> dict:
@@ -199,6 +206,51 @@ def print_table(args, seeds: list[dict], pooled: dict, compared: list[dict]) -> 
         print(f"single models at {row['target']}: {singles or 'none in the summary'}")
 
 
+def plot(args, seeds: list[dict], summary: dict, path: Path) -> None:
+    """The cascade's accuracy against its mean FLOPs (mean ± sd over seeds), beside the accuracy
+    benchmark's single models at the same budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    points = list(zip(*(s["curve"] for s in seeds)))  # per target, one row per seed
+    ax.errorbar(
+        [statistics.fmean(r["flops_ratio"] for r in rows) for rows in points],
+        [100 * statistics.fmean(r["top1"] for r in rows) for rows in points],
+        yerr=[100 * _mean_sd([r["top1"] for r in rows])["sd"] for rows in points],
+        marker=".",
+        capsize=2,
+        color="black",
+        label=f"cascade: {args.narrow_arm} {args.narrow} escalating to {args.wide_arm} {args.wide}",
+    )
+    arms = dict.fromkeys([args.narrow_arm, args.wide_arm, *accuracy.STATIC_ARMS])
+    for arm in (a for a in arms if a not in accuracy.DENSE_ARMS):
+        cells = sorted(
+            (cell["flops_ratio_mean"], 100 * cell["mean"], 100 * (cell["stdev"] or 0.0))
+            for key, cell in summary["cells"].items()
+            if key.startswith(f"{arm}|{args.budget}|") and len(cell["seeds"]) > 1
+        )
+        if cells:
+            ax.errorbar(
+                *zip(*[(c[0], c[1]) for c in cells]),
+                yerr=[c[2] for c in cells],
+                marker="o",
+                capsize=3,
+                label=f"{arm}, one network",
+            )
+    dense = summary["cells"].get(f"dense|{args.budget}|1.0")
+    if dense:
+        ax.axhline(100 * dense["mean"], color="gray", linestyle="--", label="unpruned, same fine-tune")
+    ax.set_xlabel("mean FLOPs / full-width network's FLOPs (honest count, gates included)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{args.model} on Fashion-MNIST, fine-tune {args.budget:,} images; thresholds cross-fitted")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -207,7 +259,8 @@ def main() -> None:
     pooled = {m: _mean_sd([s[m]["top1"] for s in seeds]) for m in ("narrow", "wide", "oracle")}
     for index, target in enumerate(args.targets):
         pooled[f"cascade {target}"] = _mean_sd([s["cascades"][index]["top1"] for s in seeds])
-    compared = comparisons(args, json.loads(args.summary.read_text()))
+    summary = json.loads(args.summary.read_text())
+    compared = comparisons(args, summary)
     result = {
         "benchmark": "cascade",
         "model": args.model,
@@ -222,8 +275,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=1))
+    plot(args, seeds, summary, args.out.with_suffix(".png"))
     print_table(args, seeds, pooled, compared)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

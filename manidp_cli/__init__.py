@@ -23,6 +23,8 @@ _EXPORTS = {
     "load_pruned": "manidp_cli.io",
     "evaluate": "manidp_cli.analysis.evaluation",
     "evaluate_export": "manidp_cli.api.evaluate",
+    "evaluate_cascade_exports": "manidp_cli.api.cascade",
+    "Cascade": "manidp_cli.runtime.cascade",
     "flops_report": "manidp_cli.analysis.report",
     "model_report": "manidp_cli.analysis.report",
     "prepare": "manidp_cli.api.jobs",
