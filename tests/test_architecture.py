@@ -152,7 +152,11 @@ def test_imports_inside_functions_only_in_the_cli():
     assert not hidden, "manidp_cli imports inside functions (move them to the top):\n" + "\n".join(hidden)
 
 
-@pytest.mark.parametrize("module", ["manidp_cli.config", "manidp_cli.errors", "manidp_cli.inputs", "manidp_cli.files"])
+@pytest.mark.parametrize(
+    "module",
+    # the command line too: `manidp --help` and a bad flag must not wait for torch to import
+    ["manidp_cli.config", "manidp_cli.errors", "manidp_cli.inputs", "manidp_cli.files", "manidp_cli.cli.main"],
+)
 def test_base_layer_does_not_import_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

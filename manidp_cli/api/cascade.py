@@ -43,6 +43,7 @@ class CascadeResult:
     narrow: MemberResult
     wide: MemberResult
     cascade: CascadeEvaluation  # mean_flops in FLOPs; flops_ratio below is its share
+    flops_convention: str = FLOP_CONVENTION
 
     @property
     def flops_ratio(self) -> float:
@@ -53,7 +54,7 @@ class CascadeResult:
             "model": self.model,
             "data": self.data.to_dict(),
             "images": self.images,
-            "flops_convention": FLOP_CONVENTION,
+            "flops_convention": self.flops_convention,
             "architecture_dense_flops": self.architecture_dense_flops,
             "target_flops": self.target_flops,
             "narrow": self.narrow.to_dict(),

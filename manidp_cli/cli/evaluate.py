@@ -12,7 +12,6 @@ from manidp_cli.cli.app import app
 from manidp_cli.cli.options import DataOpt, ImgSizeOpt, JsonOpt, MeasureDeviceOpt, MeasureWorkersOpt, WeightsOpt
 from manidp_cli.cli.progress import task_progress
 from manidp_cli.cli.render import console, err_console, print_json
-from manidp_cli.core.flops import FLOP_CONVENTION
 from manidp_cli.errors import ManidpError
 from manidp_cli.inputs import DEFAULT_WORKERS
 
@@ -106,7 +105,7 @@ def _print_cascade(result: CascadeResult) -> None:
         "(fitted on every image; manidp_cli.runtime.cascade.Cascade runs it)",
     )
     console.print(table)
-    console.print(FLOP_CONVENTION)
+    console.print(result.flops_convention)
 
 
 def _evaluate_cascade(export: Path | None, escalate_to: Path | None, target_flops: float | None, **run):
