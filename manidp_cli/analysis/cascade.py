@@ -29,6 +29,7 @@ from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.progress import ProgressCallback, reported
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.data import ImageSet
+from manidp_cli.runtime.cascade import escalates
 
 FOLDS = 2  # even and odd image positions
 
@@ -118,7 +119,7 @@ def evaluate_cascade(narrow: MemberOutputs, wide: MemberOutputs, target_flops: f
     for fold in range(FOLDS):
         held_out = positions % FOLDS == fold
         threshold = fit_threshold(narrow, wide, target_flops, positions[~held_out])
-        escalate[held_out] = narrow.confidence[held_out] < threshold
+        escalate[held_out] = escalates(narrow.probabilities[held_out], threshold)
         fold_thresholds.append(threshold)
     correct = torch.where(escalate, wide.correct, narrow.correct)
     return CascadeEvaluation(

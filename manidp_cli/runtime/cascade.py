@@ -8,6 +8,12 @@ import torch
 from torch import nn
 
 
+def escalates(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which images (rows of softmax outputs) the narrow network is unsure of: the rule both the
+    evaluation (analysis/cascade.py) and ``Cascade`` apply."""
+    return probabilities.max(1).values < threshold
+
+
 class Cascade(nn.Module):
     """Logits of ``narrow``, replaced by ``wide``'s for the images the narrow network is unsure of.
 
@@ -21,12 +27,9 @@ class Cascade(nn.Module):
         self.wide = wide
         self.threshold = threshold
 
-    def escalates(self, narrow_logits: torch.Tensor) -> torch.Tensor:
-        return narrow_logits.float().softmax(1).max(1).values < self.threshold
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.narrow(images).float()
-        unsure = self.escalates(logits)
+        unsure = escalates(logits.softmax(1), self.threshold)
         if unsure.any():
             logits[unsure] = self.wide(images[unsure]).float()
         return logits
