@@ -25,6 +25,7 @@ _EXPORTS = {
     "evaluate_export": "manidp_cli.api.evaluate",
     "evaluate_cascade_exports": "manidp_cli.api.cascade",
     "Cascade": "manidp_cli.runtime.cascade",
+    "load_cascade": "manidp_cli.runtime.cascade",
     "flops_report": "manidp_cli.analysis.report",
     "model_report": "manidp_cli.analysis.report",
     "prepare": "manidp_cli.api.jobs",

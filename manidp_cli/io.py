@@ -31,12 +31,14 @@ from manidp_cli.errors import DataError, ModelError, WeightsError
 from manidp_cli.files import atomic_write_bytes
 from manidp_cli.inputs import capped, exception_text, is_dir, is_file
 from manidp_cli.models import cifar_resnet  # noqa: F401  (registers cifar_resnet* with timm)
-from manidp_cli.models.factory import HUB_PREFIXES, check_model_name
+from manidp_cli.models.factory import CASCADE_PREFIXES, HUB_PREFIXES, check_model_name
 from manidp_cli.models.narrowing import narrow_to
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"  # timm's and the Hugging Face hub's
 METADATA_KEY = "manidp"
+CASCADE_KEY = "manidp_cascade"  # a cascade file's metadata (save_cascade): the threshold, both members'
+CASCADE_MEMBERS = tuple(prefix.rstrip(".") for prefix in CASCADE_PREFIXES)  # "narrow", "wide"
 GATED_ARCHITECTURE = "manidp_gated"  # config.json's architecture for a gated export (see manidp_gated)
 
 
@@ -106,23 +108,36 @@ def _model_file(path: Path) -> Path:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The manidp metadata of an export folder or its model.safetensors, checked (see
     ``check_metadata``) before anything is built from it."""
-    from safetensors import safe_open
-
     file = _model_file(Path(path))
     if not is_file(file, "export"):
         raise WeightsError(f"no manidp export at {capped(path)} (expected {capped(file)})")
+    header = _header(file)
+    if METADATA_KEY not in header and CASCADE_KEY in header:
+        raise WeightsError(
+            f"{file} is a cascade of two exports: manidp eval measures it and manidp_cli.load_cascade runs "
+            "it; other commands take one network (one of the exports it was saved from)"
+        )
+    if METADATA_KEY not in header:
+        raise WeightsError(f"{file} has no manidp metadata (not made by manidp prune/train)")
+    return check_metadata(_json_metadata(header[METADATA_KEY], file), file)
+
+
+def _header(file: Path) -> dict[str, str]:
+    """The safetensors file's string metadata (read without loading a tensor)."""
+    from safetensors import safe_open
+
     try:
         with safe_open(str(file), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
+            return handle.metadata() or {}
     except Exception as exc:
         raise WeightsError(f"cannot read {file}: {exception_text(exc)}") from exc
-    if raw is None:
-        raise WeightsError(f"{file} has no manidp metadata (not made by manidp prune/train)")
+
+
+def _json_metadata(raw: str, file: Path) -> Any:
     try:
-        metadata = json.loads(raw)
+        return json.loads(raw)
     except ValueError as exc:
         raise WeightsError(f"{file}: its manidp metadata is not valid JSON ({exception_text(exc)})") from None
-    return check_metadata(metadata, file)
 
 
 # The model_kwargs an export may pass to timm.create_model: manidp writes the first two. Others
@@ -263,22 +278,81 @@ def _build(metadata: dict[str, Any], file: Path) -> nn.Module:
 
 def load_pruned(path: str | Path) -> tuple[nn.Module, LoadedExport]:
     """Rebuild the (gated) model of an export from the export alone, in eval mode."""
-    from safetensors.torch import load_file
-
     metadata = read_metadata(path)
     file = _model_file(Path(path))
-    model = _build(metadata, file)
+    model = _loaded(_build(metadata, file), _weights(file), metadata, file)
+    return model, LoadedExport(file, metadata)
+
+
+def _weights(file: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
     try:
-        state = load_file(str(file))
+        return load_file(str(file))
     except Exception as exc:
         raise WeightsError(f"cannot read the weights in {file}: {exception_text(exc)}") from exc
+
+
+def _loaded(model: nn.Module, state: dict[str, Any], metadata: dict[str, Any], file: Path) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # the first line only says "Error(s) in loading state_dict"
         detail = [line.strip() for line in str(exc).splitlines() if line.strip()][1:] or [exception_text(exc)]
         raise WeightsError(f"{file} does not fit {metadata['model']}: {capped(detail[0])}") from exc
-    model.eval()
-    return model, LoadedExport(file, metadata)
+    return model.eval()
+
+
+@dataclass
+class CascadeExport:
+    """A cascade file (``save_cascade``): two exports of one network and the threshold between them."""
+
+    path: Path
+    narrow: LoadedExport
+    wide: LoadedExport
+    threshold: float  # escalate when the narrow network's top softmax probability is below it
+    fitted: dict[str, Any]  # how the threshold was chosen: target, data, images, cross-fitted figures
+
+
+def is_cascade(path: str | Path) -> bool:
+    """Whether ``path`` is a cascade file rather than an export (folder or model file)."""
+    file = Path(path).expanduser()
+    return is_file(file, "export") and CASCADE_KEY in _header(file)
+
+
+def save_cascade(path: Path, narrow: str | Path, wide: str | Path, threshold: float, fitted: dict[str, Any]) -> Path:
+    """Both exports' weights and metadata in one safetensors file, written atomically, with the
+    escalation threshold (``load_cascade_file`` rebuilds it)."""
+    from safetensors.torch import save
+
+    tensors, spec = {}, {"threshold": threshold, "fitted": fitted, "manidp_version": __version__}
+    for role, source in zip(CASCADE_MEMBERS, (narrow, wide)):
+        spec[role] = read_metadata(source)
+        tensors.update({f"{role}.{key}": value for key, value in _weights(_model_file(Path(source))).items()})
+    return atomic_write_bytes(path, save(tensors, metadata={CASCADE_KEY: json.dumps(spec), "format": "pt"}))
+
+
+def load_cascade_file(path: str | Path) -> tuple[nn.Module, nn.Module, CascadeExport]:
+    """Both networks of a cascade file, in eval mode, and what the file says about them; each
+    member's metadata is checked as an export's is."""
+    file = Path(path).expanduser()
+    if not is_file(file, "cascade"):
+        raise WeightsError(f"no cascade file at {capped(path)}")
+    header = _header(file)
+    if CASCADE_KEY not in header:
+        raise WeightsError(f"{file} is not a cascade (made by manidp eval --escalate-to ... --save-cascade)")
+    spec = _json_metadata(header[CASCADE_KEY], file)
+    threshold = spec.get("threshold") if isinstance(spec, dict) else None
+    if not _in_range(threshold, 0.0, 2.0) or not isinstance(spec.get("fitted"), dict):
+        raise WeightsError(f"{file}: its cascade metadata needs a 'threshold' from 0 to 2 and a 'fitted' object")
+    state = _weights(file)
+    members = []
+    for role in CASCADE_MEMBERS:
+        metadata = check_metadata(spec.get(role), file)
+        prefix = f"{role}."
+        own = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        members.append((_loaded(_build(metadata, file), own, metadata, file), LoadedExport(file, metadata)))
+    (narrow, narrow_info), (wide, wide_info) = members
+    return narrow, wide, CascadeExport(file, narrow_info, wide_info, float(threshold), spec["fitted"])
 
 
 _GATED_ARGS = ("base_architecture", "num_classes", "in_chans", "input_shape", "gate_policy", "gated_layers")

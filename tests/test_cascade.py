@@ -13,11 +13,11 @@ from helpers import run_manidp
 from torch import nn
 
 from manidp_cli.analysis.cascade import MemberOutputs, evaluate_cascade, fit_threshold
-from manidp_cli.api import evaluate_cascade_exports
+from manidp_cli.api import evaluate_cascade_exports, evaluate_cascade_file
 from manidp_cli.api.cascade import _check_members
 from manidp_cli.errors import ManidpError
-from manidp_cli.io import LoadedExport, load_pruned
-from manidp_cli.runtime.cascade import Cascade
+from manidp_cli.io import LoadedExport, load_cascade_file, load_pruned
+from manidp_cli.runtime.cascade import Cascade, load_cascade
 
 
 def _members(images: int = 40, seed: int = 0) -> tuple[MemberOutputs, MemberOutputs]:
@@ -139,3 +139,54 @@ def test_members_of_different_networks_are_refused():
     other_classes = LoadedExport(Path("c"), {"model": "resnet18", "model_kwargs": {"num_classes": 5, "in_chans": 1}})
     with pytest.raises(ManidpError, match="classes and input channels"):
         _check_members(narrow, other_classes)
+
+
+def test_a_saved_cascade_is_one_file_that_answers_as_evaluated(pruned, dense_weights, tmp_path):
+    wide = Path(dense_weights).parent
+    file = tmp_path / "cascade.safetensors"
+    fitted = evaluate_cascade_exports(pruned.out_dir, wide, target_flops=0.9, batch_size=16, save_to=file)
+    assert fitted.saved_to == str(file) and file.is_file()
+    narrow_model, info = load_pruned(pruned.out_dir)
+    wide_model, _ = load_pruned(wide)
+    x, y = next(info.load_data(None)[0].eval.batches(64))
+    with torch.no_grad():
+        expected = Cascade(narrow_model, wide_model, fitted.cascade.threshold).eval()(x)
+        assert torch.equal(load_cascade(file)(x), expected)
+    saved = evaluate_cascade_file(file, batch_size=16)
+    assert saved.cascade.threshold == fitted.cascade.threshold and not saved.cascade.cross_fitted
+    assert saved.cascade.top1 == pytest.approx(float((expected.argmax(1) == y).float().mean()))
+    assert saved.narrow.top1 == fitted.narrow.top1 and saved.wide.top1 == fitted.wide.top1
+    assert saved.target_flops == 0.9 and 0 < saved.cascade.escalated_share < 1
+
+
+def test_a_cascade_file_with_a_bad_threshold_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    file = tmp_path / "bad.safetensors"
+    save_file({"narrow.w": torch.zeros(1)}, str(file), metadata={"manidp_cascade": json.dumps({"threshold": 7})})
+    with pytest.raises(ManidpError, match="needs a 'threshold' from 0 to 2 and a 'fitted' object"):
+        load_cascade_file(file)
+
+
+def test_eval_saves_and_reads_a_cascade_and_other_commands_say_what_it_is(pruned, dense_weights, tmp_path):
+    wide, file = str(Path(dense_weights).parent), str(tmp_path / "c.safetensors")
+    fit = ["eval", pruned.out_dir, "--escalate-to", wide, "--target-flops", "0.9", "--save-cascade", file, "--json"]
+    ok = run_manidp(fit)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["saved_to"] == file
+    again = run_manidp(["eval", file, "--json"])
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["cascade"]["threshold"] == json.loads(ok.stdout)["cascade"]["threshold"]
+    assert result["cascade"]["cross_fitted"] is False
+    for args, message in (
+        (fit, "already exists: give a new file name"),
+        (["eval", file, "--escalate-to", wide, "--target-flops", "0.9"], "is a saved cascade: eval takes it alone"),
+        (["report", file], "is a cascade of two exports"),
+        (["prune", "test_resnet", "--weights", file, "--out", str(tmp_path / "p")], "is a cascade of two networks"),
+        (["eval", pruned.out_dir, "--save-cascade", str(tmp_path / "d")], "needs an EXPORT, --escalate-to"),
+    ):
+        proc = run_manidp(args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and message in lines[-1], proc.stderr
+        assert not any("Traceback" in line for line in lines)

@@ -108,7 +108,11 @@ class CascadeEvaluation:
     mean_flops: float
     escalated_share: float
     threshold: float  # fitted on every image: the one to deploy (``runtime.cascade.Cascade``)
-    fold_thresholds: list[float]  # the thresholds the reported figures come from
+    fold_thresholds: list[float]  # the thresholds the reported figures come from; none: ``threshold``'s
+
+    @property
+    def cross_fitted(self) -> bool:
+        return bool(self.fold_thresholds)
 
 
 def evaluate_cascade(narrow: MemberOutputs, wide: MemberOutputs, target_flops: float) -> CascadeEvaluation:
@@ -121,11 +125,23 @@ def evaluate_cascade(narrow: MemberOutputs, wide: MemberOutputs, target_flops: f
         threshold = fit_threshold(narrow, wide, target_flops, positions[~held_out])
         escalate[held_out] = escalates(narrow.probabilities[held_out], threshold)
         fold_thresholds.append(threshold)
+    return _evaluation(narrow, wide, escalate, fit_threshold(narrow, wide, target_flops, positions), fold_thresholds)
+
+
+def apply_threshold(narrow: MemberOutputs, wide: MemberOutputs, threshold: float) -> CascadeEvaluation:
+    """Accuracy and mean FLOPs of a cascade whose threshold is already chosen (a saved cascade):
+    not cross-fitted, so only images it was not fitted on give an unbiased figure."""
+    return _evaluation(narrow, wide, escalates(narrow.probabilities, threshold), threshold, [])
+
+
+def _evaluation(
+    narrow: MemberOutputs, wide: MemberOutputs, escalate: torch.Tensor, threshold: float, fold_thresholds: list[float]
+) -> CascadeEvaluation:
     correct = torch.where(escalate, wide.correct, narrow.correct)
     return CascadeEvaluation(
         top1=float(correct.float().mean()),
         mean_flops=float((narrow.flops + wide.flops * escalate).mean()),
         escalated_share=float(escalate.float().mean()),
-        threshold=fit_threshold(narrow, wide, target_flops, positions),
+        threshold=threshold,
         fold_thresholds=fold_thresholds,
     )

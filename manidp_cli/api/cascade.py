@@ -6,19 +6,25 @@ static stage slimmed an export), so both members and the target are on one scale
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from manidp_cli.analysis.cascade import CascadeEvaluation, MemberOutputs, evaluate_cascade, member_outputs
+from manidp_cli.analysis.cascade import (
+    CascadeEvaluation,
+    MemberOutputs,
+    apply_threshold,
+    evaluate_cascade,
+    member_outputs,
+)
 from manidp_cli.api.evaluate import DataSource, architecture_flops
 from manidp_cli.core.distributed import resolve_device
 from manidp_cli.core.flops import FLOP_CONVENTION, count_flops
 from manidp_cli.core.progress import ProgressCallback
 from manidp_cli.data import LoaderSettings
-from manidp_cli.errors import ManidpError, TargetError
-from manidp_cli.inputs import DEFAULT_WORKERS
-from manidp_cli.io import LoadedExport, load_pruned
+from manidp_cli.errors import ManidpError, OutputError, TargetError
+from manidp_cli.inputs import DEFAULT_WORKERS, capped, exists, is_dir
+from manidp_cli.io import LoadedExport, load_cascade_file, load_pruned, save_cascade
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,12 @@ class CascadeResult:
     data: DataSource
     images: int
     architecture_dense_flops: int
-    target_flops: float  # the mean FLOPs asked for, a share of ``architecture_dense_flops``
+    target_flops: float | None  # the mean FLOPs asked for, a share of ``architecture_dense_flops``
     narrow: MemberResult
     wide: MemberResult
     cascade: CascadeEvaluation  # mean_flops in FLOPs; flops_ratio below is its share
     flops_convention: str = FLOP_CONVENTION
+    saved_to: str | None = None  # the cascade file written (--save-cascade)
 
     @property
     def flops_ratio(self) -> float:
@@ -65,8 +72,9 @@ class CascadeResult:
                 "escalated_share": self.cascade.escalated_share,
                 "threshold": self.cascade.threshold,
                 "fold_thresholds": self.cascade.fold_thresholds,
-                "cross_fitted": True,
+                "cross_fitted": self.cascade.cross_fitted,
             },
+            "saved_to": self.saved_to,
         }
 
 
@@ -97,6 +105,7 @@ def evaluate_cascade_exports(
     batch_size: int = 256,
     limit: int | None = None,
     *,
+    save_to: str | Path | None = None,
     img_size: int | None = None,
     workers: int = DEFAULT_WORKERS,
     device: str = "auto",
@@ -104,22 +113,20 @@ def evaluate_cascade_exports(
 ) -> CascadeResult:
     """Accuracy and mean FLOPs of escalating from one export to another at ``target_flops`` (a share
     of the full-width network's FLOPs), cross-fitted on the evaluation images, and the threshold
-    fitted on all of them to deploy (``manidp_cli.runtime.cascade.Cascade``)."""
+    fitted on all of them to deploy (``manidp_cli.runtime.cascade.Cascade``). ``save_to`` writes
+    both exports and that threshold as one file (``manidp_cli.load_cascade``; ``evaluate_cascade_file``)."""
     target = resolve_device(device)
+    if save_to is not None:
+        _check_new_file(Path(save_to))
     narrow_model, narrow_info = load_pruned(narrow_path)
     wide_model, wide_info = load_pruned(wide_path)
     _check_members(narrow_info, wide_info)
     images, data_from = narrow_info.load_data(data, img_size, LoaderSettings.for_device(workers, target))
-    shape = images.input_shape
-    full_width = architecture_flops(narrow_info.metadata, shape)
-    outputs = []
-    for model in (narrow_model, wide_model):
-        model.to(target)
-        table = count_flops(model, shape)
-        outputs.append(member_outputs(model, images.eval, table, batch_size, limit, on_progress))
-    narrow, wide = outputs
+    full_width = architecture_flops(narrow_info.metadata, images.input_shape)
+    run = (images.eval, images.input_shape, target, batch_size, limit, on_progress)
+    narrow, wide = (_outputs(model, *run) for model in (narrow_model, wide_model))
     _check_target(target_flops, narrow, wide, full_width)
-    return CascadeResult(
+    result = CascadeResult(
         model=narrow_info.metadata["model"],
         data=DataSource(images.spec, images.description, "eval", data_from),
         images=len(narrow.labels),
@@ -129,7 +136,67 @@ def evaluate_cascade_exports(
         wide=_member(wide_info, wide, full_width),
         cascade=evaluate_cascade(narrow, wide, target_flops * full_width),
     )
+    if save_to is None:
+        return result
+    save_cascade(Path(save_to), narrow_path, wide_path, result.cascade.threshold, _fitted(result))
+    return replace(result, saved_to=str(save_to))
 
 
-def _member(info: LoadedExport, outputs: MemberOutputs, full_width: int) -> MemberResult:
-    return MemberResult(str(info.path), float(outputs.correct.float().mean()), float(outputs.flops.mean()) / full_width)
+def evaluate_cascade_file(
+    path: str | Path,
+    data: str | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+    *,
+    img_size: int | None = None,
+    workers: int = DEFAULT_WORKERS,
+    device: str = "auto",
+    on_progress: ProgressCallback | None = None,
+) -> CascadeResult:
+    """``manidp eval CASCADE``: a saved cascade at its own threshold (not refitted, so not
+    cross-fitted: on the images it was fitted on, the figure is a little optimistic)."""
+    target = resolve_device(device)
+    narrow_model, wide_model, saved = load_cascade_file(path)
+    images, data_from = saved.narrow.load_data(data, img_size, LoaderSettings.for_device(workers, target))
+    full_width = architecture_flops(saved.narrow.metadata, images.input_shape)
+    run = (images.eval, images.input_shape, target, batch_size, limit, on_progress)
+    narrow, wide = (_outputs(model, *run) for model in (narrow_model, wide_model))
+    return CascadeResult(
+        model=saved.narrow.metadata["model"],
+        data=DataSource(images.spec, images.description, "eval", data_from),
+        images=len(narrow.labels),
+        architecture_dense_flops=full_width,
+        target_flops=saved.fitted.get("target_flops"),
+        narrow=_member(saved.narrow, narrow, full_width, f"{saved.path} (narrow)"),
+        wide=_member(saved.wide, wide, full_width, f"{saved.path} (wide)"),
+        cascade=apply_threshold(narrow, wide, saved.threshold),
+    )
+
+
+def _outputs(model, images, input_shape, device, batch_size, limit, on_progress) -> MemberOutputs:
+    model.to(device)
+    return member_outputs(model, images, count_flops(model, input_shape), batch_size, limit, on_progress)
+
+
+def _check_new_file(path: Path) -> None:
+    if exists(path, "--save-cascade"):
+        raise OutputError(f"--save-cascade {capped(path)} already exists: give a new file name")
+    if not is_dir(path.parent, "--save-cascade's folder"):
+        raise OutputError(f"--save-cascade {capped(path)}: its folder {capped(path.parent)} does not exist")
+
+
+def _fitted(result: CascadeResult) -> dict[str, Any]:
+    """How a saved cascade's threshold was chosen, kept in the file."""
+    return {
+        "target_flops": result.target_flops,
+        "data": result.data.to_dict(),
+        "images": result.images,
+        "cross_fitted_top1": result.cascade.top1,
+        "cross_fitted_flops_ratio": result.flops_ratio,
+        "escalated_share": result.cascade.escalated_share,
+    }
+
+
+def _member(info: LoadedExport, outputs: MemberOutputs, full_width: int, source: str | None = None) -> MemberResult:
+    top1, flops = float(outputs.correct.float().mean()), float(outputs.flops.mean()) / full_width
+    return MemberResult(source or str(info.path), top1, flops)

@@ -98,12 +98,18 @@ def _print_cascade(result: CascadeResult) -> None:
         f"top-1 {cascade.top1:.4f} at {result.flops_ratio:.4f} (target {result.target_flops}); "
         f"{cascade.escalated_share:.1%} of the images escalated",
     )
-    table.add_row("", "cross-fitted: each half of the images judged by a threshold fitted on the other half")
+    if cascade.cross_fitted:
+        table.add_row("", "cross-fitted: each half of the images judged by a threshold fitted on the other half")
+        fitted = "fitted on every image; manidp_cli.runtime.cascade.Cascade runs it"
+    else:
+        table.add_row("", "the saved threshold, not refitted: optimistic on the images it was fitted on")
+        fitted = "saved in the cascade file; manidp_cli.load_cascade runs it"
     table.add_row(
         "threshold",
-        f"{cascade.threshold:.6f}: escalate when the narrow export's top softmax probability is below it "
-        "(fitted on every image; manidp_cli.runtime.cascade.Cascade runs it)",
+        f"{cascade.threshold:.6f}: escalate when the narrow export's top softmax probability is below it ({fitted})",
     )
+    if result.saved_to is not None:
+        table.add_row("saved", f"{result.saved_to}: both exports and the threshold in one file")
     console.print(table)
     console.print(result.flops_convention)
 
@@ -114,6 +120,22 @@ def _evaluate_cascade(export: Path | None, escalate_to: Path | None, target_flop
     if export is None or escalate_to is None or target_flops is None:
         raise ManidpError("a cascade needs an EXPORT, --escalate-to WIDE_EXPORT and --target-flops F together")
     return evaluate_cascade_exports(export, escalate_to, target_flops, **run)
+
+
+def _check_modes(export: Path | None, dense: str | None, data: str | None, cascade: bool, dynamic: bool) -> bool:
+    """Refuse combinations eval cannot measure; whether EXPORT is a saved cascade file."""
+    from manidp_cli.api import is_cascade
+
+    if dense is None and export is None:
+        raise ManidpError("give an EXPORT folder, or --dense MODEL --weights FILE --data SPEC")
+    if dense is not None and (data is None or cascade):
+        raise ManidpError("--dense needs --data, and takes no --escalate-to, --target-flops or --save-cascade")
+    if cascade and dynamic:
+        raise ManidpError("--dynamic times one export; leave it out with --escalate-to")
+    saved = dense is None and is_cascade(export)
+    if saved and (cascade or dynamic):
+        raise ManidpError(f"{export} is a saved cascade: eval takes it alone (no --escalate-to, --dynamic)")
+    return saved
 
 
 @app.command("eval")
@@ -149,33 +171,38 @@ def eval_command(
             help="With --escalate-to: the cascade's mean FLOPs, a share of the full-width network's.",
         ),
     ] = None,
+    save_cascade: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--save-cascade",
+            help="With --escalate-to: write both exports and the fitted threshold to this new file "
+            "(manidp eval FILE measures it, manidp_cli.load_cascade runs it).",
+        ),
+    ] = None,
     img_size: ImgSizeOpt = None,
     workers: MeasureWorkersOpt = DEFAULT_WORKERS,
     device: MeasureDeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure accuracy and real dynamic FLOPs of an export (or of a dense baseline)."""
-    from manidp_cli.api import evaluate_dense, evaluate_export
+    """Measure accuracy and real dynamic FLOPs of an export, a saved cascade, or a dense baseline."""
+    from manidp_cli.api import evaluate_cascade_file, evaluate_dense, evaluate_export
 
-    cascade = escalate_to is not None or target_flops is not None
-    if dense is None and export is None:
-        raise ManidpError("give an EXPORT folder, or --dense MODEL --weights FILE --data SPEC")
-    if dense is not None and (data is None or cascade):
-        raise ManidpError("--dense needs --data, and takes no --escalate-to or --target-flops")
-    if cascade and dynamic:
-        raise ManidpError("--dynamic times one export; leave it out with --escalate-to")
+    cascade = escalate_to is not None or target_flops is not None or save_cascade is not None
+    saved = _check_modes(export, dense, data, cascade, dynamic)
     with task_progress(err_console) as on_progress:  # stderr: stdout holds the result alone
         run = {"img_size": img_size, "workers": workers, "device": device, "on_progress": on_progress}
         if dense is not None:
             result = evaluate_dense(dense, weights, data, batch_size, limit, **run)
+        elif saved:
+            result = evaluate_cascade_file(export, data, batch_size, limit, **run)
         elif cascade:
-            run.update(data=data, batch_size=batch_size, limit=limit)
+            run.update(data=data, batch_size=batch_size, limit=limit, save_to=save_cascade)
             result = _evaluate_cascade(export, escalate_to, target_flops, **run)
         else:
             result = evaluate_export(export, data, batch_size, limit, dynamic=dynamic, **run)
     if as_json:
         print_json(result)
-    elif cascade:
+    elif cascade or saved:
         _print_cascade(result)
     else:
         _print_eval(result)

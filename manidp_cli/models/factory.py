@@ -60,6 +60,10 @@ def _weights_in(path: Path) -> Path:
     return found
 
 
+# a cascade file (io.save_cascade) holds each member's state dict under one of these prefixes
+CASCADE_PREFIXES = ("narrow.", "wide.")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from weights the way ``timm.models.load_state_dict`` reads them: safetensors, or a torch
     file (.pth, .pth.tar, .bin) loaded with ``weights_only=True`` and timm's allow-list (the
@@ -79,6 +83,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             data = {k.removeprefix("module."): v for k, v in data[key].items()}
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise WeightsError(f"{capped(path)} holds no state dict of tensors")
+    if all(key.startswith(CASCADE_PREFIXES) for key in data):
+        raise WeightsError(
+            f"{capped(path)} is a cascade of two networks (manidp eval --save-cascade): give one of the exports "
+            "it was saved from"
+        )
     return data
 
 

@@ -4,8 +4,12 @@ images whose top softmax probability from the narrow one is below ``threshold``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from manidp_cli.io import load_cascade_file
 
 
 def escalates(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -33,3 +37,9 @@ class Cascade(nn.Module):
         if unsure.any():
             logits[unsure] = self.wide(images[unsure]).float()
         return logits
+
+
+def load_cascade(path: str | Path) -> Cascade:
+    """The cascade a file saved by ``manidp eval --escalate-to ... --save-cascade`` holds, in eval mode."""
+    narrow, wide, saved = load_cascade_file(path)
+    return Cascade(narrow, wide, saved.threshold).eval()
