@@ -61,14 +61,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--summary",
         type=Path,
-        default=ROOT / "results" / "accuracy_vs_flops_start2.json",
-        help="the accuracy benchmark's JSON: the single models and static arms compared against",
+        nargs="+",
+        default=[ROOT / "results" / "accuracy_vs_flops_start2.json"],
+        help="the accuracy benchmark's JSON (one per learning rate): the single models compared against",
     )
     parser.add_argument("--arm", default="hybrid_ce", help="the accuracy benchmark's arm of both members")
     parser.add_argument("--narrow-arm", default=None, help="the narrow member's arm, if not --arm")
     parser.add_argument("--wide-arm", default=None, help="the wide member's arm, if not --arm (dense: target 1.0)")
     parser.add_argument("--budget", type=int, default=180000)
-    parser.add_argument("--lr", type=float, default=accuracy.DEFAULT_LR)
+    parser.add_argument("--lr", type=float, default=accuracy.DEFAULT_LR, help="both members' learning rate")
+    parser.add_argument("--narrow-lr", type=float, default=None, help="the narrow member's, if not --lr")
+    parser.add_argument("--wide-lr", type=float, default=None, help="the wide member's, if not --lr")
     parser.add_argument("--narrow", type=float, default=0.15, help="the narrow member's FLOPs target")
     parser.add_argument("--wide", type=float, default=0.45, help="the wide member's FLOPs target")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.3], help="the cascade's mean FLOPs")
@@ -78,8 +81,15 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.narrow_arm = args.narrow_arm or args.arm
     args.wide_arm = args.wide_arm or args.arm
+    args.narrow_lr = args.lr if args.narrow_lr is None else args.narrow_lr
+    args.wide_lr = args.lr if args.wide_lr is None else args.wide_lr
     arms = args.narrow_arm if args.narrow_arm == args.wide_arm else f"{args.narrow_arm}_{args.wide_arm}"
-    args.out = args.out or ROOT / "results" / f"cascade_{arms}_{args.narrow}_{args.wide}_b{args.budget}.json"
+    stem = f"cascade_{arms}_{args.narrow}_{args.wide}_b{args.budget}"
+    if (args.narrow_lr, args.wide_lr) != (accuracy.DEFAULT_LR,) * 2:
+        stem += f"_lr{args.narrow_lr:g}_{args.wide_lr:g}"
+    if args.work.name != "bench-avf-start2":  # another start: its own files
+        stem += f"_{args.work.name.removeprefix('bench-avf-')}"
+    args.out = args.out or ROOT / "results" / f"{stem}.json"
     return args
 
 
@@ -117,18 +127,18 @@ def cached_member(args, arm: str, export: Path, cache: Path) -> MemberOutputs:
     return outputs
 
 
-def member(args, arm: str, target: float, seed: int) -> MemberOutputs:
+def member(args, arm: str, target: float, seed: int, lr: float) -> MemberOutputs:
     spec = {"arm": arm, "target": target, "seed": seed, "budget": args.budget}
-    key = accuracy.arm_key(spec, speed_trained._arm_args(args))
+    key = accuracy.arm_key(spec, speed_trained._arm_args(argparse.Namespace(**{**vars(args), "lr": lr})))
     export = args.work / "runs" / key / accuracy.NETWORK_FILE
     if not export.is_file():
-        sys.exit(f"error: no network {export}: run the accuracy benchmark's {arm} arm at {target} first")
+        sys.exit(f"error: no network {export}: run the accuracy benchmark's {arm} arm at {target}, lr {lr} first")
     return cached_member(args, arm, export, args.work / "cascade-cache")
 
 
 def measure_seed(args, seed: int) -> dict:
-    narrow = member(args, args.narrow_arm, args.narrow, seed)
-    wide = member(args, args.wide_arm, args.wide, seed)
+    narrow = member(args, args.narrow_arm, args.narrow, seed, args.narrow_lr)
+    wide = member(args, args.wide_arm, args.wide, seed, args.wide_lr)
     # the best any escalation rule could do: escalate exactly the images the wide member gets right
     # and the narrow one wrong
     rescued = wide.correct & ~narrow.correct
@@ -160,6 +170,18 @@ def _cascade_row(narrow: MemberOutputs, wide: MemberOutputs, target: float) -> d
 
 def _mean_sd(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def merged_summaries(paths: list[Path]) -> dict:
+    """The cells of several accuracy-benchmark summaries, one per learning rate: the first keeps its
+    arm names, the others' arms are named with their rate ("static_fkd@0.01")."""
+    cells = {}
+    for index, path in enumerate(paths):
+        summary = json.loads(path.read_text())
+        for key, cell in summary["cells"].items():
+            arm, rest = key.split("|", 1)
+            cells[f"{arm}@{summary['settings']['lr']:g}|{rest}" if index else key] = cell
+    return {"cells": cells}
 
 
 def comparisons(args, summary: dict) -> list[dict]:
@@ -259,13 +281,16 @@ def main() -> None:
     pooled = {m: _mean_sd([s[m]["top1"] for s in seeds]) for m in ("narrow", "wide", "oracle")}
     for index, target in enumerate(args.targets):
         pooled[f"cascade {target}"] = _mean_sd([s["cascades"][index]["top1"] for s in seeds])
-    summary = json.loads(args.summary.read_text())
+    summary = merged_summaries(args.summary)
     compared = comparisons(args, summary)
     result = {
         "benchmark": "cascade",
         "model": args.model,
         "budget": args.budget,
-        "members": {"narrow": [args.narrow_arm, args.narrow], "wide": [args.wide_arm, args.wide]},
+        "members": {  # arm, FLOPs target, learning rate
+            "narrow": [args.narrow_arm, args.narrow, args.narrow_lr],
+            "wide": [args.wide_arm, args.wide, args.wide_lr],
+        },
         "folds": FOLDS,
         "cpu": cpu_info().to_dict(),
         "seeds": seeds,

@@ -10,6 +10,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from manidp_cli.analysis.cascade import (
     CascadeEvaluation,
     MemberOutputs,
@@ -121,24 +124,14 @@ def evaluate_cascade_exports(
     narrow_model, narrow_info = load_pruned(narrow_path)
     wide_model, wide_info = load_pruned(wide_path)
     _check_members(narrow_info, wide_info)
-    images, data_from = narrow_info.load_data(data, img_size, LoaderSettings.for_device(workers, target))
-    full_width = architecture_flops(narrow_info.metadata, images.input_shape)
-    run = (images.eval, images.input_shape, target, batch_size, limit, on_progress)
-    narrow, wide = (_outputs(model, *run) for model in (narrow_model, wide_model))
-    _check_target(target_flops, narrow, wide, full_width)
-    result = CascadeResult(
-        model=narrow_info.metadata["model"],
-        data=DataSource(images.spec, images.description, "eval", data_from),
-        images=len(narrow.labels),
-        architecture_dense_flops=full_width,
-        target_flops=target_flops,
-        narrow=_member(narrow_info, narrow, full_width),
-        wide=_member(wide_info, wide, full_width),
-        cascade=evaluate_cascade(narrow, wide, target_flops * full_width),
-    )
+    run = (data, img_size, workers, target, batch_size, limit, on_progress)
+    pair = _measure_pair((narrow_model, wide_model), narrow_info, *run)
+    _check_target(target_flops, pair.narrow, pair.wide, pair.full_width)
+    cascade = evaluate_cascade(pair.narrow, pair.wide, target_flops * pair.full_width)
+    result = pair.result(target_flops, cascade, (str(narrow_info.path), str(wide_info.path)))
     if save_to is None:
         return result
-    save_cascade(Path(save_to), narrow_path, wide_path, result.cascade.threshold, _fitted(result))
+    save_cascade(Path(save_to), narrow_path, wide_path, cascade.threshold, _fitted(result))
     return replace(result, saved_to=str(save_to))
 
 
@@ -157,25 +150,57 @@ def evaluate_cascade_file(
     cross-fitted: on the images it was fitted on, the figure is a little optimistic)."""
     target = resolve_device(device)
     narrow_model, wide_model, saved = load_cascade_file(path)
-    images, data_from = saved.narrow.load_data(data, img_size, LoaderSettings.for_device(workers, target))
-    full_width = architecture_flops(saved.narrow.metadata, images.input_shape)
-    run = (images.eval, images.input_shape, target, batch_size, limit, on_progress)
-    narrow, wide = (_outputs(model, *run) for model in (narrow_model, wide_model))
-    return CascadeResult(
-        model=saved.narrow.metadata["model"],
+    run = (data, img_size, workers, target, batch_size, limit, on_progress)
+    pair = _measure_pair((narrow_model, wide_model), saved.narrow, *run)
+    cascade = apply_threshold(pair.narrow, pair.wide, saved.threshold)
+    return pair.result(saved.fitted.get("target_flops"), cascade, (f"{path} (narrow)", f"{path} (wide)"))
+
+
+@dataclass(frozen=True)
+class _MeasuredPair:
+    """Both members' outputs on one image set, FLOPs as counted per image."""
+
+    model: str
+    data: DataSource
+    narrow: MemberOutputs
+    wide: MemberOutputs
+    full_width: int  # dense FLOPs of the full-width architecture: the scale of every ratio
+
+    def result(self, target_flops: float | None, cascade: CascadeEvaluation, sources: tuple[str, str]) -> CascadeResult:
+        narrow, wide = (
+            MemberResult(source, float(out.correct.float().mean()), float(out.flops.mean()) / self.full_width)
+            for source, out in zip(sources, (self.narrow, self.wide))
+        )
+        return CascadeResult(
+            self.model, self.data, len(self.narrow.labels), self.full_width, target_flops, narrow, wide, cascade
+        )
+
+
+def _measure_pair(
+    models: tuple[nn.Module, nn.Module],
+    info: LoadedExport,
+    data: str | None,
+    img_size: int | None,
+    workers: int,
+    device: torch.device,
+    batch_size: int,
+    limit: int | None,
+    on_progress: ProgressCallback | None,
+) -> _MeasuredPair:
+    """Both members over the evaluation images of ``data`` (or the data ``info`` records)."""
+    images, data_from = info.load_data(data, img_size, LoaderSettings.for_device(workers, device))
+    outputs = []
+    for model in models:
+        model.to(device)
+        table = count_flops(model, images.input_shape)
+        outputs.append(member_outputs(model, images.eval, table, batch_size, limit, on_progress))
+    return _MeasuredPair(
+        model=info.metadata["model"],
         data=DataSource(images.spec, images.description, "eval", data_from),
-        images=len(narrow.labels),
-        architecture_dense_flops=full_width,
-        target_flops=saved.fitted.get("target_flops"),
-        narrow=_member(saved.narrow, narrow, full_width, f"{saved.path} (narrow)"),
-        wide=_member(saved.wide, wide, full_width, f"{saved.path} (wide)"),
-        cascade=apply_threshold(narrow, wide, saved.threshold),
+        narrow=outputs[0],
+        wide=outputs[1],
+        full_width=architecture_flops(info.metadata, images.input_shape),
     )
-
-
-def _outputs(model, images, input_shape, device, batch_size, limit, on_progress) -> MemberOutputs:
-    model.to(device)
-    return member_outputs(model, images, count_flops(model, input_shape), batch_size, limit, on_progress)
 
 
 def _check_new_file(path: Path) -> None:
@@ -195,8 +220,3 @@ def _fitted(result: CascadeResult) -> dict[str, Any]:
         "cross_fitted_flops_ratio": result.flops_ratio,
         "escalated_share": result.cascade.escalated_share,
     }
-
-
-def _member(info: LoadedExport, outputs: MemberOutputs, full_width: int, source: str | None = None) -> MemberResult:
-    top1, flops = float(outputs.correct.float().mean()), float(outputs.flops.mean()) / full_width
-    return MemberResult(source or str(info.path), top1, flops)
