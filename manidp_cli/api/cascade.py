@@ -150,6 +150,7 @@ def evaluate_cascade_file(
     cross-fitted: on the images it was fitted on, the figure is a little optimistic)."""
     target = resolve_device(device)
     narrow_model, wide_model, saved = load_cascade_file(path)
+    _check_members(saved.narrow, saved.wide)  # save_cascade checked them; the file may have been edited since
     run = (data, img_size, workers, target, batch_size, limit, on_progress)
     pair = _measure_pair((narrow_model, wide_model), saved.narrow, *run)
     cascade = apply_threshold(pair.narrow, pair.wide, saved.threshold)

@@ -134,13 +134,19 @@ def _check_modes(export: Path | None, dense: str | None, data: str | None, casca
         raise ManidpError("--dynamic times one export; leave it out with --escalate-to")
     saved = dense is None and is_cascade(export)
     if saved and (cascade or dynamic):
-        raise ManidpError(f"{export} is a saved cascade: eval takes it alone (no --escalate-to, --dynamic)")
+        raise ManidpError(
+            f"{export} is a saved cascade: eval takes it alone (no --escalate-to, --target-flops, --save-cascade "
+            "or --dynamic)"
+        )
     return saved
 
 
 @app.command("eval")
 def eval_command(
-    export: Annotated[Optional[Path], typer.Argument(help="Export folder or its model.safetensors.")] = None,
+    export: Annotated[
+        Optional[Path],
+        typer.Argument(help="Export folder or its model.safetensors, or a cascade file (--save-cascade)."),
+    ] = None,
     data: DataOpt = None,
     dense: Annotated[
         Optional[str], typer.Option("--dense", help="Evaluate this timm model unpruned instead (baseline row).")
