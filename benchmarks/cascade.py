@@ -273,6 +273,21 @@ def plot(args, seeds: list[dict], summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def result_header(args, benchmark: str) -> dict:
+    """What a JSON result of this benchmark, or of one reading its members, is about."""
+    return {
+        "benchmark": benchmark,
+        "model": args.model,
+        "budget": args.budget,
+        "members": {  # arm, FLOPs target, learning rate
+            "narrow": [args.narrow_arm, args.narrow, args.narrow_lr],
+            "wide": [args.wide_arm, args.wide, args.wide_lr],
+        },
+        "folds": FOLDS,
+        "cpu": cpu_info().to_dict(),
+    }
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -284,15 +299,7 @@ def main() -> None:
     summary = merged_summaries(args.summary)
     compared = comparisons(args, summary)
     result = {
-        "benchmark": "cascade",
-        "model": args.model,
-        "budget": args.budget,
-        "members": {  # arm, FLOPs target, learning rate
-            "narrow": [args.narrow_arm, args.narrow, args.narrow_lr],
-            "wide": [args.wide_arm, args.wide, args.wide_lr],
-        },
-        "folds": FOLDS,
-        "cpu": cpu_info().to_dict(),
+        **result_header(args, "cascade"),
         "seeds": seeds,
         "top1": pooled,
         "single_models": compared,

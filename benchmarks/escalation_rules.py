@@ -14,7 +14,8 @@ and the same cross-fitting:
 - ``learned_rescue``: the same features for "the wide network is right and the narrow one wrong",
   which a rule can only learn from images where both were run (the fitting half).
 
-Every rule ranks the images by a score; the threshold on that score meets the mean-FLOPs target.
+Every rule ranks the images by a score; the threshold on that score meets the mean-FLOPs target
+(``analysis.cascade.score_threshold``, which fits the confidence rule's threshold too).
 Both are fitted on one half of the test set (even or odd positions) and judged on the other, as
 ``analysis.cascade.evaluate_cascade`` does for the confidence rule. Members and their cached
 outputs come from benchmarks/cascade.py (same arguments). JSON + printed table::
@@ -33,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-from manidp_cli.analysis.cascade import FOLDS, MemberOutputs
-from manidp_cli.analysis.machine import cpu_info
+from manidp_cli.analysis.cascade import FOLDS, MemberOutputs, score_threshold
 from manidp_cli.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
@@ -83,32 +83,16 @@ class RuleResult:
     escalated_share: float
 
 
-def escalate_by_score(
-    urgency: torch.Tensor, narrow: MemberOutputs, wide: MemberOutputs, target: float, fit: torch.Tensor
-) -> float:
-    """The urgency above which images escalate, fitted on ``fit`` (indices) to spend at most
-    ``target`` there: the most urgent first (``analysis.cascade.fit_threshold`` with any score)."""
-    order = urgency[fit].argsort(descending=True)
-    mean_cost = (float(narrow.flops[fit].sum()) + wide.flops[fit][order].cumsum(0)) / len(fit)
-    escalated = int((mean_cost <= target).sum())
-    ranked = urgency[fit][order]
-    if escalated == 0:
-        return float("inf")
-    if escalated == len(fit):
-        return float("-inf")
-    return float(ranked[escalated - 1] + ranked[escalated]) / 2
-
-
-def cross_fitted(rule: str, narrow: MemberOutputs, wide: MemberOutputs, target: float, urgency_for_fold) -> RuleResult:
-    """``urgency_for_fold(fit)`` scores every image from what the ``fit`` images show; each half
-    is judged by the score and threshold fitted on the other."""
+def cross_fitted(rule: str, narrow: MemberOutputs, wide: MemberOutputs, target: float, score_for_fold) -> RuleResult:
+    """``score_for_fold(fit)`` scores every image (lowest escalates first) from what the ``fit``
+    images show; each half is judged by the score and threshold fitted on the other."""
     positions = torch.arange(len(narrow.labels))
     escalate = torch.zeros(len(positions), dtype=torch.bool)
     for fold in range(FOLDS):
         held_out = positions % FOLDS == fold
         fit = positions[~held_out]
-        urgency = urgency_for_fold(fit)
-        escalate[held_out] = urgency[held_out] > escalate_by_score(urgency, narrow, wide, target, fit)
+        score = score_for_fold(fit)
+        escalate[held_out] = score[held_out] < score_threshold(score, narrow, wide, target, fit)
     correct = torch.where(escalate, wide.correct, narrow.correct)
     return RuleResult(
         rule=rule,
@@ -120,18 +104,19 @@ def cross_fitted(rule: str, narrow: MemberOutputs, wide: MemberOutputs, target: 
 
 
 def rules(narrow: MemberOutputs, wide: MemberOutputs) -> dict:
-    """Each rule as a function from the fitting images to every image's urgency."""
+    """Each rule as a function from the fitting images to every image's score (lowest escalates
+    first, as the confidence does in ``analysis.cascade.fit_threshold``)."""
     x = features(narrow)
     ordered = narrow.probabilities.sort(1, descending=True).values
     entropy = x[:, 4]
     wrong = ~narrow.correct
     rescued = wide.correct & ~narrow.correct
     return {
-        "confidence": lambda fit: -ordered[:, 0].double(),
-        "margin": lambda fit: -(ordered[:, 0] - ordered[:, 1]).double(),
-        "entropy": lambda fit: entropy,
-        "learned_error": lambda fit: logistic_scores(x, wrong, fit),
-        "learned_rescue": lambda fit: logistic_scores(x, rescued, fit),
+        "confidence": lambda fit: ordered[:, 0].double(),
+        "margin": lambda fit: (ordered[:, 0] - ordered[:, 1]).double(),
+        "entropy": lambda fit: -entropy,
+        "learned_error": lambda fit: -logistic_scores(x, wrong, fit),
+        "learned_rescue": lambda fit: -logistic_scores(x, rescued, fit),
     }
 
 
@@ -139,9 +124,9 @@ def measure_seed(args, seed: int) -> dict:
     narrow = cascade.member(args, args.narrow_arm, args.narrow, seed, args.narrow_lr)
     wide = cascade.member(args, args.wide_arm, args.wide, seed, args.wide_lr)
     results = [
-        cross_fitted(name, narrow, wide, target, urgency)
+        cross_fitted(name, narrow, wide, target, score)
         for target in args.targets
-        for name, urgency in rules(narrow, wide).items()
+        for name, score in rules(narrow, wide).items()
     ]
     return {"seed": seed, "results": [r.__dict__ for r in results]}
 
@@ -179,15 +164,7 @@ def main() -> None:
     seeds = [measure_seed(args, seed) for seed in args.seeds]
     table = pooled(seeds)
     result = {
-        "benchmark": "escalation_rules",
-        "model": args.model,
-        "budget": args.budget,
-        "members": {  # arm, FLOPs target, learning rate
-            "narrow": [args.narrow_arm, args.narrow, args.narrow_lr],
-            "wide": [args.wide_arm, args.wide, args.wide_lr],
-        },
-        "folds": FOLDS,
-        "cpu": cpu_info().to_dict(),
+        **cascade.result_header(args, "escalation_rules"),
         "seeds": seeds,
         "pooled": table,
         "wall_seconds": time.perf_counter() - started,

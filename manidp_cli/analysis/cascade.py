@@ -88,16 +88,32 @@ def fit_threshold(narrow: MemberOutputs, wide: MemberOutputs, target_flops: floa
     """The confidence below which ``images`` (indices) escalate: as many as keep their mean FLOPs
     (the narrow member's on all, the wide member's added on the escalated) at most ``target_flops``,
     least confident first. 0 escalates nothing; above 1 escalates every image."""
-    confidence = narrow.confidence[images]
-    order = confidence.argsort()
+    everything = float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))
+    return score_threshold(narrow.confidence, narrow, wide, target_flops, images, nothing=0.0, everything=everything)
+
+
+def score_threshold(
+    score: torch.Tensor,
+    narrow: MemberOutputs,
+    wide: MemberOutputs,
+    target_flops: float,
+    images: torch.Tensor,
+    *,
+    nothing: float = float("-inf"),
+    everything: float = float("inf"),
+) -> float:
+    """``fit_threshold`` for any per-image score (lowest escalates first): the score below which
+    ``images`` escalate within ``target_flops``; ``nothing`` or ``everything`` at the two ends."""
+    values = score[images]
+    order = values.argsort()
     mean_cost = (float(narrow.flops[images].sum()) + wide.flops[images][order].cumsum(0)) / len(images)
     escalated = int((mean_cost <= target_flops).sum())
     if escalated == 0:
-        return 0.0
+        return nothing
     if escalated == len(images):
-        return float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))
+        return everything
     # midway between the last escalated and the first kept image: the same split for these images
-    return float(confidence[order[escalated - 1]] + confidence[order[escalated]]) / 2
+    return float(values[order[escalated - 1]] + values[order[escalated]]) / 2
 
 
 @dataclass(frozen=True)
