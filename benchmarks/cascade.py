@@ -68,7 +68,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arm", default="hybrid_ce", help="the accuracy benchmark's arm of both members")
     parser.add_argument("--narrow-arm", default=None, help="the narrow member's arm, if not --arm")
     parser.add_argument("--wide-arm", default=None, help="the wide member's arm, if not --arm (dense: target 1.0)")
-    parser.add_argument("--budget", type=int, default=180000)
+    parser.add_argument(
+        "--budget", type=int, default=180000, help="fine-tuning images of the single models compared against"
+    )
+    parser.add_argument(
+        "--narrow-budget",
+        type=int,
+        default=None,
+        help="the narrow member's fine-tuning images, if not --budget (members that together train on --budget "
+        "images: the same optimiser budget as one single model)",
+    )
+    parser.add_argument("--wide-budget", type=int, default=None, help="the wide member's, if not --budget")
     parser.add_argument("--lr", type=float, default=accuracy.DEFAULT_LR, help="both members' learning rate")
     parser.add_argument("--narrow-lr", type=float, default=None, help="the narrow member's, if not --lr")
     parser.add_argument("--wide-lr", type=float, default=None, help="the wide member's, if not --lr")
@@ -83,10 +93,14 @@ def parse_args() -> argparse.Namespace:
     args.wide_arm = args.wide_arm or args.arm
     args.narrow_lr = args.lr if args.narrow_lr is None else args.narrow_lr
     args.wide_lr = args.lr if args.wide_lr is None else args.wide_lr
+    args.narrow_budget = args.narrow_budget or args.budget
+    args.wide_budget = args.wide_budget or args.budget
     arms = args.narrow_arm if args.narrow_arm == args.wide_arm else f"{args.narrow_arm}_{args.wide_arm}"
     stem = f"cascade_{arms}_{args.narrow}_{args.wide}_b{args.budget}"
     if (args.narrow_lr, args.wide_lr) != (accuracy.DEFAULT_LR,) * 2:
         stem += f"_lr{args.narrow_lr:g}_{args.wide_lr:g}"
+    if (args.narrow_budget, args.wide_budget) != (args.budget,) * 2:
+        stem += f"_members{args.narrow_budget}+{args.wide_budget}"
     if args.work.name != "bench-avf-start2":  # another start: its own files
         stem += f"_{args.work.name.removeprefix('bench-avf-')}"
     args.out = args.out or ROOT / "results" / f"{stem}.json"
@@ -127,18 +141,21 @@ def cached_member(args, arm: str, export: Path, cache: Path) -> MemberOutputs:
     return outputs
 
 
-def member(args, arm: str, target: float, seed: int, lr: float) -> MemberOutputs:
-    spec = {"arm": arm, "target": target, "seed": seed, "budget": args.budget}
+def member(args, arm: str, target: float, seed: int, lr: float, budget: int | None = None) -> MemberOutputs:
+    spec = {"arm": arm, "target": target, "seed": seed, "budget": budget or args.budget}
     key = accuracy.arm_key(spec, speed_trained._arm_args(argparse.Namespace(**{**vars(args), "lr": lr})))
     export = args.work / "runs" / key / accuracy.NETWORK_FILE
     if not export.is_file():
-        sys.exit(f"error: no network {export}: run the accuracy benchmark's {arm} arm at {target}, lr {lr} first")
+        sys.exit(
+            f"error: no network {export}: run the accuracy benchmark's {arm} arm at {target}, lr {lr}, "
+            f"budget {spec['budget']} first"
+        )
     return cached_member(args, arm, export, args.work / "cascade-cache")
 
 
 def measure_seed(args, seed: int) -> dict:
-    narrow = member(args, args.narrow_arm, args.narrow, seed, args.narrow_lr)
-    wide = member(args, args.wide_arm, args.wide, seed, args.wide_lr)
+    narrow = member(args, args.narrow_arm, args.narrow, seed, args.narrow_lr, args.narrow_budget)
+    wide = member(args, args.wide_arm, args.wide, seed, args.wide_lr, args.wide_budget)
     # the best any escalation rule could do: escalate exactly the images the wide member gets right
     # and the narrow one wrong
     rescued = wide.correct & ~narrow.correct
@@ -200,8 +217,8 @@ def comparisons(args, summary: dict) -> list[dict]:
 
 def print_table(args, seeds: list[dict], pooled: dict, compared: list[dict]) -> None:
     print(
-        f"{args.model}, {args.budget:,} images: {args.narrow_arm} at {args.narrow} escalating to "
-        f"{args.wide_arm} at {args.wide}"
+        f"{args.model}: {args.narrow_arm} at {args.narrow} ({args.narrow_budget:,} images) escalating to "
+        f"{args.wide_arm} at {args.wide} ({args.wide_budget:,} images); single models: {args.budget:,} images"
     )
     print(
         f"{'seed':>4s} {'narrow':>15s} {'wide':>15s} {'oracle':>15s} "
@@ -267,7 +284,11 @@ def plot(args, seeds: list[dict], summary: dict, path: Path) -> None:
         ax.axhline(100 * dense["mean"], color="gray", linestyle="--", label="unpruned, same fine-tune")
     ax.set_xlabel("mean FLOPs / full-width network's FLOPs (honest count, gates included)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{args.model} on Fashion-MNIST, fine-tune {args.budget:,} images; thresholds cross-fitted")
+    ax.set_title(
+        f"{args.model} on Fashion-MNIST; thresholds cross-fitted\nmembers fine-tuned on {args.narrow_budget:,} + "
+        f"{args.wide_budget:,} images, single models on {args.budget:,}",
+        fontsize="medium",
+    )
     ax.legend(fontsize="small", loc="lower right")
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -279,9 +300,9 @@ def result_header(args, benchmark: str) -> dict:
         "benchmark": benchmark,
         "model": args.model,
         "budget": args.budget,
-        "members": {  # arm, FLOPs target, learning rate
-            "narrow": [args.narrow_arm, args.narrow, args.narrow_lr],
-            "wide": [args.wide_arm, args.wide, args.wide_lr],
+        "members": {  # arm, FLOPs target, learning rate, fine-tuning images
+            "narrow": [args.narrow_arm, args.narrow, args.narrow_lr, args.narrow_budget],
+            "wide": [args.wide_arm, args.wide, args.wide_lr, args.wide_budget],
         },
         "folds": FOLDS,
         "cpu": cpu_info().to_dict(),

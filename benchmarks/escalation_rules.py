@@ -121,8 +121,8 @@ def rules(narrow: MemberOutputs, wide: MemberOutputs) -> dict:
 
 
 def measure_seed(args, seed: int) -> dict:
-    narrow = cascade.member(args, args.narrow_arm, args.narrow, seed, args.narrow_lr)
-    wide = cascade.member(args, args.wide_arm, args.wide, seed, args.wide_lr)
+    narrow = cascade.member(args, args.narrow_arm, args.narrow, seed, args.narrow_lr, args.narrow_budget)
+    wide = cascade.member(args, args.wide_arm, args.wide, seed, args.wide_lr, args.wide_budget)
     results = [
         cross_fitted(name, narrow, wide, target, score)
         for target in args.targets
