@@ -99,7 +99,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _thresholds(first: MemberOutputs, second: MemberOutputs, third: MemberOutputs, target: float, fit: torch.Tensor):
+def _thresholds(
+    first: MemberOutputs, second: MemberOutputs, third: MemberOutputs, target: float, fit: torch.Tensor
+) -> tuple[float, float]:
     """The (first, second) confidence thresholds with the best accuracy on the ``fit`` images within
     ``target`` mean FLOPs."""
     confident1, confident2 = first.confidence[fit], second.confidence[fit]
