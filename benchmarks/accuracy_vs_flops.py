@@ -639,14 +639,20 @@ def summarise(args, rows: list[dict], start: StartIdentity, wall: float) -> dict
     }
 
 
-def _curve_arms(rows: list[dict], budget: int) -> list[str]:
+def _curve_arms(rows: list[dict], budget: int, points_if_no_curve: bool = False) -> list[str]:
     """The pruned arms measured at two targets or more: curves. An arm measured at one target is a
-    candidate, reported in the tables only."""
+    candidate, reported in the tables only; with ``points_if_no_curve`` and no arm at two targets,
+    every arm is drawn (as a point)."""
     targets: dict[str, set[float]] = {}
     for r in rows:
         if r["budget"] == budget and r["arm"] not in DENSE_ARMS:
             targets.setdefault(r["arm"], set()).add(r["target"])
-    return sorted(arm for arm, measured in targets.items() if len(measured) >= 2)
+    curves = sorted(arm for arm, measured in targets.items() if len(measured) >= 2)
+    return curves or (sorted(targets) if points_if_no_curve else [])
+
+
+def _ceiling_cells(summary: dict, budget: int) -> list[dict]:
+    return [summary["cells"][key] for arm in DENSE_ARMS if (key := f"{arm}|{budget}|1.0") in summary["cells"]]
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -655,8 +661,13 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {budget: _curve_arms(summary["arms"], budget) for budget in sorted({r["budget"] for r in summary["arms"]})}
-    budgets = [b for b in curves if curves[b] or any(f"{arm}|{b}|1.0" in summary["cells"] for arm in DENSE_ARMS)]
+    with_ceiling = {b for b in {r["budget"] for r in summary["arms"]} if _ceiling_cells(summary, b)}
+    # a budget with the unpruned ceiling is a comparison: its single-target arms are drawn as points
+    curves = {
+        budget: _curve_arms(summary["arms"], budget, points_if_no_curve=budget in with_ceiling)
+        for budget in sorted({r["budget"] for r in summary["arms"]})
+    }
+    budgets = [b for b in curves if curves[b] or b in with_ceiling]
     if not budgets:
         print(f"no plot: no arm has two targets at one budget yet ({path} not written)", flush=True)
         return
@@ -685,7 +696,8 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_xlabel("mean FLOPs / dense FLOPs (honest count, gates included)")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{summary['model']} on {summary['data']}, fine-tune {budget:,} images")
-        ax.legend(fontsize="small", loc="lower right")
+        ax.margins(x=0.1, y=0.1)
+        ax.legend(fontsize="small", loc="best")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
