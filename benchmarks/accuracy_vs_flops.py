@@ -661,11 +661,11 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_ceiling = {b for b in {r["budget"] for r in summary["arms"]} if _ceiling_cells(summary, b)}
+    measured = sorted({r["budget"] for r in summary["arms"]})
+    with_ceiling = {b for b in measured if _ceiling_cells(summary, b)}
     # a budget with the unpruned ceiling is a comparison: its single-target arms are drawn as points
     curves = {
-        budget: _curve_arms(summary["arms"], budget, points_if_no_curve=budget in with_ceiling)
-        for budget in sorted({r["budget"] for r in summary["arms"]})
+        budget: _curve_arms(summary["arms"], budget, points_if_no_curve=budget in with_ceiling) for budget in measured
     }
     budgets = [b for b in curves if curves[b] or b in with_ceiling]
     if not budgets:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from manidp_cli.analysis.cascade import FOLDS, MemberOutputs, evaluate_cascade, fit_threshold
+from manidp_cli.analysis.cascade import FOLDS, MemberOutputs, cross_fitted_escalation, evaluate_cascade
 from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.files import atomic_write_text
 
@@ -105,21 +105,23 @@ def _thresholds(
     """The (first, second) confidence thresholds with the best accuracy on the ``fit`` images within
     ``target`` mean FLOPs."""
     confident1, confident2 = first.confidence[fit], second.confidence[fit]
+    flops2, flops3 = second.flops[fit], third.flops[fit]
+    correct1, correct2, correct3 = first.correct[fit], second.correct[fit], third.correct[fit]
+    budget = target * len(fit) - float(first.flops[fit].sum())
     order1 = confident1.argsort()
     best = (-1.0, 0.0, 0.0)
     for escalated1 in range(0, len(fit) + 1, max(1, len(fit) // GRID)):
         once = torch.zeros(len(fit), dtype=torch.bool)
         once[order1[:escalated1]] = True
-        room = target * len(fit) - float(first.flops[fit].sum() + second.flops[fit][once].sum())
+        room = budget - float(flops2[once].sum())
         if room < 0:
             break
         candidates = once.nonzero().flatten()
         candidates = candidates[confident2[candidates].argsort()]
-        cost = third.flops[fit][candidates].cumsum(0)
-        escalated2 = int((cost <= room).sum())
+        escalated2 = int((flops3[candidates].cumsum(0) <= room).sum())
         twice = torch.zeros(len(fit), dtype=torch.bool)
         twice[candidates[:escalated2]] = True
-        answer = torch.where(twice, third.correct[fit], torch.where(once, second.correct[fit], first.correct[fit]))
+        answer = torch.where(twice, correct3, torch.where(once, correct2, correct1))
         accuracy_here = float(answer.float().mean())
         if accuracy_here > best[0]:
             best = (accuracy_here, _split(confident1, order1, escalated1), _split(confident2, candidates, escalated2))
@@ -155,12 +157,7 @@ def three_stages(members: list[MemberOutputs], target: float) -> Result:
 
 def mean_answer(narrow: MemberOutputs, wide: MemberOutputs, target: float, label: str) -> Result:
     """The two-stage cascade's thresholds, but an escalated image takes both members' mean output."""
-    positions = torch.arange(len(narrow.labels))
-    escalate = torch.zeros(len(positions), dtype=torch.bool)
-    for fold in range(FOLDS):
-        held_out = positions % FOLDS == fold
-        threshold = fit_threshold(narrow, wide, target, positions[~held_out])
-        escalate[held_out] = narrow.confidence[held_out] < threshold
+    escalate, _ = cross_fitted_escalation(narrow, wide, target)
     mixed = (narrow.probabilities + wide.probabilities) / 2
     answers = torch.where(escalate[:, None], mixed, narrow.probabilities).argmax(1)
     top1 = float((answers == narrow.labels).float().mean())
@@ -171,14 +168,13 @@ def measure_seed(args, seed: int) -> list[Result]:
     outputs = [
         cascade.member(args, member.arm, member.target, seed, member.lr, member.budget) for member in args.members
     ]
-    labels = [f"{i + 1}" for i in range(3)]
     results = []
     for target in args.targets:
         results.append(three_stages(outputs, target))
         for (i, narrow), (j, wide) in combinations(enumerate(outputs), 2):
             if wide.flops.mean() > target > narrow.flops.mean():
                 two = evaluate_cascade(narrow, wide, target)
-                results.append(Result(f"{labels[i]} -> {labels[j]}", target, two.top1, two.mean_flops))
+                results.append(Result(f"{i + 1} -> {j + 1}", target, two.top1, two.mean_flops))
         results.append(mean_answer(outputs[0], outputs[2], target, "1 -> 3, mean answer"))
     return results
 

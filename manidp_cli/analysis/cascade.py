@@ -131,8 +131,11 @@ class CascadeEvaluation:
         return bool(self.fold_thresholds)
 
 
-def evaluate_cascade(narrow: MemberOutputs, wide: MemberOutputs, target_flops: float) -> CascadeEvaluation:
-    """Cross-fitted accuracy and mean FLOPs of escalating from ``narrow`` to ``wide`` at ``target_flops``."""
+def cross_fitted_escalation(
+    narrow: MemberOutputs, wide: MemberOutputs, target_flops: float
+) -> tuple[torch.Tensor, list[float]]:
+    """Which images escalate when each fold is judged by the threshold fitted on the other folds,
+    and those thresholds."""
     positions = torch.arange(len(narrow.labels))
     escalate = torch.zeros(len(positions), dtype=torch.bool)
     fold_thresholds = []
@@ -141,6 +144,13 @@ def evaluate_cascade(narrow: MemberOutputs, wide: MemberOutputs, target_flops: f
         threshold = fit_threshold(narrow, wide, target_flops, positions[~held_out])
         escalate[held_out] = escalates(narrow.probabilities[held_out], threshold)
         fold_thresholds.append(threshold)
+    return escalate, fold_thresholds
+
+
+def evaluate_cascade(narrow: MemberOutputs, wide: MemberOutputs, target_flops: float) -> CascadeEvaluation:
+    """Cross-fitted accuracy and mean FLOPs of escalating from ``narrow`` to ``wide`` at ``target_flops``."""
+    escalate, fold_thresholds = cross_fitted_escalation(narrow, wide, target_flops)
+    positions = torch.arange(len(narrow.labels))
     return _evaluation(narrow, wide, escalate, fit_threshold(narrow, wide, target_flops, positions), fold_thresholds)
 
 
