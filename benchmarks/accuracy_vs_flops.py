@@ -671,6 +671,9 @@ def plot(summary: dict, path: Path) -> None:
     if not budgets:
         print(f"no plot: no arm has two targets at one budget yet ({path} not written)", flush=True)
         return
+    # one colour per arm on every panel, so that panels can be compared at a glance
+    drawn = sorted({arm for budget in budgets for arm in curves[budget]})
+    colour = {arm: f"C{i % 10}" for i, arm in enumerate(drawn)}
     fig, axes = plt.subplots(1, len(budgets), figsize=(7 * len(budgets), 5), layout="constrained", squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         for arm in curves[budget]:
@@ -685,6 +688,7 @@ def plot(summary: dict, path: Path) -> None:
                 yerr=[p[2] for p in points],
                 marker="o",
                 capsize=3,
+                color=colour[arm],
                 label=arm,
             )
         for arm, style in zip(DENSE_ARMS, ("--", ":")):
