@@ -518,12 +518,17 @@ def iso_accuracy(cells: dict[str, dict]) -> list[dict]:
     return out
 
 
+def unpruned_cells(cells: dict[str, dict], budget: int) -> dict[str, dict]:
+    """The unpruned fine-tunes (``DENSE_ARMS``) measured at this budget, by arm."""
+    return {arm: cells[key] for arm in DENSE_ARMS if (key := f"{arm}|{budget}|1.0") in cells}
+
+
 def ceiling(cells: dict[str, dict], budget: int) -> dict | None:
     """The best unpruned fine-tune of this budget (``DENSE_ARMS``): what no pruned arm is expected to pass."""
-    measured = [(arm, cells[f"{arm}|{budget}|1.0"]) for arm in DENSE_ARMS if f"{arm}|{budget}|1.0" in cells]
+    measured = unpruned_cells(cells, budget)
     if not measured:
         return None
-    arm, cell = max(measured, key=lambda pair: pair[1]["mean"])
+    arm, cell = max(measured.items(), key=lambda pair: pair[1]["mean"])
     return {"arm": arm, "top1": cell["mean"], "seeds": len(cell["seeds"])}
 
 
@@ -651,10 +656,6 @@ def _curve_arms(rows: list[dict], budget: int, points_if_no_curve: bool = False)
     return curves or (sorted(targets) if points_if_no_curve else [])
 
 
-def _ceiling_cells(summary: dict, budget: int) -> list[dict]:
-    return [summary["cells"][key] for arm in DENSE_ARMS if (key := f"{arm}|{budget}|1.0") in summary["cells"]]
-
-
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -662,7 +663,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     measured = sorted({r["budget"] for r in summary["arms"]})
-    with_ceiling = {b for b in measured if _ceiling_cells(summary, b)}
+    with_ceiling = {b for b in measured if unpruned_cells(summary["cells"], b)}
     # a budget with the unpruned ceiling is a comparison: its single-target arms are drawn as points
     curves = {
         budget: _curve_arms(summary["arms"], budget, points_if_no_curve=budget in with_ceiling) for budget in measured
@@ -691,9 +692,9 @@ def plot(summary: dict, path: Path) -> None:
                 color=colour[arm],
                 label=arm,
             )
+        unpruned = unpruned_cells(summary["cells"], budget)
         for arm, style in zip(DENSE_ARMS, ("--", ":")):
-            dense = summary["cells"].get(f"{arm}|{budget}|1.0")
-            if dense:
+            if dense := unpruned.get(arm):
                 ax.axhline(
                     100 * dense["mean"], color="gray", linestyle=style, label=f"{arm} (unpruned, same fine-tune)"
                 )
