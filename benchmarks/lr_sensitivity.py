@@ -130,45 +130,66 @@ def comparisons(cells: list[Cell], min_seeds: int) -> list[dict]:
     return out
 
 
-def plot(cells: list[Cell], budget: int, path: Path) -> None:
+def compared_targets(cells: list[Cell], budget: int) -> list[float]:
+    """Targets of this budget with a static and a default cell, where some arm has two rates or more:
+    the panels worth drawing (largest target first)."""
+    here = [c for c in cells if c.budget == budget]
+    both = {c.target for c in here if c.arm in STATIC_ARMS} & {c.target for c in here if c.arm in DEFAULT_ARMS}
+    swept = {c.target for c in here if sum(o.arm == c.arm and o.target == c.target for o in here) > 1}
+    return sorted(both & swept, reverse=True)
+
+
+def plot(cells: list[Cell], path: Path) -> None:
+    """One row per budget with a learning-rate sweep, one panel per compared target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    here = [c for c in cells if c.budget == budget]
-    compared = {c.target for c in here if c.arm in STATIC_ARMS} & {c.target for c in here if c.arm in DEFAULT_ARMS}
-    if not compared:
-        print(f"no plot: no target with a static and a default cell at budget {budget}", flush=True)
+    rows = {b: t for b in sorted({c.budget for c in cells}) if (t := compared_targets(cells, b))}
+    if not rows:
+        print("no plot: no target with a static and a default cell and two learning rates", flush=True)
         return
-    ceiling = best(cells, DENSE_ARMS, budget, 1.0, min_seeds=1)
-    rates = sorted({c.lr for c in here})
-    targets = sorted(compared, reverse=True)
-    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4.5), layout="constrained", squeeze=False)
-    for ax, target in zip(axes[0], targets):
-        for arm in (*DEFAULT_ARMS, *STATIC_ARMS):
-            mine = sorted((c for c in here if c.arm == arm and c.target == target), key=lambda c: c.lr)
-            if mine:
-                ax.errorbar(
-                    [c.lr for c in mine],
-                    [100 * c.mean for c in mine],
-                    yerr=[100 * (c.stdev or 0.0) for c in mine],
-                    marker="o",
-                    capsize=3,
-                    label=arm,
-                )
-        if ceiling:
-            label = f"unpruned ceiling ({ceiling.arm}, lr {ceiling.lr})"
-            ax.axhline(100 * ceiling.mean, color="gray", linestyle="--", label=label)
-        ax.set_xscale("log")
-        ax.set_xticks(rates, [f"{lr:g}" for lr in rates])
-        ax.minorticks_off()
-        ax.set_xlabel("fine-tuning learning rate (SGD, cosine)")
-        ax.set_ylabel("test top-1 (%)")
-        ax.set_title(f"{target:.2f} of the FLOPs, {budget:,} images")
-        ax.legend(fontsize="x-small", loc="best", framealpha=0.6)
+    columns = max(len(t) for t in rows.values())
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(5 * columns, 4.5 * len(rows)), layout="constrained", squeeze=False
+    )
+    for row, (budget, targets) in zip(axes, rows.items()):
+        for ax, target in zip(row, targets):
+            _panel(ax, cells, budget, target)
+        for ax in row[len(targets) :]:
+            ax.set_visible(False)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _panel(ax, cells: list[Cell], budget: int, target: float) -> None:
+    here = [c for c in cells if c.budget == budget]
+    for colour, arm in enumerate(SHOWN[: -len(DENSE_ARMS)]):  # one colour per arm on every panel
+        mine = sorted((c for c in here if c.arm == arm and c.target == target), key=lambda c: c.lr)
+        if mine:
+            ax.errorbar(
+                [c.lr for c in mine],
+                [100 * c.mean for c in mine],
+                yerr=[100 * (c.stdev or 0.0) for c in mine],
+                color=f"C{colour}",
+                marker="o",
+                capsize=3,
+                label=arm,
+            )
+    ceiling = best(cells, DENSE_ARMS, budget, 1.0, min_seeds=1)
+    if ceiling:
+        seeds = f"{len(ceiling.seeds)} seed{'s' if len(ceiling.seeds) > 1 else ''}"
+        label = f"unpruned ({ceiling.arm}, lr {ceiling.lr}, {seeds})"
+        ax.axhline(100 * ceiling.mean, color="gray", linestyle="--", label=label)
+    rates = sorted({c.lr for c in here})
+    ax.set_xscale("log")
+    ax.set_xticks(rates, [f"{lr:g}" for lr in rates])
+    ax.minorticks_off()
+    ax.set_xlabel("fine-tuning learning rate (SGD, cosine)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{target:.2f} of the FLOPs, {budget:,} images")
+    ax.legend(fontsize="x-small", loc="best", framealpha=0.6)
 
 
 def main() -> None:
@@ -184,7 +205,7 @@ def main() -> None:
         "best_rate_comparisons": verdicts,  # cells of 3 seeds or more only
     }
     atomic_write_text(args.out, json.dumps(result, indent=1))
-    plot(cells, 18000, args.plot)
+    plot(cells, args.plot)
     print(f"{'arm':12s} {'budget':>7s} {'target':>6s} {'lr':>6s} {'top1':>7s} {'sd':>6s} seeds")
     for c in cells:
         sd = f"{100 * c.stdev:6.2f}" if c.stdev is not None else "      "
