@@ -165,7 +165,7 @@ def plot(cells: list[Cell], path: Path) -> None:
 
 def _panel(ax, cells: list[Cell], budget: int, target: float) -> None:
     here = [c for c in cells if c.budget == budget]
-    for colour, arm in enumerate(SHOWN[: -len(DENSE_ARMS)]):  # one colour per arm on every panel
+    for colour, arm in enumerate((*DEFAULT_ARMS, *STATIC_ARMS)):  # one colour per arm on every panel
         mine = sorted((c for c in here if c.arm == arm and c.target == target), key=lambda c: c.lr)
         if mine:
             ax.errorbar(
