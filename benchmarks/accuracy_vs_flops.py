@@ -16,7 +16,10 @@ subset each epoch), batch 128, SGD Nesterov, cosine learning rate from ``--lr``.
   static L1 with cross-entropy, pruning only the residual blocks' inner widths (residual streams,
   stem and shortcuts whole: the shape of the cut manidp's output gates make);
 - ``dense``: the start fine-tuned without pruning, the ceiling; ``dense_kd``: the same with the
-  default's distillation (from the start itself), the ceiling of the distilled arms.
+  default's distillation (from the start itself), the ceiling of the distilled arms;
+- ``static_kd_tuned`` / ``hybrid_kd_tuned``: ``static_kd`` and recipes/hybrid.yaml with the default's
+  distillation, both taught by the ``dense`` arm's network of the same budget (seed 0, ``--lr``),
+  which has to be measured first: a teacher ahead of its students, as a converged checkpoint is.
 
 FLOPs are honest for every arm: fvcore on the slimmed model (static), manidp's count with the gates'
 own cost included (dynamic; docs/gating.md). Each finished arm is written to
@@ -112,6 +115,8 @@ MANIDP_ARMS = {
     # the same with a quarter and three quarters of the cut (in log FLOPs) made statically
     "hybrid_recipe_s025": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.25}),
     "hybrid_recipe_s075": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.75}),
+    # recipes/hybrid.yaml with the default's distillation (from the full-width start, or a tuned teacher)
+    "hybrid_recipe_kd": ("hybrid.yaml", {"narrow_training": True, "loss": {"distill_weight": 1.0}}),
     # today's default without distillation (the hybrid arms' second half: their start is no teacher)
     "narrow_no_distill": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 0.0}}),
     # input gates on the residual stream (each block's first convolution skips stream channels per image):
@@ -180,7 +185,11 @@ HYBRID_ARMS = {
     "hybrid_no_distill": ("narrow_no_distill", False),
 }
 ABLATION_ARMS = (*(arm for arm in MANIDP_ARMS if arm != "manidp"), *HYBRID_ARMS)
-STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner")
+# distilled from the unpruned network fine-tuned on the same budget instead of the dense start, which
+# falls behind its students at 180,000 images (docs/results.md): arm -> the arm it is, teacher apart
+TUNED_TEACHER_ARMS = {"static_kd_tuned": "static_kd", "hybrid_kd_tuned": "hybrid_recipe_kd"}
+TEACHER_SEED = 0  # the dense arm that teaches them
+STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner", "static_kd_tuned")
 DENSE_ARMS = ("dense", "dense_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
 FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_distill5 arm
@@ -229,7 +238,7 @@ def parse_args() -> argparse.Namespace:
         "--arms",
         nargs="+",
         default=["dense", *MAIN_ARMS, "paper", "no_similarity", "no_complexity"],
-        choices=sorted({*DENSE_ARMS, *MANIDP_ARMS, *STATIC_ARMS, *HYBRID_ARMS}),
+        choices=sorted({*DENSE_ARMS, *MANIDP_ARMS, *STATIC_ARMS, *HYBRID_ARMS, *TUNED_TEACHER_ARMS}),
         metavar="ARM",
     )
     parser.add_argument("--dense-epochs", type=int, default=3)
@@ -287,9 +296,12 @@ def plan(args) -> list[dict]:
     specs = []
     for budget in sorted(args.budgets):
         targets = sorted(args.targets, key=lambda t: abs(t - 0.3))  # 0.30 first: the issue's key cell
-        specs += _specs([a for a in ("manidp", *STATIC_ARMS) if a in args.arms], args.seeds, targets, budget)
+        main = [a for a in ("manidp", *STATIC_ARMS) if a in args.arms and a not in TUNED_TEACHER_ARMS]
+        specs += _specs(main, args.seeds, targets, budget)
         specs += _specs([a for a in DENSE_ARMS if a in args.arms], args.ablation_seeds, [1.0], budget)
         specs += _specs([a for a in ABLATION_ARMS if a in args.arms], args.ablation_seeds, targets, budget)
+        # after the dense arm that teaches them
+        specs += _specs([a for a in TUNED_TEACHER_ARMS if a in args.arms], args.ablation_seeds, targets, budget)
     return specs
 
 
@@ -328,6 +340,9 @@ def arm_key(spec: dict, args) -> str:
         "batch": 128,
     }
     arm = spec["arm"]
+    if arm in TUNED_TEACHER_ARMS:
+        settings["teacher"] = arm_key(teacher_spec(spec), args)
+        arm = TUNED_TEACHER_ARMS[arm]
     if arm in HYBRID_ARMS:
         settings["static_share"] = "sqrt(target)"
         arm, distils = HYBRID_ARMS[arm]
@@ -338,9 +353,9 @@ def arm_key(spec: dict, args) -> str:
         # the loss-only overrides of the first arms were hashed bare; keep their keys (cached arms)
         hashed = changes.get("loss", {}) if set(changes) <= {"loss"} else changes
         settings["recipe"] = _recipe_identity(RECIPES / recipe) + json.dumps(hashed, sort_keys=True)
-    if spec["arm"] in ("static_kd", "dense_kd"):
+    if arm in ("static_kd", "dense_kd"):
         settings["distill"] = DISTILL
-    if spec["arm"] == "static_fkd":
+    if arm == "static_fkd":
         settings["distill"] = {**DISTILL, "features": FEATURE_DISTILL}
     if args.teacher_dtype != "float32":  # float32: the keys of the arms run before the option existed
         settings["teacher_dtype"] = args.teacher_dtype
@@ -348,6 +363,25 @@ def arm_key(spec: dict, args) -> str:
         settings["model"] = args.model
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{spec['arm']}-t{spec['target']}-b{spec['budget']}-s{spec['seed']}-{digest}"
+
+
+def teacher_spec(spec: dict) -> dict:
+    """The dense arm whose network teaches a ``TUNED_TEACHER_ARMS`` arm of this budget."""
+    return {"arm": "dense", "target": 1.0, "seed": TEACHER_SEED, "budget": spec["budget"]}
+
+
+def tuned_teacher(args, spec: dict) -> Path:
+    """The teaching dense arm's network; a clear stop when that arm has not finished yet."""
+    dense = teacher_spec(spec)
+    key = arm_key(dense, args)
+    network = args.work / "runs" / key / NETWORK_FILE
+    if not (args.work / "arms" / f"{key}.json").is_file() or not network.is_file():
+        raise SystemExit(
+            f"error: {spec['arm']} is taught by the dense arm of budget {spec['budget']} (seed {TEACHER_SEED}, "
+            f"lr {args.lr}), not measured yet in {args.work}: run --arms dense --ablation-seeds {TEACHER_SEED} "
+            f"--budgets {spec['budget']} first"
+        )
+    return network
 
 
 class ArmInterrupted(Exception):
@@ -441,14 +475,15 @@ def run_hybrid_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
     return {**metrics, "static_share": share}  # its flops_ratio: of the full-width architecture
 
 
-def run_static_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
+def run_static_arm(args, spec: dict, start: Path, data, out: Path, teacher: Path | None = None) -> dict:
     torch.manual_seed(spec["seed"])
     model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
     baseline = static_l1(model, spec["target"], data.input_shape, inner_only=spec["arm"] == "static_inner")
     model, flops = baseline.model, baseline.flops_ratio
     objective = CrossEntropyObjective()
     if spec["arm"] in ("static_kd", "static_fkd"):
-        teacher = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
+        weights = teacher or start
+        teacher = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights)
         features = {}
         if spec["arm"] == "static_fkd":  # the stage outputs too, on the channels the slimmed stages keep
             names = stage_names(teacher)
@@ -599,7 +634,7 @@ def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dic
     for row in rows:
         lr = row.get("lr", DEFAULT_LR)
         spec = {name: row[name] for name in ("arm", "target", "seed", "budget")}
-        if row["arm"] not in (*MANIDP_ARMS, *HYBRID_ARMS, *STATIC_ARMS, *DENSE_ARMS):
+        if row["arm"] not in (*MANIDP_ARMS, *HYBRID_ARMS, *STATIC_ARMS, *DENSE_ARMS, *TUNED_TEACHER_ARMS):
             superseded.append(row)
         elif row["key"] != arm_key(spec, argparse.Namespace(**{**vars(args), "lr": lr})):
             superseded.append(row)
@@ -791,6 +826,20 @@ def restore_cache(args, folder: Path, start: StartIdentity) -> int:
     return restored
 
 
+def run_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
+    teacher = None
+    if spec["arm"] in TUNED_TEACHER_ARMS:
+        teacher = tuned_teacher(args, spec)
+        spec = {**spec, "arm": TUNED_TEACHER_ARMS[spec["arm"]]}
+    if spec["arm"] in DENSE_ARMS:
+        return run_dense_arm(args, spec, start, data, out)
+    if spec["arm"] in STATIC_ARMS:
+        return run_static_arm(args, spec, start, data, out, teacher)
+    if spec["arm"] in HYBRID_ARMS:
+        return run_hybrid_arm(args, spec, start, data, out)
+    return run_manidp_arm(args, spec, start, out, teacher)
+
+
 def _undefined_as_null(row: dict) -> dict:
     """Arms cached before the evaluation reported undefined correlations as None hold NaN there
     (codebook models, whose images all get the same FLOPs); JSON has no NaN."""
@@ -825,14 +874,7 @@ def run_plan(args: argparse.Namespace) -> None:
             shutil.rmtree(out, ignore_errors=True)
         resumed = (out / CHECKPOINT_FILE).is_file()
         t0 = time.perf_counter()
-        if spec["arm"] in DENSE_ARMS:
-            metrics = run_dense_arm(args, spec, start, data, out)
-        elif spec["arm"] in STATIC_ARMS:
-            metrics = run_static_arm(args, spec, start, data, out)
-        elif spec["arm"] in HYBRID_ARMS:
-            metrics = run_hybrid_arm(args, spec, start, data, out)
-        else:
-            metrics = run_manidp_arm(args, spec, start, out)
+        metrics = run_arm(args, spec, start, data, out)
         # seconds: this run's share only, when the arm resumed a checkpoint
         row = {"key": key, **spec, "lr": args.lr, **metrics, "seconds": time.perf_counter() - t0, "resumed": resumed}
         atomic_write_text(folder / f"{key}.json", json.dumps(row, indent=1))
