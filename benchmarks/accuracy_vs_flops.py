@@ -17,9 +17,10 @@ subset each epoch), batch 128, SGD Nesterov, cosine learning rate from ``--lr``.
   stem and shortcuts whole: the shape of the cut manidp's output gates make);
 - ``dense``: the start fine-tuned without pruning, the ceiling; ``dense_kd``: the same with the
   default's distillation (from the start itself), the ceiling of the distilled arms;
-- ``static_kd_tuned`` / ``hybrid_kd_tuned``: ``static_kd`` and recipes/hybrid.yaml with the default's
-  distillation, both taught by the ``dense`` arm's network of the same budget (seed 0, ``--lr``),
-  which has to be measured first: a teacher ahead of its students, as a converged checkpoint is.
+- ``static_kd_tuned`` / ``hybrid_kd_tuned`` / ``narrow_kd_tuned`` / ``narrow_fd5_kd_tuned``:
+  ``static_kd``, recipes/hybrid.yaml with the default's distillation, the default and ``narrow_fd5``,
+  each taught by the ``dense`` arm's network of the same budget (seed 0, ``--lr``) instead of the
+  start, which has to be measured first: a teacher ahead of its students, as a converged checkpoint is.
 
 FLOPs are honest for every arm: fvcore on the slimmed model (static), manidp's count with the gates'
 own cost included (dynamic; docs/gating.md). Each finished arm is written to
@@ -187,7 +188,12 @@ HYBRID_ARMS = {
 ABLATION_ARMS = (*(arm for arm in MANIDP_ARMS if arm != "manidp"), *HYBRID_ARMS)
 # distilled from the unpruned network fine-tuned on the same budget instead of the dense start, which
 # falls behind its students at 180,000 images (docs/results.md): arm -> the arm it is, teacher apart
-TUNED_TEACHER_ARMS = {"static_kd_tuned": "static_kd", "hybrid_kd_tuned": "hybrid_recipe_kd"}
+TUNED_TEACHER_ARMS = {
+    "static_kd_tuned": "static_kd",
+    "hybrid_kd_tuned": "hybrid_recipe_kd",
+    "narrow_kd_tuned": "narrow",  # the default recipe
+    "narrow_fd5_kd_tuned": "narrow_fd5",
+}
 TEACHER_SEED = 0  # the dense arm that teaches them
 STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner", "static_kd_tuned")
 DENSE_ARMS = ("dense", "dense_kd")
