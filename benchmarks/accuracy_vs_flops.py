@@ -371,6 +371,11 @@ def arm_key(spec: dict, args) -> str:
     return f"{spec['arm']}-t{spec['target']}-b{spec['budget']}-s{spec['seed']}-{digest}"
 
 
+def run_folder(work: Path, key: str) -> Path:
+    """Where an arm trains: its checkpoint, and then its network (``NETWORK_FILE``)."""
+    return work / "runs" / key
+
+
 def teacher_spec(spec: dict) -> dict:
     """The dense arm whose network teaches a ``TUNED_TEACHER_ARMS`` arm of this budget."""
     return {"arm": "dense", "target": 1.0, "seed": TEACHER_SEED, "budget": spec["budget"]}
@@ -380,7 +385,7 @@ def tuned_teacher(args, spec: dict) -> Path:
     """The teaching dense arm's network; a clear stop when that arm has not finished yet."""
     dense = teacher_spec(spec)
     key = arm_key(dense, args)
-    network = args.work / "runs" / key / NETWORK_FILE
+    network = run_folder(args.work, key) / NETWORK_FILE
     if not (args.work / "arms" / f"{key}.json").is_file() or not network.is_file():
         raise SystemExit(
             f"error: {spec['arm']} is taught by the dense arm of budget {spec['budget']} (seed {TEACHER_SEED}, "
@@ -488,16 +493,17 @@ def run_static_arm(args, spec: dict, start: Path, data, out: Path, teacher: Path
     model, flops = baseline.model, baseline.flops_ratio
     objective = CrossEntropyObjective()
     if spec["arm"] in ("static_kd", "static_fkd"):
-        weights = teacher or start
-        teacher = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=weights)
+        teacher_model = create_model(
+            args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=teacher or start
+        )
         features = {}
         if spec["arm"] == "static_fkd":  # the stage outputs too, on the channels the slimmed stages keep
-            names = stage_names(teacher)
-            channels = stage_channels(teacher, baseline.pruning_ratio, data.input_shape, names)
+            names = stage_names(teacher_model)
+            channels = stage_channels(teacher_model, baseline.pruning_ratio, data.input_shape, names)
             features = {"feature_weight": FEATURE_DISTILL, "teacher_stage_channels": channels}
         precision = teacher_dtype(args.teacher_dtype, torch.device("cpu"))
         objective = Distilled(
-            objective, teacher, DISTILL["weight"], DISTILL["temperature"], teacher_dtype=precision, **features
+            objective, teacher_model, DISTILL["weight"], DISTILL["temperature"], teacher_dtype=precision, **features
         )
     _fine_tune(model, data, objective, args, spec, out)
     save_network(model, out, flops)
@@ -874,8 +880,8 @@ def run_plan(args: argparse.Namespace) -> None:
             if not args.rerun:
                 continue
             _set_aside(folder / f"{key}.json", args.work / "replaced")
-            shutil.rmtree(args.work / "runs" / key, ignore_errors=True)  # its final checkpoint would "resume"
-        out = args.work / "runs" / key
+            shutil.rmtree(run_folder(args.work, key), ignore_errors=True)  # its final checkpoint would "resume"
+        out = run_folder(args.work, key)
         if not (out / CHECKPOINT_FILE).is_file():  # a checkpoint: the arm stopped part-way, resume it
             shutil.rmtree(out, ignore_errors=True)
         resumed = (out / CHECKPOINT_FILE).is_file()

@@ -144,7 +144,7 @@ def cached_member(args, arm: str, export: Path, cache: Path) -> MemberOutputs:
 def member(args, arm: str, target: float, seed: int, lr: float, budget: int | None = None) -> MemberOutputs:
     spec = {"arm": arm, "target": target, "seed": seed, "budget": budget or args.budget}
     key = accuracy.arm_key(spec, speed_trained._arm_args(argparse.Namespace(**{**vars(args), "lr": lr})))
-    export = args.work / "runs" / key / accuracy.NETWORK_FILE
+    export = accuracy.run_folder(args.work, key) / accuracy.NETWORK_FILE
     if not export.is_file():
         sys.exit(
             f"error: no network {export}: run the accuracy benchmark's {arm} arm at {target}, lr {lr}, "

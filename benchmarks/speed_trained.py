@@ -206,7 +206,7 @@ def main() -> None:
     arm_rows = {r["key"]: r for r in (json.loads(p.read_text()) for p in (args.work / "arms").glob("*.json"))}
     for arm in args.arms:
         spec = {"arm": arm, "target": args.iso_target, "seed": 0, "budget": args.budget}
-        export = args.work / "runs" / accuracy.arm_key(spec, _arm_args(args))
+        export = accuracy.run_folder(args.work, accuracy.arm_key(spec, _arm_args(args)))
         if not (export / "model.safetensors").is_file():
             print(f"skipping {arm}: no export at {export} (run accuracy_vs_flops.py for it first)", flush=True)
             continue

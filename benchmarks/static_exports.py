@@ -77,7 +77,7 @@ def saliency_variation(model, eval_set) -> dict[str, float]:
 
 def measure_seed(args, seed: int) -> dict:
     spec = {"arm": args.arm, "target": args.target, "seed": seed, "budget": args.budget}
-    export = args.work / "runs" / accuracy.arm_key(spec, speed_trained._arm_args(args))
+    export = accuracy.run_folder(args.work, accuracy.arm_key(spec, speed_trained._arm_args(args)))
     gated, info = load_pruned(export)
     data, _ = info.load_data(None)
     shape = tuple(info.input_shape)
