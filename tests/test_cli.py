@@ -11,6 +11,7 @@ import torch
 from helpers import run_main, write_image_folder
 from typer.testing import CliRunner
 
+from manidp_cli.api.jobs import MIN_GATED_SHARE, prepare
 from manidp_cli.cli import app
 from manidp_cli.core.gating import has_gates
 from manidp_cli.errors import DataError, ManidpError, ModelError, RecipeError, TargetError, WeightsError
@@ -51,6 +52,23 @@ def test_bad_input_raises_the_library_error(args, error, message, tmp_path):
     assert isinstance(result.exception, error), result.output
     assert message in str(result.exception)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_target_the_gates_cannot_reach_is_refused_naming_the_least_they_can(tiny_fashion, dense_weights, tmp_path):
+    out = tmp_path / "out"
+    common = ["prune", "test_resnet", "--weights", str(dense_weights), "--data", tiny_fashion, "--out", str(out)]
+    result = runner.invoke(app, [*common, "--target-flops", "0.01"])
+    assert isinstance(result.exception, TargetError), result.output
+    message = str(result.exception)
+    assert "--target-flops 0.01 leaves the gates" in message and "recipes/hybrid.yaml" in message
+    least = float(re.search(r"give --target-flops ([0-9.]+) or more", message).group(1))
+    assert not out.exists()  # refused before anything is written
+    overrides = {"data": tiny_fashion, "epochs": 1}
+    job = prepare("prune", "test_resnet", overrides={**overrides, "target_flops": least}, weights=dense_weights)
+    assert MIN_GATED_SHARE <= job.gated_share < MIN_GATED_SHARE + 0.01
+    assert job.gate_floor < least
+    with pytest.raises(TargetError, match="leaves the gates"):
+        prepare("prune", "test_resnet", overrides={**overrides, "target_flops": least - 0.002}, weights=dense_weights)
 
 
 def test_malformed_recipe(tmp_path):

@@ -10,6 +10,7 @@ from manidp_cli.config import GatePolicy
 from manidp_cli.core.flops import (
     CostTable,
     LayerCost,
+    closed_gates_flops,
     conv_dynamic_flops,
     count_flops,
     decided_flops,
@@ -79,6 +80,21 @@ def test_a_gate_decides_its_convolution_and_the_inputs_it_feeds(resnet18):
     assert decided["layer1.0.conv1"] == 2 * conv  # its outputs, and conv2's inputs
     assert decided["layer1.0.conv2"] == conv  # the residual add: nothing downstream follows its mask
     assert set(decided) == set(gates.by_name())
+
+
+def test_closed_gates_cost_what_the_network_measures_with_every_gate_closed(resnet18):
+    model, gates, table = resnet18
+    gates.set_thresholds({name: 1e9 for name in gates.by_name()})  # above every saliency
+    try:
+        stats = measure_flops(model, table, [torch.randn(2, 3, 64, 64)])
+    finally:
+        gates.reset_thresholds()
+    decided = [layer for layer in table.convs() if layer.gated or layer.input_producer is not None]
+    assert closed_gates_flops(table) == table.total_flops - sum(layer.dense_flops for layer in decided)
+    assert stats.per_image == [closed_gates_flops(table)] * 2
+    layers = {layer.name: layer for layer in table.layers}
+    # the stem and the downsampling shortcuts are not gated; the gates' own cost stays
+    assert closed_gates_flops(table) >= layers["conv1"].dense_flops + table.gate_flops
 
 
 def test_cost_table_round_trips_through_a_dict(resnet18):

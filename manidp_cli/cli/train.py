@@ -47,7 +47,10 @@ def _print_plan(job, to: Console) -> None:
     )
     if job.command == "prune":
         table.add_row(
-            "gates", f"{len(job.gates)} gated convolutions, {job.table.gate_flops / 1e6:.3f} MFLOPs of gate cost"
+            "gates",
+            f"{len(job.gates)} gated convolutions, {job.table.gate_flops / 1e6:.3f} MFLOPs of gate cost; with "
+            f"every gate closed the network still costs {job.gate_floor:.1%} of 'dense', and the target leaves "
+            f"the gates {job.gated_share:.0%} of the FLOPs they decide",
         )
         if job.static_flops_ratio is None:
             table.add_row("target", f"{recipe.target_flops:.0%} of dense FLOPs on average")
