@@ -60,6 +60,7 @@ from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
 from manidp_cli.config import OptimizerConfig
 from manidp_cli.core.features import stage_names
 from manidp_cli.data import load_data
+from manidp_cli.errors import TargetError
 from manidp_cli.files import atomic_write_bytes, atomic_write_text
 from manidp_cli.models.factory import create_model
 from manidp_cli.runtime.static_l1 import stage_channels, static_l1
@@ -886,7 +887,11 @@ def run_plan(args: argparse.Namespace) -> None:
             shutil.rmtree(out, ignore_errors=True)
         resumed = (out / CHECKPOINT_FILE).is_file()
         t0 = time.perf_counter()
-        metrics = run_arm(args, spec, start, data, out)
+        try:
+            metrics = run_arm(args, spec, start, data, out)
+        except TargetError as exc:  # a target this arm's gates cannot reach: the other arms still run
+            print(f"{key:48s} refused: {exc}", flush=True)
+            continue
         # seconds: this run's share only, when the arm resumed a checkpoint
         row = {"key": key, **spec, "lr": args.lr, **metrics, "seconds": time.perf_counter() - t0, "resumed": resumed}
         atomic_write_text(folder / f"{key}.json", json.dumps(row, indent=1))
