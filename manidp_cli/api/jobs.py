@@ -109,10 +109,15 @@ class Job:
         return closed_gates_flops(self.table) / self.table.dense_flops
 
     @property
+    def gates_open(self) -> float:
+        """The gated network's FLOPs with every gate open (its dense FLOPs and the gates' own), over
+        its dense FLOPs."""
+        return self.table.total_flops / self.table.dense_flops
+
+    @property
     def gated_share(self) -> float:
         """The share of the FLOPs the gates decide that gate_target leaves them (1: all open)."""
-        all_open = self.table.total_flops / self.table.dense_flops
-        return (self.gate_target - self.gate_floor) / (all_open - self.gate_floor)
+        return (self.gate_target - self.gate_floor) / (self.gates_open - self.gate_floor)
 
     @property
     def checkpoint(self) -> Path:
@@ -230,8 +235,7 @@ def _check_gates_reach(job: Job) -> None:
         return
     of_start = job.static_flops_ratio or 1.0  # --target-flops is of the start, before a static stage
     floor = job.gate_floor * of_start
-    all_open = job.table.total_flops / job.table.dense_flops
-    least = (job.gate_floor + MIN_GATED_SHARE * (all_open - job.gate_floor)) * of_start
+    least = (job.gate_floor + MIN_GATED_SHARE * (job.gates_open - job.gate_floor)) * of_start
     size = "x".join(map(str, job.data.input_shape[1:]))
     share = job.recipe.static_share
     static = (
