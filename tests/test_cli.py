@@ -54,7 +54,7 @@ def test_bad_input_raises_the_library_error(args, error, message, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_a_target_the_gates_cannot_reach_is_refused_naming_the_least_they_can(tiny_fashion, dense_weights, tmp_path):
+def test_a_target_the_gates_cannot_reach_is_refused_and_a_low_one_warned_of(tiny_fashion, dense_weights, tmp_path):
     out = tmp_path / "out"
     common = ["prune", "test_resnet", "--weights", str(dense_weights), "--data", tiny_fashion, "--out", str(out)]
     result = runner.invoke(app, [*common, "--target-flops", "0.01"])
@@ -69,6 +69,12 @@ def test_a_target_the_gates_cannot_reach_is_refused_naming_the_least_they_can(ti
     assert job.gate_floor < least
     with pytest.raises(TargetError, match="leaves the gates"):
         prepare("prune", "test_resnet", overrides={**overrides, "target_flops": least - 0.002}, weights=dense_weights)
+    # accepted, with a warning in the plan: so little left to the gates measured worse than static pruning
+    result = runner.invoke(app, [*common, "--target-flops", str(least), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.output and "recipes/hybrid.yaml" in result.output
+    result = runner.invoke(app, [*common[:-1], str(tmp_path / "wide"), "--target-flops", "0.6", "--epochs", "1"])
+    assert result.exit_code == 0 and "warning" not in result.output
 
 
 def test_malformed_recipe(tmp_path):
