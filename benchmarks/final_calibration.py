@@ -95,8 +95,8 @@ def main() -> None:
     rows = []
     print(f"{'run':48s} {'exported':>9s} {'FLOPs':>6s} {'now':>7s} {'FLOPs':>6s} {'diff':>6s}")
     for run in runs:
-        if not ((run / "checkpoint.pt").is_file() and (run / "model.safetensors").is_file()):
-            continue
+        if not all((run / name).is_file() for name in ("checkpoint.pt", "model.safetensors", "metrics.jsonl")):
+            continue  # a static or dense arm's folder, or one still training
         row = recalibrate(run, data)
         if row is None:
             continue
