@@ -66,12 +66,12 @@ def test_single_layers_move_when_no_common_rate_meets_the_target(static_gates):
     assert measured == pytest.approx(refined.flops_ratio)  # the moved thresholds are the ones in force
     assert abs(measured - target) <= THRESHOLD_TOLERANCE * target, (low, high, target, measured)
     assert refined.evaluations > common.evaluations
-    # no layer gave up more than its share: one unbounded move had cut a layer from 21% to 2%
+    # no layer moved by more than a channel: one unbounded move had cut a layer from 21% to 2%
     kept = setup.kept()
     moved = 0
     for name, mean in setup.means.items():
         common_kept = kept_count(refined.remain_rate, mean.numel())
-        assert abs(kept[name] - common_kept) <= max(1, int(MAX_LAYER_SHIFT * common_kept)), name
+        assert abs(kept[name] - common_kept) <= MAX_LAYER_SHIFT, name
         moved += kept[name] != common_kept
     assert moved >= 1
 
