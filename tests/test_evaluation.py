@@ -29,21 +29,32 @@ def test_gram_correlation():
     assert abs(gram_correlation(features, torch.randn(6, 5))) < 1.0
 
 
-def test_evaluate_export_reports_accuracy_flops_and_signature(pruned):
-    typed = evaluate_export(pruned.out_dir, batch_size=16)
-    assert typed.pruned and typed.flops.ratio("mean") == pytest.approx(pruned.after.flops.mean_ratio)
+@pytest.fixture(scope="module")
+def routed(tiny_fashion, dense_weights, tmp_path_factory):
+    """A tiny prune whose images get different FLOPs: gates fitted to vary per image before training
+    (the shared tiny prune's 64 test images may all get the same sub-network)."""
+    from helpers import prune_tiny
+
+    out = tmp_path_factory.mktemp("routed")
+    return prune_tiny(out, tiny_fashion, weights=dense_weights, overrides={"gates": {"routing_init": 0.3}})
+
+
+def test_evaluate_export_reports_accuracy_flops_and_signature(routed):
+    typed = evaluate_export(routed.out_dir, batch_size=16)
+    assert typed.pruned and typed.flops.ratio("mean") == pytest.approx(routed.after.flops.mean_ratio)
     result = typed.to_dict()  # what `manidp eval --json` prints
     assert result["data"]["from"] == "the export's metadata" and result["data"]["spec"].startswith("fashion-mnist:")
-    assert result["images"] == 64 and result["top1"] == pytest.approx(pruned.after.top1)
+    assert result["images"] == 64 and result["top1"] == pytest.approx(routed.after.top1)
     flops = result["flops"]
-    assert flops["mean_ratio"] == pytest.approx(pruned.after.flops.mean_ratio)
+    assert flops["mean_ratio"] == pytest.approx(routed.after.flops.mean_ratio)
     assert flops["min"] <= flops["p10"] <= flops["median"] <= flops["p90"] <= flops["max"]
+    assert flops["min"] < flops["max"]  # images differ, so the signature is defined
     assert flops["mean_gflops"] == pytest.approx(flops["mean"] / 1e9)
     signature = result["signature"]
     assert -1 <= signature["spearman_loss_flops"] <= 1 and -1 <= signature["gram_correlation"] <= 1
     assert signature["gram_batches"] == 4
     json.dumps(result)  # JSON-serialisable
-    limited = evaluate_export(pruned.out_dir, limit=10)
+    limited = evaluate_export(routed.out_dir, limit=10)
     assert limited.images == 10
 
 
