@@ -16,6 +16,7 @@ from manidp_cli.core.flops import count_flops
 from manidp_cli.errors import RecipeError, WeightsError
 from manidp_cli.io import NARROWED, _build, load_pruned
 from manidp_cli.models.factory import create_model
+from manidp_cli.models.narrowing import narrowed_groups
 from manidp_cli.runtime.static_l1 import static_l1
 
 SHAPE = (1, 32, 32)
@@ -152,17 +153,46 @@ def test_static_share_without_torch_pruning_is_one_line_before_anything_is_writt
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_static_share_refuses_depthwise_convolutions_in_one_line(tiny_fashion, tmp_path):
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "regnetx_002"])  # depthwise; grouped (8 per group)
+def test_a_slimmed_depthwise_or_grouped_start_loads_and_computes_what_the_pruner_left(name, tmp_path):
+    torch.manual_seed(0)
+    dense = timm.create_model(name, num_classes=10, in_chans=1).eval()
+    baseline = static_l1(dense, 0.5, SHAPE)
+    full = dict(dense.named_modules())
+    narrowed = [
+        module
+        for key, module in baseline.model.named_modules()
+        if isinstance(module, torch.nn.Conv2d) and module.groups > 1 and module.out_channels < full[key].out_channels
+    ]
+    assert narrowed  # the pruner did narrow grouped convolutions, so the test reaches them
+    _save(baseline.model, tmp_path / "model.safetensors")
+    loaded = create_model(name, num_classes=10, in_chans=1, weights=tmp_path / "model.safetensors").eval()
+    images = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(loaded(images), baseline.model.eval()(images), rtol=0, atol=0)
+
+
+def test_groups_follow_a_depthwise_width_and_stay_for_other_grouped_convolutions():
+    size = torch.Size
+    assert narrowed_groups(1, size([8, 4, 3, 3]), size([6, 3, 3, 3])) == 1
+    assert narrowed_groups(8, size([8, 1, 3, 3]), size([5, 1, 3, 3])) == 5  # depthwise: one channel per group
+    assert narrowed_groups(8, size([8, 1, 3, 3]), size([5, 2, 3, 3])) is None
+    assert narrowed_groups(4, size([16, 2, 3, 3]), size([12, 2, 3, 3])) == 4  # grouped: each group alike
+    assert narrowed_groups(4, size([16, 2, 3, 3]), size([10, 2, 3, 3])) is None  # 10 channels in 4 groups
+    assert narrowed_groups(4, size([16, 2, 3, 3]), size([12, 2, 1, 1])) is None  # another kernel
+
+
+def test_static_share_slims_a_depthwise_network(tiny_fashion, tmp_path):
     torch.manual_seed(0)
     start = timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1)
     _save(start, tmp_path / "start.safetensors")
-    overrides = {**TINY_PRUNE, "data": tiny_fashion, "static_share": 0.5}
-    with pytest.raises(RecipeError, match=r"'blocks\.0\.0\.conv_dw\.weight' cannot be narrowed .* use static_share: 0"):
-        prepare(
-            "prune",
-            "mobilenetv3_small_050",
-            overrides=overrides,
-            weights=tmp_path / "start.safetensors",
-            out_dir=tmp_path / "run",
-        )
-    assert not (tmp_path / "run").exists()
+    overrides = {**TINY_PRUNE, "data": tiny_fashion, "target_flops": 0.9, "static_share": 0.5}
+    job = prepare(
+        "prune",
+        "mobilenetv3_small_050",
+        overrides=overrides,
+        weights=tmp_path / "start.safetensors",
+        out_dir=tmp_path / "run",
+    )
+    assert job.static_flops_ratio == pytest.approx(0.9**0.5, abs=0.05)
+    depthwise = job.model.get_submodule("blocks.1.0.conv_dw")
+    assert depthwise.groups == depthwise.in_channels == depthwise.out_channels < start.blocks[1][0].conv_dw.out_channels

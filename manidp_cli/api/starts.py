@@ -48,6 +48,6 @@ def slim_statically(
     if bad is not None:
         raise RecipeError(
             f"static_share: {type(model).__name__}'s {bad!r} cannot be narrowed to the width the static "
-            f"stage chose (grouped and depthwise convolutions cannot yet); use static_share: 0"
+            f"stage chose (no channel pruning of that layer gives it); use static_share: 0"
         )
     model.load_state_dict(slimmed.model.state_dict())

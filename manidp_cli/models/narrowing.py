@@ -20,19 +20,21 @@ NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 def narrow_tensor(module: nn.Module, attribute: str, shape: torch.Size, *, trainable: bool) -> bool:
     """Give ``module.attribute`` the narrower ``shape`` (uninitialised; the state dict fills it) and
     update the layer's width attributes. False when the layer or the shape is not one that narrowing
-    a channel count explains: another kind of layer, another kernel, a grouped convolution, a size
-    larger than the layer's."""
+    a channel count explains: another kind of layer, another kernel, groups that no channel pruning
+    gives (``narrowed_groups``), a size larger than the layer's."""
     old = getattr(module, attribute, None)
     if not isinstance(old, torch.Tensor) or len(shape) != old.dim():
         return False
     if any(new > now for new, now in zip(shape, old.shape, strict=True)):
         return False  # narrowing never widens (nor lets a file's metadata allocate what it likes)
     if isinstance(module, nn.Conv2d) and attribute in ("weight", "bias"):
-        if attribute == "weight" and (shape[2:] != old.shape[2:] or (module.groups != 1 and shape != old.shape)):
-            return False
-        module.out_channels = shape[0]
         if attribute == "weight":
-            module.in_channels = shape[1] * module.groups
+            groups = narrowed_groups(module.groups, old.shape, shape)
+            if groups is None:
+                return False
+            module.groups = groups
+            module.in_channels = shape[1] * groups
+        module.out_channels = shape[0]
     elif isinstance(module, _BatchNorm) and attribute in NORM_TENSORS:
         module.num_features = shape[0]
     elif isinstance(module, nn.Linear) and attribute in ("weight", "bias"):
@@ -44,6 +46,20 @@ def narrow_tensor(module: nn.Module, attribute: str, shape: torch.Size, *, train
     empty = torch.empty(shape, dtype=old.dtype, device=old.device)
     setattr(module, attribute, nn.Parameter(empty, requires_grad=trainable) if isinstance(old, nn.Parameter) else empty)
     return True
+
+
+def narrowed_groups(groups: int, old: torch.Size, new: torch.Size) -> int | None:
+    """The groups of a convolution whose weight narrows from ``old`` to ``new``, or None when no
+    channel pruning explains the new shape. A depthwise convolution keeps one channel per group, so
+    its groups follow its width; any other grouped convolution keeps its groups and loses channels
+    in each alike (what Torch-Pruning does to both)."""
+    if new[2:] != old[2:]:
+        return None
+    if groups == 1:
+        return 1
+    if old[1] == 1 and groups == old[0]:  # depthwise, read from the weight: a bias may be narrowed first
+        return new[0] if new[1] == 1 else None
+    return groups if new[0] % groups == 0 else None
 
 
 def narrower_keys(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
