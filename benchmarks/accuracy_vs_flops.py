@@ -322,11 +322,11 @@ def _specs(arms: list[str], seeds: list[int], targets: list[float], budget: int)
     ]
 
 
-# recipe lines added after arms were cached, whose shown value reproduces the earlier behaviour
-# exactly: left out of the key so that those arms stay current
 # how a gated arm's final thresholds are calibrated, in its key: arms calibrated before 2026-12-05 (the
 # last epoch's mean saliencies, one layer moved as far as the FLOPs gap asked) are reported as superseded
 CALIBRATION = "moving-average saliencies, single-layer moves of one channel (core.calibration.MAX_LAYER_SHIFT)"
+# recipe lines added after arms were cached, whose shown value reproduces the earlier behaviour
+# exactly: left out of the key so that those arms stay current
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
     r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0|distill_decay: none|fit_widths: true"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import write_cifar
+from helpers import prune_tiny, write_cifar
 
 from manidp_cli.analysis.evaluation import evaluate, gram_correlation, pearson, spearman
 from manidp_cli.api.evaluate import evaluate_dense, evaluate_export
@@ -33,8 +33,6 @@ def test_gram_correlation():
 def routed(tiny_fashion, dense_weights, tmp_path_factory):
     """A tiny prune whose images get different FLOPs: gates fitted to vary per image before training
     (the shared tiny prune's 64 test images may all get the same sub-network)."""
-    from helpers import prune_tiny
-
     out = tmp_path_factory.mktemp("routed")
     return prune_tiny(out, tiny_fashion, weights=dense_weights, overrides={"gates": {"routing_init": 0.3}})
 

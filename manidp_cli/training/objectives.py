@@ -366,12 +366,13 @@ class ManiDPObjective:
             next_target = flops_target(epoch + 1, self.epochs, self.target, self.hold_epochs)
         else:
             next_target = self.target
-        means = {name: s / count for name, s in self.saliency_sums.items()}
         if self.feedback is not None and self.feedback.means:
             # the moving averages the thresholds followed: the saliencies the network ended training
             # with. The epoch's means still hold its first steps, which the gates have since left,
             # and thresholds from them kept 2% of a resnet34 layer that had trained at 21%
             means = dict(self.feedback.means)
+        else:
+            means = {name: s / count for name, s in self.saliency_sums.items()}
         calibrate = self.feedback is None or epoch + 1 == self.epochs or build_codebook
         # the feedback controller has held the training FLOPs near the target: its rate is a close start
         start = self.feedback.rate if self.feedback is not None else None
