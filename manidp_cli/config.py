@@ -260,6 +260,19 @@ class Recipe(_Section):
     gates: GatePolicy = GatePolicy(init="l1_norm", reduction=8)
     codebook: CodebookConfig = CodebookConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_keep_recipe_defaults(cls, raw: Any) -> Any:
+        """A section given in part (``-o gates.depthwise=skip`` with no recipe file) keeps the recipe's
+        defaults for its other keys where they differ from the section class's own (``gates``)."""
+        if not isinstance(raw, dict):
+            return raw
+        merged = dict(raw)
+        for name, field in cls.model_fields.items():
+            if isinstance(field.default, BaseModel) and isinstance(raw.get(name), dict):
+                merged[name] = {**field.default.model_dump(exclude_unset=True), **raw[name]}
+        return merged
+
     @model_validator(mode="after")
     def _codebook_fits_schedule(self) -> Recipe:
         if self.codebook.enabled and self.gates.inputs:

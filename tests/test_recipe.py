@@ -24,6 +24,16 @@ def test_default_and_paper_recipes_differ_where_documented():
     assert (paper.loss.lambda_sparse, paper.loss.lambda_sim, paper.loss.distill_weight) == (0.1, 0.1, 0.0)
 
 
+def test_a_section_given_in_part_keeps_the_recipe_defaults_of_its_other_keys():
+    # the built-in gates differ from GatePolicy's own (l1_norm start, fc1 width C/8): one dotted
+    # override without a recipe file once reset them to the paper's all-ones start and width rule
+    recipe = load_recipe(None, overrides={"gates": {"depthwise": "skip"}})
+    assert (recipe.gates.depthwise, recipe.gates.init, recipe.gates.reduction) == ("skip", "l1_norm", 8)
+    assert load_recipe(None, overrides={"gates": {"reduction": None}}).gates.reduction is None
+    with pytest.raises(RecipeError, match="unknown key 'gates.depth'"):
+        load_recipe(None, overrides={"gates": {"depth": "skip"}})
+
+
 def test_paper_settings():
     cifar = load_recipe(RECIPES / "resnet56-cifar10.yaml")
     assert (cifar.loss.lambda_sparse, cifar.loss.lambda_sim) == (5e-3, 1.0)
