@@ -160,6 +160,9 @@ MANIDP_ARMS = {
     "codebook4_fd5": ("default.yaml", {"codebook": CODEBOOK4, "loss": {"feature_distill_weight": 5.0}}),
     # gated convolutions computing only the batch's kept channels (core.narrow): the step's cost
     "narrow": ("default.yaml", {"narrow_training": True}),
+    # depthwise networks: every depthwise convolution deciding with a gate of its own, the default
+    # before depthwise: follow (a depthwise convolution keeps its gated producer's channels)
+    "narrow_depthwise_gate": ("default.yaml", {"narrow_training": True, "gates": {"depthwise": "gate"}}),
     "narrow_fd5": ("default.yaml", {"narrow_training": True, "loss": {"feature_distill_weight": 5.0}}),
     "narrow_codebook4_fd5": (
         "default.yaml",

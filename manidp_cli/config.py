@@ -31,11 +31,13 @@ class GatePolicy(BaseModel):
     """Which convolutions get a gate, and the gate's hyper-parameters.
 
     Candidates are convolutions whose output feeds exactly one normalisation layer. Of those, the
-    stem and the convolutions on residual shortcut branches are skipped by default. Depthwise
-    convolutions are gated by default: their output is renormalised by a BatchNorm whose bias would
-    otherwise turn the zeroed input channels back into non-zero ones, so only a gate after it lets
-    the following convolution skip those channels. ``include``/``exclude`` are fnmatch patterns on
-    module names; with ``include`` set, only matching candidates are gated.
+    stem and the convolutions on residual shortcut branches are skipped by default. A depthwise
+    convolution's output is renormalised by a BatchNorm whose bias would turn the zeroed input
+    channels back into non-zero ones, so only a mask after it lets the following convolution skip
+    those channels. By default (``depthwise: follow``) a depthwise convolution that a gated
+    convolution alone feeds keeps exactly its producer's channels (the producer's gate masks both);
+    other depthwise convolutions get a gate of their own. ``include``/``exclude`` are fnmatch
+    patterns on module names; with ``include`` set, only matching candidates are gated.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -44,7 +46,12 @@ class GatePolicy(BaseModel):
     exclude: tuple[str, ...] = ()
     skip_stem: bool = True
     skip_shortcuts: bool = True
-    depthwise: Literal["gate", "skip"] = "gate"
+    depthwise: Literal["follow", "gate", "skip"] = Field(
+        default="follow",
+        description="follow: a depthwise convolution fed by a gated convolution keeps its producer's channels "
+        "(others get their own gate); gate: every depthwise convolution decides with a gate of its own "
+        "(measured to diverge at deep cuts, docs/gating.md); skip: depthwise convolutions are never masked",
+    )
     reduction: int | None = Field(default=None, ge=1, description="None: 2 when C_out >= 80 else 1")
     max_saliency: float = Field(default=1000.0, gt=0)
     activation: Literal["relu", "softplus"] = Field(

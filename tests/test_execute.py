@@ -12,7 +12,7 @@ from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.runtime import execute
 from manidp_cli.runtime.channels import ScattersOutput
 from manidp_cli.runtime.decisions import reference_run
-from manidp_cli.runtime.execute import DynamicConv, dynamic_model, fold_batchnorm, folded_model
+from manidp_cli.runtime.execute import DynamicConv, FollowingConv, dynamic_model, fold_batchnorm, folded_model
 
 FAMILIES = [
     "resnet18",
@@ -73,7 +73,7 @@ def test_dynamic_execution_equals_the_masked_model(name):
     dynamic = dynamic_model(model, (3, 64, 64))
     masked = folded_model(model, (3, 64, 64))
     if name in NARROW_CHAINS:  # conv -> act (-> pool) -> conv chains hand over narrow tensors
-        producers = [m for m in dynamic.modules() if isinstance(m, DynamicConv) and m.narrow_output]
+        producers = [m for m in dynamic.modules() if isinstance(m, (DynamicConv, FollowingConv)) and m.narrow_output]
         assert len(producers) == NARROW_CHAINS[name]
     decisions = disagreements = 0
     for seed in range(3):

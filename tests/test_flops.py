@@ -17,6 +17,7 @@ from manidp_cli.core.flops import (
     measure_flops,
 )
 from manidp_cli.core.gating import insert_gates
+from manidp_cli.core.recorder import GateRecorder
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,41 @@ def test_a_gate_decides_its_convolution_and_the_inputs_it_feeds(resnet18):
     assert decided["layer1.0.conv1"] == 2 * conv  # its outputs, and conv2's inputs
     assert decided["layer1.0.conv2"] == conv  # the residual add: nothing downstream follows its mask
     assert set(decided) == set(gates.by_name())
+
+
+def test_a_followed_depthwise_block_counts_the_producers_channels_three_times():
+    """depthwise: follow. An inverted-residual block's expansion gate decides its own outputs, the
+    depthwise convolution's channels and the projection's inputs: per image each costs its dense
+    FLOPs times the share of the expansion's channels kept (the projection's outputs by its own gate)."""
+    model = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=10).eval()
+    randomize_norms(model)
+    gates = insert_gates(model, GatePolicy(depthwise="follow"), input_shape=(3, 64, 64))
+    table = count_flops(model, (3, 64, 64))
+    layers = {layer.name: layer for layer in table.convs()}
+    expansion, depthwise, projection = (f"blocks.1.1.conv_{kind}" for kind in ("pw", "dw", "pwl"))
+    assert layers[depthwise].input_producer == layers[projection].input_producer == expansion
+    assert not layers[depthwise].gated and layers[expansion].gated and layers[projection].gated
+    assert decided_flops(table)[expansion] == sum(layers[n].dense_flops for n in (expansion, depthwise, projection))
+    with torch.no_grad():
+        for gate in gates.values():  # saliencies that differ by channel and a little by image
+            gate.fc2.weight.normal_(0, 0.01)
+            gate.fc2.bias.uniform_(0.5, 1.5)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        model(images)
+    gates.set_thresholds({n: float(s.median()) for n, s in rec.saliency.items()})
+    stats = measure_flops(model, table, [images])
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        model(images)
+    kept = rec.active_outputs()[expansion].double().mean(1).mean()
+    kept_out = rec.active_outputs()[projection].double().mean(1).mean()
+    measured = {layer.name: layer.dynamic_flops for layer in stats.layers}
+    assert measured[expansion] == pytest.approx(layers[expansion].dense_flops * kept)
+    assert measured[depthwise] == pytest.approx(layers[depthwise].dense_flops * kept)
+    # each image's kept inputs times its kept outputs
+    per_image = rec.active_outputs()[expansion].double().mean(1) * rec.active_outputs()[projection].double().mean(1)
+    assert measured[projection] == pytest.approx(layers[projection].dense_flops * float(per_image.mean()))
+    assert 0.2 < float(kept) < 0.8 and 0.2 < float(kept_out) < 0.8
 
 
 def test_closed_gates_cost_what_the_network_measures_with_every_gate_closed(resnet18):

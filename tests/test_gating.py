@@ -72,14 +72,63 @@ def test_policy_include_exclude_and_depthwise():
     names = set(insert_gates(model, policy, input_shape=(3, 32, 32)).by_name())
     assert names == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.1.conv1"}
 
-    kept = set(insert_gates(timm.create_model("mobilenetv2_050"), input_shape=(3, 32, 32)).by_name())
-    skipped = set(
-        insert_gates(
-            timm.create_model("mobilenetv2_050"), GatePolicy(depthwise="skip"), input_shape=(3, 32, 32)
-        ).by_name()
-    )
-    assert "blocks.1.0.conv_dw" in kept and "blocks.1.0.conv_dw" not in skipped
-    assert skipped < kept
+    def gated(depthwise):
+        policy = GatePolicy(depthwise=depthwise)
+        return insert_gates(timm.create_model("mobilenetv2_050"), policy, input_shape=(3, 32, 32))
+
+    own, followed, skipped = gated("gate"), gated("follow"), gated("skip")
+    assert "blocks.1.0.conv_dw" in own.by_name() and "blocks.1.0.conv_dw" not in skipped.by_name()
+    assert set(skipped.by_name()) < set(followed.by_name()) < set(own.by_name())
+    # a depthwise convolution that a gated expansion feeds follows it; the first block's reads the
+    # ungated stem and keeps a gate of its own
+    assert followed.followers()["blocks.1.0.conv_dw"] == "blocks.1.0.conv_pw"
+    assert "blocks.0.0.conv_dw" in followed.by_name() and "blocks.0.0.conv_dw" not in followed.followers()
+    assert len(followed.followers()) + len(followed) == len(own)
+    assert not own.followers() and not skipped.followers()
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_050", "efficientnet_b0", "mobilenetv3_small_100"])
+def test_a_depthwise_follower_computes_exactly_its_producers_channels(name):
+    """Per image, the follower's masked output is zero exactly where the producer's gate switched a
+    channel off (its BatchNorm's bias no longer leaks into the next convolution), and at insertion the
+    network is unchanged."""
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval().double()  # float64: see above
+    randomize_norms(model)
+    images = torch.randn(3, *INPUT, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(images)
+    gates = insert_gates(model, GatePolicy(init="l1_norm"), input_shape=INPUT)
+    followers = gates.followers()
+    assert followers
+    with torch.no_grad():
+        assert torch.allclose(model(images), expected, atol=1e-5, rtol=0)
+        for gate in gates.values():
+            gate.fc2.weight.normal_(0, 0.3)  # saliencies that differ per image
+        with GateRecorder(model, detach=True) as rec:
+            model(images)
+        gates.set_thresholds({n: float(s.median()) for n, s in rec.saliency.items()})
+    leaders = gates.by_name()
+    outputs = {}
+    hooks = [
+        model.get_submodule(leaders[leader].follower_site).register_forward_hook(
+            lambda module, args, output, name=follower: outputs.__setitem__(name, output.clone())
+        )
+        for follower, leader in followers.items()
+        if leaders[leader].follower_site_kind == "output"
+    ] + [
+        model.get_submodule(leaders[leader].follower_site).register_forward_pre_hook(
+            lambda module, args, name=follower: outputs.__setitem__(name, args[0].clone())  # the act is in place
+        )
+        for follower, leader in followers.items()
+        if leaders[leader].follower_site_kind == "input"
+    ]
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    for follower, leader in followers.items():
+        computed = outputs[follower].abs().amax(dim=(2, 3)) != 0
+        assert torch.equal(computed, rec.active_outputs()[leader]), follower
 
 
 def test_policy_rejects_unknown_keys():

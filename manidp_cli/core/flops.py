@@ -10,8 +10,9 @@ channels whose input and output are both active for a depthwise convolution. A c
 skipped only when a gate switched it off, i.e. when an executor can skip it for every input: active
 outputs are the channels a layer's own mask keeps (all, for an ungated convolution); active inputs
 are the active outputs of the gated convolution that alone feeds the layer through per-channel
-operations (normalisation, activation, pooling: ``Dataflow.channel_consumers``), and every input
-channel otherwise. Zeros that arise without a gate (a ReLU zeroing a whole channel) count as
+operations (normalisation, activation, pooling: ``Dataflow.channel_consumers``), or through a
+depthwise convolution that follows that gate (``depthwise: follow``), and every input channel
+otherwise. Zeros that arise without a gate (a ReLU zeroing a whole channel) count as
 computed, as they do for fvcore and for static pruners, so an unpruned gated network measures its
 dense cost plus its gates' own. Everything that is not a convolution counts at its dense cost; each
 gate adds its own (pooling and two linear layers).
@@ -136,8 +137,12 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTabl
         by_module = analysis.by_module()
     gates = gates_of(model) if has_gates(model) else None
     gated = gates.output_gated() if gates is not None else set()
+    followers = gates.followers() if gates is not None else {}
     # an input gate's keep-set is its convolution's active inputs, as a gated producer's would be
-    producers = {**_input_producers(model, input_shape, gated), **(gates.input_gated() if gates is not None else {})}
+    producers = {
+        **_input_producers(model, input_shape, gated, followers),
+        **(gates.input_gated() if gates is not None else {}),
+    }
     layers = []
     for name, module in model.named_modules():
         flops = int(by_module.get(name, 0))
@@ -167,14 +172,19 @@ def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> CostTabl
     return CostTable(tuple(input_shape), tuple(layers), total)
 
 
-def _input_producers(model: nn.Module, input_shape: tuple[int, int, int], gated: set[str]) -> dict[str, str]:
-    """Consumer conv -> the gated conv whose switched-off outputs are its skipped input channels."""
+def _input_producers(
+    model: nn.Module, input_shape: tuple[int, int, int], gated: set[str], followers: dict[str, str]
+) -> dict[str, str]:
+    """Consumer conv -> the gated conv whose switched-off outputs are its skipped input channels.
+    A follower (``depthwise: follow``) computes its producer's channels, so whatever reads it skips
+    the channels that producer's gate switched off."""
     if not gated:
         return {}
     plain = copy.deepcopy(model)  # traced without gates: their own ops read the same tensors
     strip_gates(plain)
     flow = trace_dataflow(plain, input_shape)
-    return {consumer: producer for producer, consumer in flow.channel_consumers(sorted(gated)).items()}
+    consumers = flow.channel_consumers(sorted(gated | set(followers)))
+    return {consumer: followers.get(producer, producer) for producer, consumer in consumers.items()}
 
 
 def active_inputs(table: CostTable, active_outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

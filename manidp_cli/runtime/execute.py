@@ -133,6 +133,41 @@ class FoldedConv(nn.Module):
         return self.conv(x)
 
 
+class FollowingConv(FoldedConv):
+    """A depthwise convolution (BatchNorm folded) that computes the channels its producer's gate kept
+    (``depthwise: follow``): one image runs only those, a batch is masked to them."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module, producer: DynamicConv):
+        super().__init__(conv, norm)
+        self._producer = [producer]  # a list keeps it out of the module tree
+        self.groups = conv.groups
+        # along a narrow chain a single image hands over its kept channels alone (``DynamicConv``)
+        self.narrow_output = False
+        self.last_kept: torch.Tensor | None = None
+        self._consumer: list[DynamicConv] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self._producer[0].applied_keep()
+        conv = self.conv
+        kept = keep[0].nonzero().flatten()
+        # a batch, a padded timm variant (it pads in its forward) or no channel kept: masked
+        if x.shape[0] != 1 or type(conv) is not nn.Conv2d or len(kept) == 0:
+            return conv(x) * keep.to(x.dtype)[:, :, None, None]
+        narrow = F.conv2d(
+            x.index_select(1, kept),
+            conv.weight.index_select(0, kept),
+            conv.bias.index_select(0, kept),
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            len(kept),
+        )
+        if self.narrow_output:
+            self.last_kept = kept
+            return narrow
+        return scatter_channels(narrow, kept, conv.out_channels)
+
+
 def _weight_key(producer_entry: int, entry: int) -> str:
     """Buffer name of an entry's packed weight for one entry of its producer (0: full input)."""
     return f"weight_{producer_entry}_{entry}"
@@ -176,6 +211,7 @@ class DynamicConv(nn.Module):
         self.last_decision: torch.Tensor | None = None
         self.last_saliency: torch.Tensor | None = None  # what the last decision was made from
         self.forced_decision: torch.Tensor | None = None
+        self.applied_decision: torch.Tensor | None = None  # the last call's decision or the forced one: what ran
         self._producer: list[DynamicConv] = []  # a list keeps it out of the module tree
         self._consumer: list[DynamicConv] = []
         self.entry_rows: list[torch.Tensor] = []  # per codebook entry, its kept output channels
@@ -198,7 +234,7 @@ class DynamicConv(nn.Module):
             return
         self.entry_rows = [torch.nonzero(row).flatten() for row in gate.codebook]
         producer = self._producer[0] if self._producer else None
-        self.packed_inputs = producer is not None and producer.gate.snaps and producer.groups == 1
+        self.packed_inputs = producer is not None and producer.groups == 1 and producer.gate.snaps
         columns = [torch.nonzero(row).flatten() for row in producer.gate.codebook] if self.packed_inputs else [None]
         hidden = gate.fc1.weight.detach()
         for p, cols in enumerate(columns):
@@ -281,13 +317,20 @@ class DynamicConv(nn.Module):
         """Record this layer's own decision; return the forced one instead when there is one."""
         self.last_decision, self.last_saliency = own, saliency
         forced, self.forced_decision = self.forced_decision, None
-        if forced is None:
-            return own
-        if forced.shape != own.shape:
+        if forced is not None and forced.shape != own.shape:
             raise ValueError(
                 f"forced decision of shape {tuple(forced.shape)} for a decision of shape {tuple(own.shape)}"
             )
-        return forced.to(own.device)
+        self.applied_decision = own if forced is None else forced.to(own.device)
+        return self.applied_decision
+
+    def applied_keep(self) -> torch.Tensor:
+        """B x C_out bool: the output channels the last call computed (its decision or the forced one)."""
+        if self.applied_decision is None:
+            raise RuntimeError("a convolution that follows this layer ran before it")
+        if self.gate.snaps:
+            return self.gate.codebook[self.applied_decision] > 0
+        return self.applied_decision
 
     def _tune_entry(self, x: torch.Tensor, producer_entry: int, entry: int) -> None:
         """Time this entry's convolution on ``x`` at its own width and at wider ones (extra rows of
@@ -604,8 +647,9 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
     flow = trace_dataflow(plain, input_shape)
     pairs = flow.conv_norm_pairs()
     chains = {}
+    followers = gates_of(model).followers() if gates else {}
     if dynamic and gates:
-        outputs = sorted(gates_of(model).output_gated())
+        outputs = sorted(gates_of(model).output_gated() | set(followers))
         chains = {p: c for p, c in removable_consumers(plain, flow, outputs).items() if c in gates}
     for conv_name, norm_name in pairs.items():
         norm = model.get_submodule(norm_name)
@@ -615,14 +659,20 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
         gate = gates.get(conv_name)
         after = _after_norm(norm)
         after._forward_pre_hooks.clear()  # the gate's mask hook on a fused activation
+        leader = gates.get(followers.get(conv_name, ""))
+        producer = model.get_submodule(leader.conv_name) if leader is not None else None
         if gate is not None and dynamic:
             _replace(model, conv_name, DynamicConv(conv, norm, gate))
+        elif isinstance(producer, DynamicConv):  # replaced already: the producer runs first
+            _replace(model, conv_name, FollowingConv(conv, norm, producer))
         else:
             _replace(model, conv_name, FoldedConv(conv, norm))
+            folded = model.get_submodule(conv_name)
             if gate is not None:  # keep masking: move the gate's hooks to the folded module
-                folded = model.get_submodule(conv_name)
                 folded.register_forward_pre_hook(gate._on_conv_input)
                 folded.register_forward_hook(gate._on_site_output)
+            if leader is not None:
+                folded.register_forward_hook(leader._on_follower_output)
         input_gate = gates.get(conv_name + INPUT_GATE_SUFFIX)
         if input_gate is not None and dynamic:
             replaced = model.get_submodule(conv_name)
@@ -633,7 +683,11 @@ def folded_model(model: nn.Module, input_shape: tuple[int, int, int], dynamic: b
         _replace(model, norm_name, after)
     for producer_name, consumer_name in chains.items():
         producer, consumer = model.get_submodule(producer_name), model.get_submodule(consumer_name)
-        if isinstance(producer, DynamicConv) and isinstance(consumer, DynamicConv) and not consumer.depthwise:
+        if (
+            isinstance(producer, (DynamicConv, FollowingConv))
+            and isinstance(consumer, DynamicConv)
+            and not consumer.depthwise
+        ):
             producer.narrow_output = True
             consumer._producer.append(producer)
             producer._consumer.append(consumer)

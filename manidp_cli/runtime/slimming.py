@@ -37,7 +37,7 @@ from safetensors.torch import save
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from manidp_cli.core.gating import INPUT_GATE_SUFFIX, strip_gates
+from manidp_cli.core.gating import INPUT_GATE_SUFFIX, gates_of, strip_gates
 from manidp_cli.core.graph import NORM_TYPES, fused_activation, removable_consumers, trace_dataflow, zero_preserving
 from manidp_cli.core.modes import eval_mode
 from manidp_cli.core.recorder import GateRecorder
@@ -122,6 +122,7 @@ def slim(
     """A gate-free copy of ``model``: masks folded into BatchNorm as their means, rarely kept
     channels physically removed (see the module's docstring for where)."""
     slim_model = copy.deepcopy(model).eval()
+    followers = gates_of(slim_model).followers()
     strip_gates(slim_model)
     flow = trace_dataflow(slim_model, input_shape)
     # an input gate's mean mask scales the weights that read each input channel; none is removed
@@ -130,6 +131,8 @@ def slim(
     consumers = removable_consumers(slim_model, flow, list(mean_mask))
     flow_pairs = flow.conv_norm_pairs()
     _fold_mean_masks(slim_model, input_means, mean_mask, flow_pairs)
+    # a follower's mask is its producer's keep-set (0/1): its mean is the producer's keep frequency
+    _fold_mean_masks(slim_model, {}, {f: keep_frequency[p] for f, p in followers.items()}, flow_pairs)
     result = SlimResult(slim_model, {}, {})
     for conv_name in mean_mask:
         frequency = keep_frequency.get(conv_name)
