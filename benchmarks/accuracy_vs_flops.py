@@ -60,7 +60,7 @@ from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
 from manidp_cli.config import OptimizerConfig
 from manidp_cli.core.features import stage_names
 from manidp_cli.data import load_data
-from manidp_cli.errors import TargetError
+from manidp_cli.errors import TargetError, TrainingError
 from manidp_cli.files import atomic_write_bytes, atomic_write_text
 from manidp_cli.models.factory import create_model
 from manidp_cli.runtime.static_l1 import stage_channels, static_l1
@@ -119,6 +119,8 @@ MANIDP_ARMS = {
     "hybrid_recipe_s075": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.75}),
     # recipes/hybrid.yaml with the default's distillation (from the full-width start, or a tuned teacher)
     "hybrid_recipe_kd": ("hybrid.yaml", {"narrow_training": True, "loss": {"distill_weight": 1.0}}),
+    # the same (no distillation) with the gates learning at a tenth of the rate (depthwise networks)
+    "hybrid_recipe_gate_lr01": ("hybrid.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}}),
     # today's default without distillation (the hybrid arms' second half: their start is no teacher)
     "narrow_no_distill": ("default.yaml", {"narrow_training": True, "loss": {"distill_weight": 0.0}}),
     # input gates on the residual stream (each block's first convolution skips stream channels per image):
@@ -163,6 +165,20 @@ MANIDP_ARMS = {
     # depthwise networks: every depthwise convolution deciding with a gate of its own, the default
     # before depthwise: follow (a depthwise convolution keeps its gated producer's channels)
     "narrow_depthwise_gate": ("default.yaml", {"narrow_training": True, "gates": {"depthwise": "gate"}}),
+    # the gates learning at a tenth of the network's rate: measured to keep depthwise networks from
+    # diverging at the default rate on the embedded data
+    "narrow_gate_lr01": ("default.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}}),
+    "narrow_gate_lr001": ("default.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.01}}),
+    "narrow_gate_lr01_no_similarity": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "loss": {"lambda_sim": 0.0}},
+    ),
+    # MobileNetV2's head convolution (1x1 to 1280 channels, then pooling and the classifier): its gate
+    # took most of the gradient at the first step on a mobilenetv2_050 start (fc2 weights 10.9 of 11.5)
+    "narrow_gate_lr01_no_head": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"exclude": ["conv_head"]}},
+    ),
     "narrow_fd5": ("default.yaml", {"narrow_training": True, "loss": {"feature_distill_weight": 5.0}}),
     "narrow_codebook4_fd5": (
         "default.yaml",
@@ -898,6 +914,9 @@ def run_plan(args: argparse.Namespace) -> None:
             metrics = run_arm(args, spec, start, data, out)
         except TargetError as exc:  # a target this arm's gates cannot reach: the other arms still run
             print(f"{key:48s} refused: {exc}", flush=True)
+            continue
+        except TrainingError as exc:  # a diverged arm (NaN loss): reported, not cached, the others run
+            print(f"{key:48s} diverged: {exc}", flush=True)
             continue
         # seconds: this run's share only, when the arm resumed a checkpoint
         row = {"key": key, **spec, "lr": args.lr, **metrics, "seconds": time.perf_counter() - t0, "resumed": resumed}
