@@ -87,6 +87,18 @@ def test_policy_include_exclude_and_depthwise():
     assert not own.followers() and not skipped.followers()
 
 
+def test_follow_draws_nothing_more_on_a_network_without_depthwise_convolutions():
+    """The follower search traces the network on a random probe only where a depthwise convolution
+    is selected: a ResNet's gates start from the same random weights as before it existed."""
+
+    def first_layers(depthwise):
+        torch.manual_seed(0)
+        gates = insert_gates(timm.create_model("resnet18"), GatePolicy(depthwise=depthwise), input_shape=(3, 32, 32))
+        return [gate.fc1.weight for gate in gates.values()]
+
+    assert all(torch.equal(a, b) for a, b in zip(first_layers("follow"), first_layers("gate")))
+
+
 @pytest.mark.parametrize("name", ["mobilenetv2_050", "efficientnet_b0", "mobilenetv3_small_100"])
 def test_a_depthwise_follower_computes_exactly_its_producers_channels(name):
     """Per image, the follower's masked output is zero exactly where the producer's gate switched a

@@ -320,6 +320,8 @@ def follower_convs(model: nn.Module, selected: dict[str, str], input_shape: tupl
     its own left most of its kept channels reading nothing (an inverted-residual block at 0.55 of
     the FLOPs kept 7 to 28 channels in each gate, 0 to 8 in common) and training diverged at deep
     cuts; a follower keeps exactly what its producer computes."""
+    if not any(is_depthwise(model.get_submodule(name)) for name in selected):
+        return {}  # no trace: its probe image draws from the global generator, which seeds the gates
     flow = trace_dataflow(model, input_shape)
     consumers = flow.channel_consumers(sorted(selected))
     return {
