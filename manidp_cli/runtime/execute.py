@@ -133,6 +133,19 @@ class FoldedConv(nn.Module):
         return self.conv(x)
 
 
+def depthwise_channels(x, weight, bias, channels, stride, padding, dilation) -> torch.Tensor:
+    """A depthwise convolution of ``channels`` alone (``x`` holds every channel, padded already)."""
+    return F.conv2d(
+        x.index_select(1, channels),
+        weight.index_select(0, channels),
+        bias.index_select(0, channels),
+        stride,
+        padding,
+        dilation,
+        len(channels),
+    )
+
+
 class FollowingConv(FoldedConv):
     """A depthwise convolution (BatchNorm folded) that computes the channels its producer's gate kept
     (``depthwise: follow``): one image runs only those, a batch is masked to them."""
@@ -153,15 +166,7 @@ class FollowingConv(FoldedConv):
         # a batch, a padded timm variant (it pads in its forward) or no channel kept: masked
         if x.shape[0] != 1 or type(conv) is not nn.Conv2d or len(kept) == 0:
             return conv(x) * keep.to(x.dtype)[:, :, None, None]
-        narrow = F.conv2d(
-            x.index_select(1, kept),
-            conv.weight.index_select(0, kept),
-            conv.bias.index_select(0, kept),
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            len(kept),
-        )
+        narrow = depthwise_channels(x, conv.weight, conv.bias, kept, conv.stride, conv.padding, conv.dilation)
         if self.narrow_output:
             self.last_kept = kept
             return narrow
@@ -489,14 +494,8 @@ class DynamicConv(nn.Module):
         out[0, kept] = constant
         both = kept[torch.isin(kept, active)]
         if len(both):
-            narrow = F.conv2d(
-                self._pad(x).index_select(1, both),
-                self.weight.index_select(0, both),
-                self.bias.index_select(0, both),
-                self.stride,
-                self.functional_padding,
-                self.dilation,
-                len(both),
+            narrow = depthwise_channels(
+                self._pad(x), self.weight, self.bias, both, self.stride, self.functional_padding, self.dilation
             )
             out[0, both] = narrow[0] * scale.index_select(0, both)[:, None, None]
         return out
