@@ -48,6 +48,7 @@ from manidp_cli.core.gating import (
     entry_scores,
     gates_of,
     has_gates,
+    is_depthwise,
     strip_gates,
 )
 from manidp_cli.core.graph import fused_activation, removable_consumers, trace_dataflow
@@ -200,7 +201,7 @@ class DynamicConv(nn.Module):
         self.same_padding = type(conv).__name__ == "Conv2dSame"
         self.functional_padding = 0 if self.same_padding else conv.padding  # Conv2dSame pads in _pad
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+        self.depthwise = is_depthwise(conv)
         self.gate = gate
         self.conv = _copy_with_weights(conv, weight, bias)  # the masked path for batches and grouped convolutions
         # Narrow chaining: when this layer's output reaches exactly one gated convolution through

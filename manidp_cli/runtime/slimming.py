@@ -130,9 +130,9 @@ def slim(
     mean_mask = {n: m for n, m in mean_mask.items() if not n.endswith(INPUT_GATE_SUFFIX)}
     consumers = removable_consumers(slim_model, flow, list(mean_mask))
     flow_pairs = flow.conv_norm_pairs()
-    _fold_mean_masks(slim_model, input_means, mean_mask, flow_pairs)
     # a follower's mask is its producer's keep-set (0/1): its mean is the producer's keep frequency
-    _fold_mean_masks(slim_model, {}, {f: keep_frequency[p] for f, p in followers.items()}, flow_pairs)
+    follower_means = {follower: keep_frequency[producer] for follower, producer in followers.items()}
+    _fold_mean_masks(slim_model, input_means, {**mean_mask, **follower_means}, flow_pairs)
     result = SlimResult(slim_model, {}, {})
     for conv_name in mean_mask:
         frequency = keep_frequency.get(conv_name)
