@@ -40,6 +40,7 @@ dataset-fashion-mnist and ``pip install torch-pruning``::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -57,8 +58,9 @@ from safetensors.torch import save as save_safetensors
 
 from manidp_cli.analysis.evaluation import evaluate
 from manidp_cli.api.jobs import CHECKPOINT_FILE, prepare, run
-from manidp_cli.config import OptimizerConfig
+from manidp_cli.config import GatePolicy, OptimizerConfig, load_recipe
 from manidp_cli.core.features import stage_names
+from manidp_cli.core.gating import insert_gates
 from manidp_cli.data import load_data
 from manidp_cli.errors import TargetError, TrainingError
 from manidp_cli.files import atomic_write_bytes, atomic_write_text
@@ -73,6 +75,8 @@ DEFAULT_MODEL = "resnet18"
 ROOT = Path(__file__).resolve().parent
 RECIPES = ROOT.parent / "recipes"
 CODEBOOK4 = {"entries": 4, "channel_multiple": 16, "epochs": 1, "fit_widths": True}
+# mobilenetv2_050 at 32 px: the gates costing more than a quarter of the FLOPs they decide
+MBV2_COSTLY_GATES = ["conv_head", "blocks.5.1.conv_pw", "blocks.5.2.conv_pw", "blocks.6.0.conv_pw"]
 # arm -> (recipe, recipe overrides). Every arm trains masked (narrow_training false: each gated
 # convolution computes all its channels, the dropped ones multiplied by zero) unless it sets
 # narrow_training itself: the cells of "manidp" and the other arms were measured that way before the
@@ -178,6 +182,115 @@ MANIDP_ARMS = {
     "narrow_gate_lr01_no_head": (
         "default.yaml",
         {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"exclude": ["conv_head"]}},
+    ),
+    # gate cost on depthwise networks at 32 px (a gate runs per image, its convolution per position):
+    # fc1 at a 32nd of the channels instead of an 8th, and the gates that cost more than a quarter of
+    # the FLOPs they decide left out (mobilenetv2_050: the head and the last three expansions)
+    "narrow_r32": ("default.yaml", {"narrow_training": True, "gates": {"reduction": 32}}),
+    "narrow_gate_lr01_r32": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"reduction": 32}},
+    ),
+    "narrow_ce_frozen_gates_r32": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "gates": {"reduction": 32},
+            "optimizer": {"gate_lr_scale": 1e-9},
+            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
+        },
+    ),
+    "narrow_r16": ("default.yaml", {"narrow_training": True, "gates": {"reduction": 16}}),
+    "narrow_gate_lr01_r16": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"reduction": 16}},
+    ),
+    "narrow_ce_frozen_gates_r16": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "gates": {"reduction": 16},
+            "optimizer": {"gate_lr_scale": 1e-9},
+            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
+        },
+    ),
+    "narrow_r64": ("default.yaml", {"narrow_training": True, "gates": {"reduction": 64}}),
+    "narrow_gate_lr01_r64": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"reduction": 64}},
+    ),
+    "narrow_ce_frozen_gates_r64": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "gates": {"reduction": 64},
+            "optimizer": {"gate_lr_scale": 1e-9},
+            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
+        },
+    ),
+    "narrow_r2048": ("default.yaml", {"narrow_training": True, "gates": {"reduction": 2048}}),
+    "narrow_gate_lr01_r2048": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"reduction": 2048}},
+    ),
+    "narrow_ce_frozen_gates_r2048": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "gates": {"reduction": 2048},
+            "optimizer": {"gate_lr_scale": 1e-9},
+            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
+        },
+    ),
+    "narrow_cost003": ("default.yaml", {"narrow_training": True, "gates": {"max_cost": 0.03}}),
+    "narrow_gate_lr01_cost003": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"max_cost": 0.03}},
+    ),
+    "narrow_ce_frozen_gates_cost003": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "gates": {"max_cost": 0.03},
+            "optimizer": {"gate_lr_scale": 1e-9},
+            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
+        },
+    ),
+    # the same cap with the gates' gradient norm clipped (optimizer.gate_grad_clip) at the full gate rate
+    "narrow_cost003_gclip01": (
+        "default.yaml",
+        {"narrow_training": True, "gates": {"max_cost": 0.03}, "optimizer": {"gate_grad_clip": 0.1}},
+    ),
+    "narrow_cost003_gclip1": (
+        "default.yaml",
+        {"narrow_training": True, "gates": {"max_cost": 0.03}, "optimizer": {"gate_grad_clip": 1.0}},
+    ),
+    "narrow_gate_lr01_cost003_alloc05": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "gates": {"max_cost": 0.03},
+            "optimizer": {"gate_lr_scale": 0.1},
+            "schedule": {"allocation": 0.5},
+        },
+    ),
+    "hybrid_recipe_gate_lr01_cost003": (
+        "hybrid.yaml",
+        {"narrow_training": True, "gates": {"max_cost": 0.03}, "optimizer": {"gate_lr_scale": 0.1}},
+    ),
+    "narrow_cheap_gates": ("default.yaml", {"narrow_training": True, "gates": {"exclude": MBV2_COSTLY_GATES}}),
+    "narrow_gate_lr01_cheap_gates": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"exclude": MBV2_COSTLY_GATES}},
+    ),
+    "narrow_ce_frozen_cheap_gates": (
+        "default.yaml",
+        {
+            "narrow_training": True,
+            "gates": {"exclude": MBV2_COSTLY_GATES},
+            "optimizer": {"gate_lr_scale": 1e-9},
+            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
+        },
     ),
     "narrow_fd5": ("default.yaml", {"narrow_training": True, "loss": {"feature_distill_weight": 5.0}}),
     "narrow_codebook4_fd5": (
@@ -349,13 +462,37 @@ CALIBRATION = "moving-average saliencies, single-layer moves of one channel (cor
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
     r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0|distill_decay: none|fit_widths: true"
-    r"|narrow_training: \w+|static_share: 0\.0)\b.*\n",
+    r"|narrow_training: \w+|static_share: 0\.0|max_cost: \S+)\b.*\n",
     re.MULTILINE,
 )
 
 
 def _recipe_identity(path: Path) -> str:
     return NO_OP_RECIPE_LINES.sub("", path.read_text())
+
+
+@functools.cache
+def _data_shape(data: str) -> tuple[int, tuple[int, int, int]]:
+    images = load_data(data)
+    return images.num_classes, images.input_shape
+
+
+@functools.cache
+def _binding_cost_cap(model: str, data: str, recipe: str, changes: str) -> float | None:
+    """The arm's gates.max_cost where it narrows a gate of ``model`` at the data's image size, else None.
+    The cap came after many arms were cached and narrows no ResNet gate at 32 px: it enters the key of
+    the networks it changes (their arms cached before it are superseded), and leaves the others'."""
+    policy = load_recipe(RECIPES / recipe, json.loads(changes)).gates
+    if policy.max_cost is None:
+        return None
+    classes, shape = _data_shape(data)
+
+    def widths(gates: GatePolicy) -> list[int]:
+        network = create_model(model, num_classes=classes, in_chans=shape[0])
+        with torch.random.fork_rng():
+            return [gate.fc1.out_features for gate in insert_gates(network, gates, shape).values()]
+
+    return policy.max_cost if widths(policy) != widths(policy.model_copy(update={"max_cost": None})) else None
 
 
 def arm_key(spec: dict, args) -> str:
@@ -383,6 +520,10 @@ def arm_key(spec: dict, args) -> str:
         hashed = changes.get("loss", {}) if set(changes) <= {"loss"} else changes
         settings["recipe"] = _recipe_identity(RECIPES / recipe) + json.dumps(hashed, sort_keys=True)
         settings["calibration"] = CALIBRATION
+        if "max_cost" not in changes.get("gates", {}):  # named in the changes: hashed with them
+            cap = _binding_cost_cap(args.model, args.data, recipe, json.dumps(changes, sort_keys=True))
+            if cap is not None:
+                settings["gate_max_cost"] = cap
     if arm in ("static_kd", "dense_kd"):
         settings["distill"] = DISTILL
     if arm == "static_fkd":

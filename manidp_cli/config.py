@@ -53,6 +53,15 @@ class GatePolicy(BaseModel):
         "(measured to diverge at deep cuts, docs/gating.md); skip: depthwise convolutions are never masked",
     )
     reduction: int | None = Field(default=None, ge=1, description="None: 2 when C_out >= 80 else 1")
+    max_cost: float | None = Field(
+        default=None,
+        gt=0,
+        description="the most a gate's two layers may cost per image, as a fraction of the dense FLOPs it "
+        "decides (its convolution's, and those of the convolutions that read its channels) at the model's "
+        "input size: a gate over it gets a narrower hidden layer (at least 1 unit). A gate runs once per image and its "
+        "convolution once per position, so on small images a gate can cost more than what it saves "
+        "(mobilenetv2_050 at 32 px: the head's gate 1.13 times its convolution at reduction 8). None: no limit",
+    )
     max_saliency: float = Field(default=1000.0, gt=0)
     activation: Literal["relu", "softplus"] = Field(
         default="relu",
@@ -117,6 +126,12 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     gate_weight_decay: float = Field(0.0, ge=0)
     gate_lr_scale: float = Field(1.0, gt=0, description="the gates' learning rate over the network's")
+    gate_grad_clip: float | None = Field(
+        None,
+        gt=0,
+        description="before each step the gates' gradient (all gates as one vector) is scaled down to at most "
+        "this norm; None: never",
+    )
     min_lr: float = Field(0.0, ge=0)
     # linear warm-up, then the cosine over the remaining steps (large global batches need it)
     warmup_epochs: float = Field(0.0, ge=0)
@@ -264,7 +279,7 @@ class Recipe(_Section):
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     # the paper's all-ones start and gate width: recipes/paper.yaml
-    gates: GatePolicy = GatePolicy(init="l1_norm", reduction=8)
+    gates: GatePolicy = GatePolicy(init="l1_norm", reduction=8, max_cost=0.03)
     codebook: CodebookConfig = CodebookConfig()
 
     @model_validator(mode="before")

@@ -130,7 +130,7 @@ def test_a_shift_moves_every_entry_by_whole_multiples_within_the_layer():
 
 
 def _gate(channels=6):
-    gate = SaliencyGate("conv", "norm", "output", 4, channels, 1, 1000.0)
+    gate = SaliencyGate("conv", "norm", "output", 4, channels, channels, 1000.0)
     gate.threshold.fill_(0.5)
     return gate
 

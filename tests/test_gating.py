@@ -4,7 +4,8 @@ import torch
 from helpers import FAMILIES, randomize_norms
 from torch import nn
 
-from manidp_cli.config import GatePolicy
+from manidp_cli.config import GatePolicy, Recipe
+from manidp_cli.core.flops import count_flops, decided_flops
 from manidp_cli.core.gating import GATE_PREFIX, gates_of, insert_gates
 from manidp_cli.core.recorder import GateRecorder
 from manidp_cli.errors import ModelError
@@ -97,6 +98,46 @@ def test_follow_draws_nothing_more_on_a_network_without_depthwise_convolutions()
         return [gate.fc1.weight for gate in gates.values()]
 
     assert all(torch.equal(a, b) for a, b in zip(first_layers("follow"), first_layers("gate")))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_050", "efficientnet_b0", "mobilenetv3_small_050", "resnet50"])
+def test_max_cost_narrows_exactly_the_gates_over_it(name):
+    """At 32 px a gate can cost more than the convolutions it decides (mobilenetv2_050's head: 1.13 of
+    them at reduction 8). With ``max_cost`` each gate's two layers cost at most that share of the
+    FLOPs it decides, as fvcore counts both; a gate under it keeps the reduction's width."""
+    shape, cap = (1, 32, 32), 0.03
+    wide = insert_gates(timm.create_model(name, num_classes=10, in_chans=1), GatePolicy(reduction=8), shape)
+    model = timm.create_model(name, num_classes=10, in_chans=1)
+    gates = insert_gates(model, GatePolicy(reduction=8, max_cost=cap), shape)
+    table = count_flops(model, shape)
+    decided = decided_flops(table)
+    gate_flops = {layer.name.split(".", 1)[1]: layer.dense_flops for layer in table.layers if layer.kind == "gate"}
+    narrowed = 0
+    for key, gate in gates.items():
+        hidden, width = gate.fc1.out_features, wide[key].fc1.out_features
+        layers = hidden * (gate.fc1.in_features + gate.fc2.out_features)
+        pooling = gate_flops[key] - layers  # the gate's global pooling: one FLOP per input value
+        assert pooling > 0 and pooling % gate.fc1.in_features == 0
+        assert layers <= cap * decided[gate.conv_name] or hidden == 1
+        # the widest gate that fits: one unit more would break the cap, or the reduction's width is kept
+        more = (hidden + 1) * (gate.fc1.in_features + gate.fc2.out_features)
+        assert hidden == width or more > cap * decided[gate.conv_name]
+        narrowed += hidden < width
+    assert narrowed > 0
+
+
+def test_max_cost_leaves_resnet18_at_32px_as_it_was():
+    """resnet18's gates cost at most 0.03 of what they decide at 32 px: the default recipe's cap
+    changes none of them, and they start from the same random weights."""
+
+    def first_layers(max_cost):
+        torch.manual_seed(0)
+        policy = Recipe().gates.model_copy(update={"max_cost": max_cost})
+        gates = insert_gates(timm.create_model("resnet18", num_classes=10, in_chans=1), policy, (1, 32, 32))
+        return [gate.fc1.weight for gate in gates.values()]
+
+    assert Recipe().gates.max_cost is not None
+    assert all(torch.equal(a, b) for a, b in zip(first_layers(None), first_layers(Recipe().gates.max_cost)))
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_050", "efficientnet_b0", "mobilenetv3_small_100"])

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from manidp_cli.api.evaluate import evaluate_export
 from manidp_cli.api.jobs import prepare, run
 from manidp_cli.core.flops import count_flops
+from manidp_cli.core.gating import gates_of
 from manidp_cli.errors import RecipeError, WeightsError
 from manidp_cli.io import NARROWED, _build, load_pruned
 from manidp_cli.models.factory import create_model
@@ -196,3 +197,26 @@ def test_static_share_slims_a_depthwise_network(tiny_fashion, tmp_path):
     assert job.static_flops_ratio == pytest.approx(0.9**0.5, abs=0.05)
     depthwise = job.model.get_submodule("blocks.1.0.conv_dw")
     assert depthwise.groups == depthwise.in_channels == depthwise.out_channels < start.blocks[1][0].conv_dw.out_channels
+
+
+def test_an_export_with_cost_capped_gates_loads_as_trained(tiny_fashion, tmp_path):
+    """The default recipe's gates.max_cost narrows mobilenetv3_small_050's costliest gates at 32 px;
+    the export's gate policy and input size rebuild exactly those widths."""
+    torch.manual_seed(0)
+    start = timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1)
+    _save(start, tmp_path / "start.safetensors")
+    overrides = {**TINY_PRUNE, "data": tiny_fashion, "epochs": 1, "target_flops": 0.8}
+    job = prepare(
+        "prune",
+        "mobilenetv3_small_050",
+        overrides=overrides,
+        weights=tmp_path / "start.safetensors",
+        out_dir=tmp_path / "run",
+    )
+    widths = {key: gate.fc1.out_features for key, gate in job.gates.items()}
+    assert any(width < gate.fc2.out_features // 8 for width, gate in zip(widths.values(), job.gates.values()))
+    assert not run(job).interrupted
+    loaded, _ = load_pruned(tmp_path / "run")
+    assert {key: gate.fc1.out_features for key, gate in gates_of(loaded).items()} == widths
+    images = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(loaded(images), job.model.eval()(images))

@@ -425,3 +425,49 @@ def test_a_prune_run_records_its_teacher_dtype(tiny_fashion, dense_weights, tmp_
     with pytest.raises(RecipeError, match="teacher_dtype"):
         bad = {"loss": {"teacher_dtype": "fp8"}}
         prepare("prune", "test_resnet", weights=dense_weights, out_dir=tmp_path / "bad", overrides=bad)
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(1, 8, 3, stride=2), nn.BatchNorm2d(8)
+        self.conv, self.bn = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(torch.relu(self.stem_bn(self.stem(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_gate_grad_clip_bounds_every_step_of_the_gates(tiny_fashion, clip):
+    """optimizer.gate_grad_clip: with plain SGD a step moves the gates by lr x their clipped gradient,
+    so by at most lr x clip; unclipped, the same run moves them further. The network is not clipped."""
+    from manidp_cli.core.gating import gates_of, insert_gates
+    from manidp_cli.data import load_data
+    from manidp_cli.training.engine import fit
+    from manidp_cli.training.objectives import CrossEntropyObjective
+
+    torch.manual_seed(0)
+    model = _TwoConvs()  # a Sequential would call the gates' container as a layer
+    gates = insert_gates(model, input_shape=(1, 32, 32))
+    lr, steps = 0.1, []
+    before = [torch.cat([p.detach().flatten() for p in gates.parameters()])]
+
+    def moved(info):
+        before.append(torch.cat([p.detach().flatten() for p in gates_of(model).parameters()]))
+        steps.append(float((before[-1] - before[-2]).norm()))
+
+    config = OptimizerConfig(lr=lr, momentum=0.0, weight_decay=0.0, min_lr=lr, gate_grad_clip=clip)
+    fit(
+        model,
+        load_data(tiny_fashion),
+        CrossEntropyObjective(),
+        epochs=1,
+        batch_size=16,
+        optimizer_config=config,
+        on_step=moved,
+    )
+    largest = max(steps)
+    assert largest > 0
+    assert (largest <= lr * 1e-3 * 1.01) == (clip is not None), largest  # float32 rounding of the moves

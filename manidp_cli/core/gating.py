@@ -21,6 +21,8 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manidp_cli.config import GatePolicy
-from manidp_cli.core.graph import fused_activation, trace_dataflow
+from manidp_cli.core.graph import Dataflow, fused_activation, trace_dataflow
 from manidp_cli.errors import ModelError
 
 GATE_PREFIX = "manidp_gates"
@@ -50,7 +52,7 @@ class SaliencyGate(nn.Module):
         mask_site_kind: Literal["input", "output"],
         in_channels: int,
         out_channels: int,
-        reduction: int,
+        hidden: int,
         max_saliency: float,
         activation: Literal["relu", "softplus"] = "relu",
         side: Literal["output", "input"] = "output",
@@ -62,7 +64,6 @@ class SaliencyGate(nn.Module):
         self.mask_site = mask_site
         self.mask_site_kind = mask_site_kind
         self.max_saliency = max_saliency
-        hidden = max(1, out_channels // reduction)
         self.fc1 = nn.Linear(in_channels, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, out_channels)
         # Zero weights and unit bias make every saliency exactly 1 at insertion, so the gated model
@@ -283,7 +284,10 @@ def _mask_site(model: nn.Module, norm_name: str) -> tuple[str, Literal["input", 
 
 def select_convs(model: nn.Module, policy: GatePolicy, input_shape: tuple[int, int, int]) -> dict[str, str]:
     """Map each convolution to gate onto the normalisation layer that follows it."""
-    flow = trace_dataflow(model, input_shape)
+    return _select(model, policy, trace_dataflow(model, input_shape))
+
+
+def _select(model: nn.Module, policy: GatePolicy, flow: Dataflow) -> dict[str, str]:
     pairs = flow.conv_norm_pairs()
     skipped = set()
     if policy.skip_stem:
@@ -341,17 +345,70 @@ def input_gate_convs(model: nn.Module, selected: dict[str, str], input_shape: tu
     return [name for name in selected if name not in fed and model.get_submodule(name).groups == 1]
 
 
-def _new_gate(model: nn.Module, policy: GatePolicy, conv_name: str, norm_name: str | None) -> SaliencyGate:
+def _new_gate(
+    model: nn.Module, policy: GatePolicy, conv_name: str, norm_name: str | None, cost: GateCost
+) -> SaliencyGate:
     """An output gate masking at the normalisation after the convolution, or (``norm_name`` None) an
     input gate masking the convolution's own input."""
     conv = model.get_submodule(conv_name)
     channels = conv.out_channels if norm_name else conv.in_channels
-    reduction = policy.reduction or (2 if channels >= 80 else 1)
     site, kind = _mask_site(model, norm_name) if norm_name else (conv_name, "input")
     side = "output" if norm_name else "input"
     return SaliencyGate(
-        conv_name, site, kind, conv.in_channels, channels, reduction, policy.max_saliency, policy.activation, side
+        conv_name,
+        site,
+        kind,
+        conv.in_channels,
+        channels,
+        cost.hidden_width(policy, channels),
+        policy.max_saliency,
+        policy.activation,
+        side,
     )
+
+
+@dataclass(frozen=True)
+class GateCost:
+    """What a gate would cost and decide per image, in FLOPs (fvcore's count, 1 FLOP = 1 multiply-add)."""
+
+    in_channels: int
+    in_pixels: int  # H x W of the convolution's input: the gate's global pooling reads every value
+    decided_flops: int  # the dense FLOPs of the convolutions whose channels the gate decides
+
+    def flops(self, hidden: int, channels: int) -> int:
+        return self.in_channels * self.in_pixels + hidden * (self.in_channels + channels)
+
+    def hidden_width(self, policy: GatePolicy, channels: int) -> int:
+        """``channels / reduction``, narrowed until the gate's two layers cost at most ``policy.max_cost``
+        of what it decides (never below 1). Its pooling is left out: no width makes it cheaper."""
+        width = max(1, channels // (policy.reduction or (2 if channels >= 80 else 1)))
+        if policy.max_cost is None:
+            return width
+        allowed = policy.max_cost * self.decided_flops / (self.in_channels + channels)
+        return max(1, min(width, math.floor(allowed)))
+
+
+def gate_costs(model: nn.Module, flow: Dataflow, gated: list[str], followers: dict[str, str]) -> dict[str, GateCost]:
+    """Per gated convolution, its gate's ``GateCost``: the FLOPs it decides are its convolution's, its
+    follower's, and those of the convolution that reads the channels (as ``core.flops`` counts them)."""
+    consumers = flow.channel_consumers(sorted({*gated, *followers}))
+    costs = {}
+    for name in gated:
+        call = flow.calls[flow.module_calls[name][0]]
+        decided = _conv_flops(model, flow, name)
+        reader = consumers.get(name)
+        if reader is not None:
+            decided += _conv_flops(model, flow, reader)
+            if reader in followers and consumers.get(reader) is not None:
+                decided += _conv_flops(model, flow, consumers[reader])
+        costs[name] = GateCost(call.in_shape[1], math.prod(call.in_shape[2:]), decided)
+    return costs
+
+
+def _conv_flops(model: nn.Module, flow: Dataflow, name: str) -> int:
+    conv = model.get_submodule(name)
+    out_shape = flow.calls[flow.module_calls[name][0]].out_shape
+    return math.prod(out_shape[1:]) * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
 
 
 def insert_gates(
@@ -368,13 +425,17 @@ def insert_gates(
     policy = policy or GatePolicy()
     if hasattr(model, GATE_PREFIX):
         raise ModelError(f"{type(model).__name__} already has gates")
-    selected = select_convs(model, policy, input_shape)
+    flow = trace_dataflow(model, input_shape)
+    selected = _select(model, policy, flow)
     followers = follower_convs(model, selected, input_shape) if policy.depthwise == "follow" else {}
     follower_norms = {conv: selected.pop(conv) for conv in followers}
     inputs = input_gate_convs(model, selected, input_shape) if policy.inputs else []
+    costs = gate_costs(model, flow, list(selected), followers)
+    # an input gate decides its convolution's input channels: that convolution's FLOPs
+    input_costs = {c: GateCost(costs[c].in_channels, costs[c].in_pixels, _conv_flops(model, flow, c)) for c in inputs}
     gates = GateSet()
-    for gate in [_new_gate(model, policy, c, n) for c, n in selected.items()] + [
-        _new_gate(model, policy, c, None) for c in inputs
+    for gate in [_new_gate(model, policy, c, n, costs[c]) for c, n in selected.items()] + [
+        _new_gate(model, policy, c, None, input_costs[c]) for c in inputs
     ]:
         key = gate_key(gate.name)
         if key in gates:

@@ -82,6 +82,9 @@ class Call:
     op: str | None
     inputs: list[int]
     users: list[int] = field(default_factory=list)
+    # shapes of the first input and output tensor (a convolution's: N x C x H x W)
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -180,6 +183,8 @@ class _Recorder(TorchFunctionMode):
             if src is not None and src not in srcs:
                 srcs.append(src)
         call = Call(index=index, name=name, op=op, inputs=srcs)
+        if name is not None:  # a convolution or normalisation (a function's arguments may be lazy parameters)
+            call.in_shape, call.out_shape = (tuple(next(_tensors(t)).shape) for t in (inputs, outputs))
         self.calls.append(call)
         for src in srcs:
             self.calls[src].users.append(index)

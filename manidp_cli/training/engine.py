@@ -293,6 +293,8 @@ class _Trainer:
         _check_loss(terms["loss"], self.world, f"epoch {epoch + 1}, step {step + 1}", self.lr, self.checkpoint_path)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
+        if self.config.gate_grad_clip is not None:
+            self._clip_gate_gradients(self.config.gate_grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.position.global_step += 1
@@ -304,6 +306,11 @@ class _Trainer:
             running["sums"][key] = running["sums"].get(key, 0.0) + value * images.shape[0]
         accuracy = running["correct"] / running["seen"]
         return StepInfo(epoch, self.epochs, step + 1, self.steps_per_epoch, self.lr, scalars, accuracy)
+
+    def _clip_gate_gradients(self, max_norm: float) -> None:
+        self.scaler.unscale_(self.optimizer)  # the norm is of the true gradient, not the fp16-scaled one
+        gates = [p for name, p in self.model.named_parameters() if is_gate_key(name) and p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(gates, max_norm)
 
     def train_epoch(self, epoch: int, stop: StopRequest, on_step: Callable[[StepInfo], bool | None] | None) -> bool:
         """Run one epoch (from the resumed step); True when it was interrupted part-way (and saved)."""
