@@ -77,6 +77,26 @@ RECIPES = ROOT.parent / "recipes"
 CODEBOOK4 = {"entries": 4, "channel_multiple": 16, "epochs": 1, "fit_widths": True}
 # mobilenetv2_050 at 32 px: the gates costing more than a quarter of the FLOPs they decide
 MBV2_COSTLY_GATES = ["conv_head", "blocks.5.1.conv_pw", "blocks.5.2.conv_pw", "blocks.6.0.conv_pw"]
+# the default's first cut held: the gates' rate scaled by 1e-9 (the recipe needs a positive one), cross-entropy only
+FROZEN_GATES = {
+    "optimizer": {"gate_lr_scale": 1e-9},
+    "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
+}
+
+
+def _gate_arms(suffix: str, gates: dict) -> dict[str, tuple[str, dict]]:
+    """Today's default with the gate settings ``gates``: as it is, with the gates learning at a tenth of
+    the network's rate, and with its first cut held (``FROZEN_GATES``)."""
+    return {
+        f"narrow_{suffix}": ("default.yaml", {"narrow_training": True, "gates": gates}),
+        f"narrow_gate_lr01_{suffix}": (
+            "default.yaml",
+            {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": gates},
+        ),
+        f"narrow_ce_frozen_gates_{suffix}": ("default.yaml", {"narrow_training": True, "gates": gates, **FROZEN_GATES}),
+    }
+
+
 # arm -> (recipe, recipe overrides). Every arm trains masked (narrow_training false: each gated
 # convolution computes all its channels, the dropped ones multiplied by zero) unless it sets
 # narrow_training itself: the cells of "manidp" and the other arms were measured that way before the
@@ -184,78 +204,14 @@ MANIDP_ARMS = {
         {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"exclude": ["conv_head"]}},
     ),
     # gate cost on depthwise networks at 32 px (a gate runs per image, its convolution per position):
-    # fc1 at a 32nd of the channels instead of an 8th, and the gates that cost more than a quarter of
-    # the FLOPs they decide left out (mobilenetv2_050: the head and the last three expansions)
-    "narrow_r32": ("default.yaml", {"narrow_training": True, "gates": {"reduction": 32}}),
-    "narrow_gate_lr01_r32": (
-        "default.yaml",
-        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"reduction": 32}},
-    ),
-    "narrow_ce_frozen_gates_r32": (
-        "default.yaml",
-        {
-            "narrow_training": True,
-            "gates": {"reduction": 32},
-            "optimizer": {"gate_lr_scale": 1e-9},
-            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
-        },
-    ),
-    "narrow_r16": ("default.yaml", {"narrow_training": True, "gates": {"reduction": 16}}),
-    "narrow_gate_lr01_r16": (
-        "default.yaml",
-        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"reduction": 16}},
-    ),
-    "narrow_ce_frozen_gates_r16": (
-        "default.yaml",
-        {
-            "narrow_training": True,
-            "gates": {"reduction": 16},
-            "optimizer": {"gate_lr_scale": 1e-9},
-            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
-        },
-    ),
-    "narrow_r64": ("default.yaml", {"narrow_training": True, "gates": {"reduction": 64}}),
-    "narrow_gate_lr01_r64": (
-        "default.yaml",
-        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"reduction": 64}},
-    ),
-    "narrow_ce_frozen_gates_r64": (
-        "default.yaml",
-        {
-            "narrow_training": True,
-            "gates": {"reduction": 64},
-            "optimizer": {"gate_lr_scale": 1e-9},
-            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
-        },
-    ),
-    "narrow_r2048": ("default.yaml", {"narrow_training": True, "gates": {"reduction": 2048}}),
-    "narrow_gate_lr01_r2048": (
-        "default.yaml",
-        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"reduction": 2048}},
-    ),
-    "narrow_ce_frozen_gates_r2048": (
-        "default.yaml",
-        {
-            "narrow_training": True,
-            "gates": {"reduction": 2048},
-            "optimizer": {"gate_lr_scale": 1e-9},
-            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
-        },
-    ),
-    "narrow_cost003": ("default.yaml", {"narrow_training": True, "gates": {"max_cost": 0.03}}),
-    "narrow_gate_lr01_cost003": (
-        "default.yaml",
-        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"max_cost": 0.03}},
-    ),
-    "narrow_ce_frozen_gates_cost003": (
-        "default.yaml",
-        {
-            "narrow_training": True,
-            "gates": {"max_cost": 0.03},
-            "optimizer": {"gate_lr_scale": 1e-9},
-            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
-        },
-    ),
+    # narrower gates everywhere, the cost cap (gates.max_cost), and the gates that cost more than a
+    # quarter of the FLOPs they decide left out (mobilenetv2_050: the head and the last three expansions)
+    **_gate_arms("r16", {"reduction": 16}),
+    **_gate_arms("r32", {"reduction": 32}),
+    **_gate_arms("r64", {"reduction": 64}),
+    **_gate_arms("r2048", {"reduction": 2048}),  # one hidden unit in every gate
+    **_gate_arms("cost003", {"max_cost": 0.03}),
+    **_gate_arms("cheap_gates", {"exclude": MBV2_COSTLY_GATES}),
     # the same cap with the gates' gradient norm clipped (optimizer.gate_grad_clip) at the full gate rate
     "narrow_cost003_gclip01": (
         "default.yaml",
@@ -264,6 +220,10 @@ MANIDP_ARMS = {
     "narrow_cost003_gclip1": (
         "default.yaml",
         {"narrow_training": True, "gates": {"max_cost": 0.03}, "optimizer": {"gate_grad_clip": 1.0}},
+    ),
+    "narrow_gate_lr01_cost001": (
+        "default.yaml",
+        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"max_cost": 0.01}},
     ),
     "narrow_gate_lr01_cost003_alloc05": (
         "default.yaml",
@@ -277,20 +237,6 @@ MANIDP_ARMS = {
     "hybrid_recipe_gate_lr01_cost003": (
         "hybrid.yaml",
         {"narrow_training": True, "gates": {"max_cost": 0.03}, "optimizer": {"gate_lr_scale": 0.1}},
-    ),
-    "narrow_cheap_gates": ("default.yaml", {"narrow_training": True, "gates": {"exclude": MBV2_COSTLY_GATES}}),
-    "narrow_gate_lr01_cheap_gates": (
-        "default.yaml",
-        {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}, "gates": {"exclude": MBV2_COSTLY_GATES}},
-    ),
-    "narrow_ce_frozen_cheap_gates": (
-        "default.yaml",
-        {
-            "narrow_training": True,
-            "gates": {"exclude": MBV2_COSTLY_GATES},
-            "optimizer": {"gate_lr_scale": 1e-9},
-            "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
-        },
     ),
     "narrow_fd5": ("default.yaml", {"narrow_training": True, "loss": {"feature_distill_weight": 5.0}}),
     "narrow_codebook4_fd5": (

@@ -182,18 +182,24 @@ def test_groups_follow_a_depthwise_width_and_stay_for_other_grouped_convolutions
     assert narrowed_groups(4, size([16, 2, 3, 3]), size([12, 2, 1, 1])) is None  # another kernel
 
 
-def test_static_share_slims_a_depthwise_network(tiny_fashion, tmp_path):
+def _mobilenet_prune(tiny_fashion, tmp_path, **overrides):
+    """A prune job of a random mobilenetv3_small_050 start (depthwise) on the tiny data."""
     torch.manual_seed(0)
     start = timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1)
     _save(start, tmp_path / "start.safetensors")
-    overrides = {**TINY_PRUNE, "data": tiny_fashion, "target_flops": 0.9, "static_share": 0.5}
+    settings = {**TINY_PRUNE, "data": tiny_fashion, **overrides}
     job = prepare(
         "prune",
         "mobilenetv3_small_050",
-        overrides=overrides,
+        overrides=settings,
         weights=tmp_path / "start.safetensors",
         out_dir=tmp_path / "run",
     )
+    return start, job
+
+
+def test_static_share_slims_a_depthwise_network(tiny_fashion, tmp_path):
+    start, job = _mobilenet_prune(tiny_fashion, tmp_path, target_flops=0.9, static_share=0.5)
     assert job.static_flops_ratio == pytest.approx(0.9**0.5, abs=0.05)
     depthwise = job.model.get_submodule("blocks.1.0.conv_dw")
     assert depthwise.groups == depthwise.in_channels == depthwise.out_channels < start.blocks[1][0].conv_dw.out_channels
@@ -202,17 +208,7 @@ def test_static_share_slims_a_depthwise_network(tiny_fashion, tmp_path):
 def test_an_export_with_cost_capped_gates_loads_as_trained(tiny_fashion, tmp_path):
     """The default recipe's gates.max_cost narrows mobilenetv3_small_050's costliest gates at 32 px;
     the export's gate policy and input size rebuild exactly those widths."""
-    torch.manual_seed(0)
-    start = timm.create_model("mobilenetv3_small_050", num_classes=10, in_chans=1)
-    _save(start, tmp_path / "start.safetensors")
-    overrides = {**TINY_PRUNE, "data": tiny_fashion, "epochs": 1, "target_flops": 0.8}
-    job = prepare(
-        "prune",
-        "mobilenetv3_small_050",
-        overrides=overrides,
-        weights=tmp_path / "start.safetensors",
-        out_dir=tmp_path / "run",
-    )
+    _, job = _mobilenet_prune(tiny_fashion, tmp_path, epochs=1, target_flops=0.8)
     widths = {key: gate.fc1.out_features for key, gate in job.gates.items()}
     assert any(width < gate.fc2.out_features // 8 for width, gate in zip(widths.values(), job.gates.values()))
     assert not run(job).interrupted
