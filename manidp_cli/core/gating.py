@@ -369,14 +369,11 @@ def _new_gate(
 
 @dataclass(frozen=True)
 class GateCost:
-    """What a gate would cost and decide per image, in FLOPs (fvcore's count, 1 FLOP = 1 multiply-add)."""
+    """What a gate reads and decides per image (FLOPs as fvcore counts them, 1 FLOP = 1 multiply-add):
+    its two layers cost hidden x (in_channels + its channels)."""
 
     in_channels: int
-    in_pixels: int  # H x W of the convolution's input: the gate's global pooling reads every value
     decided_flops: int  # the dense FLOPs of the convolutions whose channels the gate decides
-
-    def flops(self, hidden: int, channels: int) -> int:
-        return self.in_channels * self.in_pixels + hidden * (self.in_channels + channels)
 
     def hidden_width(self, policy: GatePolicy, channels: int) -> int:
         """``channels / reduction``, narrowed until the gate's two layers cost at most ``policy.max_cost``
@@ -394,14 +391,13 @@ def gate_costs(model: nn.Module, flow: Dataflow, gated: list[str], followers: di
     consumers = flow.channel_consumers(sorted({*gated, *followers}))
     costs = {}
     for name in gated:
-        call = flow.calls[flow.module_calls[name][0]]
         decided = _conv_flops(model, flow, name)
         reader = consumers.get(name)
         if reader is not None:
             decided += _conv_flops(model, flow, reader)
             if reader in followers and consumers.get(reader) is not None:
                 decided += _conv_flops(model, flow, consumers[reader])
-        costs[name] = GateCost(call.in_shape[1], math.prod(call.in_shape[2:]), decided)
+        costs[name] = GateCost(model.get_submodule(name).in_channels, decided)
     return costs
 
 
@@ -432,7 +428,7 @@ def insert_gates(
     inputs = input_gate_convs(model, selected, input_shape) if policy.inputs else []
     costs = gate_costs(model, flow, list(selected), followers)
     # an input gate decides its convolution's input channels: that convolution's FLOPs
-    input_costs = {c: GateCost(costs[c].in_channels, costs[c].in_pixels, _conv_flops(model, flow, c)) for c in inputs}
+    input_costs = {c: GateCost(costs[c].in_channels, _conv_flops(model, flow, c)) for c in inputs}
     gates = GateSet()
     for gate in [_new_gate(model, policy, c, n, costs[c]) for c, n in selected.items()] + [
         _new_gate(model, policy, c, None, input_costs[c]) for c in inputs

@@ -82,9 +82,7 @@ class Call:
     op: str | None
     inputs: list[int]
     users: list[int] = field(default_factory=list)
-    # shapes of the first input and output tensor (a convolution's: N x C x H x W)
-    in_shape: tuple[int, ...] = ()
-    out_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()  # a convolution's or normalisation's output: N x C x H x W
 
 
 @dataclass
@@ -183,8 +181,8 @@ class _Recorder(TorchFunctionMode):
             if src is not None and src not in srcs:
                 srcs.append(src)
         call = Call(index=index, name=name, op=op, inputs=srcs)
-        if name is not None:  # a convolution or normalisation (a function's arguments may be lazy parameters)
-            call.in_shape, call.out_shape = (tuple(next(_tensors(t)).shape) for t in (inputs, outputs))
+        if name is not None:  # a module's, not a function's (its arguments may be lazy parameters)
+            call.out_shape = tuple(next(_tensors(outputs)).shape)
         self.calls.append(call)
         for src in srcs:
             self.calls[src].users.append(index)
