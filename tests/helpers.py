@@ -152,7 +152,7 @@ def write_cifar(directory, names, label_bytes: int, count: int, classes: int):
 PAPER_PROCEDURE = {  # recipes/paper.yaml's departures from the default, as overrides
     "loss": {"lambda_sparse": 0.1, "lambda_sim": 0.1, "distill_weight": 0.0},
     "schedule": {"mode": "epoch"},
-    "gates": {"init": "ones"},
+    "gates": {"init": "ones", "max_cost": None},
 }
 TINY_PRUNE = {
     # loss.teacher_dtype auto is bf16 on CPUs with AVX512-BF16 or AMX only, which changes a tiny run's
