@@ -212,6 +212,12 @@ MANIDP_ARMS = {
     **_gate_arms("r2048", {"reduction": 2048}),  # one hidden unit in every gate
     **_gate_arms("cost003", {"max_cost": 0.03}),
     **_gate_arms("cheap_gates", {"exclude": MBV2_COSTLY_GATES}),
+    # inverted-residual projections ungated: their outputs join the residual stream, which Torch-Pruning
+    # cuts as one group and manidp's output gates cut per block
+    **_gate_arms("no_projection_gates", {"exclude": ["*.conv_pwl"]}),
+    # input gates on the residual stream: each expansion skips stream channels per image, the cut
+    # Torch-Pruning makes statically
+    **_gate_arms("input_gates", {"inputs": True}),
     # the same cap with the gates' gradient norm clipped (optimizer.gate_grad_clip) at the full gate rate
     "narrow_cost003_gclip01": (
         "default.yaml",
