@@ -218,6 +218,9 @@ MANIDP_ARMS = {
     # input gates on the residual stream: each expansion skips stream channels per image, the cut
     # Torch-Pruning makes statically
     **_gate_arms("input_gates", {"inputs": True}),
+    # saliencies capped near their start (mobilenetv2_050's largest initial saliency: 3.05): whether
+    # the gates' collapse at the full rate comes from saliencies growing
+    **_gate_arms("max_saliency4", {"max_saliency": 4.0}),
     # the same cap with the gates' gradient norm clipped (optimizer.gate_grad_clip) at the full gate rate
     "narrow_cost003_gclip01": (
         "default.yaml",
