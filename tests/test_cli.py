@@ -141,6 +141,8 @@ def test_train_then_prune_end_to_end(tiny_fashion, tmp_path):
     assert "lambda_sim: 0.02" in (pruned / "recipe.yaml").read_text()
     for text in ("dense cost", "gated convolutions", "target", "before", "after"):
         assert text in result.output
+    # test_resnet's widest gate (C_out 192, hidden 24) would cost over 0.03 of what it decides at 32 px
+    assert "(1 with a hidden layer narrowed by gates.max_cost)" in " ".join(result.output.split())
     assert re.search(r"the gates route [\d.]+% of their channels", result.output), result.output
     assert f"manidp bench {pruned}" in " ".join(result.output.split())  # rich may wrap the line
     assert "narrow (only the channels a batch keeps)" in " ".join(result.output.split())

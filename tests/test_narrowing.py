@@ -210,7 +210,8 @@ def test_an_export_with_cost_capped_gates_loads_as_trained(tiny_fashion, tmp_pat
     the export's gate policy and input size rebuild exactly those widths."""
     _, job = _mobilenet_prune(tiny_fashion, tmp_path, epochs=1, target_flops=0.8)
     widths = {key: gate.fc1.out_features for key, gate in job.gates.items()}
-    assert any(width < gate.fc2.out_features // 8 for width, gate in zip(widths.values(), job.gates.values()))
+    narrowed = [gate.name for gate in job.gates.values() if gate.fc1.out_features < gate.fc2.out_features // 8]
+    assert narrowed and job.gates_narrowed_by_cost == narrowed
     assert not run(job).interrupted
     loaded, _ = load_pruned(tmp_path / "run")
     assert {key: gate.fc1.out_features for key, gate in gates_of(loaded).items()} == widths

@@ -28,7 +28,7 @@ from manidp_cli.api.starts import Widths, narrow_as_stored, slim_statically
 from manidp_cli.config import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
 from manidp_cli.core.distributed import World, joined
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, closed_gates_flops, count_flops, decided_flops
-from manidp_cli.core.gating import GateSet, insert_gates
+from manidp_cli.core.gating import GateSet, insert_gates, narrowed_by_cost
 from manidp_cli.core.losses import ManiDPLoss
 from manidp_cli.core.routing_init import fit_gates_to_responses
 from manidp_cli.core.schedule import FeedbackThresholds, cost_weighted_scales
@@ -113,6 +113,11 @@ class Job:
         """The gated network's FLOPs with every gate open (its dense FLOPs and the gates' own), over
         its dense FLOPs."""
         return self.table.total_flops / self.table.dense_flops
+
+    @property
+    def gates_narrowed_by_cost(self) -> list[str]:
+        """The gates whose hidden layer ``gates.max_cost`` narrowed (they would cost more than allowed)."""
+        return narrowed_by_cost(self.gates, self.recipe.gates) if self.gates is not None else []
 
     @property
     def gated_share(self) -> float:

@@ -48,9 +48,13 @@ def _print_plan(job, to: Console) -> None:
         f" (1 FLOP = 1 multiply-add)",
     )
     if job.command == "prune":
+        narrowed = job.gates_narrowed_by_cost
         table.add_row(
             "gates",
-            f"{len(job.gates)} gated convolutions, {job.table.gate_flops / 1e6:.3f} MFLOPs of gate cost; with "
+            f"{len(job.gates)} gated convolutions"
+            + (f" ({len(narrowed)} with a hidden layer narrowed by gates.max_cost)" if narrowed else "")
+            + f", {job.table.gate_flops / 1e6:.3f} MFLOPs of gate cost "
+            f"({job.table.gate_flops / job.table.dense_flops:.1%} of 'dense'); with "
             f"every gate closed the network still costs {job.gate_floor:.1%} of 'dense', and the target leaves "
             f"the gates {job.gated_share:.1%} of the FLOPs they decide",
         )

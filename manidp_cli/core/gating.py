@@ -378,11 +378,21 @@ class GateCost:
     def hidden_width(self, policy: GatePolicy, channels: int) -> int:
         """``channels / reduction``, narrowed until the gate's two layers cost at most ``policy.max_cost``
         of what it decides (never below 1). Its pooling is left out: no width makes it cheaper."""
-        width = max(1, channels // (policy.reduction or (2 if channels >= 80 else 1)))
+        width = reduction_width(policy, channels)
         if policy.max_cost is None:
             return width
         allowed = policy.max_cost * self.decided_flops / (self.in_channels + channels)
         return max(1, min(width, math.floor(allowed)))
+
+
+def reduction_width(policy: GatePolicy, channels: int) -> int:
+    """A gate's hidden width before ``max_cost``: ``channels / reduction`` (method.md's rule when None)."""
+    return max(1, channels // (policy.reduction or (2 if channels >= 80 else 1)))
+
+
+def narrowed_by_cost(gates: GateSet, policy: GatePolicy) -> list[str]:
+    """The gates whose hidden layer ``policy.max_cost`` made narrower than the reduction's width."""
+    return [g.name for g in gates.values() if g.fc1.out_features < reduction_width(policy, g.fc2.out_features)]
 
 
 def gate_costs(model: nn.Module, flow: Dataflow, gated: list[str], followers: dict[str, str]) -> dict[str, GateCost]:
