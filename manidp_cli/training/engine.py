@@ -210,6 +210,8 @@ class _Trainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model, self.config)
+        # what optimizer.gate_grad_clip clips, listed once rather than at every step
+        self.gate_params = [p for name, p in model.named_parameters() if is_gate_key(name) and p.requires_grad]
         device = world.device
         self.autocast_dtype = autocast_dtype(device)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
@@ -309,8 +311,7 @@ class _Trainer:
 
     def _clip_gate_gradients(self, max_norm: float) -> None:
         self.scaler.unscale_(self.optimizer)  # the norm is of the true gradient, not the fp16-scaled one
-        gates = [p for name, p in self.model.named_parameters() if is_gate_key(name) and p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(gates, max_norm)
+        torch.nn.utils.clip_grad_norm_(self.gate_params, max_norm)  # parameters without a gradient are skipped
 
     def train_epoch(self, epoch: int, stop: StopRequest, on_step: Callable[[StepInfo], bool | None] | None) -> bool:
         """Run one epoch (from the resumed step); True when it was interrupted part-way (and saved)."""
