@@ -221,6 +221,21 @@ MANIDP_ARMS = {
     # saliencies capped near their start (mobilenetv2_050's largest initial saliency: 3.05): whether
     # the gates' collapse at the full rate comes from saliencies growing
     **_gate_arms("max_saliency4", {"max_saliency": 4.0}),
+    # saliencies through softplus, never exactly 0: whether the collapse at the full rate is channels
+    # whose saliency a few large steps push below 0, where relu leaves them no gradient to come back
+    **_gate_arms("softplus", {"activation": "softplus"}),
+    # the gates stepped by an Adam of their own (optimizer.gate_optimizer): steps of about its learning
+    # rate (here 0.05 x the scale) whatever the size of the gates' gradient
+    **{
+        f"narrow_gate_adam{tag}": (
+            "default.yaml",
+            {"narrow_training": True, "optimizer": {"gate_optimizer": "adam", "gate_lr_scale": scale}},
+        )
+        for tag, scale in (("002", 0.02), ("0005", 0.005), ("01", 0.1))
+    },
+    # the default's loss (distillation included) with the gates held at their first cut: what learning
+    # them adds under the same loss
+    "narrow_frozen_gates": ("default.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 1e-9}}),
     # the same cap with the gates' gradient norm clipped (optimizer.gate_grad_clip) at the full gate rate
     "narrow_cost003_gclip01": (
         "default.yaml",
@@ -417,7 +432,7 @@ CALIBRATION = "moving-average saliencies, single-layer moves of one channel (cor
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
     r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0|distill_decay: none|fit_widths: true"
-    r"|narrow_training: \w+|static_share: 0\.0|max_cost: \S+)\b.*\n",
+    r"|narrow_training: \w+|static_share: 0\.0|max_cost: \S+|gate_optimizer: sgd)\b.*\n",
     re.MULTILINE,
 )
 

@@ -126,6 +126,11 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     gate_weight_decay: float = Field(0.0, ge=0)
     gate_lr_scale: float = Field(1.0, gt=0, description="the gates' learning rate over the network's")
+    gate_optimizer: Literal["sgd", "adam"] = Field(
+        "sgd",
+        description="sgd: the gates step with the network's SGD; adam: their own Adam (steps of about the "
+        "learning rate whatever the size of their gradient)",
+    )
     gate_grad_clip: float | None = Field(
         None,
         gt=0,

@@ -58,14 +58,16 @@ def test_export_round_trip_rebuilds_the_same_model(pruned, tiny_fashion):
         {"loss": {"feature_distill_weight": 1.0, "distill_decay": "linear"}},
         {"narrow_training": True},
         {"static_share": 0.5},
+        {"optimizer": {"gate_optimizer": "adam", "gate_lr_scale": 0.02}},
     ],
-    ids=["default", "stage_distillation_decayed", "narrow", "static_stage"],
+    ids=["default", "stage_distillation_decayed", "narrow", "static_stage", "gate_adam"],
 )
 def test_interrupted_run_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path, overrides):
     """Also with stage-output distillation, whose hooks a resumed run must set up again, a
     distillation weight that depends on the step, narrow training (module classes swapped
     for each epoch and restored), and a static stage (a slimmed network distilled from its
-    full-width start, both rebuilt from the checkpoint's widths)."""
+    full-width start, both rebuilt from the checkpoint's widths), and the gates' own Adam (its moments
+    checkpointed beside the network's SGD momentum)."""
     straight = prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights, overrides=overrides)
     stops = {"n": 0}
 
@@ -471,3 +473,31 @@ def test_gate_grad_clip_bounds_every_step_of_the_gates(tiny_fashion, clip):
     largest = max(steps)
     assert largest > 0
     assert (largest <= lr * 1e-3 * 1.01) == (clip is not None), largest  # float32 rounding of the moves
+
+
+def test_gate_adam_steps_the_gates_by_their_learning_rate_and_the_network_by_sgd(tiny_fashion):
+    """optimizer.gate_optimizer adam: Adam's first step moves every gate parameter that has a gradient
+    by its learning rate (lr x gate_lr_scale) whatever the gradient's size, while the network's
+    parameters take SGD's step, lr x their gradient."""
+    from manidp_cli.core.gating import insert_gates, is_gate_key
+    from manidp_cli.data import load_data
+    from manidp_cli.training.engine import GateAdam, make_optimizer
+
+    torch.manual_seed(0)
+    model = _TwoConvs()
+    insert_gates(model, input_shape=(1, 32, 32))
+    config = OptimizerConfig(lr=0.1, momentum=0.0, weight_decay=0.0, gate_optimizer="adam", gate_lr_scale=0.02)
+    optimizer = make_optimizer(model, config)
+    assert isinstance(optimizer, GateAdam)
+    for group in optimizer.param_groups:  # what the trainer's schedule does before each step
+        group["lr"] = config.lr * group["lr_scale"]
+    images, targets = next(iter(load_data(tiny_fashion).train.batches(16)))
+    nn.functional.cross_entropy(model(images), targets).backward()
+    params = dict(model.named_parameters())
+    before = {name: p.detach().clone() for name, p in params.items()}
+    grads = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+    optimizer.step()
+    gate_moves = [(params[n] - before[n])[grads[n] != 0].abs() for n in grads if is_gate_key(n)]
+    assert gate_moves and all(torch.allclose(m, torch.full_like(m, 0.1 * 0.02), rtol=1e-3) for m in gate_moves)
+    network = [n for n in grads if not is_gate_key(n)]
+    assert network and all(torch.allclose(params[n] - before[n], -0.1 * grads[n], atol=1e-7) for n in network)

@@ -105,18 +105,52 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
 
 
-def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.SGD:
-    """SGD with Nesterov momentum; weight decay on the network, ``gate_weight_decay`` on gates."""
+def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.SGD | GateAdam:
+    """SGD with Nesterov momentum; weight decay on the network, ``gate_weight_decay`` on gates. With
+    ``gate_optimizer: adam`` the gates get an Adam of their own (``GateAdam``)."""
     network, gates = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (gates if is_gate_key(name) else network).append(param)
     groups = [{"params": network, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
-    if gates:
-        groups.append({"params": gates, "weight_decay": config.gate_weight_decay, "lr_scale": config.gate_lr_scale})
-    return torch.optim.SGD(
-        groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
-    )
+    gate_group = {"params": gates, "weight_decay": config.gate_weight_decay, "lr_scale": config.gate_lr_scale}
+    if gates and config.gate_optimizer == "sgd":
+        groups.append(gate_group)
+    nesterov = config.nesterov and config.momentum > 0
+    sgd = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=nesterov)
+    if not gates or config.gate_optimizer == "sgd":
+        return sgd
+    return GateAdam(sgd, torch.optim.Adam([gate_group], lr=config.lr))
+
+
+class GateAdam:
+    """The network's SGD and the gates' Adam stepped as one optimizer (one ``param_groups`` list for the
+    learning-rate schedule, one state dict for checkpoints). Adam's step is about its learning rate
+    whatever the gradient's size: on depthwise networks a gate's saliency gets gradients large enough
+    that SGD moves it past 0, where relu leaves it none (docs/results.md)."""
+
+    def __init__(self, network: torch.optim.SGD, gates: torch.optim.Adam):
+        self.network, self.gates = network, gates
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.network.param_groups + self.gates.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.network.zero_grad(set_to_none=set_to_none)
+        self.gates.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.network.step()
+        self.gates.step()
+
+    def state_dict(self) -> dict:
+        return {"network": self.network.state_dict(), "gates": self.gates.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.network.load_state_dict(state_dict["network"])
+        self.gates.load_state_dict(state_dict["gates"])
 
 
 def _diverged(what: str, lr: float, checkpoint: Path | None) -> TrainingError:
