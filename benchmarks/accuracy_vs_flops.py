@@ -236,6 +236,20 @@ MANIDP_ARMS = {
     # the default's loss (distillation included) with the gates held at their first cut: what learning
     # them adds under the same loss
     "narrow_frozen_gates": ("default.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 1e-9}}),
+    # recipes/hybrid.yaml (half the cut by static L1, which cuts the residual stream as one group) with
+    # the gates on Adam, without and with the default's distillation
+    "hybrid_recipe_gate_adam0005": (
+        "hybrid.yaml",
+        {"narrow_training": True, "optimizer": {"gate_optimizer": "adam", "gate_lr_scale": 0.005}},
+    ),
+    "hybrid_recipe_kd_gate_adam0005": (
+        "hybrid.yaml",
+        {
+            "narrow_training": True,
+            "optimizer": {"gate_optimizer": "adam", "gate_lr_scale": 0.005},
+            "loss": {"distill_weight": 1.0},
+        },
+    ),
     # the same cap with the gates' gradient norm clipped (optimizer.gate_grad_clip) at the full gate rate
     "narrow_cost003_gclip01": (
         "default.yaml",
