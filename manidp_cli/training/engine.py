@@ -126,8 +126,8 @@ def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.SGD
 class GateAdam:
     """The network's SGD and the gates' Adam stepped as one optimizer (one ``param_groups`` list for the
     learning-rate schedule, one state dict for checkpoints). Adam's step is about its learning rate
-    whatever the gradient's size: on depthwise networks a gate's saliency gets gradients large enough
-    that SGD moves it past 0, where relu leaves it none (docs/results.md)."""
+    whatever the gradient's size: on depthwise networks the early gates' saliencies get gradients so
+    large that SGD's steps grow them to the cap within 20 steps and training diverges (docs/results.md)."""
 
     def __init__(self, network: torch.optim.SGD, gates: torch.optim.Adam):
         self.network, self.gates = network, gates
