@@ -83,6 +83,9 @@ FROZEN_GATES = {
     "loss": {"distill_weight": 0.0, "lambda_sparse": 0.0, "lambda_sim": 0.0},
 }
 
+# the gates on an Adam of their own at the rate that measured best on mobilenetv2_050 (docs/results.md)
+ADAM_GATES = {"gate_optimizer": "adam", "gate_lr_scale": 0.005}
+
 
 def _gate_arms(suffix: str, gates: dict) -> dict[str, tuple[str, dict]]:
     """Today's default with the gate settings ``gates``: as it is, with the gates learning at a tenth of
@@ -238,17 +241,10 @@ MANIDP_ARMS = {
     "narrow_frozen_gates": ("default.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 1e-9}}),
     # recipes/hybrid.yaml (half the cut by static L1, which cuts the residual stream as one group) with
     # the gates on Adam, without and with the default's distillation
-    "hybrid_recipe_gate_adam0005": (
-        "hybrid.yaml",
-        {"narrow_training": True, "optimizer": {"gate_optimizer": "adam", "gate_lr_scale": 0.005}},
-    ),
+    "hybrid_recipe_gate_adam0005": ("hybrid.yaml", {"narrow_training": True, "optimizer": ADAM_GATES}),
     "hybrid_recipe_kd_gate_adam0005": (
         "hybrid.yaml",
-        {
-            "narrow_training": True,
-            "optimizer": {"gate_optimizer": "adam", "gate_lr_scale": 0.005},
-            "loss": {"distill_weight": 1.0},
-        },
+        {"narrow_training": True, "optimizer": ADAM_GATES, "loss": {"distill_weight": 1.0}},
     ),
     # the same cap with the gates' gradient norm clipped (optimizer.gate_grad_clip) at the full gate rate
     "narrow_cost003_gclip01": (
