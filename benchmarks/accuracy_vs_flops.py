@@ -273,6 +273,9 @@ MANIDP_ARMS = {
         {"narrow_training": True, "gates": {"max_cost": 0.03}, "optimizer": {"gate_lr_scale": 0.1}},
     ),
     "narrow_fd5": ("default.yaml", {"narrow_training": True, "loss": {"feature_distill_weight": 5.0}}),
+    # cost-weighted per-layer rates (allocation05, which led the default at 0.30 on the first start when
+    # training was masked) as the default trains today
+    "narrow_alloc05": ("default.yaml", {"narrow_training": True, "schedule": {"allocation": 0.5}}),
     "narrow_codebook4_fd5": (
         "default.yaml",
         {"narrow_training": True, "codebook": CODEBOOK4, "loss": {"feature_distill_weight": 5.0}},
