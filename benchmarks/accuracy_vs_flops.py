@@ -85,6 +85,7 @@ FROZEN_GATES = {
 
 # the gates on an Adam of their own at the rate that measured best on mobilenetv2_050 (docs/results.md)
 ADAM_GATES = {"gate_optimizer": "adam", "gate_lr_scale": 0.005}
+FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_distill5 arm
 
 
 def _gate_arms(suffix: str, gates: dict) -> dict[str, tuple[str, dict]]:
@@ -146,6 +147,11 @@ MANIDP_ARMS = {
     "hybrid_recipe_s075": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.75}),
     # recipes/hybrid.yaml with the default's distillation (from the full-width start, or a tuned teacher)
     "hybrid_recipe_kd": ("hybrid.yaml", {"narrow_training": True, "loss": {"distill_weight": 1.0}}),
+    # the same with static_fkd's stage-output distillation (on the teacher channels the static stage keeps)
+    "hybrid_recipe_fkd": (
+        "hybrid.yaml",
+        {"narrow_training": True, "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL}},
+    ),
     # the same (no distillation) with the gates learning at a tenth of the rate (depthwise networks)
     "hybrid_recipe_gate_lr01": ("hybrid.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}}),
     # today's default without distillation (the hybrid arms' second half: their start is no teacher)
@@ -314,7 +320,6 @@ TEACHER_SEED = 0  # the dense arm that teaches them
 STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner", "static_kd_tuned")
 DENSE_ARMS = ("dense", "dense_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
-FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_distill5 arm
 MAIN_ARMS = ("manidp", "static", "static_kd")
 # the default recipe as measured: trained masked (the cells run before it trained narrow) and narrow
 DEFAULT_ARMS = ("manidp", "narrow")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from manidp_cli.api.evaluate import evaluate_export
 from manidp_cli.api.jobs import prepare, run
+from manidp_cli.core.features import stage_names
 from manidp_cli.core.flops import count_flops
 from manidp_cli.core.gating import gates_of
 from manidp_cli.errors import RecipeError, WeightsError
@@ -143,6 +144,29 @@ def test_static_share_slims_the_start_and_the_gates_cut_the_rest(dense_weights, 
     _, path = slimmed
     with pytest.raises(RecipeError, match="static_share 0.5 slims a full-width start"):
         prepare("prune", "test_resnet", overrides=overrides, weights=path, out_dir=tmp_path / "again")
+
+
+def test_static_share_distils_each_slimmed_stage_on_the_teacher_channels_it_kept(dense_weights, tiny_fashion, tmp_path):
+    """Stage-output distillation after a static stage compares each slimmed stage output with the
+    teacher channels the pruner kept (it had failed on the first step: 27 channels against 32)."""
+    loss = {**TINY_PRUNE["loss"], "feature_distill_weight": 1.0}
+    overrides = {**TINY_PRUNE, "data": tiny_fashion, "target_flops": 0.3, "static_share": 0.5, "loss": loss}
+    job = prepare("prune", "test_resnet", overrides=overrides, weights=dense_weights, out_dir=tmp_path / "run")
+    names = stage_names(job.teacher)
+    assert job.kept_stage_channels is not None and len(job.kept_stage_channels) == len(names)
+    narrowed = 0
+    for name, kept in zip(names, job.kept_stage_channels, strict=True):
+        student_norms = [m for m in job.model.get_submodule(name).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        teacher_norms = [m for m in job.teacher.get_submodule(name).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        if not student_norms:  # a stage without a normalisation of its own (the stem's activation)
+            continue
+        # the stage's last normalisation: the student's holds the teacher's statistics of the kept channels
+        # (its affine the gates' first cut rescales)
+        assert torch.equal(student_norms[-1].running_mean, teacher_norms[-1].running_mean[kept])
+        narrowed += len(kept) < teacher_norms[-1].num_features
+    assert narrowed  # the static stage narrowed some stage output
+    result = run(job)
+    assert all(0 < epoch["train_feature_distill"] < float("inf") for epoch in result.history)
 
 
 def test_static_share_without_torch_pruning_is_one_line_before_anything_is_written(dense_weights, tmp_path):

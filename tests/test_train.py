@@ -59,15 +59,17 @@ def test_export_round_trip_rebuilds_the_same_model(pruned, tiny_fashion):
         {"narrow_training": True},
         {"static_share": 0.5},
         {"optimizer": {"gate_optimizer": "adam", "gate_lr_scale": 0.02}},
+        {"static_share": 0.5, "loss": {"feature_distill_weight": 1.0}},
     ],
-    ids=["default", "stage_distillation_decayed", "narrow", "static_stage", "gate_adam"],
+    ids=["default", "stage_distillation_decayed", "narrow", "static_stage", "gate_adam", "static_stage_distilled"],
 )
 def test_interrupted_run_resumes_to_identical_weights(tiny_fashion, dense_weights, tmp_path, overrides):
     """Also with stage-output distillation, whose hooks a resumed run must set up again, a
     distillation weight that depends on the step, narrow training (module classes swapped
     for each epoch and restored), and a static stage (a slimmed network distilled from its
     full-width start, both rebuilt from the checkpoint's widths), and the gates' own Adam (its moments
-    checkpointed beside the network's SGD momentum)."""
+    checkpointed beside the network's SGD momentum), and a static stage with stage-output distillation
+    (the teacher channels each slimmed stage keeps, read back from the checkpoint)."""
     straight = prune_tiny(tmp_path / "straight", tiny_fashion, weights=dense_weights, overrides=overrides)
     stops = {"n": 0}
 

@@ -27,6 +27,7 @@ from manidp_cli.analysis.evaluation import Evaluation, evaluate, signature_dict
 from manidp_cli.api.starts import Widths, narrow_as_stored, slim_statically
 from manidp_cli.config import Recipe, explicit_settings, load_recipe, parse_yaml, validate_recipe
 from manidp_cli.core.distributed import World, joined
+from manidp_cli.core.features import stage_names
 from manidp_cli.core.flops import FLOP_CONVENTION, CostTable, closed_gates_flops, count_flops, decided_flops
 from manidp_cli.core.gating import GateSet, insert_gates, narrowed_by_cost
 from manidp_cli.core.losses import ManiDPLoss
@@ -49,6 +50,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # of the checkpoint's "extra": the widths --resume rebuilds (state-dict key -> shape, of timm's architecture)
 START_WIDTHS = "start_widths"  # the start's, before recipe.static_share's stage
 WIDTHS = "widths"  # the trained network's
+# the start's channels that each slimmed stage output keeps (stage-output distillation after a static stage)
+KEPT_STAGE_CHANNELS = "kept_stage_channels"
 Command = Literal["train", "prune"]  # which command a job runs
 
 
@@ -80,6 +83,8 @@ class Job:
     routing_fit: dict[str, float] | None = None  # gate name -> R^2 of gates.routing_init's fit (this run or resumed)
     slimmed_start: SlimmedStart | None = None
     start_widths: Widths = field(default_factory=dict)  # the start's, before a static stage (--resume rebuilds it)
+    # per teacher stage, the channels a statically slimmed student's stage output keeps (None: all)
+    kept_stage_channels: list[torch.Tensor] | None = None
 
     @property
     def resume(self) -> bool:
@@ -221,6 +226,7 @@ def prepare(
         start.teacher,
         slimmed_start=start.slimmed,
         start_widths=start.start_widths,
+        kept_stage_channels=start.kept_stage_channels,
     )
     if command == "prune":
         _check_gates_reach(job)
@@ -268,6 +274,7 @@ class _Start:
     teacher: nn.Module | None
     slimmed: SlimmedStart | None  # narrower than timm's architecture (a slimmed --weights, a static stage)
     start_widths: Widths  # of the start, before any static stage (empty: full width)
+    kept_stage_channels: list[torch.Tensor] | None  # after a static stage, for stage-output distillation
 
 
 def _build_start(command: Command, settings: _RunSettings, data: ImageData, pretrained: bool) -> _Start:
@@ -288,11 +295,18 @@ def _build_start(command: Command, settings: _RunSettings, data: ImageData, pret
     # before the static stage: a slimmed network distils from the start it was cut from
     distils = command == "prune" and recipe.loss.distils()
     teacher = _teacher(model, settings.model_name, data, recipe) if distils else None
+    # a slimmed stage output keeps some of its full-width teacher's channels: distillation compares those
+    stages = stage_names(model) if static and recipe.loss.feature_distill_weight > 0 else None
+    kept = _stored_channels(stored.get(KEPT_STAGE_CHANNELS))
     if static and settings.resumed is None:
-        slim_statically(model, full_width, recipe.target_flops, recipe.static_share, data.input_shape)
+        kept = slim_statically(model, full_width, recipe.target_flops, recipe.static_share, data.input_shape, stages)
     narrow_as_stored(model, stored.get(WIDTHS), "the checkpoint")  # on --resume
     slimmed = _slimmed_start(model, full_width, data.input_shape) if full_width is not None else None
-    return _Start(model, teacher, slimmed, start_widths)
+    return _Start(model, teacher, slimmed, start_widths, kept)
+
+
+def _stored_channels(stored: list[list[int]] | None) -> list[torch.Tensor] | None:
+    return [torch.tensor(channels, dtype=torch.long) for channels in stored] if stored else None
 
 
 def _teacher(model: nn.Module, model_name: str, data: ImageData, recipe: Recipe) -> nn.Module:
@@ -530,6 +544,7 @@ def _objective(job: Job, world: World):
             loss.distill_where,
             feature_weight=loss.feature_distill_weight,
             decay=loss.distill_decay,
+            teacher_stage_channels=job.kept_stage_channels,
             teacher_dtype=teacher_dtype(loss.teacher_dtype, world.device),
         )
     return objective
@@ -708,6 +723,7 @@ def _fit(job: Job, world: World, before: dict[str, Any] | None, on_step, on_epoc
             "routing_fit": job.routing_fit,
             START_WIDTHS: job.start_widths,
             WIDTHS: job.slimmed_start.widths if job.slimmed_start is not None else {},
+            KEPT_STAGE_CHANNELS: [c.tolist() for c in job.kept_stage_channels or []],
         },
         on_step=on_step if world.is_main else None,
         on_epoch=_EpochLog(job, world, on_epoch),

@@ -15,7 +15,7 @@ from torch import nn
 
 from manidp_cli.errors import ManidpError, RecipeError
 from manidp_cli.models.narrowing import narrow_to, narrowed_widths
-from manidp_cli.runtime.static_l1 import static_l1
+from manidp_cli.runtime.static_l1 import stage_channels, static_l1
 
 Widths = dict[str, list[int]]  # state-dict key -> the narrower shape (models.narrowing)
 
@@ -30,11 +30,20 @@ def narrow_as_stored(model: nn.Module, widths: Mapping[str, list[int]] | None, s
 
 
 def slim_statically(
-    model: nn.Module, reference: nn.Module, target: float, share: float, input_shape: tuple[int, int, int]
-) -> None:
+    model: nn.Module,
+    reference: nn.Module,
+    target: float,
+    share: float,
+    input_shape: tuple[int, int, int],
+    stages: list[str] | None = None,
+) -> list[torch.Tensor] | None:
     """Slim ``model`` in place by filter-L1 pruning to ``target ** share`` of its FLOPs (the static
     part of the cut). ``reference`` is the architecture at full width: the start must be it, not a
-    start that is already slimmed."""
+    start that is already slimmed.
+
+    Returns, for each of ``stages`` (timm stage names), which of the start's channels that stage's
+    slimmed output keeps: stage-output distillation compares those with its full-width teacher.
+    None without ``stages``."""
     if narrowed_widths(model, reference):
         raise RecipeError(
             f"static_share {share} slims a full-width start, but the --weights given are already "
@@ -43,6 +52,7 @@ def slim_statically(
     # the pruner's example passes must not move the seed that the classifier and gates start from
     with torch.random.fork_rng(devices=[]):
         slimmed = static_l1(model, target**share, input_shape)
+        kept = stage_channels(model, slimmed.pruning_ratio, input_shape, stages) if stages else None
     widths = narrowed_widths(slimmed.model, reference)
     bad = narrow_to(model, widths)
     if bad is not None:
@@ -51,3 +61,4 @@ def slim_statically(
             f"stage chose (no channel pruning of that layer gives it); use static_share: 0"
         )
     model.load_state_dict(slimmed.model.state_dict())
+    return kept
