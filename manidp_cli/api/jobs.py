@@ -296,10 +296,11 @@ def _build_start(command: Command, settings: _RunSettings, data: ImageData, pret
     distils = command == "prune" and recipe.loss.distils()
     teacher = _teacher(model, settings.model_name, data, recipe) if distils else None
     # a slimmed stage output keeps some of its full-width teacher's channels: distillation compares those
-    stages = stage_names(model) if static and recipe.loss.feature_distill_weight > 0 else None
-    kept = _stored_channels(stored.get(KEPT_STAGE_CHANNELS))
     if static and settings.resumed is None:
+        stages = stage_names(model) if recipe.loss.feature_distill_weight > 0 else None
         kept = slim_statically(model, full_width, recipe.target_flops, recipe.static_share, data.input_shape, stages)
+    else:
+        kept = _stored_channels(stored.get(KEPT_STAGE_CHANNELS))
     narrow_as_stored(model, stored.get(WIDTHS), "the checkpoint")  # on --resume
     slimmed = _slimmed_start(model, full_width, data.input_shape) if full_width is not None else None
     return _Start(model, teacher, slimmed, start_widths, kept)
