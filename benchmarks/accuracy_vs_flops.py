@@ -152,6 +152,23 @@ MANIDP_ARMS = {
         "hybrid.yaml",
         {"narrow_training": True, "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL}},
     ),
+    # hybrid_recipe_fkd with a quarter and three quarters of the cut (in log FLOPs) made statically
+    "hybrid_recipe_s025_fkd": (
+        "hybrid.yaml",
+        {
+            "narrow_training": True,
+            "static_share": 0.25,
+            "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL},
+        },
+    ),
+    "hybrid_recipe_s075_fkd": (
+        "hybrid.yaml",
+        {
+            "narrow_training": True,
+            "static_share": 0.75,
+            "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL},
+        },
+    ),
     # the same (no distillation) with the gates learning at a tenth of the rate (depthwise networks)
     "hybrid_recipe_gate_lr01": ("hybrid.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}}),
     # today's default without distillation (the hybrid arms' second half: their start is no teacher)
