@@ -169,6 +169,12 @@ MANIDP_ARMS = {
             "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL},
         },
     ),
+    # the default (manifold regulariser and distillation kept) with hybrid_recipe_s025_fkd's static quarter of
+    # the cut and its stage-output distillation: that arm's gain without dropping method.md's loss
+    "narrow_s025_fd5": (
+        "default.yaml",
+        {"narrow_training": True, "static_share": 0.25, "loss": {"feature_distill_weight": FEATURE_DISTILL}},
+    ),
     # the same (no distillation) with the gates learning at a tenth of the rate (depthwise networks)
     "hybrid_recipe_gate_lr01": ("hybrid.yaml", {"narrow_training": True, "optimizer": {"gate_lr_scale": 0.1}}),
     # today's default without distillation (the hybrid arms' second half: their start is no teacher)

@@ -105,3 +105,11 @@ def test_dotted_overrides_reach_any_key_and_named_flags_win():
         with_dotted_overrides({}, ["lambda_sim"])
     with pytest.raises(RecipeError, match=r"unknown key 'loss.lamda_sim'"):
         load_recipe(None, with_dotted_overrides({}, ["loss.lamda_sim=1"]))
+
+
+def test_hybrid_distill_recipe_is_hybrid_with_a_quarter_static_and_both_distillations():
+    # docs/results.md measures it as the benchmark arm hybrid_recipe_s025_fkd: hybrid.yaml with these changes
+    changes = {"static_share": 0.25, "loss": {"distill_weight": 1.0, "feature_distill_weight": 5.0}}
+    recipe = load_recipe(RECIPES / "hybrid-distill.yaml")
+    assert recipe == load_recipe(RECIPES / "hybrid.yaml", overrides=changes)
+    assert (recipe.loss.lambda_sparse, recipe.loss.lambda_sim, recipe.narrow_training) == (0.0, 0.0, True)
