@@ -88,6 +88,15 @@ ADAM_GATES = {"gate_optimizer": "adam", "gate_lr_scale": 0.005}
 FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_distill5 arm
 
 
+HYBRID_FKD_SHARES = {"0125": 0.125, "025": 0.25, "0375": 0.375, "075": 0.75}
+
+
+def _hybrid_fkd(static_share: float) -> tuple[str, dict]:
+    """recipes/hybrid.yaml with ``static_share`` and static_fkd's distillation (logits and stage outputs)."""
+    distil = {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL}
+    return "hybrid.yaml", {"narrow_training": True, "static_share": static_share, "loss": distil}
+
+
 def _gate_arms(suffix: str, gates: dict) -> dict[str, tuple[str, dict]]:
     """Today's default with the gate settings ``gates``: as it is, with the gates learning at a tenth of
     the network's rate, and with its first cut held (``FROZEN_GATES``)."""
@@ -152,23 +161,8 @@ MANIDP_ARMS = {
         "hybrid.yaml",
         {"narrow_training": True, "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL}},
     ),
-    # hybrid_recipe_fkd with a quarter and three quarters of the cut (in log FLOPs) made statically
-    "hybrid_recipe_s025_fkd": (
-        "hybrid.yaml",
-        {
-            "narrow_training": True,
-            "static_share": 0.25,
-            "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL},
-        },
-    ),
-    "hybrid_recipe_s075_fkd": (
-        "hybrid.yaml",
-        {
-            "narrow_training": True,
-            "static_share": 0.75,
-            "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL},
-        },
-    ),
+    # hybrid_recipe_fkd with other shares of the cut (in log FLOPs) made statically; s025 is hybrid-distill.yaml
+    **{f"hybrid_recipe_s{tag}_fkd": _hybrid_fkd(share) for tag, share in HYBRID_FKD_SHARES.items()},
     # the default (manifold regulariser and distillation kept) with hybrid_recipe_s025_fkd's static quarter of
     # the cut and its stage-output distillation: that arm's gain without dropping method.md's loss
     "narrow_s025_fd5": (
