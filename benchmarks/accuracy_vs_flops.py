@@ -86,15 +86,16 @@ FROZEN_GATES = {
 # the gates on an Adam of their own at the rate that measured best on mobilenetv2_050 (docs/results.md)
 ADAM_GATES = {"gate_optimizer": "adam", "gate_lr_scale": 0.005}
 FEATURE_DISTILL = 5.0  # static_fkd: the stage-output weight of the feature_distill5 arm
+# static_fkd's distillation (logits and stage outputs) as a recipe's loss section
+FKD_LOSS = {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL}
 
 
 HYBRID_FKD_SHARES = {"0125": 0.125, "025": 0.25, "0375": 0.375, "075": 0.75}
 
 
 def _hybrid_fkd(static_share: float) -> tuple[str, dict]:
-    """recipes/hybrid.yaml with ``static_share`` and static_fkd's distillation (logits and stage outputs)."""
-    distil = {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL}
-    return "hybrid.yaml", {"narrow_training": True, "static_share": static_share, "loss": distil}
+    """recipes/hybrid.yaml with ``static_share`` and static_fkd's distillation (``FKD_LOSS``)."""
+    return "hybrid.yaml", {"narrow_training": True, "static_share": static_share, "loss": FKD_LOSS}
 
 
 def _gate_arms(suffix: str, gates: dict) -> dict[str, tuple[str, dict]]:
@@ -157,10 +158,7 @@ MANIDP_ARMS = {
     # recipes/hybrid.yaml with the default's distillation (from the full-width start, or a tuned teacher)
     "hybrid_recipe_kd": ("hybrid.yaml", {"narrow_training": True, "loss": {"distill_weight": 1.0}}),
     # the same with static_fkd's stage-output distillation (on the teacher channels the static stage keeps)
-    "hybrid_recipe_fkd": (
-        "hybrid.yaml",
-        {"narrow_training": True, "loss": {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL}},
-    ),
+    "hybrid_recipe_fkd": ("hybrid.yaml", {"narrow_training": True, "loss": FKD_LOSS}),
     # hybrid_recipe_fkd with other shares of the cut (in log FLOPs) made statically; s025 is hybrid-distill.yaml
     **{f"hybrid_recipe_s{tag}_fkd": _hybrid_fkd(share) for tag, share in HYBRID_FKD_SHARES.items()},
     # the default (manifold regulariser and distillation kept) with hybrid_recipe_s025_fkd's static quarter of
