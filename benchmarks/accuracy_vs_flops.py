@@ -93,9 +93,10 @@ FKD_LOSS = {"distill_weight": 1.0, "feature_distill_weight": FEATURE_DISTILL}
 HYBRID_FKD_SHARES = {"0125": 0.125, "025": 0.25, "0375": 0.375, "075": 0.75}
 
 
-def _hybrid_fkd(static_share: float) -> tuple[str, dict]:
-    """recipes/hybrid.yaml with ``static_share`` and static_fkd's distillation (``FKD_LOSS``)."""
-    return "hybrid.yaml", {"narrow_training": True, "static_share": static_share, "loss": FKD_LOSS}
+def _hybrid_fkd(static_share: float, extra: dict | None = None) -> tuple[str, dict]:
+    """recipes/hybrid.yaml with ``static_share``, static_fkd's distillation (``FKD_LOSS``) and the
+    recipe sections in ``extra``."""
+    return "hybrid.yaml", {"narrow_training": True, "static_share": static_share, "loss": FKD_LOSS, **(extra or {})}
 
 
 def _gate_arms(suffix: str, gates: dict) -> dict[str, tuple[str, dict]]:
@@ -161,6 +162,10 @@ MANIDP_ARMS = {
     "hybrid_recipe_fkd": ("hybrid.yaml", {"narrow_training": True, "loss": FKD_LOSS}),
     # hybrid_recipe_fkd with other shares of the cut (in log FLOPs) made statically; s025 is hybrid-distill.yaml
     **{f"hybrid_recipe_s{tag}_fkd": _hybrid_fkd(share) for tag, share in HYBRID_FKD_SHARES.items()},
+    # hybrid-distill with the gates' cut reached along a cosine over 30% of the steps instead of at once
+    "hybrid_recipe_s025_fkd_ramp30": _hybrid_fkd(0.25, {"schedule": {"ramp": 0.3}}),
+    # hybrid-distill with a linear learning-rate warm-up over the first tenth of the steps (0.3 of 3 epochs)
+    "hybrid_recipe_s025_fkd_warmup03": _hybrid_fkd(0.25, {"optimizer": {"warmup_epochs": 0.3}}),
     # the default (manifold regulariser and distillation kept) with hybrid_recipe_s025_fkd's static quarter of
     # the cut and its stage-output distillation: that arm's gain without dropping method.md's loss
     "narrow_s025_fd5": (
