@@ -888,9 +888,9 @@ def plot(summary: dict, path: Path) -> None:
     curves = {
         budget: _curve_arms(summary["arms"], budget, points_if_no_curve=budget in with_ceiling) for budget in measured
     }
-    budgets = [b for b in curves if curves[b] or b in with_ceiling]
+    budgets = [b for b in curves if curves[b]]  # the unpruned line alone is no comparison
     if not budgets:
-        print(f"no plot: no arm has two targets at one budget yet ({path} not written)", flush=True)
+        print(f"no plot: no pruned arm to draw yet ({path} not written)", flush=True)
         return
     # one colour per arm on every panel, so that panels can be compared at a glance
     drawn = sorted({arm for budget in budgets for arm in curves[budget]})
