@@ -170,10 +170,7 @@ MANIDP_ARMS = {
     # learning the gates adds over the importance start
     "hybrid_recipe_s025_fkd_frozen_gates": _hybrid_fkd(0.25, {"optimizer": {"gate_lr_scale": 1e-9}}),
     # hybrid-distill with the stage outputs distilled at twice the weight
-    "hybrid_recipe_s025_fkd10": (
-        "hybrid.yaml",
-        {"narrow_training": True, "static_share": 0.25, "loss": {**FKD_LOSS, "feature_distill_weight": 10.0}},
-    ),
+    "hybrid_recipe_s025_fkd10": _hybrid_fkd(0.25, {"loss": {**FKD_LOSS, "feature_distill_weight": 10.0}}),
     # the default (manifold regulariser and distillation kept) with hybrid_recipe_s025_fkd's static quarter of
     # the cut and its stage-output distillation: that arm's gain without dropping method.md's loss
     "narrow_s025_fd5": (
