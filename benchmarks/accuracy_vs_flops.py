@@ -168,7 +168,7 @@ MANIDP_ARMS = {
     "hybrid_recipe_s025_fkd_warmup03": _hybrid_fkd(0.25, {"optimizer": {"warmup_epochs": 0.3}}),
     # hybrid-distill with its gates held at their first cut (the thresholds still follow the FLOPs): what
     # learning the gates adds over the importance start
-    "hybrid_recipe_s025_fkd_frozen_gates": _hybrid_fkd(0.25, {"optimizer": {"gate_lr_scale": 1e-9}}),
+    "hybrid_recipe_s025_fkd_frozen_gates": _hybrid_fkd(0.25, {"optimizer": FROZEN_GATES["optimizer"]}),
     # hybrid-distill with the stage outputs distilled at twice the weight
     "hybrid_recipe_s025_fkd10": _hybrid_fkd(0.25, {"loss": {**FKD_LOSS, "feature_distill_weight": 10.0}}),
     # the default (manifold regulariser and distillation kept) with hybrid_recipe_s025_fkd's static quarter of
