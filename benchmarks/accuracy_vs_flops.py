@@ -171,6 +171,17 @@ MANIDP_ARMS = {
     "hybrid_recipe_s025_fkd_frozen_gates": _hybrid_fkd(0.25, {"optimizer": FROZEN_GATES["optimizer"]}),
     # hybrid-distill with the stage outputs distilled at twice the weight
     "hybrid_recipe_s025_fkd10": _hybrid_fkd(0.25, {"loss": {**FKD_LOSS, "feature_distill_weight": 10.0}}),
+    # hybrid-distill with cost-weighted per-layer rates (schedule.allocation; 0.5 held on 3 seeds of the
+    # default at 0.30 on resnet18's first start) and with the gates' first cut by |gamma| / sigma
+    "hybrid_recipe_s025_fkd_alloc05": _hybrid_fkd(0.25, {"schedule": {"allocation": 0.5}}),
+    "hybrid_recipe_s025_fkd_alloc1": _hybrid_fkd(0.25, {"schedule": {"allocation": 1.0}}),
+    "hybrid_recipe_s025_fkd_bn_scale": _hybrid_fkd(0.25, {"gates": {"init": "bn_scale"}}),
+    # hybrid-distill ranking channels by the first-order Taylor estimate on the calibration images
+    # (core/taylor.py, runtime/static_l1.py) instead of filter L1: the gates' first cut, the static
+    # stage's, and both
+    "hybrid_recipe_s025_fkd_taylor_gates": _hybrid_fkd(0.25, {"gates": {"init": "taylor"}}),
+    "hybrid_recipe_s025_fkd_taylor_static": _hybrid_fkd(0.25, {"static_criterion": "taylor"}),
+    "hybrid_recipe_s025_fkd_taylor": _hybrid_fkd(0.25, {"static_criterion": "taylor", "gates": {"init": "taylor"}}),
     # the default (manifold regulariser and distillation kept) with hybrid_recipe_s025_fkd's static quarter of
     # the cut and its stage-output distillation: that arm's gain without dropping method.md's loss
     "narrow_s025_fd5": (
@@ -502,8 +513,9 @@ def _binding_cost_cap(model: str, data: str, recipe: str, changes: str) -> float
 
     def widths(gates: GatePolicy) -> list[int]:
         network = create_model(model, num_classes=classes, in_chans=shape[0])
+        constant_start = gates.model_copy(update={"init": "ones"})  # widths do not depend on the start
         with torch.random.fork_rng():
-            return [gate.fc1.out_features for gate in insert_gates(network, gates, shape).values()]
+            return [gate.fc1.out_features for gate in insert_gates(network, constant_start, shape).values()]
 
     return policy.max_cost if widths(policy) != widths(policy.model_copy(update={"max_cost": None})) else None
 

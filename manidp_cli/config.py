@@ -68,11 +68,13 @@ class GatePolicy(BaseModel):
         description="the gate's output non-linearity; softplus saliencies are never exactly 0, so a "
         "channel the sparsity term drove down can still be switched back on by a lower threshold",
     )
-    init: Literal["ones", "l1_norm", "bn_scale"] = Field(
+    init: Literal["ones", "l1_norm", "bn_scale", "taylor"] = Field(
         default="ones",
         description="initial saliency per channel: 1 (method.md), or 1 + init_strength * z with z the "
-        "channel's normalised static importance (its filter's L1 norm, or |gamma| / sigma of its "
-        "normalisation); the normalisation's affine is divided by it, so outputs are unchanged",
+        "channel's normalised importance (its filter's L1 norm, |gamma| / sigma of its normalisation, or "
+        "taylor: the first-order change of the loss when it is switched off, measured on the "
+        "calibration images, core/taylor.py); the normalisation's affine is divided by it, so outputs "
+        "are unchanged",
     )
     init_strength: float = Field(default=1.0, ge=0)
     routing_init: float = Field(
@@ -279,6 +281,12 @@ class Recipe(_Section):
         "(Torch-Pruning: pip install 'manidp[bench]'), which removes residual-stream channels that "
         "gates cannot: the start is slimmed to target_flops ** static_share of its FLOPs, and the "
         "gates cut the rest. 0: gates alone; 0.5: half each (recipes/hybrid.yaml)",
+    )
+    static_criterion: Literal["l1", "bn_scale", "taylor"] = Field(
+        "l1",
+        description="how static_share's stage ranks channel groups: their filters' L1 norm (Torch-Pruning's "
+        "default), their normalisations' |gamma|, or taylor: |w * dL/dw| with the cross-entropy's gradients "
+        "on the calibration images (runtime/static_l1.py)",
     )
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()

@@ -6,8 +6,9 @@ from torch import nn
 
 from manidp_cli.config import GatePolicy, Recipe
 from manidp_cli.core.flops import count_flops, decided_flops
-from manidp_cli.core.gating import GATE_PREFIX, gates_of, insert_gates
+from manidp_cli.core.gating import GATE_PREFIX, gates_of, insert_gates, select_convs
 from manidp_cli.core.recorder import GateRecorder
+from manidp_cli.core.taylor import taylor_importance
 from manidp_cli.errors import ModelError
 
 INPUT = (3, 64, 64)
@@ -259,3 +260,38 @@ def test_importance_init_keeps_the_function_and_ranks_channels_by_importance(nam
         elif kind == "l1_norm":
             expected_scale = (l1[name] / l1[name].mean()).clamp(min=1e-2)
             assert torch.allclose(saliency[0], expected_scale, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_taylor_init_keeps_the_function_and_starts_each_channel_at_its_measured_importance(name):
+    """gates.init taylor: the importance is measured on the calibration images before any gate is
+    attached; outputs unchanged at insertion, saliency b = importance over the layer's mean."""
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval().double()
+    randomize_norms(model)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4, *INPUT, generator=generator, dtype=torch.float64)
+    calibration = [(images, torch.randint(0, 10, (4,), generator=generator))]
+    with torch.no_grad():
+        expected = model(images)
+    selected = select_convs(model, GatePolicy(), INPUT)
+    measured = taylor_importance(model, sorted(set(selected.values())), calibration)
+    gates = insert_gates(
+        model, GatePolicy(init="taylor", init_strength=1.0), input_shape=INPUT, calibration=calibration
+    )
+    with torch.no_grad(), GateRecorder(model, detach=True) as rec:
+        got = model(images)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), float((got - expected).abs().max())
+    checked = 0
+    for gate in gates.values():
+        if gate.conv_name not in selected:  # a depthwise follower keeps its producer's channels
+            continue
+        importance = measured[selected[gate.conv_name]].double()
+        assert torch.allclose(rec.saliency[gate.name][0], (importance / importance.mean()).clamp(min=1e-2), rtol=1e-4)
+        checked += 1
+    assert checked > 5
+
+
+def test_taylor_init_without_calibration_images_is_an_error():
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    with pytest.raises(ModelError, match="gates.init: taylor measures importance on labelled images"):
+        insert_gates(model, GatePolicy(init="taylor"), input_shape=INPUT)

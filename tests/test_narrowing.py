@@ -146,11 +146,18 @@ def test_static_share_slims_the_start_and_the_gates_cut_the_rest(dense_weights, 
         prepare("prune", "test_resnet", overrides=overrides, weights=path, out_dir=tmp_path / "again")
 
 
-def test_static_share_distils_each_slimmed_stage_on_the_teacher_channels_it_kept(dense_weights, tiny_fashion, tmp_path):
+@pytest.mark.parametrize("criterion", ["l1", "taylor"])
+def test_static_share_distils_each_slimmed_stage_on_the_teacher_channels_it_kept(
+    criterion, dense_weights, tiny_fashion, tmp_path
+):
     """Stage-output distillation after a static stage compares each slimmed stage output with the
-    teacher channels the pruner kept (it had failed on the first step: 27 channels against 32)."""
+    teacher channels the pruner kept (it had failed on the first step: 27 channels against 32), with
+    either ranking; taylor's run (gates started from Taylor importance too) exports a loadable model."""
     loss = {**TINY_PRUNE["loss"], "feature_distill_weight": 1.0}
     overrides = {**TINY_PRUNE, "data": tiny_fashion, "target_flops": 0.3, "static_share": 0.5, "loss": loss}
+    overrides["static_criterion"] = criterion
+    if criterion == "taylor":
+        overrides["gates"] = {"init": "taylor"}
     job = prepare("prune", "test_resnet", overrides=overrides, weights=dense_weights, out_dir=tmp_path / "run")
     names = stage_names(job.teacher)
     assert job.kept_stage_channels is not None and len(job.kept_stage_channels) == len(names)
@@ -167,6 +174,9 @@ def test_static_share_distils_each_slimmed_stage_on_the_teacher_channels_it_kept
     assert narrowed  # the static stage narrowed some stage output
     result = run(job)
     assert all(0 < epoch["train_feature_distill"] < float("inf") for epoch in result.history)
+    model, export = load_pruned(tmp_path / "run")
+    assert export.metadata["gate_policy"]["init"] == ("taylor" if criterion == "taylor" else "l1_norm")
+    assert model(torch.randn(2, *SHAPE)).shape == (2, 10)
 
 
 def test_static_share_without_torch_pruning_is_one_line_before_anything_is_written(dense_weights, tmp_path):

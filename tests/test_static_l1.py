@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ from manidp_cli.analysis.bench import VariantTiming, recommendation
 from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.core.flops import count_flops
 from manidp_cli.errors import ManidpError, TargetError
-from manidp_cli.runtime.static_l1 import stage_channels, static_l1
+from manidp_cli.runtime.static_l1 import StaticCriterion, stage_channels, static_l1
 
 SHAPE = (1, 32, 32)
 
@@ -117,3 +118,46 @@ def test_bench_recommends_the_fastest_variant(fastest, advice):
     built = "use a static export (manidp export-static --min-keep-rate 0.5)"
     expected = built if fastest == "static" else advice
     assert recommendation(measured, SHAPE, static_advice=built).startswith(expected)
+
+
+def _dense_rows_kept(dense: torch.Tensor, slim: torch.Tensor) -> list[int]:
+    """Which of ``dense``'s output rows ``slim`` kept (rows are copied unchanged, in order)."""
+    return [next(i for i in range(len(dense)) if torch.equal(dense[i], row)) for row in slim]
+
+
+def test_the_taylor_criterion_keeps_the_channels_with_the_largest_weight_times_gradient(resnet):
+    """Only layer1.0.conv1's weights have a gradient, growing with the channel number: its inner group
+    (conv1, bn1, conv2's inputs) then ranks channel k by k times its filter's L1 norm."""
+    gradients = {name: torch.zeros_like(p) for name, p in resnet.named_parameters()}
+    weight = resnet.layer1[0].conv1.weight
+    gradients["layer1.0.conv1.weight"] = torch.arange(64.0)[:, None, None, None].expand_as(weight).clone()
+    criterion = StaticCriterion("taylor", gradients)
+    slim = static_l1(resnet, 0.5, SHAPE, inner_only=True, criterion=criterion).model
+    kept = _dense_rows_kept(weight, slim.layer1[0].conv1.weight)
+    score = torch.arange(64.0) * weight.detach().abs().flatten(1).sum(1)
+    assert kept == sorted(score.topk(len(kept)).indices.tolist())
+    assert 0 < len(kept) < 64 and all(p.grad is None for p in slim.parameters())
+    assert all(p.grad is None for p in resnet.parameters())
+
+
+def test_the_bn_scale_criterion_keeps_the_channels_with_the_largest_gamma(resnet):
+    model = copy.deepcopy(resnet)
+    with torch.no_grad():
+        model.layer1[0].bn1.weight.copy_(torch.randperm(64, generator=torch.Generator().manual_seed(0)) + 1.0)
+    slim = static_l1(model, 0.5, SHAPE, inner_only=True, criterion=StaticCriterion("bn_scale")).model
+    kept = _dense_rows_kept(model.layer1[0].conv1.weight, slim.layer1[0].conv1.weight)
+    assert kept == sorted(model.layer1[0].bn1.weight.detach().topk(len(kept)).indices.tolist())
+
+
+def test_measured_gradients_are_the_mean_cross_entropys_in_eval_mode(resnet):
+    generator = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, *SHAPE, generator=generator), torch.randint(0, 10, (5,), generator=generator)
+    criterion = StaticCriterion.measure("taylor", resnet, [(x[:2], y[:2]), (x[2:], y[2:])])
+    model = copy.deepcopy(resnet).eval()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(criterion.gradients[name], p.grad, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in resnet.parameters())  # the measured model's gradients untouched
+    assert StaticCriterion.measure("l1", resnet, None) == StaticCriterion("l1")
+    with pytest.raises(ManidpError, match="labelled images"):
+        StaticCriterion.measure("taylor", resnet, None)

@@ -40,7 +40,7 @@ from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
 from manidp_cli.io import CONFIG_FILE, MODEL_FILE, NARROWED, export_config, save_model, save_timm_config
 from manidp_cli.models.factory import check_model_name, create_model
 from manidp_cli.models.narrowing import narrowed_widths
-from manidp_cli.runtime.static_l1 import require_torch_pruning
+from manidp_cli.runtime.static_l1 import StaticCriterion, require_torch_pruning
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import FitResult, StepInfo, fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled, ManiDPObjective
@@ -209,7 +209,7 @@ def prepare(
     data = load_data(recipe.data, settings.model_name, image_size=recipe.img_size, loader=loader)
     start = _build_start(command, settings, data, pretrained)
     model = start.model
-    gates = insert_gates(model, recipe.gates, input_shape=data.input_shape) if command == "prune" else None
+    gates = _insert_gates(model, recipe, data) if command == "prune" else None
     table = count_flops(model, data.input_shape)
     job = Job(
         command,
@@ -231,6 +231,17 @@ def prepare(
     if command == "prune":
         _check_gates_reach(job)
     return job
+
+
+def _insert_gates(model: nn.Module, recipe: Recipe, data: ImageData) -> GateSet:
+    """recipe.gates' gates on ``model``; gates.init taylor measures on the calibration images (on
+    --resume too, where the checkpoint then replaces that start)."""
+    return insert_gates(model, recipe.gates, input_shape=data.input_shape, calibration=_calibration(recipe, data))
+
+
+def _calibration(recipe: Recipe, data: ImageData):
+    """The labelled calibration images (lazily), for importance measured on data."""
+    return data.train.batches(recipe.eval_batch_size, limit=recipe.schedule.calibration_images)
 
 
 # Below this share of the FLOPs they decide the gates cannot route, they starve: the default at 0.05
@@ -298,7 +309,10 @@ def _build_start(command: Command, settings: _RunSettings, data: ImageData, pret
     # a slimmed stage output keeps some of its full-width teacher's channels: distillation compares those
     if static and settings.resumed is None:
         stages = stage_names(model) if recipe.loss.feature_distill_weight > 0 else None
-        kept = slim_statically(model, full_width, recipe.target_flops, recipe.static_share, data.input_shape, stages)
+        criterion = StaticCriterion.measure(recipe.static_criterion, model, _calibration(recipe, data))
+        kept = slim_statically(
+            model, full_width, recipe.target_flops, recipe.static_share, data.input_shape, stages, criterion
+        )
     else:
         kept = _stored_channels(stored.get(KEPT_STAGE_CHANNELS))
     narrow_as_stored(model, stored.get(WIDTHS), "the checkpoint")  # on --resume

@@ -15,7 +15,7 @@ from torch import nn
 
 from manidp_cli.errors import ManidpError, RecipeError
 from manidp_cli.models.narrowing import narrow_to, narrowed_widths
-from manidp_cli.runtime.static_l1 import stage_channels, static_l1
+from manidp_cli.runtime.static_l1 import StaticCriterion, stage_channels, static_l1
 
 Widths = dict[str, list[int]]  # state-dict key -> the narrower shape (models.narrowing)
 
@@ -36,10 +36,11 @@ def slim_statically(
     share: float,
     input_shape: tuple[int, int, int],
     stages: list[str] | None = None,
+    criterion: StaticCriterion = StaticCriterion(),
 ) -> list[torch.Tensor] | None:
-    """Slim ``model`` in place by filter-L1 pruning to ``target ** share`` of its FLOPs (the static
-    part of the cut). ``reference`` is the architecture at full width: the start must be it, not a
-    start that is already slimmed.
+    """Slim ``model`` in place by filter-L1 pruning (or ``criterion``'s ranking) to ``target ** share``
+    of its FLOPs (the static part of the cut). ``reference`` is the architecture at full width: the
+    start must be it, not a start that is already slimmed.
 
     Returns, for each of ``stages`` (timm stage names), which of the start's channels that stage's
     slimmed output keeps: stage-output distillation compares those with its full-width teacher.
@@ -51,8 +52,8 @@ def slim_statically(
         )
     # the pruner's example passes must not move the seed that the classifier and gates start from
     with torch.random.fork_rng(devices=[]):
-        slimmed = static_l1(model, target**share, input_shape)
-        kept = stage_channels(model, slimmed.pruning_ratio, input_shape, stages) if stages else None
+        slimmed = static_l1(model, target**share, input_shape, criterion=criterion)
+        kept = stage_channels(model, slimmed.pruning_ratio, input_shape, stages, criterion) if stages else None
     widths = narrowed_widths(slimmed.model, reference)
     bad = narrow_to(model, widths)
     if bad is not None:

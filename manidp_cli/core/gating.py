@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from manidp_cli.config import GatePolicy
 from manidp_cli.core.graph import Dataflow, fused_activation, trace_dataflow
+from manidp_cli.core.taylor import taylor_importance
 from manidp_cli.errors import ModelError
 
 GATE_PREFIX = "manidp_gates"
@@ -421,18 +423,21 @@ def insert_gates(
     model: nn.Module,
     policy: GatePolicy | None = None,
     input_shape: tuple[int, int, int] = (3, 64, 64),
+    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> GateSet:
     """Attach a saliency gate to every convolution ``policy`` selects; return the gates.
 
     The model is modified in place: a ``manidp_gates`` submodule holds the gates and hooks apply
     them. ``input_shape`` (C, H, W) is the size of the probe image run once to find the
-    convolutions; any size the model accepts will do.
+    convolutions; any size the model accepts will do. ``calibration`` (labelled batches) is what
+    ``policy.init: taylor`` measures its importance on, before any gate is attached.
     """
     policy = policy or GatePolicy()
     if hasattr(model, GATE_PREFIX):
         raise ModelError(f"{type(model).__name__} already has gates")
     flow = trace_dataflow(model, input_shape)
     selected = _select(model, policy, flow)
+    measured = _data_importance(model, policy, selected, calibration)
     followers = follower_convs(model, selected, input_shape) if policy.depthwise == "follow" else {}
     follower_norms = {conv: selected.pop(conv) for conv in followers}
     inputs = input_gate_convs(model, selected, input_shape) if policy.inputs else []
@@ -452,7 +457,7 @@ def insert_gates(
         gates.to(device=param.device, dtype=param.dtype)
     model.add_module(GATE_PREFIX, gates)
     if policy.init != "ones":
-        initialise_from_importance(model, gates, selected, policy.init, policy.init_strength)
+        initialise_from_importance(model, gates, selected, policy.init, policy.init_strength, measured)
     leaders = {gate.conv_name: gate for gate in gates.values() if gate.side == "output"}
     for follower, producer in followers.items():
         leader = leaders[producer]
@@ -481,6 +486,18 @@ def attach_input_gate(conv: nn.Module, gate: SaliencyGate) -> None:
     conv.register_forward_pre_hook(gate._on_conv_input, prepend=True)
 
 
+def _data_importance(
+    model: nn.Module, policy: GatePolicy, selected: dict[str, str], calibration
+) -> dict[str, torch.Tensor] | None:
+    """policy.init taylor's importance of every selected convolution's normalised channels, by
+    normalisation name; None for the static kinds."""
+    if policy.init != "taylor":
+        return None
+    if calibration is None:
+        raise ModelError("gates.init: taylor measures importance on labelled images, and none were given")
+    return taylor_importance(model, sorted(set(selected.values())), calibration)
+
+
 def channel_importance(conv: nn.Module, norm: nn.Module, kind: str) -> torch.Tensor:
     """A static importance per output channel: the filter's L1 norm, or |gamma| / sigma of the
     normalisation after it (how much the channel is amplified)."""
@@ -492,7 +509,12 @@ def channel_importance(conv: nn.Module, norm: nn.Module, kind: str) -> torch.Ten
 
 
 def initialise_from_importance(
-    model: nn.Module, gates: GateSet, norms: dict[str, str], kind: str, strength: float
+    model: nn.Module,
+    gates: GateSet,
+    norms: dict[str, str],
+    kind: str,
+    strength: float,
+    measured: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Start every gate from its channels' static importance without changing the network's function.
 
@@ -501,8 +523,8 @@ def initialise_from_importance(
     convolution has its affine weight and bias divided by b_k; the mask multiplies that normalised
     output by b_k, so the output is unchanged. A layer's first threshold cut then removes its least
     important channels, as a static pruner would. An input gate's channel j gets the L1 norm of the
-    convolution's weights that read it, and those weights are divided by b_j instead. Returns b per
-    gate name."""
+    convolution's weights that read it, and those weights are divided by b_j instead. ``measured``
+    (by normalisation name) is the importance of kind ``taylor``. Returns b per gate name."""
     initial = {}
     for gate in gates.values():
         if gate.side == "input":
@@ -514,7 +536,11 @@ def initialise_from_importance(
                 f"{norms[gate.conv_name]} has no affine weight and bias to absorb the gates' initial saliency; "
                 f"use gates.init: ones"
             )
-        scale = _initial_saliency(channel_importance(model.get_submodule(gate.conv_name), norm, kind), strength)
+        if kind == "taylor":
+            importance = measured[norms[gate.conv_name]].double()
+        else:
+            importance = channel_importance(model.get_submodule(gate.conv_name), norm, kind)
+        scale = _initial_saliency(importance, strength)
         gate.set_initial_saliency(scale)
         with torch.no_grad():
             norm.weight.div_(scale.to(norm.weight))
