@@ -65,7 +65,7 @@ from manidp_cli.data import load_data
 from manidp_cli.errors import TargetError, TrainingError
 from manidp_cli.files import atomic_write_bytes, atomic_write_text
 from manidp_cli.models.factory import create_model
-from manidp_cli.runtime.static_l1 import stage_channels, static_l1
+from manidp_cli.runtime.static_l1 import StaticCriterion, stage_channels, static_l1
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import fit
 from manidp_cli.training.objectives import CrossEntropyObjective, Distilled
@@ -353,7 +353,12 @@ TUNED_TEACHER_ARMS = {
     "narrow_fd5_kd_tuned": "narrow_fd5",
 }
 TEACHER_SEED = 0  # the dense arm that teaches them
-STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner", "static_kd_tuned")
+# static_fkd with Torch-Pruning ranking the channel groups by another criterion than filter L1
+# (runtime/static_l1.py, StaticCriterion; taylor on the first CALIBRATION_IMAGES training images)
+STATIC_CRITERIA = {"static_fkd_taylor": "taylor", "static_fkd_bn_scale": "bn_scale"}
+CALIBRATION_IMAGES = 1024  # the recipes' schedule.calibration_images
+STATIC_FKD_ARMS = ("static_fkd", *STATIC_CRITERIA)
+STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner", "static_kd_tuned", *STATIC_CRITERIA)
 DENSE_ARMS = ("dense", "dense_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
 MAIN_ARMS = ("manidp", "static", "static_kd")
@@ -486,13 +491,22 @@ CALIBRATION = "moving-average saliencies, single-layer moves of one channel (cor
 NO_OP_RECIPE_LINES = re.compile(
     r"^\s*(warmup_epochs: 0\.0|lr_batch: null|allocation: 0\.0|img_size: null|workers: 2"
     r"|routing_init: 0\.0|distill_where: all|feature_distill_weight: 0\.0|distill_decay: none|fit_widths: true"
-    r"|narrow_training: \w+|static_share: 0\.0|max_cost: \S+|gate_optimizer: sgd)\b.*\n",
+    r"|narrow_training: \w+|static_share: 0\.0|static_criterion: l1|max_cost: \S+|gate_optimizer: sgd)\b.*\n",
     re.MULTILINE,
 )
+# recipe lines whose comment changed after arms were cached: hashed as they were
+REWORDED_RECIPE_LINES = {
+    "  init: l1_norm         # ones (the paper) | l1_norm | bn_scale | taylor (measured on the calibration images): "
+    "start from each channel's importance\n": "  init: l1_norm         # ones (the paper) | l1_norm | bn_scale: start "
+    "from each channel's static importance\n",
+}
 
 
 def _recipe_identity(path: Path) -> str:
-    return NO_OP_RECIPE_LINES.sub("", path.read_text())
+    text = path.read_text()
+    for line, cached in REWORDED_RECIPE_LINES.items():
+        text = text.replace(line, cached)
+    return NO_OP_RECIPE_LINES.sub("", text)
 
 
 @functools.cache
@@ -551,7 +565,7 @@ def arm_key(spec: dict, args) -> str:
                 settings["gate_max_cost"] = cap
     if arm in ("static_kd", "dense_kd"):
         settings["distill"] = DISTILL
-    if arm == "static_fkd":
+    if arm in STATIC_FKD_ARMS:
         settings["distill"] = {**DISTILL, "features": FEATURE_DISTILL}
     if args.teacher_dtype != "float32":  # float32: the keys of the arms run before the option existed
         settings["teacher_dtype"] = args.teacher_dtype
@@ -679,17 +693,21 @@ def run_hybrid_arm(args, spec: dict, start: Path, data, out: Path) -> dict:
 def run_static_arm(args, spec: dict, start: Path, data, out: Path, teacher: Path | None = None) -> dict:
     torch.manual_seed(spec["seed"])
     model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=start)
-    baseline = static_l1(model, spec["target"], data.input_shape, inner_only=spec["arm"] == "static_inner")
+    kind = STATIC_CRITERIA.get(spec["arm"], "l1")
+    criterion = StaticCriterion.measure(kind, model, data.train.batches(256, limit=CALIBRATION_IMAGES))
+    baseline = static_l1(
+        model, spec["target"], data.input_shape, inner_only=spec["arm"] == "static_inner", criterion=criterion
+    )
     model, flops = baseline.model, baseline.flops_ratio
     objective = CrossEntropyObjective()
-    if spec["arm"] in ("static_kd", "static_fkd"):
+    if spec["arm"] in ("static_kd", *STATIC_FKD_ARMS):
         teacher_model = create_model(
             args.model, num_classes=data.num_classes, in_chans=data.in_chans, weights=teacher or start
         )
         features = {}
-        if spec["arm"] == "static_fkd":  # the stage outputs too, on the channels the slimmed stages keep
+        if spec["arm"] in STATIC_FKD_ARMS:  # the stage outputs too, on the channels the slimmed stages keep
             names = stage_names(teacher_model)
-            channels = stage_channels(teacher_model, baseline.pruning_ratio, data.input_shape, names)
+            channels = stage_channels(teacher_model, baseline.pruning_ratio, data.input_shape, names, criterion)
             features = {"feature_weight": FEATURE_DISTILL, "teacher_stage_channels": channels}
         precision = teacher_dtype(args.teacher_dtype, torch.device("cpu"))
         objective = Distilled(
