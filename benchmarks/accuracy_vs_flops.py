@@ -182,6 +182,13 @@ MANIDP_ARMS = {
     "hybrid_recipe_s025_fkd_taylor_gates": _hybrid_fkd(0.25, {"gates": {"init": "taylor"}}),
     "hybrid_recipe_s025_fkd_taylor_static": _hybrid_fkd(0.25, {"static_criterion": "taylor"}),
     "hybrid_recipe_s025_fkd_taylor": _hybrid_fkd(0.25, {"static_criterion": "taylor", "gates": {"init": "taylor"}}),
+    # the gates' first cut by |gamma| / sigma with the static stage by Taylor, or by |gamma| too
+    "hybrid_recipe_s025_fkd_bn_scale_taylor_static": _hybrid_fkd(
+        0.25, {"static_criterion": "taylor", "gates": {"init": "bn_scale"}}
+    ),
+    "hybrid_recipe_s025_fkd_bn_scale_both": _hybrid_fkd(
+        0.25, {"static_criterion": "bn_scale", "gates": {"init": "bn_scale"}}
+    ),
     # the default (manifold regulariser and distillation kept) with hybrid_recipe_s025_fkd's static quarter of
     # the cut and its stage-output distillation: that arm's gain without dropping method.md's loss
     "narrow_s025_fd5": (
