@@ -186,6 +186,13 @@ MANIDP_ARMS = {
     "hybrid_recipe_s025_fkd_bn_scale_taylor_static": _hybrid_fkd(
         0.25, {"static_criterion": "taylor", "gates": {"init": "bn_scale"}}
     ),
+    # the same with more of the cut static: Taylor was the better static ranking at 0.15 on resnet34
+    **{
+        f"hybrid_recipe_s{tag}_fkd_bn_scale_taylor_static": _hybrid_fkd(
+            HYBRID_FKD_SHARES[tag], {"static_criterion": "taylor", "gates": {"init": "bn_scale"}}
+        )
+        for tag in ("0375", "075")
+    },
     "hybrid_recipe_s025_fkd_bn_scale_both": _hybrid_fkd(
         0.25, {"static_criterion": "bn_scale", "gates": {"init": "bn_scale"}}
     ),
