@@ -541,9 +541,10 @@ def _binding_cost_cap(model: str, data: str, recipe: str, changes: str) -> float
 
     def widths(gates: GatePolicy) -> list[int]:
         network = create_model(model, num_classes=classes, in_chans=shape[0])
-        constant_start = gates.model_copy(update={"init": "ones"})  # widths do not depend on the start
-        with torch.random.fork_rng():
-            return [gate.fc1.out_features for gate in insert_gates(network, constant_start, shape).values()]
+        with torch.random.fork_rng():  # widths do not depend on the start
+            return [
+                gate.fc1.out_features for gate in insert_gates(network, gates.with_constant_start(), shape).values()
+            ]
 
     return policy.max_cost if widths(policy) != widths(policy.model_copy(update={"max_cost": None})) else None
 

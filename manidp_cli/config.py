@@ -93,6 +93,12 @@ class GatePolicy(BaseModel):
         "static pruner would remove from the stream (not the paper; the executor runs such models masked)",
     )
 
+    def with_constant_start(self) -> GatePolicy:
+        """This policy with every gate starting at saliency 1: for gates whose start the weights loaded
+        next replace (an export, a checkpoint), so that no importance is measured only to be overwritten
+        (gates.init taylor runs the calibration images through the network)."""
+        return self.model_copy(update={"init": "ones"})
+
 
 class CodebookConfig(BaseModel):
     """How many keep-sets each gated layer may use, and how the final epochs train with them."""

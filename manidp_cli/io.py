@@ -269,10 +269,7 @@ def _build(metadata: dict[str, Any], file: Path) -> nn.Module:
     if bad is not None:
         raise WeightsError(f"{file}: metadata narrows {capped(bad)!r}, which {metadata['model']} cannot narrow")
     if metadata.get("kind") == "pruned":
-        # the export's weights replace the gates' start, so a start measured on data needs none here
-        policy = GatePolicy.model_validate(metadata["gate_policy"])
-        if policy.init == "taylor":
-            policy = policy.model_copy(update={"init": "ones"})
+        policy = GatePolicy.model_validate(metadata["gate_policy"]).with_constant_start()
         gates = insert_gates(model, policy, input_shape=tuple(metadata["input_shape"]))
         if sorted(gates.by_name()) != sorted(metadata["gated_layers"]):
             raise WeightsError(f"{file}: the gate policy no longer selects the exported layers")

@@ -209,7 +209,7 @@ def prepare(
     data = load_data(recipe.data, settings.model_name, image_size=recipe.img_size, loader=loader)
     start = _build_start(command, settings, data, pretrained)
     model = start.model
-    gates = _insert_gates(model, recipe, data) if command == "prune" else None
+    gates = _insert_gates(model, recipe, data, resume) if command == "prune" else None
     table = count_flops(model, data.input_shape)
     job = Job(
         command,
@@ -233,10 +233,11 @@ def prepare(
     return job
 
 
-def _insert_gates(model: nn.Module, recipe: Recipe, data: ImageData) -> GateSet:
-    """recipe.gates' gates on ``model``; gates.init taylor measures on the calibration images (on
-    --resume too, where the checkpoint then replaces that start)."""
-    return insert_gates(model, recipe.gates, input_shape=data.input_shape, calibration=_calibration(recipe, data))
+def _insert_gates(model: nn.Module, recipe: Recipe, data: ImageData, resume: bool) -> GateSet:
+    """recipe.gates' gates on ``model`` (gates.init taylor measures on the calibration images); on
+    --resume the checkpoint replaces their start, so they start constant."""
+    policy = recipe.gates.with_constant_start() if resume else recipe.gates
+    return insert_gates(model, policy, input_shape=data.input_shape, calibration=_calibration(recipe, data))
 
 
 def _calibration(recipe: Recipe, data: ImageData):
