@@ -156,6 +156,8 @@ MANIDP_ARMS = {
     # the same with a quarter and three quarters of the cut (in log FLOPs) made statically
     "hybrid_recipe_s025": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.25}),
     "hybrid_recipe_s075": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.75}),
+    # recipes/hybrid.yaml with the gates started from |gamma| / sigma (the lift on resnet34 at 18,000 images)
+    "hybrid_recipe_bn_scale": ("hybrid.yaml", {"narrow_training": True, "gates": {"init": "bn_scale"}}),
     # recipes/hybrid.yaml with the default's distillation (from the full-width start, or a tuned teacher)
     "hybrid_recipe_kd": ("hybrid.yaml", {"narrow_training": True, "loss": {"distill_weight": 1.0}}),
     # the same with static_fkd's stage-output distillation (on the teacher channels the static stage keeps)
@@ -367,11 +369,12 @@ TUNED_TEACHER_ARMS = {
     "narrow_fd5_kd_tuned": "narrow_fd5",
 }
 TEACHER_SEED = 0  # the dense arm that teaches them
-# static_fkd with Torch-Pruning ranking the channel groups by another criterion than filter L1
+# static_fkd (and static, on the cross-entropy alone: the better loss at 180,000 images) with
+# Torch-Pruning ranking the channel groups by another criterion than filter L1
 # (runtime/static_l1.py, StaticCriterion; taylor on the first CALIBRATION_IMAGES training images)
-STATIC_CRITERIA = {"static_fkd_taylor": "taylor", "static_fkd_bn_scale": "bn_scale"}
+STATIC_CRITERIA = {"static_fkd_taylor": "taylor", "static_fkd_bn_scale": "bn_scale", "static_taylor": "taylor"}
 CALIBRATION_IMAGES = 1024  # the recipes' schedule.calibration_images
-STATIC_FKD_ARMS = ("static_fkd", *STATIC_CRITERIA)
+STATIC_FKD_ARMS = ("static_fkd", "static_fkd_taylor", "static_fkd_bn_scale")
 STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner", "static_kd_tuned", *STATIC_CRITERIA)
 DENSE_ARMS = ("dense", "dense_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
