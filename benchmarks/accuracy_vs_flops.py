@@ -158,6 +158,8 @@ MANIDP_ARMS = {
     "hybrid_recipe_s075": ("hybrid.yaml", {"narrow_training": True, "static_share": 0.75}),
     # recipes/hybrid.yaml with the gates started from |gamma| / sigma (the lift on resnet34 at 18,000 images)
     "hybrid_recipe_bn_scale": ("hybrid.yaml", {"narrow_training": True, "gates": {"init": "bn_scale"}}),
+    # and with its static stage ranked by the first-order Taylor score (the lift of static_taylor)
+    "hybrid_recipe_taylor_static": ("hybrid.yaml", {"narrow_training": True, "static_criterion": "taylor"}),
     # recipes/hybrid.yaml with the default's distillation (from the full-width start, or a tuned teacher)
     "hybrid_recipe_kd": ("hybrid.yaml", {"narrow_training": True, "loss": {"distill_weight": 1.0}}),
     # the same with static_fkd's stage-output distillation (on the teacher channels the static stage keeps)
