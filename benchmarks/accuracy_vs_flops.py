@@ -160,6 +160,10 @@ MANIDP_ARMS = {
     "hybrid_recipe_bn_scale": ("hybrid.yaml", {"narrow_training": True, "gates": {"init": "bn_scale"}}),
     # and with its static stage ranked by the first-order Taylor score (the lift of static_taylor)
     "hybrid_recipe_taylor_static": ("hybrid.yaml", {"narrow_training": True, "static_criterion": "taylor"}),
+    "hybrid_recipe_bn_scale_taylor_static": (
+        "hybrid.yaml",
+        {"narrow_training": True, "static_criterion": "taylor", "gates": {"init": "bn_scale"}},
+    ),
     # recipes/hybrid.yaml with the default's distillation (from the full-width start, or a tuned teacher)
     "hybrid_recipe_kd": ("hybrid.yaml", {"narrow_training": True, "loss": {"distill_weight": 1.0}}),
     # the same with static_fkd's stage-output distillation (on the teacher channels the static stage keeps)
