@@ -190,16 +190,13 @@ MANIDP_ARMS = {
     "hybrid_recipe_s025_fkd_taylor_gates": _hybrid_fkd(0.25, {"gates": {"init": "taylor"}}),
     "hybrid_recipe_s025_fkd_taylor_static": _hybrid_fkd(0.25, {"static_criterion": "taylor"}),
     "hybrid_recipe_s025_fkd_taylor": _hybrid_fkd(0.25, {"static_criterion": "taylor", "gates": {"init": "taylor"}}),
-    # the gates' first cut by |gamma| / sigma with the static stage by Taylor, or by |gamma| too
-    "hybrid_recipe_s025_fkd_bn_scale_taylor_static": _hybrid_fkd(
-        0.25, {"static_criterion": "taylor", "gates": {"init": "bn_scale"}}
-    ),
-    # the same with more of the cut static: Taylor was the better static ranking at 0.15 on resnet34
+    # the gates' first cut by |gamma| / sigma with the static stage by Taylor (also with more of the cut
+    # static: Taylor was the better static ranking at 0.15 on resnet34), or by |gamma| too
     **{
         f"hybrid_recipe_s{tag}_fkd_bn_scale_taylor_static": _hybrid_fkd(
             HYBRID_FKD_SHARES[tag], {"static_criterion": "taylor", "gates": {"init": "bn_scale"}}
         )
-        for tag in ("0375", "075")
+        for tag in ("025", "0375", "075")
     },
     "hybrid_recipe_s025_fkd_bn_scale_both": _hybrid_fkd(
         0.25, {"static_criterion": "bn_scale", "gates": {"init": "bn_scale"}}
@@ -378,9 +375,10 @@ TEACHER_SEED = 0  # the dense arm that teaches them
 # static_fkd (and static, on the cross-entropy alone: the better loss at 180,000 images) with
 # Torch-Pruning ranking the channel groups by another criterion than filter L1
 # (runtime/static_l1.py, StaticCriterion; taylor on the first CALIBRATION_IMAGES training images)
-STATIC_CRITERIA = {"static_fkd_taylor": "taylor", "static_fkd_bn_scale": "bn_scale", "static_taylor": "taylor"}
+STATIC_FKD_CRITERIA = {"static_fkd_taylor": "taylor", "static_fkd_bn_scale": "bn_scale"}
+STATIC_CRITERIA = {**STATIC_FKD_CRITERIA, "static_taylor": "taylor"}
 CALIBRATION_IMAGES = 1024  # the recipes' schedule.calibration_images
-STATIC_FKD_ARMS = ("static_fkd", "static_fkd_taylor", "static_fkd_bn_scale")
+STATIC_FKD_ARMS = ("static_fkd", *STATIC_FKD_CRITERIA)
 STATIC_ARMS = ("static", "static_kd", "static_fkd", "static_inner", "static_kd_tuned", *STATIC_CRITERIA)
 DENSE_ARMS = ("dense", "dense_kd")
 DISTILL = {"weight": 1.0, "temperature": 4.0}  # the default recipe's, given to static_kd too
