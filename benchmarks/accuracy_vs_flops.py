@@ -391,6 +391,11 @@ MARGIN = 0.005  # the issue's: the default >= 0.5 point above the best static ar
 DEFAULT_LR = 0.05  # 3 seeds in every cell
 
 
+def run_folders(work: Path, patterns: list[str]) -> list[Path]:
+    """The arm run folders of a ``--work`` folder whose names match any of ``patterns``, sorted."""
+    return sorted({path for pattern in patterns for path in (work / "runs").glob(pattern)})
+
+
 def model_suffix(model: str) -> str:
     """What another model than resnet18 appends to the names of its result files."""
     return "" if model == DEFAULT_MODEL else f"_{model}"

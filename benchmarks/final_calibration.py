@@ -33,6 +33,9 @@ from manidp_cli.files import atomic_write_text
 from manidp_cli.io import load_pruned
 from manidp_cli.training.checkpoint import load_checkpoint
 
+sys.path.insert(0, str(Path(__file__).parent))
+import accuracy_vs_flops as accuracy  # noqa: E402 - the sibling benchmark finds the run folders
+
 
 @dataclass(frozen=True)
 class Recalibrated:
@@ -91,7 +94,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     data = load_data(args.data)
-    runs = sorted({path for pattern in args.match for path in (args.work / "runs").glob(pattern)})
+    runs = accuracy.run_folders(args.work, args.match)
     rows = []
     print(f"{'run':48s} {'exported':>9s} {'FLOPs':>6s} {'now':>7s} {'FLOPs':>6s} {'diff':>6s}")
     for run in runs:

@@ -84,20 +84,20 @@ def measure(run: Path, args: argparse.Namespace, data: ImageData) -> Refreshed:
     return Refreshed(run.name, saved, evaluate(model, data.eval, BATCH).top1)
 
 
+def printed(row: Refreshed) -> Refreshed:
+    diff = 100 * (row.refreshed_top1 - row.saved_top1)
+    print(f"{row.run:60s} {100 * row.saved_top1:7.2f} {100 * row.refreshed_top1:9.2f} {diff:+6.2f}", flush=True)
+    return row
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     data = load_data(args.data)
-    runs = sorted({path for pattern in args.match for path in (args.work / "runs").glob(pattern)})
-    rows = []
+    # a folder without its network is still training
+    finished = [run for run in accuracy.run_folders(args.work, args.match) if (run / accuracy.NETWORK_FILE).is_file()]
     print(f"{'run':60s} {'saved':>7s} {'refreshed':>9s} {'diff':>6s}")
-    for run in runs:
-        if not (run / accuracy.NETWORK_FILE).is_file():
-            continue  # still training
-        row = measure(run, args, data)
-        rows.append(row)
-        diff = 100 * (row.refreshed_top1 - row.saved_top1)
-        print(f"{row.run:60s} {100 * row.saved_top1:7.2f} {100 * row.refreshed_top1:9.2f} {diff:+6.2f}", flush=True)
+    rows = [printed(measure(run, args, data)) for run in finished]
     out = args.out or Path(__file__).parent / "results" / f"norm_refresh_{args.work.name}.json"
     settings = {"work": str(args.work), "images": args.images, "augment": args.augment}
     atomic_write_text(out, json.dumps({**settings, "runs": [asdict(row) for row in rows]}, indent=1))
