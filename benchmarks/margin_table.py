@@ -68,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--summaries", nargs="+", type=Path, default=None, help="default: resnet summaries in results/")
     parser.add_argument("--min-seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "margin_table.json")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
     return parser.parse_args()
 
 
@@ -179,11 +180,31 @@ def print_table(rows: list[Verdict]) -> None:
         print(f"    unpruned {shown(v.unpruned)}")
 
 
+def markdown_cell(cell: Cell | None) -> str:
+    if cell is None:
+        return "not run"
+    spread = f" ± {cell.stdev:.2f}" if cell.stdev is not None else ""
+    return f"{cell.mean:.2f}{spread} (`{cell.arm}`, lr {cell.lr:g}, {len(cell.seeds)} seeds)"
+
+
+def print_markdown(rows: list[Verdict]) -> None:
+    print("| start | images | FLOPs | best static | best manidp | difference | target met | target above unpruned |")
+    print("| --- | ---: | ---: | --- | --- | ---: | --- | ---: |")
+    for v in rows:
+        diff = f"{v.difference:+.2f}" if v.difference is not None else ""
+        above = f"{v.needed_above_unpruned:+.2f}" if v.needed_above_unpruned is not None else ""
+        static, manidp = markdown_cell(v.best_static), markdown_cell(v.best_manidp)
+        met = "yes" if v.met else "no"
+        print(
+            f"| {v.model} {v.label} | {v.budget:,} | {v.target:.2f} | {static} | {manidp} | {diff} | {met} | {above} |"
+        )
+
+
 def main() -> None:
     args = parse_args()
     paths = args.summaries or default_summaries()
     rows = verdicts(paths, args.min_seeds)
-    print_table(rows)
+    (print_markdown if args.markdown else print_table)(rows)
     report = {
         "summaries": [path.name for path in paths],
         "min_seeds": args.min_seeds,
