@@ -196,7 +196,7 @@ def print_markdown(rows: list[Verdict]) -> None:
         static, manidp = markdown_cell(v.best_static), markdown_cell(v.best_manidp)
         met = "yes" if v.met else "no"
         print(
-            f"| {v.model} {v.label} | {v.budget:,} | {v.target:.2f} | {static} | {manidp} | {diff} | {met} | {above} |"
+            f"| {v.label} ({v.start}) | {v.budget:,} | {v.target:.2f} | {static} | {manidp} | {diff} | {met} | {above} |"
         )
 
 
