@@ -195,9 +195,8 @@ def print_markdown(rows: list[Verdict]) -> None:
         above = f"{v.needed_above_unpruned:+.2f}" if v.needed_above_unpruned is not None else ""
         static, manidp = markdown_cell(v.best_static), markdown_cell(v.best_manidp)
         met = "yes" if v.met else "no"
-        print(
-            f"| {v.label} ({v.start}) | {v.budget:,} | {v.target:.2f} | {static} | {manidp} | {diff} | {met} | {above} |"
-        )
+        start = f"{v.label} ({v.start})"
+        print(f"| {start} | {v.budget:,} | {v.target:.2f} | {static} | {manidp} | {diff} | {met} | {above} |")
 
 
 def main() -> None:
