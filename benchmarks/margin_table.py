@@ -69,7 +69,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "margin_table.json")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/results.md)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    missing = [str(path) for path in args.summaries or [] if not path.is_file()]
+    if missing:
+        parser.error(f"no summary file {', '.join(missing)}: give accuracy_vs_flops.py --out files")
+    return args
 
 
 def start_digest(summary: dict) -> str | None:

@@ -52,7 +52,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--augment", action="store_true", help="refresh on augmented training images")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/norm_refresh_<work>.json")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not (args.work / "runs").is_dir():
+        parser.error(f"--work {args.work} has no runs/ folder: give an accuracy_vs_flops.py --work folder")
+    return args
 
 
 def trained_network(run: Path, model_name: str, data: ImageData) -> nn.Module:
