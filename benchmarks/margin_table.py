@@ -45,6 +45,10 @@ class Cell:
     seeds: tuple[int, ...]
     top1: tuple[float, ...]
 
+    def figure(self) -> str:
+        spread = f" ± {self.stdev:.2f}" if self.stdev is not None else ""
+        return f"{self.mean:.2f}{spread}"
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -165,10 +169,14 @@ def verdicts(paths: list[Path], min_seeds: int) -> list[Verdict]:
 
 
 def shown(cell: Cell | None) -> str:
-    if cell is None:
-        return "-"
-    spread = f" ± {cell.stdev:.2f}" if cell.stdev is not None else ""
-    return f"{cell.mean:.2f}{spread} ({len(cell.seeds)}) {cell.arm} @{cell.lr:g}"
+    return f"{cell.figure()} ({len(cell.seeds)}) {cell.arm} @{cell.lr:g}" if cell else "-"
+
+
+def signed(value: float | None, width: int = 0) -> str:
+    """``value`` in points with its sign, or blanks where there is none."""
+    if value is None:
+        return "-".rjust(width) if width else ""
+    return f"{value:+{width}.2f}"
 
 
 def print_table(rows: list[Verdict]) -> None:
@@ -176,31 +184,23 @@ def print_table(rows: list[Verdict]) -> None:
     lies above the unpruned network fine-tuned as long (positive: beyond it)."""
     print(f"{'start':22s} {'images':>7s} {'FLOPs':>5s} {'met':>3s} {'diff':>6s} {'needed':>6s} {'> unpruned':>10s}")
     for v in rows:
-        diff = f"{v.difference:+6.2f}" if v.difference is not None else "     -"
-        above = f"{v.needed_above_unpruned:+10.2f}" if v.needed_above_unpruned is not None else "         -"
-        met = "yes" if v.met else "no"
+        diff, above, met = signed(v.difference, 6), signed(v.needed_above_unpruned, 10), "yes" if v.met else "no"
         print(f"{v.start} {v.label:13s} {v.budget:7d} {v.target:5.2f} {met:>3s} {diff} {v.needed:6.2f} {above}")
         print(f"    static {shown(v.best_static)} | manidp {shown(v.best_manidp)} | default {shown(v.default)}")
         print(f"    unpruned {shown(v.unpruned)}")
 
 
 def markdown_cell(cell: Cell | None) -> str:
-    if cell is None:
-        return "not run"
-    spread = f" ± {cell.stdev:.2f}" if cell.stdev is not None else ""
-    return f"{cell.mean:.2f}{spread} (`{cell.arm}`, lr {cell.lr:g}, {len(cell.seeds)} seeds)"
+    return f"{cell.figure()} (`{cell.arm}`, lr {cell.lr:g}, {len(cell.seeds)} seeds)" if cell else "not run"
 
 
 def print_markdown(rows: list[Verdict]) -> None:
     print("| start | images | FLOPs | best static | best manidp | difference | target met | target above unpruned |")
     print("| --- | ---: | ---: | --- | --- | ---: | --- | ---: |")
     for v in rows:
-        diff = f"{v.difference:+.2f}" if v.difference is not None else ""
-        above = f"{v.needed_above_unpruned:+.2f}" if v.needed_above_unpruned is not None else ""
         static, manidp = markdown_cell(v.best_static), markdown_cell(v.best_manidp)
-        met = "yes" if v.met else "no"
-        start = f"{v.label} ({v.start})"
-        print(f"| {start} | {v.budget:,} | {v.target:.2f} | {static} | {manidp} | {diff} | {met} | {above} |")
+        figures = f"{signed(v.difference)} | {'yes' if v.met else 'no'} | {signed(v.needed_above_unpruned)}"
+        print(f"| {v.label} ({v.start}) | {v.budget:,} | {v.target:.2f} | {static} | {manidp} | {figures} |")
 
 
 def main() -> None:
