@@ -20,6 +20,10 @@ outputs are cached in ``<work>/cascade-cache``. JSON + printed table::
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm hybrid_ce --budget 180000
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm static --budget 180000
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm hybrid_ce --wide-arm dense --wide 1.0 --seeds 1 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cascade.py --arm static_fkd --wide-arm start --budget 18000
+
+``--wide-arm start`` escalates to the dense start itself (``<work>/dense-start``, not fine-tuned): the
+narrow member has the whole fine-tuning budget, as a single network has.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ import accuracy_vs_flops as accuracy  # noqa: E402 - the sibling benchmark names
 import speed_trained  # noqa: E402 - the same arm arguments
 
 DATA = "fashion-mnist"  # the accuracy benchmark's data (speed_trained._arm_args): static and dense members
+# The wide member "start" is the dense start every arm is fine-tuned from, as it is: escalating to the
+# network a user already has costs no fine-tuning images, so the narrow member keeps the whole budget.
+START_ARM = "start"
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,7 +74,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--arm", default="hybrid_ce", help="the accuracy benchmark's arm of both members")
     parser.add_argument("--narrow-arm", default=None, help="the narrow member's arm, if not --arm")
-    parser.add_argument("--wide-arm", default=None, help="the wide member's arm, if not --arm (dense: target 1.0)")
+    parser.add_argument(
+        "--wide-arm",
+        default=None,
+        help=f"the wide member's arm, if not --arm (dense: target 1.0; {START_ARM}: the dense start, not fine-tuned)",
+    )
     parser.add_argument(
         "--budget", type=int, default=180000, help="fine-tuning images of the single models compared against"
     )
@@ -94,7 +105,9 @@ def parse_args() -> argparse.Namespace:
     args.narrow_lr = args.lr if args.narrow_lr is None else args.narrow_lr
     args.wide_lr = args.lr if args.wide_lr is None else args.wide_lr
     args.narrow_budget = args.narrow_budget or args.budget
-    args.wide_budget = args.wide_budget or args.budget
+    args.wide_budget = 0 if args.wide_arm == START_ARM else args.wide_budget or args.budget
+    if args.wide_arm == START_ARM:
+        args.wide = 1.0
     arms = args.narrow_arm if args.narrow_arm == args.wide_arm else f"{args.narrow_arm}_{args.wide_arm}"
     stem = f"cascade_{arms}_{args.narrow}_{args.wide}_b{args.budget}"
     if (args.narrow_lr, args.wide_lr) != (accuracy.DEFAULT_LR,) * 2:
@@ -142,6 +155,11 @@ def cached_member(args, arm: str, export: Path, cache: Path) -> MemberOutputs:
 
 
 def member(args, arm: str, target: float, seed: int, lr: float, budget: int | None = None) -> MemberOutputs:
+    if arm == START_ARM:
+        start = args.work / "dense-start" / "model.safetensors"
+        if not start.is_file():
+            sys.exit(f"error: no dense start {start}: run the accuracy benchmark with --work {args.work} first")
+        return cached_member(args, "dense", start, args.work / "cascade-cache")
     spec = {"arm": arm, "target": target, "seed": seed, "budget": budget or args.budget}
     key = accuracy.arm_key(spec, speed_trained._arm_args(argparse.Namespace(**{**vars(args), "lr": lr})))
     export = accuracy.run_folder(args.work, key) / accuracy.NETWORK_FILE
