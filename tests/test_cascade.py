@@ -68,6 +68,20 @@ def test_each_half_is_judged_by_the_threshold_fitted_on_the_other_half():
     assert result.threshold == fit_threshold(narrow, wide, 2.2, positions)
 
 
+def test_spending_on_the_unsure_images_correlates_loss_with_flops():
+    labels = torch.zeros(6, dtype=torch.long)
+    # the narrow network is unsure of, and wrong on, the last three images; the wide one is right on all
+    narrow = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.85, 0.15], [0.4, 0.6], [0.45, 0.55], [0.3, 0.7]])
+    wide = torch.tensor([[0.7, 0.3]] * 6)
+    same_cost = MemberOutputs(narrow, labels, torch.ones(6, dtype=torch.float64))
+    result = evaluate_cascade(same_cost, MemberOutputs(wide, labels, torch.full((6,), 4.0)), 1.0 + 4.0 * 3 / 6)
+    assert result.escalated_share > 0
+    assert result.spearman_loss_flops is not None and result.spearman_loss_flops > 0
+    nothing_escalated = evaluate_cascade(same_cost, MemberOutputs(wide, labels, torch.full((6,), 4.0)), 1.0)
+    assert nothing_escalated.escalated_share == 0
+    assert nothing_escalated.spearman_loss_flops is None  # every image cost the same
+
+
 class _Counting(nn.Module):
     def __init__(self, logits: torch.Tensor):
         super().__init__()

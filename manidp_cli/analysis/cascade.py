@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from manidp_cli.analysis.evaluation import spearman
 from manidp_cli.core.flops import CostTable, FlopsMeter
 from manidp_cli.core.gating import has_gates
 from manidp_cli.core.modes import eval_mode
@@ -125,6 +126,9 @@ class CascadeEvaluation:
     escalated_share: float
     threshold: float  # fitted on every image: the one to deploy (``runtime.cascade.Cascade``)
     fold_thresholds: list[float]  # the thresholds the reported figures come from; none: ``threshold``'s
+    # Spearman(per-image loss of the answer given, per-image FLOPs): positive when the cascade spends
+    # more on the images it finds hard (method.md's signature); None when every image costs the same
+    spearman_loss_flops: float | None = None
 
     @property
     def cross_fitted(self) -> bool:
@@ -164,10 +168,14 @@ def _evaluation(
     narrow: MemberOutputs, wide: MemberOutputs, escalate: torch.Tensor, threshold: float, fold_thresholds: list[float]
 ) -> CascadeEvaluation:
     correct = torch.where(escalate, wide.correct, narrow.correct)
+    answered = torch.where(escalate[:, None], wide.probabilities, narrow.probabilities)
+    loss = -answered.gather(1, narrow.labels[:, None]).squeeze(1).double().clamp_min(1e-12).log()
+    flops = narrow.flops + wide.flops * escalate
     return CascadeEvaluation(
         top1=float(correct.float().mean()),
-        mean_flops=float((narrow.flops + wide.flops * escalate).mean()),
+        mean_flops=float(flops.mean()),
         escalated_share=float(escalate.float().mean()),
         threshold=threshold,
         fold_thresholds=fold_thresholds,
+        spearman_loss_flops=spearman(loss, flops),
     )

@@ -76,6 +76,7 @@ class CascadeResult:
                 "threshold": self.cascade.threshold,
                 "fold_thresholds": self.cascade.fold_thresholds,
                 "cross_fitted": self.cascade.cross_fitted,
+                "spearman_loss_flops": self.cascade.spearman_loss_flops,
             },
             "saved_to": self.saved_to,
         }

@@ -104,6 +104,8 @@ def _print_cascade(result: CascadeResult) -> None:
     else:
         table.add_row("", "the saved threshold, not refitted: optimistic on the images it was fitted on")
         fitted = "saved in the cascade file; manidp_cli.load_cascade runs it"
+    if cascade.spearman_loss_flops is not None:
+        table.add_row("spearman", f"{cascade.spearman_loss_flops:+.3f} between per-image loss and per-image FLOPs")
     table.add_row(
         "threshold",
         f"{cascade.threshold:.6f}: escalate when the narrow export's top softmax probability is below it ({fitted})",
