@@ -312,11 +312,22 @@ def plot(args, seeds: list[dict], summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def start_digest(args) -> str | None:
+    """The weights digest of the dense start the members were fine-tuned from, as the accuracy
+    benchmark's summaries record it (benchmarks/margin_table.py pools results by it)."""
+    for path in args.summary:
+        digest = (json.loads(path.read_text()).get("dense_start") or {}).get("weights_sha256")
+        if digest:
+            return digest
+    return None
+
+
 def result_header(args, benchmark: str) -> dict:
     """What a JSON result of this benchmark, or of one reading its members, is about."""
     return {
         "benchmark": benchmark,
         "model": args.model,
+        "dense_start_weights_sha256": start_digest(args),
         "budget": args.budget,
         "members": {  # arm, FLOPs target, learning rate, fine-tuning images
             "narrow": [args.narrow_arm, args.narrow, args.narrow_lr, args.narrow_budget],

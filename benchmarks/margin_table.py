@@ -9,7 +9,10 @@ seeds, each at its own best learning rate), the default recipe's best, the unpru
 fine-tuned as long (the ceiling), and the issue's verdict: at 0.45 manidp >= the best static arm,
 at 0.30 and 0.15 at least 0.5 point above it and above the larger seed sd. Picking the best of
 many manidp variants favours manidp (the best of many noisy means is biased upwards); the default's
-column carries no such selection. JSON + printed table::
+column carries no such selection. A second table does the same for escalation cascades whose wide
+member is the dense start itself (benchmarks/cascade.py ``--wide-arm start``: no fine-tuning images
+besides the narrow member's, so the same optimiser budget as one network): the best cascade of each
+cell, over narrow members and arms, against the same best static network. JSON + printed tables::
 
     .venv/bin/python benchmarks/margin_table.py
 """
@@ -65,6 +68,12 @@ class Verdict:
     needed: float  # top-1 % that the target asks of manidp
     needed_above_unpruned: float | None  # > 0: the target asks more than the unpruned network gives
     met: bool
+    # the best cascade escalating to the dense start from a manidp network (arm: "narrow arm at its
+    # FLOPs -> start"), judged as best_manidp is; and the best from a static network, for comparison
+    best_cascade: Cell | None = None
+    best_static_cascade: Cell | None = None
+    cascade_difference: float | None = None
+    cascade_met: bool = False
 
 
 def parse_args() -> argparse.Namespace:
@@ -111,6 +120,39 @@ def starts_of(paths: list[Path]) -> dict[str, Start]:
     return starts
 
 
+def cascades_to_the_start() -> dict[str, list[tuple[str, int, float, Cell]]]:
+    """Committed cascade results whose wide member is the dense start, by start (digest, shortened):
+    (side, budget, target, the cascade over its seeds) for every target each measured; side is
+    "cascade static" or "cascade manidp", by the narrow member's arm."""
+    found: dict[str, list[tuple[str, int, float, Cell]]] = {}
+    for path in sorted(RESULTS.glob("cascade_*.json")):
+        result = json.loads(path.read_text())
+        digest = result.get("dense_start_weights_sha256")  # older results name no start
+        if result.get("benchmark") != "cascade" or not digest or result["members"]["wide"][0] != "start":
+            continue
+        arm, narrow, lr, budget = result["members"]["narrow"]
+        for index, target in enumerate(row["target"] for row in result["seeds"][0]["cascades"]):
+            runs = [(seed["seed"], 100 * seed["cascades"][index]["top1"]) for seed in result["seeds"]]
+            top1 = tuple(value for _, value in runs)
+            spread = statistics.stdev(top1) if len(top1) > 1 else None
+            cell = Cell(
+                f"{arm} {narrow:g} -> start", lr, statistics.mean(top1), spread, tuple(s for s, _ in runs), top1
+            )
+            found.setdefault(digest[:8], []).append((f"cascade {side(arm)}", budget, target, cell))
+    return found
+
+
+def judged(candidate: Cell | None, static: Cell, target: float) -> tuple[float | None, bool]:
+    """The candidate's lead over the best static network, and whether the issue's target is met:
+    level at 0.45; at least the margin, and more than the larger seed sd, below it."""
+    if candidate is None:
+        return None, False
+    margin = 0.0 if target >= EQUAL_ONLY else 100 * accuracy.MARGIN
+    difference = candidate.mean - static.mean
+    spread = max(candidate.stdev or 0.0, static.stdev or 0.0)
+    return difference, difference >= margin and (margin == 0 or difference > spread)
+
+
 def cells_of(rows: list[dict]) -> dict[tuple[str, int, float], list[Cell]]:
     """(side, budget, target) -> every arm and learning rate measured there; side is static,
     unpruned or manidp."""
@@ -146,22 +188,41 @@ def verdict(start: str, facts: Start, budget: int, target: float, cells: dict, m
     manidp = best(tried, min_seeds)
     default = best([cell for cell in tried if cell.arm in accuracy.DEFAULT_ARMS], min_seeds)
     unpruned = best(cells.get(("unpruned", budget, 1.0), []))
-    margin = 0.0 if target >= EQUAL_ONLY else 100 * accuracy.MARGIN
-    needed = static.mean + margin
-    difference = manidp.mean - static.mean if manidp else None
-    spread = max(manidp.stdev or 0.0, static.stdev or 0.0) if manidp else 0.0
-    met = difference is not None and difference >= margin and (margin == 0 or difference > spread)
+    needed = static.mean + (0.0 if target >= EQUAL_ONLY else 100 * accuracy.MARGIN)
+    difference, met = judged(manidp, static, target)
+    cascade = best(cells.get(("cascade manidp", budget, target), []), min_seeds)
+    static_cascade = best(cells.get(("cascade static", budget, target), []), min_seeds)
+    cascade_difference, cascade_met = judged(cascade, static, target)
     above = needed - unpruned.mean if unpruned else None
     label = min(facts.labels)
     return Verdict(
-        start, label, facts.model, budget, target, static, manidp, default, unpruned, difference, needed, above, met
+        start,
+        label,
+        facts.model,
+        budget,
+        target,
+        static,
+        manidp,
+        default,
+        unpruned,
+        difference,
+        needed,
+        above,
+        met,
+        cascade,
+        static_cascade,
+        cascade_difference,
+        cascade_met,
     )
 
 
 def verdicts(paths: list[Path], min_seeds: int) -> list[Verdict]:
     out = []
+    cascades = cascades_to_the_start()
     for start, facts in starts_of(paths).items():
         cells = cells_of(list(facts.runs.values()))
+        for cascade_side, budget, target, cell in cascades.get(start, []):
+            cells.setdefault((cascade_side, budget, target), []).append(cell)
         for budget in sorted({budget for _, budget, _ in cells} & set(BUDGETS)):
             found = (verdict(start, facts, budget, target, cells, min_seeds) for target in TARGETS)
             out.extend(v for v in found if v is not None)
@@ -188,6 +249,11 @@ def print_table(rows: list[Verdict]) -> None:
         print(f"{v.start} {v.label:13s} {v.budget:7d} {v.target:5.2f} {met:>3s} {diff} {v.needed:6.2f} {above}")
         print(f"    static {shown(v.best_static)} | manidp {shown(v.best_manidp)} | default {shown(v.default)}")
         print(f"    unpruned {shown(v.unpruned)}")
+        if v.best_cascade:
+            met = "yes" if v.cascade_met else "no"
+            print(f"    cascade {shown(v.best_cascade)} {signed(v.cascade_difference)} met {met}")
+        if v.best_static_cascade:
+            print(f"    cascade from a static network {shown(v.best_static_cascade)}")
 
 
 def markdown_cell(cell: Cell | None) -> str:
@@ -201,6 +267,19 @@ def print_markdown(rows: list[Verdict]) -> None:
         static, manidp = markdown_cell(v.best_static), markdown_cell(v.best_manidp)
         figures = f"{signed(v.difference)} | {'yes' if v.met else 'no'} | {signed(v.needed_above_unpruned)}"
         print(f"| {v.label} ({v.start}) | {v.budget:,} | {v.target:.2f} | {static} | {manidp} | {figures} |")
+    with_cascades = [v for v in rows if v.best_cascade or v.best_static_cascade]
+    if not with_cascades:
+        return
+    print(
+        "\n| start | images | FLOPs | best static | best cascade to the dense start, manidp narrow | difference "
+        "| target met | best cascade to the dense start, static narrow |"
+    )
+    print("| --- | ---: | ---: | --- | --- | ---: | --- | --- |")
+    for v in with_cascades:
+        static, cascade = markdown_cell(v.best_static), markdown_cell(v.best_cascade)
+        figures = f"{signed(v.cascade_difference)} | {'yes' if v.cascade_met else 'no'}"
+        other = markdown_cell(v.best_static_cascade)
+        print(f"| {v.label} ({v.start}) | {v.budget:,} | {v.target:.2f} | {static} | {cascade} | {figures} | {other} |")
 
 
 def main() -> None:
