@@ -154,12 +154,13 @@ def cached_member(args, arm: str, export: Path, cache: Path) -> MemberOutputs:
     return outputs
 
 
-def member(args, arm: str, target: float, seed: int, lr: float, budget: int | None = None) -> MemberOutputs:
+def member_path(args, arm: str, target: float, seed: int, lr: float, budget: int | None = None) -> Path:
+    """The trained network (or export) of one arm of the accuracy benchmark, or the dense start."""
     if arm == START_ARM:
         start = args.work / "dense-start" / "model.safetensors"
         if not start.is_file():
             sys.exit(f"error: no dense start {start}: run the accuracy benchmark with --work {args.work} first")
-        return cached_member(args, "dense", start, args.work / "cascade-cache")
+        return start
     spec = {"arm": arm, "target": target, "seed": seed, "budget": budget or args.budget}
     key = accuracy.arm_key(spec, speed_trained._arm_args(argparse.Namespace(**{**vars(args), "lr": lr})))
     export = accuracy.run_folder(args.work, key) / accuracy.NETWORK_FILE
@@ -168,7 +169,12 @@ def member(args, arm: str, target: float, seed: int, lr: float, budget: int | No
             f"error: no network {export}: run the accuracy benchmark's {arm} arm at {target}, lr {lr}, "
             f"budget {spec['budget']} first"
         )
-    return cached_member(args, arm, export, args.work / "cascade-cache")
+    return export
+
+
+def member(args, arm: str, target: float, seed: int, lr: float, budget: int | None = None) -> MemberOutputs:
+    export = member_path(args, arm, target, seed, lr, budget)
+    return cached_member(args, "dense" if arm == START_ARM else arm, export, args.work / "cascade-cache")
 
 
 def measure_seed(args, seed: int) -> dict:

@@ -102,7 +102,7 @@ def _p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
-class _CyclingImages:
+class CyclingImages:
     """Runs the model on the next image at every call: a trained dynamic network's decisions, and
     so its time, depend on the image."""
 
@@ -119,7 +119,7 @@ class _CyclingImages:
 
 def _prepared(
     model: nn.Module, images: torch.Tensor, batch_size: int, channels_last: bool, device: torch.device
-) -> tuple[nn.Module, _CyclingImages, torch.Tensor]:
+) -> tuple[nn.Module, CyclingImages, torch.Tensor]:
     """The model on ``device`` in its layout, a batch-1 caller cycling through ``images``, and a
     batch of ``batch_size`` of them (repeated when there are fewer)."""
     model = model.to(device)
@@ -129,7 +129,7 @@ def _prepared(
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
         batch = batch.contiguous(memory_format=torch.channels_last)
-    return model, _CyclingImages(model, images), batch
+    return model, CyclingImages(model, images), batch
 
 
 def interleaved_latency(
