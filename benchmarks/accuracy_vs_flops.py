@@ -561,6 +561,12 @@ def _binding_cost_cap(model: str, data: str, recipe: str, changes: str) -> float
     return policy.max_cost if widths(policy) != widths(policy.model_copy(update={"max_cost": None})) else None
 
 
+def summary_start_digest(summary: dict) -> str | None:
+    """The weights digest of the dense start a summary's arms were fine-tuned from (None in
+    summaries written before it was recorded)."""
+    return (summary.get("dense_start") or {}).get("weights_sha256")
+
+
 def arm_key(spec: dict, args) -> str:
     settings = {
         **spec,

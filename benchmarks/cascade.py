@@ -321,11 +321,8 @@ def plot(args, seeds: list[dict], summary: dict, path: Path) -> None:
 def start_digest(args) -> str | None:
     """The weights digest of the dense start the members were fine-tuned from, as the accuracy
     benchmark's summaries record it (benchmarks/margin_table.py pools results by it)."""
-    for path in args.summary:
-        digest = (json.loads(path.read_text()).get("dense_start") or {}).get("weights_sha256")
-        if digest:
-            return digest
-    return None
+    digests = (accuracy.summary_start_digest(json.loads(path.read_text())) for path in args.summary)
+    return next((digest for digest in digests if digest), None)
 
 
 def result_header(args, benchmark: str) -> dict:

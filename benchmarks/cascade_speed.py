@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from manidp_cli.analysis.bench import CyclingImages
+from manidp_cli.analysis.bench import CyclingImages, p90
 from manidp_cli.analysis.cascade import fit_threshold
 from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.data import load_data
@@ -129,23 +129,18 @@ def measure(models: dict[str, nn.Module], images: torch.Tensor, args) -> dict[st
     for repeat in range(args.repeats):
         single = latencies(models, images[: args.latency_images])
         batched = throughputs(models, images, args.batch_size)
-        runs.append({name: (statistics.fmean(single[name]), _p90(single[name]), batched[name]) for name in models})
+        runs.append({name: (statistics.fmean(single[name]), p90(single[name]), batched[name]) for name in models})
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     out = {}
     for name in models:
-        mean, p90, rate = (statistics.median(run[name][index] for run in runs) for index in range(3))
-        out[name] = {"latency_ms_mean": mean, "latency_ms_p90": p90, "throughput_images_per_s": rate}
+        mean, tail, rate = (statistics.median(run[name][index] for run in runs) for index in range(3))
+        out[name] = {"latency_ms_mean": mean, "latency_ms_p90": tail, "throughput_images_per_s": rate}
     for name in models:
         out[name]["latency_vs_single"] = out[name]["latency_ms_mean"] / out["single"]["latency_ms_mean"]
         out[name]["throughput_vs_single"] = (
             out[name]["throughput_images_per_s"] / out["single"]["throughput_images_per_s"]
         )
     return out
-
-
-def _p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def main() -> None:

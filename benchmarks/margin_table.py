@@ -89,15 +89,15 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def start_digest(summary: dict) -> str | None:
-    return (summary.get("dense_start") or {}).get("weights_sha256")
+def read_summaries(paths: list[Path]) -> list[tuple[Path, dict]]:
+    return [(path, json.loads(path.read_text())) for path in paths]
 
 
-def default_summaries() -> list[Path]:
+def default_summaries() -> list[tuple[Path, dict]]:
     """The ResNet summaries that name their start's weights (older ones cannot be matched to a start;
     the 2026-11-30 one also predates the honest FLOPs count)."""
-    found = sorted(RESULTS.glob("accuracy_vs_flops_*.json"))
-    return [path for path in found if "mobilenet" not in path.name and start_digest(json.loads(path.read_text()))]
+    found = [path for path in sorted(RESULTS.glob("accuracy_vs_flops_*.json")) if "mobilenet" not in path.name]
+    return [(path, summary) for path, summary in read_summaries(found) if accuracy.summary_start_digest(summary)]
 
 
 @dataclass
@@ -107,13 +107,13 @@ class Start:
     runs: dict[tuple[str, int], dict]  # (arm key, seed) -> the arm's row: each run once
 
 
-def starts_of(paths: list[Path]) -> dict[str, Start]:
+def starts_of(summaries: list[tuple[Path, dict]]) -> dict[str, Start]:
     """The current arm rows of every summary, by dense start (its weights digest, else the file's name)."""
     starts: dict[str, Start] = {}
-    for path in paths:
-        summary = json.loads(path.read_text())
+    for path, summary in summaries:
         label = path.stem.removeprefix("accuracy_vs_flops_")
-        start = starts.setdefault((start_digest(summary) or label)[:8], Start(summary["model"], [], {}))
+        digest = accuracy.summary_start_digest(summary)
+        start = starts.setdefault((digest or label)[:8], Start(summary["model"], [], {}))
         start.labels.append(label)
         for row in [*summary.get("arms", []), *summary.get("other_learning_rates", [])]:
             start.runs.setdefault((row["key"], row["seed"]), row)
@@ -216,10 +216,10 @@ def verdict(start: str, facts: Start, budget: int, target: float, cells: dict, m
     )
 
 
-def verdicts(paths: list[Path], min_seeds: int) -> list[Verdict]:
+def verdicts(summaries: list[tuple[Path, dict]], min_seeds: int) -> list[Verdict]:
     out = []
     cascades = cascades_to_the_start()
-    for start, facts in starts_of(paths).items():
+    for start, facts in starts_of(summaries).items():
         cells = cells_of(list(facts.runs.values()))
         for cascade_side, budget, target, cell in cascades.get(start, []):
             cells.setdefault((cascade_side, budget, target), []).append(cell)
@@ -284,11 +284,11 @@ def print_markdown(rows: list[Verdict]) -> None:
 
 def main() -> None:
     args = parse_args()
-    paths = args.summaries or default_summaries()
-    rows = verdicts(paths, args.min_seeds)
+    summaries = read_summaries(args.summaries) if args.summaries else default_summaries()
+    rows = verdicts(summaries, args.min_seeds)
     (print_markdown if args.markdown else print_table)(rows)
     report = {
-        "summaries": [path.name for path in paths],
+        "summaries": [path.name for path, _ in summaries],
         "min_seeds": args.min_seeds,
         "cells": [asdict(v) for v in rows],
     }

@@ -97,7 +97,7 @@ def _times(fn: Callable[[], object], runs: int, warmup: int, sync: Callable[[], 
     return times
 
 
-def _p90(values: list[float]) -> float:
+def p90(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
@@ -250,7 +250,7 @@ def _timing(
     timing = VariantTiming(
         "channels_last" if channels_last else "nchw",
         1e3 * statistics.median(latencies),
-        1e3 * _p90(latencies),
+        1e3 * p90(latencies),
         throughput,
         peak,
     )
