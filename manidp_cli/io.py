@@ -319,15 +319,30 @@ def is_cascade(path: str | Path) -> bool:
     return is_file(file, "export") and CASCADE_KEY in _header(file)
 
 
-def save_cascade(path: Path, narrow: str | Path, wide: str | Path, threshold: float, fitted: dict[str, Any]) -> Path:
-    """Both exports' weights and metadata in one safetensors file, written atomically, with the
+@dataclass(frozen=True)
+class CascadeMember:
+    """One network of a cascade file: an export's metadata (or a dense start's, built alike) and its weights."""
+
+    metadata: dict[str, Any]
+    state: dict[str, Any]
+
+    @classmethod
+    def of_export(cls, path: str | Path) -> CascadeMember:
+        return cls(read_metadata(path), _weights(_model_file(Path(path))))
+
+
+def save_cascade(
+    path: Path, narrow: CascadeMember, wide: CascadeMember, threshold: float, fitted: dict[str, Any]
+) -> Path:
+    """Both members' weights and metadata in one safetensors file, written atomically, with the
     escalation threshold (``load_cascade_file`` rebuilds it)."""
     from safetensors.torch import save
 
     tensors, spec = {}, {"threshold": threshold, "fitted": fitted, "manidp_version": __version__}
-    for role, source in zip(CASCADE_MEMBERS, (narrow, wide)):
-        spec[role] = read_metadata(source)
-        tensors.update({f"{role}.{key}": value for key, value in _weights(_model_file(Path(source))).items()})
+    for role, member in zip(CASCADE_MEMBERS, (narrow, wide)):
+        spec[role] = member.metadata
+        # copies: tensors a model shares (tied weights) would stop safetensors
+        tensors.update({f"{role}.{k}": v.detach().cpu().clone().contiguous() for k, v in member.state.items()})
     return atomic_write_bytes(path, save(tensors, metadata={CASCADE_KEY: json.dumps(spec), "format": "pt"}))
 
 

@@ -13,10 +13,11 @@ from helpers import run_manidp
 from torch import nn
 
 from manidp_cli.analysis.cascade import MemberOutputs, evaluate_cascade, fit_threshold
-from manidp_cli.api import evaluate_cascade_exports, evaluate_cascade_file
+from manidp_cli.api import START, evaluate_cascade_exports, evaluate_cascade_file
 from manidp_cli.api.cascade import _check_members
-from manidp_cli.errors import ManidpError
-from manidp_cli.io import LoadedExport, load_cascade_file, load_pruned
+from manidp_cli.errors import ManidpError, WeightsError
+from manidp_cli.io import LoadedExport, load_cascade_file, load_pruned, read_metadata
+from manidp_cli.models.start import HUB_START, RANDOM_START, StartFile, build_start
 from manidp_cli.runtime.cascade import Cascade, load_cascade
 
 
@@ -135,7 +136,8 @@ def test_eval_cascade_json_and_its_errors(pruned, dense_weights):
     assert result["cascade"]["cross_fitted"] and result["target_flops"] == 0.9
     assert result["narrow"]["flops_ratio"] < result["cascade"]["flops_ratio"]
     for args, message in (
-        (["--escalate-to", wide], "needs an EXPORT, --escalate-to WIDE_EXPORT and --target-flops F together"),
+        (["--escalate-to", wide], "needs an EXPORT, --escalate-to WIDE_EXPORT (or --escalate-to-start) and"),
+        (["--escalate-to", wide, "--escalate-to-start", "--target-flops", "0.9"], "not both"),
         (["--escalate-to", wide, "--target-flops", "3"], "--target-flops 3.0 is outside what this cascade can spend"),
         (["--target-flops", "0.5", "--dynamic"], "--dynamic times one export"),
     ):
@@ -204,3 +206,40 @@ def test_eval_saves_and_reads_a_cascade_and_other_commands_say_what_it_is(pruned
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and message in lines[-1], proc.stderr
         assert not any("Traceback" in line for line in lines)
+
+
+def test_escalating_to_the_start_is_escalating_to_the_export_it_was_pruned_from(pruned, dense_weights, tmp_path):
+    recorded = read_metadata(pruned.out_dir)["start_file"]
+    assert recorded == StartFile.of(dense_weights).to_dict() and Path(recorded["path"]).is_absolute()
+    file = tmp_path / "to-start.safetensors"
+    to_start = evaluate_cascade_exports(pruned.out_dir, START, target_flops=0.9, batch_size=16, save_to=file)
+    to_export = evaluate_cascade_exports(pruned.out_dir, Path(dense_weights).parent, target_flops=0.9, batch_size=16)
+    assert to_start.wide.top1 == to_export.wide.top1 and to_start.wide.flops_ratio == to_export.wide.flops_ratio
+    assert to_start.cascade == to_export.cascade and str(dense_weights) in to_start.wide.source
+    narrow_model, info = load_pruned(pruned.out_dir)
+    x, _ = next(info.load_data(None)[0].eval.batches(64))
+    with torch.no_grad():
+        expected = Cascade(narrow_model, load_pruned(Path(dense_weights).parent)[0], to_start.cascade.threshold)(x)
+        assert torch.equal(load_cascade(file).eval()(x), expected)
+    proc = run_manidp(["eval", pruned.out_dir, "--escalate-to-start", "--target-flops", "0.9", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["cascade"]["top1"] == to_start.cascade.top1
+
+
+def test_a_start_that_cannot_be_found_again_is_refused_with_what_to_give_instead(dense_weights, tmp_path):
+    copy = tmp_path / "start.safetensors"
+    copy.write_bytes(Path(dense_weights).read_bytes())
+    recorded = StartFile.of(copy)
+    assert build_start("test_resnet", 10, 1, str(copy), recorded) is not None
+    copy.write_bytes(copy.read_bytes() + b" ")  # replaced since the run began
+    cases = (
+        (str(copy), recorded, "has changed since this export was pruned from it"),
+        (str(copy), StartFile(str(tmp_path / "gone.safetensors"), recorded.sha256), "is gone"),
+        (HUB_START, None, "whose 1000-class classifier was replaced by a new 10-class one"),
+        (RANDOM_START, None, "started from random weights"),
+        ("runs/elsewhere/model.safetensors", None, "is not found from here"),
+    )
+    for source, start_file, message in cases:
+        with pytest.raises(WeightsError, match=message) as caught:
+            build_start("test_resnet", 10, 1, source, start_file)
+        assert "give --escalate-to a dense export of the start instead" in str(caught.value)

@@ -10,15 +10,17 @@ import torch
 from helpers import TINY_PRUNE, prune_tiny, run_manidp
 from safetensors.torch import load_file, save_file
 
+from manidp_cli.api.cascade import start_of
 from manidp_cli.api.evaluate import evaluate_export
 from manidp_cli.api.jobs import prepare, run
 from manidp_cli.core.features import stage_names
 from manidp_cli.core.flops import count_flops
 from manidp_cli.core.gating import gates_of
 from manidp_cli.errors import RecipeError, WeightsError
-from manidp_cli.io import NARROWED, _build, load_pruned
+from manidp_cli.io import NARROWED, _build, load_pruned, read_metadata
 from manidp_cli.models.factory import create_model
 from manidp_cli.models.narrowing import narrowed_groups
+from manidp_cli.models.start import StartFile
 from manidp_cli.runtime.static_l1 import static_l1
 
 SHAPE = (1, 32, 32)
@@ -122,6 +124,15 @@ def test_a_run_from_a_slimmed_start_resumes_to_identical_weights(slimmed, tiny_f
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     assert resumed.history == straight.history
+    # both record the start they were pruned from, which a cascade escalates to at its slimmed widths
+    recorded = [read_metadata(tmp_path / run)["start_file"] for run in ("straight", "resumed")]
+    assert recorded == [StartFile.of(path).to_dict()] * 2
+    start, info = start_of(load_pruned(tmp_path / "resumed")[1])
+    assert info.metadata[NARROWED] and info.metadata["kind"] == "dense"
+    images = torch.randn(4, *SHAPE)
+    slimmed_start = create_model("test_resnet", num_classes=10, in_chans=1, weights=path).eval()
+    with torch.no_grad():
+        assert torch.equal(start(images), slimmed_start(images))
 
 
 def test_static_share_slims_the_start_and_the_gates_cut_the_rest(dense_weights, slimmed, tiny_fashion, tmp_path):

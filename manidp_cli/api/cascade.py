@@ -1,4 +1,5 @@
-"""``manidp eval NARROW --escalate-to WIDE --target-flops R``: an escalation cascade of two exports.
+"""``manidp eval NARROW --escalate-to WIDE --target-flops R``: an escalation cascade of two exports,
+or with ``--escalate-to-start`` of an export and the dense network it was pruned from (``START``).
 
 FLOPs are shares of the dense FLOPs of the architecture at full width (timm's network, also when a
 static stage slimmed an export), so both members and the target are on one scale.
@@ -27,7 +28,18 @@ from manidp_cli.core.progress import ProgressCallback
 from manidp_cli.data import LoaderSettings
 from manidp_cli.errors import ManidpError, OutputError, TargetError
 from manidp_cli.inputs import DEFAULT_WORKERS, capped, exists, is_dir
-from manidp_cli.io import LoadedExport, load_cascade_file, load_pruned, save_cascade
+from manidp_cli.io import NARROWED, CascadeMember, LoadedExport, load_cascade_file, load_pruned, save_cascade
+from manidp_cli.models.factory import create_model
+from manidp_cli.models.narrowing import narrowed_widths
+from manidp_cli.models.start import START_FILE, StartFile, build_start
+
+
+class _Start:
+    def __repr__(self) -> str:
+        return "START"
+
+
+START = _Start()  # the wide member: the dense network the narrow export was pruned from
 
 
 @dataclass(frozen=True)
@@ -103,7 +115,7 @@ def _check_target(target: float, narrow: MemberOutputs, wide: MemberOutputs, ful
 
 def evaluate_cascade_exports(
     narrow_path: str | Path,
-    wide_path: str | Path,
+    wide_path: str | Path | _Start,
     target_flops: float,
     data: str | None = None,
     batch_size: int = 256,
@@ -115,15 +127,19 @@ def evaluate_cascade_exports(
     device: str = "auto",
     on_progress: ProgressCallback | None = None,
 ) -> CascadeResult:
-    """Accuracy and mean FLOPs of escalating from one export to another at ``target_flops`` (a share
-    of the full-width network's FLOPs), cross-fitted on the evaluation images, and the threshold
-    fitted on all of them to deploy (``manidp_cli.runtime.cascade.Cascade``). ``save_to`` writes
-    both exports and that threshold as one file (``manidp_cli.load_cascade``; ``evaluate_cascade_file``)."""
+    """Accuracy and mean FLOPs of escalating from one export to another (``START``: to the dense
+    network it was pruned from, as its metadata records) at ``target_flops`` (a share of the
+    full-width network's FLOPs), cross-fitted on the evaluation images, and the threshold fitted on
+    all of them to deploy (``manidp_cli.runtime.cascade.Cascade``). ``save_to`` writes both
+    networks and that threshold as one file (``manidp_cli.load_cascade``; ``evaluate_cascade_file``)."""
     target = resolve_device(device)
     if save_to is not None:
         _check_new_file(Path(save_to))
     narrow_model, narrow_info = load_pruned(narrow_path)
-    wide_model, wide_info = load_pruned(wide_path)
+    if isinstance(wide_path, _Start):
+        wide_model, wide_info = start_of(narrow_info)
+    else:
+        wide_model, wide_info = load_pruned(wide_path)
     _check_members(narrow_info, wide_info)
     run = (data, img_size, workers, target, batch_size, limit, on_progress)
     pair = _measure_pair((narrow_model, wide_model), narrow_info, *run)
@@ -132,8 +148,33 @@ def evaluate_cascade_exports(
     result = pair.result(target_flops, cascade, (str(narrow_info.path), str(wide_info.path)))
     if save_to is None:
         return result
-    save_cascade(Path(save_to), narrow_path, wide_path, cascade.threshold, _fitted(result))
+    wide_member = (
+        CascadeMember(wide_info.metadata, wide_model.state_dict())
+        if isinstance(wide_path, _Start)
+        else CascadeMember.of_export(wide_path)
+    )
+    save_cascade(Path(save_to), CascadeMember.of_export(narrow_path), wide_member, cascade.threshold, _fitted(result))
     return replace(result, saved_to=str(save_to))
+
+
+def start_of(export: LoadedExport) -> tuple[nn.Module, LoadedExport]:
+    """The dense network ``export`` was pruned from (``models.start.build_start``), and metadata for
+    it as a dense export of the same network and data would have (a cascade file stores it)."""
+    meta = export.metadata
+    kwargs = meta["model_kwargs"]
+    source = meta.get("weights_source", "")
+    start_file = StartFile.from_dict(meta.get(START_FILE))
+    model = build_start(meta["model"], kwargs["num_classes"], kwargs["in_chans"], source, start_file)
+    widths = narrowed_widths(model, create_model(meta["model"], **kwargs))
+    metadata = {
+        "kind": "dense",
+        **{key: meta[key] for key in ("model", "model_kwargs", "input_shape", "data") if key in meta},
+        "weights_source": source,
+        **({START_FILE: start_file.to_dict()} if start_file is not None else {}),
+        **({NARROWED: widths} if widths else {}),
+    }
+    label = start_file.path if start_file is not None else source
+    return model, LoadedExport(Path(f"{label} (the start of {export.path})"), metadata)
 
 
 def evaluate_cascade_file(

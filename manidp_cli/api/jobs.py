@@ -40,6 +40,7 @@ from manidp_cli.inputs import capped, check_writable_folder, exists, is_file
 from manidp_cli.io import CONFIG_FILE, MODEL_FILE, NARROWED, export_config, save_model, save_timm_config
 from manidp_cli.models.factory import check_model_name, create_model
 from manidp_cli.models.narrowing import narrowed_widths
+from manidp_cli.models.start import HUB_START, RANDOM_START, START_FILE, StartFile
 from manidp_cli.runtime.static_l1 import StaticCriterion, require_torch_pruning
 from manidp_cli.training.checkpoint import load_checkpoint
 from manidp_cli.training.engine import FitResult, StepInfo, fit
@@ -85,6 +86,7 @@ class Job:
     start_widths: Widths = field(default_factory=dict)  # the start's, before a static stage (--resume rebuilds it)
     # per teacher stage, the channels a statically slimmed student's stage output keeps (None: all)
     kept_stage_channels: list[torch.Tensor] | None = None
+    start_file: StartFile | None = None  # --weights as they were when the run began
 
     @property
     def resume(self) -> bool:
@@ -227,6 +229,8 @@ def prepare(
         slimmed_start=start.slimmed,
         start_widths=start.start_widths,
         kept_stage_channels=start.kept_stage_channels,
+        # fingerprinted once the start has loaded from it (a missing or bad file has its own error)
+        start_file=StartFile.of(settings.weights) if settings.weights is not None else settings.start_file,
     )
     if command == "prune":
         _check_gates_reach(job)
@@ -361,6 +365,7 @@ class _RunSettings:
     weights_source: str
     resumed: dict[str, Any] | None = None
     resumed_identity: tuple[int, int, int] | None = None
+    start_file: StartFile | None = None
 
 
 def _new_run(command: Command, model_name, recipe_path, overrides, weights, out_dir) -> _RunSettings:
@@ -370,7 +375,7 @@ def _new_run(command: Command, model_name, recipe_path, overrides, weights, out_
     recipe = load_recipe(recipe_path, overrides)
     out_dir = check_writable_folder(out_dir or default_out_dir(command, model_name))
     _refuse_existing_run(out_dir)
-    weights_source = str(weights) if weights else ("timm hub" if command == "prune" else "random init")
+    weights_source = str(weights) if weights else (HUB_START if command == "prune" else RANDOM_START)
     return _RunSettings(recipe, model_name, out_dir, weights, weights_source)
 
 
@@ -405,7 +410,8 @@ def _stored_run(command: Command, model_name, recipe_path, overrides, weights, o
     changed = {key: given[key] for key in _FREE_ON_RESUME if key in given}
     if changed:
         recipe = validate_recipe({**recipe.model_dump(mode="json"), **changed}, "settings")
-    return _RunSettings(recipe, extra["model"], out_dir, None, extra["weights"], resumed, identity)
+    start_file = StartFile.from_dict(extra.get(START_FILE))
+    return _RunSettings(recipe, extra["model"], out_dir, None, extra["weights"], resumed, identity, start_file)
 
 
 # recipe keys that have a flag, named as the flag in messages
@@ -605,6 +611,7 @@ def _metadata(job: Job, after: Evaluation, before: dict[str, Any] | None) -> dic
         "data": {"spec": job.data.spec, "description": job.data.description, "classes": job.data.classes},
         "recipe": job.recipe.model_dump(mode="json"),
         "weights_source": job.weights_source,
+        **({START_FILE: job.start_file.to_dict()} if job.start_file is not None else {}),
         "accuracy": after.summary(),
         "flops_convention": FLOP_CONVENTION,
         "dense_flops": job.table.dense_flops,
@@ -735,6 +742,7 @@ def _fit(job: Job, world: World, before: dict[str, Any] | None, on_step, on_epoc
             "recipe": recipe.to_yaml(),
             "model": job.model_name,
             "weights": job.weights_source,
+            START_FILE: job.start_file.to_dict() if job.start_file is not None else None,
             "baseline": before,
             "routing_fit": job.routing_fit,
             START_WIDTHS: job.start_widths,

@@ -116,12 +116,19 @@ def _print_cascade(result: CascadeResult) -> None:
     console.print(result.flops_convention)
 
 
-def _evaluate_cascade(export: Path | None, escalate_to: Path | None, target_flops: float | None, **run):
-    from manidp_cli.api import evaluate_cascade_exports
+def _evaluate_cascade(
+    export: Path | None, escalate_to: Path | None, to_start: bool, target_flops: float | None, **run
+):
+    from manidp_cli.api import START, evaluate_cascade_exports
 
-    if export is None or escalate_to is None or target_flops is None:
-        raise ManidpError("a cascade needs an EXPORT, --escalate-to WIDE_EXPORT and --target-flops F together")
-    return evaluate_cascade_exports(export, escalate_to, target_flops, **run)
+    if escalate_to is not None and to_start:
+        raise ManidpError("give --escalate-to WIDE_EXPORT or --escalate-to-start, not both")
+    if export is None or (escalate_to is None and not to_start) or target_flops is None:
+        raise ManidpError(
+            "a cascade needs an EXPORT, --escalate-to WIDE_EXPORT (or --escalate-to-start) and --target-flops F "
+            "together"
+        )
+    return evaluate_cascade_exports(export, START if to_start else escalate_to, target_flops, **run)
 
 
 def _check_modes(export: Path | None, dense: str | None, data: str | None, cascade: bool, dynamic: bool) -> bool:
@@ -172,6 +179,14 @@ def eval_command(
             "(a cascade; needs --target-flops).",
         ),
     ] = None,
+    escalate_to_start: Annotated[
+        bool,
+        typer.Option(
+            "--escalate-to-start",
+            help="Escalate to the dense network the EXPORT was pruned from, as its metadata records it "
+            "(its --weights file, unchanged since, or timm's pretrained weights for the same classes).",
+        ),
+    ] = False,
     target_flops: Annotated[
         Optional[float],
         typer.Option(
@@ -195,7 +210,7 @@ def eval_command(
     """Measure accuracy and real dynamic FLOPs of an export, a saved cascade, or a dense baseline."""
     from manidp_cli.api import evaluate_cascade_file, evaluate_dense, evaluate_export
 
-    cascade = escalate_to is not None or target_flops is not None or save_cascade is not None
+    cascade = escalate_to is not None or escalate_to_start or target_flops is not None or save_cascade is not None
     saved = _check_modes(export, dense, data, cascade, dynamic)
     with task_progress(err_console) as on_progress:  # stderr: stdout holds the result alone
         run = {"img_size": img_size, "workers": workers, "device": device, "on_progress": on_progress}
@@ -205,7 +220,7 @@ def eval_command(
             result = evaluate_cascade_file(export, data, batch_size, limit, **run)
         elif cascade:
             run.update(data=data, batch_size=batch_size, limit=limit, save_to=save_cascade)
-            result = _evaluate_cascade(export, escalate_to, target_flops, **run)
+            result = _evaluate_cascade(export, escalate_to, escalate_to_start, target_flops, **run)
         else:
             result = evaluate_export(export, data, batch_size, limit, dynamic=dynamic, **run)
     if as_json:

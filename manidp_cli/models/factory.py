@@ -50,7 +50,7 @@ _CHECKPOINT_KEYS = ("model_state_dict",)  # read by manidp besides timm's own (s
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's local-dir: and the hub look for
 
 
-def _weights_in(path: Path) -> Path:
+def weights_file(path: Path) -> Path:
     """The weights file of a model folder (a manidp export, a timm or hub folder); other paths as given."""
     if not is_dir(path, "weights folder"):
         return path
@@ -71,7 +71,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     else ``state_dict`` / ``model``; DDP and torch.compile prefixes removed. Nothing is unpickled."""
     from timm.models import load_state_dict
 
-    path = _weights_in(Path(path).expanduser())
+    path = weights_file(Path(path).expanduser())
     if not is_file(path, "weights file"):
         raise WeightsError(f"weights file {capped(path)} not found")
     try:
