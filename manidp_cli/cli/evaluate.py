@@ -116,9 +116,7 @@ def _print_cascade(result: CascadeResult) -> None:
     console.print(result.flops_convention)
 
 
-def _evaluate_cascade(
-    export: Path | None, escalate_to: Path | None, to_start: bool, target_flops: float | None, **run
-):
+def _evaluate_cascade(export: Path | None, escalate_to: Path | None, to_start: bool, target_flops: float | None, **run):
     from manidp_cli.api import START, evaluate_cascade_exports
 
     if escalate_to is not None and to_start:
