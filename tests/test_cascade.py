@@ -226,6 +226,15 @@ def test_escalating_to_the_start_is_escalating_to_the_export_it_was_pruned_from(
     assert json.loads(proc.stdout)["cascade"]["top1"] == to_start.cascade.top1
 
 
+def test_a_pretrained_start_is_built_again_when_it_answered_these_classes(dense_weights):
+    # a train export is a timm local-dir: model whose pretrained weights answer its 10 classes (offline)
+    start = build_start(f"local-dir:{Path(dense_weights).parent}", 10, 1, HUB_START, None)
+    dense, _ = load_pruned(Path(dense_weights).parent)
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(start(x), dense(x))
+
+
 def test_a_start_that_cannot_be_found_again_is_refused_with_what_to_give_instead(dense_weights, tmp_path):
     copy = tmp_path / "start.safetensors"
     copy.write_bytes(Path(dense_weights).read_bytes())
