@@ -86,6 +86,8 @@ class RuleResult:
     top1_averaged: float  # the escalated images answered by the mean of both members' softmax
     flops_ratio: float
     escalated_share: float
+    # on the escalated images alone: the narrow member, the wide one, the mean of their softmax (None: none)
+    escalated_top1: tuple[float, float, float] | None
 
 
 def cross_fitted(rule: str, narrow: MemberOutputs, wide: MemberOutputs, target: float, score_for_fold) -> RuleResult:
@@ -107,6 +109,9 @@ def cross_fitted(rule: str, narrow: MemberOutputs, wide: MemberOutputs, target: 
         top1_averaged=float(torch.where(escalate, averaged, narrow.correct).float().mean()),
         flops_ratio=float((narrow.flops + wide.flops * escalate).mean()),
         escalated_share=float(escalate.float().mean()),
+        escalated_top1=tuple(float(c[escalate].float().mean()) for c in (narrow.correct, wide.correct, averaged))
+        if escalate.any()
+        else None,
     )
 
 
