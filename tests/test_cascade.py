@@ -224,6 +224,11 @@ def test_escalating_to_the_start_is_escalating_to_the_export_it_was_pruned_from(
     proc = run_manidp(["eval", pruned.out_dir, "--escalate-to-start", "--target-flops", "0.9", "--json"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["cascade"]["top1"] == to_start.cascade.top1
+    # a dense run from random weights has no start: one line, exit 2
+    dense = run_manidp(["eval", str(Path(dense_weights).parent), "--escalate-to-start", "--target-flops", "1.5"])
+    lines = dense.stderr.strip().splitlines()
+    assert dense.returncode == 2 and "started from random weights" in lines[-1], dense.stderr
+    assert not any("Traceback" in line for line in lines)
 
 
 def test_a_pretrained_start_is_built_again_when_it_answered_these_classes(dense_weights):
