@@ -257,3 +257,16 @@ def test_a_start_that_cannot_be_found_again_is_refused_with_what_to_give_instead
         with pytest.raises(WeightsError, match=message) as caught:
             build_start("test_resnet", 10, 1, source, start_file)
         assert "give --escalate-to a dense export of the start instead" in str(caught.value)
+
+
+@pytest.mark.parametrize("wide_top1, noted", [(0.80, True), (0.90, False)])
+def test_eval_says_when_the_wide_member_cannot_help(capsys, wide_top1, noted):
+    from manidp_cli.api.cascade import CascadeResult, MemberResult
+    from manidp_cli.api.evaluate import DataSource
+    from manidp_cli.cli.evaluate import _print_cascade
+
+    narrow, wide = MemberResult("narrow", 0.85, 0.45), MemberResult("wide", wide_top1, 1.0)
+    cascade = evaluate_cascade(*_members(), target_flops=2.5)
+    data = DataSource("embedded", "demo images", "eval", "--data")
+    _print_cascade(CascadeResult("resnet18", data, 40, 100, 0.5, narrow, wide, cascade))
+    assert ("escalating cannot help" in capsys.readouterr().out) == noted

@@ -92,6 +92,9 @@ def _print_cascade(result: CascadeResult) -> None:
     table.add_row("images", str(result.images))
     for name, member in (("narrow alone", result.narrow), ("wide alone", result.wide)):
         table.add_row(name, f"top-1 {member.top1:.4f} at {member.flops_ratio:.4f} of the full-width network's FLOPs")
+    if result.wide.top1 <= result.narrow.top1:
+        # e.g. a long fine-tune makes the pruned export more accurate than the start it came from
+        table.add_row("note", "the wide member is no more accurate than the narrow one alone: escalating cannot help")
     cascade = result.cascade
     table.add_row(
         "cascade",
