@@ -321,14 +321,10 @@ def is_cascade(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class CascadeMember:
-    """One network of a cascade file: an export's metadata (or a dense start's, built alike) and its weights."""
+    """One network of a cascade file: an export's metadata (or a dense start's, built alike) and its state dict."""
 
     metadata: dict[str, Any]
     state: dict[str, Any]
-
-    @classmethod
-    def of_export(cls, path: str | Path) -> CascadeMember:
-        return cls(read_metadata(path), _weights(_model_file(Path(path))))
 
 
 def save_cascade(

@@ -148,12 +148,10 @@ def evaluate_cascade_exports(
     result = pair.result(target_flops, cascade, (str(narrow_info.path), str(wide_info.path)))
     if save_to is None:
         return result
-    wide_member = (
-        CascadeMember(wide_info.metadata, wide_model.state_dict())
-        if isinstance(wide_path, _Start)
-        else CascadeMember.of_export(wide_path)
-    )
-    save_cascade(Path(save_to), CascadeMember.of_export(narrow_path), wide_member, cascade.threshold, _fitted(result))
+    # the networks as loaded (strictly, from their files) with their checked metadata: nothing read again
+    narrow = CascadeMember(narrow_info.metadata, narrow_model.state_dict())
+    wide = CascadeMember(wide_info.metadata, wide_model.state_dict())
+    save_cascade(Path(save_to), narrow, wide, cascade.threshold, _fitted(result))
     return replace(result, saved_to=str(save_to))
 
 
