@@ -39,7 +39,7 @@ from manidp_cli.analysis.machine import cpu_info
 from manidp_cli.data import load_data
 from manidp_cli.files import atomic_write_text
 from manidp_cli.models.factory import create_model
-from manidp_cli.runtime.cascade import Cascade
+from manidp_cli.runtime.cascade import Cascade, escalates
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -88,7 +88,7 @@ def networks(args, images) -> tuple[dict[str, nn.Module], float, float]:
     narrow = cascade.cached_member(outputs, args.narrow_arm, paths["narrow"], args.work / "cascade-cache")
     dense = cascade.cached_member(outputs, "dense", paths["dense"], args.work / "cascade-cache")
     threshold = fit_threshold(narrow, dense, args.target, torch.arange(len(narrow.labels)))
-    escalated = float((narrow.confidence < threshold).float().mean())
+    escalated = float(escalates(narrow.probabilities, threshold).float().mean())
     models["cascade"] = Cascade(models["narrow"], models["dense"], threshold).eval()
     return models, threshold, escalated
 

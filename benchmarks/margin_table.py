@@ -142,12 +142,17 @@ def cascades_to_the_start() -> dict[str, list[tuple[str, int, float, Cell]]]:
     return found
 
 
+def required_margin(target: float) -> float:
+    """The lead (points) the issue asks over the best static network: none at 0.45, the margin below."""
+    return 0.0 if target >= EQUAL_ONLY else 100 * accuracy.MARGIN
+
+
 def judged(candidate: Cell | None, static: Cell, target: float) -> tuple[float | None, bool]:
     """The candidate's lead over the best static network, and whether the issue's target is met:
     level at 0.45; at least the margin, and more than the larger seed sd, below it."""
     if candidate is None:
         return None, False
-    margin = 0.0 if target >= EQUAL_ONLY else 100 * accuracy.MARGIN
+    margin = required_margin(target)
     difference = candidate.mean - static.mean
     spread = max(candidate.stdev or 0.0, static.stdev or 0.0)
     return difference, difference >= margin and (margin == 0 or difference > spread)
@@ -188,7 +193,7 @@ def verdict(start: str, facts: Start, budget: int, target: float, cells: dict, m
     manidp = best(tried, min_seeds)
     default = best([cell for cell in tried if cell.arm in accuracy.DEFAULT_ARMS], min_seeds)
     unpruned = best(cells.get(("unpruned", budget, 1.0), []))
-    needed = static.mean + (0.0 if target >= EQUAL_ONLY else 100 * accuracy.MARGIN)
+    needed = static.mean + required_margin(target)
     difference, met = judged(manidp, static, target)
     cascade = best(cells.get(("cascade manidp", budget, target), []), min_seeds)
     static_cascade = best(cells.get(("cascade static", budget, target), []), min_seeds)
