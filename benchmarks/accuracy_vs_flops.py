@@ -445,6 +445,12 @@ def parse_args() -> argparse.Namespace:
         "every machine comparable",
     )
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=128,
+        help="every arm's fine-tuning batch (the dense start keeps 128): the same images in more, smaller steps",
+    )
     parser.add_argument("--max-arms", type=int, default=None, help="stop after this many new arms")
     parser.add_argument(
         "--rerun",
@@ -575,7 +581,7 @@ def arm_key(spec: dict, args) -> str:
         "dense_epochs": args.dense_epochs,
         "dense_images": args.dense_images,
         "epochs": 3,
-        "batch": 128,
+        "batch": args.batch,
     }
     arm = spec["arm"]
     if arm in TUNED_TEACHER_ARMS:
@@ -646,7 +652,7 @@ def _fine_tune(model, data, objective, args, spec, out: Path) -> None:
         data,
         objective,
         epochs=3,
-        batch_size=128,
+        batch_size=args.batch,
         optimizer_config=OptimizerConfig(lr=args.lr),
         seed=spec["seed"],
         train_limit=spec["budget"] // 3,
@@ -670,7 +676,7 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path, teacher: Path | Non
     overrides = {
         "data": args.data,
         "epochs": 3,
-        "batch_size": 128,
+        "batch_size": args.batch,
         "train_images": spec["budget"] // 3,
         "seed": spec["seed"],
         "target_flops": spec["target"],
@@ -879,25 +885,28 @@ def _stats(rows: list[dict]) -> dict:
     }
 
 
-def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
-    """Finished arms -> (current at ``--lr``, current at another learning rate, superseded). An arm is
-    superseded when its key no longer matches its settings (e.g. the default recipe changed since it
-    ran): it is reported apart, never pooled with the current arms of the same name."""
-    current, other_lr, superseded = [], [], []
+def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """Finished arms -> (current at ``--lr``, current at another learning rate, current at another
+    batch, superseded). An arm is superseded when its key no longer matches its settings (e.g. the
+    default recipe changed since it ran): it is reported apart, never pooled with the current arms of
+    the same name."""
+    current, other_lr, other_batch, superseded = [], [], [], []
     for row in rows:
-        lr = row.get("lr", DEFAULT_LR)
+        lr, batch = row.get("lr", DEFAULT_LR), row.get("batch", 128)
         spec = {name: row[name] for name in ("arm", "target", "seed", "budget")}
         if row["arm"] not in (*MANIDP_ARMS, *HYBRID_ARMS, *STATIC_ARMS, *DENSE_ARMS, *TUNED_TEACHER_ARMS):
             superseded.append(row)
-        elif row["key"] != arm_key(spec, argparse.Namespace(**{**vars(args), "lr": lr})):
+        elif row["key"] != arm_key(spec, argparse.Namespace(**{**vars(args), "lr": lr, "batch": batch})):
             superseded.append(row)
+        elif batch != args.batch:
+            other_batch.append(row)
         else:
             (current if lr == args.lr else other_lr).append(row)
-    return current, other_lr, superseded
+    return current, other_lr, other_batch, superseded
 
 
 def summarise(args, rows: list[dict], start: StartIdentity, wall: float) -> dict:
-    arms, other_lr, superseded = split_rows(args, rows)
+    arms, other_lr, other_batch, superseded = split_rows(args, rows)
     cells = {f"{arm}|{budget}|{target}": _stats(rows) for (arm, budget, target), rows in _cells(arms).items()}
     return {
         "iso_accuracy": iso_accuracy(cells),
@@ -909,7 +918,7 @@ def summarise(args, rows: list[dict], start: StartIdentity, wall: float) -> dict
             "fine_tune_epochs": 3,
             "budgets": args.budgets,
             "lr": args.lr,
-            "batch_size": 128,
+            "batch_size": args.batch,
             "targets": args.targets,
             "seeds": args.seeds,
             "teacher_dtype": args.teacher_dtype,
@@ -925,6 +934,7 @@ def summarise(args, rows: list[dict], start: StartIdentity, wall: float) -> dict
         "arms": arms,
         "cells": cells,
         "other_learning_rates": other_lr,
+        "other_batches": other_batch,
         "superseded_arms": superseded,
         "manidp_vs_best_static": verdicts(cells, arms),
         "wall_seconds": wall,
@@ -1071,7 +1081,8 @@ def restore_cache(args, folder: Path, start: StartIdentity) -> int:
             "this run its own --work and --out, or move that file aside (its arms cannot be pooled with new ones)"
         )
     restored = 0
-    for row in summary["arms"] + summary["other_learning_rates"] + summary["superseded_arms"]:
+    restorable = summary["arms"] + summary["other_learning_rates"] + summary.get("other_batches", [])
+    for row in restorable + summary["superseded_arms"]:
         path = folder / f"{row['key']}.json"
         if not path.exists():
             atomic_write_text(path, json.dumps(row, indent=1))
@@ -1136,7 +1147,8 @@ def run_plan(args: argparse.Namespace) -> None:
             print(f"{key:48s} diverged: {exc}", flush=True)
             continue
         # seconds: this run's share only, when the arm resumed a checkpoint
-        row = {"key": key, **spec, "lr": args.lr, **metrics, "seconds": time.perf_counter() - t0, "resumed": resumed}
+        row = {"key": key, **spec, "lr": args.lr, "batch": args.batch, **metrics}
+        row |= {"seconds": time.perf_counter() - t0, "resumed": resumed}
         atomic_write_text(folder / f"{key}.json", json.dumps(row, indent=1))
         new += 1
         print(f"{key:48s} top1 {row['top1']:.4f}  FLOPs {row['flops_ratio']:.3f}  {row['seconds']:.0f} s", flush=True)
@@ -1146,6 +1158,7 @@ def run_plan(args: argparse.Namespace) -> None:
     plot(summary, args.plot)
     _table(summary["arms"], "current arms")
     _table(summary["other_learning_rates"], "other learning rates")
+    _table(summary["other_batches"], "other batches")
     _table(summary["superseded_arms"], "superseded (settings changed since they ran; not pooled)")
     for v in summary["manidp_vs_best_static"]:
         print(

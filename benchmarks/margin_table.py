@@ -161,18 +161,25 @@ def judged(candidate: Cell | None, static: Cell, target: float) -> tuple[float |
 def cells_of(rows: list[dict]) -> dict[tuple[str, int, float], list[Cell]]:
     """(side, budget, target) -> every arm and learning rate measured there; side is static,
     unpruned or manidp."""
-    grouped: dict[tuple[str, float, int, float], list[dict]] = {}
+    grouped: dict[tuple[str, str, float, int, float], list[dict]] = {}
     for row in rows:
         lr = row.get("lr", accuracy.DEFAULT_LR)
-        grouped.setdefault((row["arm"], lr, row["budget"], row["target"]), []).append(row)
+        grouped.setdefault((side(row["arm"]), labelled(row), lr, row["budget"], row["target"]), []).append(row)
     cells: dict[tuple[str, int, float], list[Cell]] = {}
-    for (arm, lr, budget, target), runs in grouped.items():
+    for (arm_side, arm, lr, budget, target), runs in grouped.items():
         runs.sort(key=lambda run: run["seed"])
         top1 = tuple(100 * run["top1"] for run in runs)
         spread = statistics.stdev(top1) if len(top1) > 1 else None
         cell = Cell(arm, lr, statistics.mean(top1), spread, tuple(run["seed"] for run in runs), top1)
-        cells.setdefault((side(arm), budget, target), []).append(cell)
+        cells.setdefault((arm_side, budget, target), []).append(cell)
     return cells
+
+
+def labelled(row: dict) -> str:
+    """The arm's name, with its fine-tuning batch where that is not the benchmark's 128 (one arm at two
+    batches is two cells, never pooled)."""
+    batch = row.get("batch", 128)
+    return row["arm"] if batch == 128 else f"{row['arm']}, batch {batch}"
 
 
 def side(arm: str) -> str:
