@@ -2,7 +2,7 @@
 
 Every arm starts from one dense network (``--model``, resnet18 by default; in_chans=1, 10
 classes) and gets the same optimiser budget: 3 epochs of ``budget / 3`` images (a fresh random
-subset each epoch), batch 128, SGD Nesterov, cosine learning rate from ``--lr``. Arms:
+subset each epoch), batch 128 (``--batch``), SGD Nesterov, cosine learning rate from ``--lr``. Arms:
 
 - ``manidp``: the default recipe (recipes/default.yaml); ``paper``: recipes/paper.yaml (method.md's
   procedure); ``no_similarity`` / ``no_complexity``: the default without the similarity term /
@@ -1009,13 +1009,14 @@ def _table(done: list[dict], title: str) -> None:
     if not done:
         return
     print(f"\n{title}")
-    print(f"{'arm':18s} {'budget':>7s} {'lr':>5s} {'target':>6s} {'seed':>4s}", end="")
+    print(f"{'arm':18s} {'budget':>7s} {'batch':>5s} {'lr':>5s} {'target':>6s} {'seed':>4s}", end="")
     print(f" {'top1':>7s} {'FLOPs':>6s} {'spearman':>8s}")
     for d in sorted(done, key=lambda d: (d["budget"], -d["target"], d["arm"], d["seed"])):
         rho = d["spearman_loss_flops"]
         rho_text = "n/a" if rho is None else f"{rho:+.3f}"
         print(
-            f"{d['arm']:18s} {d['budget']:7d} {d.get('lr', DEFAULT_LR):5.3f} {d['target']:6.2f} {d['seed']:4d}"
+            f"{d['arm']:18s} {d['budget']:7d} {d.get('batch', 128):5d} {d.get('lr', DEFAULT_LR):5.3f}"
+            f" {d['target']:6.2f} {d['seed']:4d}"
             f" {d['top1']:7.4f}"
             f" {d['flops_ratio']:6.3f} {rho_text:>8s}"
         )
