@@ -389,6 +389,8 @@ NETWORK_FILE = "model.safetensors"  # in an arm's run folder: manidp's export, o
 FLOPS_RATIO = "flops_ratio"  # metadata of a static or dense arm's network: its FLOPs share
 MARGIN = 0.005  # the issue's: the default >= 0.5 point above the best static arm at 0.30 and 0.15
 DEFAULT_LR = 0.05  # 3 seeds in every cell
+# every arm's fine-tuning batch, and that of the rows cached before --batch existed
+DEFAULT_BATCH = 128
 
 
 def run_folders(work: Path, patterns: list[str]) -> list[Path]:
@@ -448,7 +450,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--batch",
         type=int,
-        default=128,
+        default=DEFAULT_BATCH,
         help="every arm's fine-tuning batch (the dense start keeps 128): the same images in more, smaller steps",
     )
     parser.add_argument("--max-arms", type=int, default=None, help="stop after this many new arms")
@@ -892,7 +894,7 @@ def split_rows(args, rows: list[dict]) -> tuple[list[dict], list[dict], list[dic
     the same name."""
     current, other_lr, other_batch, superseded = [], [], [], []
     for row in rows:
-        lr, batch = row.get("lr", DEFAULT_LR), row.get("batch", 128)
+        lr, batch = row.get("lr", DEFAULT_LR), row.get("batch", DEFAULT_BATCH)
         spec = {name: row[name] for name in ("arm", "target", "seed", "budget")}
         if row["arm"] not in (*MANIDP_ARMS, *HYBRID_ARMS, *STATIC_ARMS, *DENSE_ARMS, *TUNED_TEACHER_ARMS):
             superseded.append(row)
@@ -1015,7 +1017,7 @@ def _table(done: list[dict], title: str) -> None:
         rho = d["spearman_loss_flops"]
         rho_text = "n/a" if rho is None else f"{rho:+.3f}"
         print(
-            f"{d['arm']:18s} {d['budget']:7d} {d.get('batch', 128):5d} {d.get('lr', DEFAULT_LR):5.3f}"
+            f"{d['arm']:18s} {d['budget']:7d} {d.get('batch', DEFAULT_BATCH):5d} {d.get('lr', DEFAULT_LR):5.3f}"
             f" {d['target']:6.2f} {d['seed']:4d}"
             f" {d['top1']:7.4f}"
             f" {d['flops_ratio']:6.3f} {rho_text:>8s}"

@@ -176,10 +176,10 @@ def cells_of(rows: list[dict]) -> dict[tuple[str, int, float], list[Cell]]:
 
 
 def labelled(row: dict) -> str:
-    """The arm's name, with its fine-tuning batch where that is not the benchmark's 128 (one arm at two
+    """The arm's name, with its fine-tuning batch where that is not the benchmark's default (one arm at two
     batches is two cells, never pooled)."""
-    batch = row.get("batch", 128)
-    return row["arm"] if batch == 128 else f"{row['arm']}, batch {batch}"
+    batch = row.get("batch", accuracy.DEFAULT_BATCH)
+    return row["arm"] if batch == accuracy.DEFAULT_BATCH else f"{row['arm']}, batch {batch}"
 
 
 def side(arm: str) -> str:

@@ -100,7 +100,7 @@ def _arm_args(args) -> argparse.Namespace:
         work=args.work,
         model=args.model,
         teacher_dtype="float32",  # the accuracy benchmark's default: the keys of its arms
-        batch=128,  # likewise
+        batch=accuracy.DEFAULT_BATCH,  # likewise
     )
 
 
