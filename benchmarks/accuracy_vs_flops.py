@@ -174,6 +174,9 @@ MANIDP_ARMS = {
     "hybrid_recipe_s025_fkd_ramp30": _hybrid_fkd(0.25, {"schedule": {"ramp": 0.3}}),
     # hybrid-distill with a linear learning-rate warm-up over the first tenth of the steps (0.3 of 3 epochs)
     "hybrid_recipe_s025_fkd_warmup03": _hybrid_fkd(0.25, {"optimizer": {"warmup_epochs": 0.3}}),
+    # hybrid-distill with the thresholds moved every second step: at batch 64 each move then sees the
+    # 128 images one move sees at batch 128, and the moving averages remember as many images
+    "hybrid_recipe_s025_fkd_every2": _hybrid_fkd(0.25, {"schedule": {"feedback_every": 2}}),
     # hybrid-distill with its gates held at their first cut (the thresholds still follow the FLOPs): what
     # learning the gates adds over the importance start
     "hybrid_recipe_s025_fkd_frozen_gates": _hybrid_fkd(0.25, {"optimizer": FROZEN_GATES["optimizer"]}),
