@@ -392,6 +392,8 @@ NETWORK_FILE = "model.safetensors"  # in an arm's run folder: manidp's export, o
 FLOPS_RATIO = "flops_ratio"  # metadata of a static or dense arm's network: its FLOPs share
 MARGIN = 0.005  # the issue's: the default >= 0.5 point above the best static arm at 0.30 and 0.15
 DEFAULT_LR = 0.05  # 3 seeds in every cell
+# every arm's fine-tune: this many epochs of budget / FINE_TUNE_EPOCHS images each
+FINE_TUNE_EPOCHS = 3
 # every arm's fine-tuning batch, and that of the rows cached before --batch existed
 DEFAULT_BATCH = 128
 
@@ -585,7 +587,7 @@ def arm_key(spec: dict, args) -> str:
         "data": args.data,
         "dense_epochs": args.dense_epochs,
         "dense_images": args.dense_images,
-        "epochs": 3,
+        "epochs": FINE_TUNE_EPOCHS,
         "batch": args.batch,
     }
     arm = spec["arm"]
@@ -656,11 +658,11 @@ def _fine_tune(model, data, objective, args, spec, out: Path) -> None:
         model,
         data,
         objective,
-        epochs=3,
+        epochs=FINE_TUNE_EPOCHS,
         batch_size=args.batch,
         optimizer_config=OptimizerConfig(lr=args.lr),
         seed=spec["seed"],
-        train_limit=spec["budget"] // 3,
+        train_limit=spec["budget"] // FINE_TUNE_EPOCHS,
         checkpoint_path=checkpoint,
         resume_state=resumed,
         extra_state={"kind": spec["arm"], "recipe": json.dumps(spec), "model": args.model, "weights": "dense start"},
@@ -680,9 +682,9 @@ def run_manidp_arm(args, spec: dict, start: Path, out: Path, teacher: Path | Non
     recipe, changes = MANIDP_ARMS[spec["arm"]]
     overrides = {
         "data": args.data,
-        "epochs": 3,
+        "epochs": FINE_TUNE_EPOCHS,
         "batch_size": args.batch,
-        "train_images": spec["budget"] // 3,
+        "train_images": spec["budget"] // FINE_TUNE_EPOCHS,
         "seed": spec["seed"],
         "target_flops": spec["target"],
         **{section: values for section, values in changes.items() if section not in ("schedule", "optimizer")},
@@ -920,7 +922,7 @@ def summarise(args, rows: list[dict], start: StartIdentity, wall: float) -> dict
         "data": args.data,
         "settings": {
             "dense_epochs": args.dense_epochs,
-            "fine_tune_epochs": 3,
+            "fine_tune_epochs": FINE_TUNE_EPOCHS,
             "budgets": args.budgets,
             "lr": args.lr,
             "batch_size": args.batch,

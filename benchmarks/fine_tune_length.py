@@ -10,7 +10,7 @@ reference arm (static pruning) at the same images and batch, each at its own bes
 and a plot of top-1 against steps::
 
     .venv/bin/python benchmarks/fine_tune_length.py --target 0.3 \\
-        --summaries benchmarks/results/accuracy_vs_flops_resnet18_s44{,_b64,_steps}.json \\
+        --summaries benchmarks/results/accuracy_vs_flops_resnet18_s44{,_b64}.json \\
         benchmarks/results/accuracy_vs_flops_resnet18_180k.json
 """
 
@@ -20,13 +20,16 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from manidp_cli.files import atomic_write_text
 
+sys.path.insert(0, str(Path(__file__).parent))
+import accuracy_vs_flops as accuracy  # noqa: E402 - the sibling benchmark's fine-tune length and batch
+
 RESULTS = Path(__file__).parent / "results"
-EPOCHS = 3  # accuracy_vs_flops.py fine-tunes every arm for 3 epochs of budget / 3 images
 DEFAULT_ARMS = ("static_fkd", "hybrid_recipe_s025_fkd", "hybrid_recipe_s025_fkd_frozen_gates")
 
 
@@ -68,7 +71,7 @@ def pooled_rows(paths: list[Path]) -> tuple[str, list[dict]]:
     digests, rows = set(), {}
     for path in paths:
         summary = json.loads(path.read_text())
-        digests.add((summary.get("dense_start") or {}).get("weights_sha256"))
+        digests.add(accuracy.summary_start_digest(summary))
         for row in [*summary["arms"], *summary["other_learning_rates"], *summary.get("other_batches", [])]:
             rows.setdefault((row["key"], row["seed"]), row)
     if len(digests) != 1 or None in digests:
@@ -77,7 +80,8 @@ def pooled_rows(paths: list[Path]) -> tuple[str, list[dict]]:
 
 
 def optimiser_steps(images: int, batch: int) -> int:
-    return EPOCHS * math.ceil(images // EPOCHS / batch)
+    epochs = accuracy.FINE_TUNE_EPOCHS
+    return epochs * math.ceil(images // epochs / batch)
 
 
 def lengths(rows: list[dict], args) -> list[Length]:
@@ -86,18 +90,16 @@ def lengths(rows: list[dict], args) -> list[Length]:
     runs: dict[tuple[str, int, int, float], dict[int, float]] = {}
     for row in rows:
         if row["arm"] in args.arms and row["target"] == args.target:
-            where = (row["arm"], row["budget"], row.get("batch", 128), row["lr"])
+            where = (row["arm"], row["budget"], row.get("batch", accuracy.DEFAULT_BATCH), row["lr"])
             runs.setdefault(where, {})[row["seed"]] = 100 * row["top1"]
-    best: dict[tuple[str, int, int], tuple[float, dict[int, float]]] = {}
+    best: dict[tuple[str, int, int], tuple[float, float, dict[int, float]]] = {}  # -> (mean, lr, top1)
     for (arm, images, batch, lr), top1 in runs.items():
-        held = best.get((arm, images, batch))
-        if len(top1) >= args.min_seeds and (
-            held is None or statistics.mean(top1.values()) > statistics.mean(held[1].values())
-        ):
-            best[(arm, images, batch)] = (lr, top1)
-    means = {where: statistics.mean(top1.values()) for where, (_, top1) in best.items()}
+        mean = statistics.mean(top1.values())
+        if len(top1) >= args.min_seeds and mean > best.get((arm, images, batch), (-math.inf,))[0]:
+            best[(arm, images, batch)] = (mean, lr, top1)
+    means = {where: mean for where, (mean, _, _) in best.items()}
     found = []
-    for (arm, images, batch), (lr, top1) in best.items():
+    for (arm, images, batch), (mean, lr, top1) in best.items():
         reference = means.get((args.reference, images, batch))
         found.append(
             Length(
@@ -108,9 +110,9 @@ def lengths(rows: list[dict], args) -> list[Length]:
                 optimiser_steps(images, batch),
                 tuple(sorted(top1)),
                 tuple(top1[seed] for seed in sorted(top1)),
-                means[(arm, images, batch)],
+                mean,
                 statistics.stdev(top1.values()) if len(top1) > 1 else None,
-                None if reference is None else means[(arm, images, batch)] - reference,
+                None if reference is None else mean - reference,
             )
         )
     return sorted(found, key=lambda cell: (cell.steps, cell.images, args.arms.index(cell.arm)))
@@ -156,7 +158,7 @@ def plot(cells: list[Length], arms: list[str], title: str, path: Path) -> None:
                     label=arm if batch == 128 else f"{arm}, batch 64",
                 )
     axes.set_xscale("log")
-    axes.set_xlabel("optimiser steps of the fine-tune (3 epochs; log scale)")
+    axes.set_xlabel(f"optimiser steps of the fine-tune ({accuracy.FINE_TUNE_EPOCHS} epochs; log scale)")
     axes.set_ylabel("top-1 % (mean ± sd over seeds)")
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=7)
