@@ -6,8 +6,9 @@ reads the committed summaries of one dense start (rows pooled by key, so a row i
 counts once), keeps the chosen arms at one FLOPs target, and reports for every (images, batch)
 measured: the optimiser steps, each arm's mean ± sd over its seeds at its best learning rate (the
 highest mean among those run with at least ``--min-seeds`` seeds), and each arm's lead over the
-reference arm (static pruning) at the same images and batch, each at its own best rate. Printed table, JSON,
-and a plot of top-1 against steps::
+reference arm (static pruning) at the same images and batch, each at its own best rate. An unpruned arm
+(``dense``) among ``--arms`` is read at 1.0 of the FLOPs: its lead is the room static pruning leaves
+below the network it starts from. Printed table, JSON, and a plot of top-1 against steps::
 
     .venv/bin/python benchmarks/fine_tune_length.py --target 0.3 \\
         --summaries benchmarks/results/accuracy_vs_flops_resnet18_s44{,_b64}.json \\
@@ -89,7 +90,9 @@ def lengths(rows: list[dict], args) -> list[Length]:
     over ``--reference``."""
     runs: dict[tuple[str, int, int, float], dict[int, float]] = {}
     for row in rows:
-        if row["arm"] in args.arms and row["target"] == args.target:
+        # the unpruned arms run at 1.0 only: read beside the pruned ones, they are the ceiling
+        target = 1.0 if row["arm"] in accuracy.DENSE_ARMS else args.target
+        if row["arm"] in args.arms and row["target"] == target:
             where = (row["arm"], row["budget"], row.get("batch", accuracy.DEFAULT_BATCH), row["lr"])
             runs.setdefault(where, {})[row["seed"]] = 100 * row["top1"]
     best: dict[tuple[str, int, int], tuple[float, float, dict[int, float]]] = {}  # -> (mean, lr, top1)
