@@ -337,6 +337,11 @@ MANIDP_ARMS = {
         {"narrow_training": True, "gates": {"max_cost": 0.03}, "optimizer": {"gate_lr_scale": 0.1}},
     ),
     "narrow_fd5": ("default.yaml", {"narrow_training": True, "loss": {"feature_distill_weight": 5.0}}),
+    # the same with gates started from |gamma| / sigma, which lifted hybrid-distill on resnet34
+    "narrow_fd5_bn_scale": (
+        "default.yaml",
+        {"narrow_training": True, "loss": {"feature_distill_weight": 5.0}, "gates": {"init": "bn_scale"}},
+    ),
     # cost-weighted per-layer rates (allocation05, which led the default at 0.30 on the first start when
     # training was masked) as the default trains today
     "narrow_alloc05": ("default.yaml", {"narrow_training": True, "schedule": {"allocation": 0.5}}),
