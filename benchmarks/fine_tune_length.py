@@ -147,7 +147,7 @@ def plot(cells: list[Length], arms: list[str], title: str, path: Path) -> None:
     # batch 64 drawn hollow and a little to the right: at 18,000 images it makes as many steps as
     # 36,000 images at batch 128, and the two would hide each other
     for index, arm in enumerate(arms):
-        for batch, marker, shift in ((128, "o-", 1.0), (64, "s", 1.05)):
+        for batch, marker, shift in ((accuracy.DEFAULT_BATCH, "o-", 1.0), (64, "s", 1.05)):
             points = [cell for cell in cells if cell.arm == arm and cell.batch == batch]
             if points:
                 axes.errorbar(
@@ -158,7 +158,7 @@ def plot(cells: list[Length], arms: list[str], title: str, path: Path) -> None:
                     color=colours[index % len(colours)],
                     markerfacecolor="none" if batch == 64 else None,
                     capsize=3,
-                    label=arm if batch == 128 else f"{arm}, batch 64",
+                    label=arm if batch == accuracy.DEFAULT_BATCH else f"{arm}, batch 64",
                 )
     axes.set_xscale("log")
     axes.set_xlabel(f"optimiser steps of the fine-tune ({accuracy.FINE_TUNE_EPOCHS} epochs; log scale)")
