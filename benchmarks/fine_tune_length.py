@@ -5,10 +5,11 @@ benchmarks/accuracy_vs_flops.py fine-tunes every arm for 3 epochs of ``budget / 
 reads the committed summaries of one dense start (rows pooled by key, so a row in two summaries
 counts once), keeps the chosen arms at one FLOPs target, and reports for every (images, batch)
 measured: the optimiser steps, each arm's mean ± sd over its seeds at its best learning rate (the
-highest mean among those run with at least ``--min-seeds`` seeds), and each arm's lead over the
-reference arm (static pruning) at the same images and batch, each at its own best rate. An unpruned arm
-(``dense``) among ``--arms`` is read at 1.0 of the FLOPs: its lead is the room static pruning leaves
-below the network it starts from. Printed table, JSON, and a plot of top-1 against steps::
+highest mean among those run with at least ``--min-seeds`` seeds), and each arm's lead over the best
+of the ``--reference`` arms (static pruning) that ran at the same images and batch, each at its own
+best rate. An unpruned arm (``dense``) among ``--arms`` is read at 1.0 of the FLOPs: its lead is the
+room static pruning leaves below the network it starts from. Printed table, JSON, and a plot of
+top-1 against steps::
 
     .venv/bin/python benchmarks/fine_tune_length.py --target 0.3 \\
         --summaries benchmarks/results/accuracy_vs_flops_resnet18_s44{,_b64}.json \\
@@ -47,7 +48,8 @@ class Length:
     top1: tuple[float, ...]
     mean: float
     stdev: float | None  # None for one seed
-    lead: float | None  # mean minus the reference arm's at the same images and batch (None: not run)
+    lead: float | None  # mean minus the best reference arm's at the same images and batch (None: none ran)
+    reference: str | None  # that reference arm
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,14 +58,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.3, help="the FLOPs target of the rows compared")
     parser.add_argument("--min-seeds", type=int, default=3, help="seeds a learning rate needs to be compared")
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS))
-    parser.add_argument("--reference", default="static_fkd", help="the arm every lead is measured against")
+    parser.add_argument(
+        "--reference",
+        nargs="+",
+        default=["static_fkd"],
+        help="the arms every lead is measured against: the best of them that ran at the same images and batch",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "fine_tune_length.json")
     args = parser.parse_args()
     missing = [str(path) for path in args.summaries if not path.is_file()]
     if missing:
         parser.error(f"no summary file {', '.join(missing)}: give accuracy_vs_flops.py --out files")
-    if args.reference not in args.arms:
-        parser.error(f"--reference {args.reference} is not among --arms ({', '.join(args.arms)})")
+    strangers = [arm for arm in args.reference if arm not in args.arms]
+    if strangers:
+        parser.error(f"--reference {' '.join(strangers)} not among --arms ({', '.join(args.arms)})")
     return args
 
 
@@ -103,7 +111,8 @@ def lengths(rows: list[dict], args) -> list[Length]:
     means = {where: mean for where, (mean, _, _) in best.items()}
     found = []
     for (arm, images, batch), (mean, lr, top1) in best.items():
-        reference = means.get((args.reference, images, batch))
+        references = [(means[(ref, images, batch)], ref) for ref in args.reference if (ref, images, batch) in means]
+        reference = max(references, default=None)
         found.append(
             Length(
                 arm,
@@ -115,7 +124,8 @@ def lengths(rows: list[dict], args) -> list[Length]:
                 tuple(top1[seed] for seed in sorted(top1)),
                 mean,
                 statistics.stdev(top1.values()) if len(top1) > 1 else None,
-                None if reference is None else mean - reference,
+                None if reference is None else mean - reference[0],
+                None if reference is None else reference[1],
             )
         )
     return sorted(found, key=lambda cell: (cell.steps, cell.images, args.arms.index(cell.arm)))
@@ -123,15 +133,15 @@ def lengths(rows: list[dict], args) -> list[Length]:
 
 def table(cells: list[Length]) -> str:
     lines = [
-        "| images | batch | steps | arm | lr | top-1 % | seeds | lead |",
-        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| images | batch | steps | arm | lr | top-1 % | seeds | lead | over |",
+        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for cell in cells:
         spread = f" ± {cell.stdev:.2f}" if cell.stdev is not None else ""
-        lead = "" if cell.lead is None else f"{cell.lead:+.2f}"
+        lead, over = ("", "") if cell.lead is None else (f"{cell.lead:+.2f}", f"`{cell.reference}`")
         lines.append(
             f"| {cell.images:,} | {cell.batch} | {cell.steps} | `{cell.arm}` | {cell.lr:g} | {cell.mean:.2f}{spread} "
-            f"| {len(cell.seeds)} | {lead} |"
+            f"| {len(cell.seeds)} | {lead} | {over} |"
         )
     return "\n".join(lines)
 
